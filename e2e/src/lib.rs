@@ -1,0 +1,34 @@
+//! `xpyd-e2e`: the harness xpyd's integration tests stand on.
+//!
+//! It starts real servers on loopback, each on free ports so test binaries can
+//! run side by side: etcd ([`Etcd`]), NATS with JetStream ([`Nats`]), and a
+//! Kubernetes control plane ([`ControlPlane`]: its own etcd, kube-apiserver
+//! with a generated CA and client certificates, kube-controller-manager,
+//! kube-scheduler, and kwok faking nodes that carry `nvidia.com/gpu`).
+//! Every wait has a deadline; a server that fails to become ready is reported
+//! with the tail of its log. Everything started is stopped when its owner is
+//! dropped, and also when the test process exits, panics included (see
+//! [`process`]). It is not a mock of anything: the binaries are the upstream
+//! ones that `scripts/setup` builds.
+//!
+//! Starting a control plane takes tens of seconds, so a test binary shares
+//! one through [`shared_control_plane`]; etcd and NATS start in well under a
+//! second, so each test starts its own and may stop or restart it freely.
+
+mod certs;
+mod control_plane;
+mod error;
+mod etcd;
+mod nats;
+pub mod process;
+mod tools;
+mod wait;
+mod workdir;
+
+pub use control_plane::{ControlPlane, ControlPlaneOptions, GPU_RESOURCE, shared_control_plane};
+pub use error::HarnessError;
+pub use etcd::Etcd;
+pub use nats::Nats;
+pub use tools::Tools;
+pub use wait::wait_until;
+pub use workdir::Workdir;

@@ -1,0 +1,44 @@
+//! The upstream binaries the harness runs, as installed by `scripts/setup`.
+
+use std::path::PathBuf;
+
+use xpyd_runtime::assets;
+
+use crate::error::{HarnessError, Result};
+
+/// Paths of the test tools. Each comes from its `XPYD_*` variable, else from
+/// the env file setup writes (see [`xpyd_runtime::assets::setting`]).
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// Folder with kube-apiserver, kube-controller-manager, kube-scheduler, kubectl.
+    pub kube_bin: PathBuf,
+    pub etcd: PathBuf,
+    pub kwok: PathBuf,
+    /// kwok's Stage objects (node initialise/heartbeat, pod ready/complete/delete).
+    pub kwok_stages: PathBuf,
+    pub helm: PathBuf,
+    pub nats: PathBuf,
+}
+
+fn tool(var: &'static str) -> Result<PathBuf> {
+    assets::existing_path("a test tool", var).map_err(|e| HarnessError::Tool(e.to_string()))
+}
+
+impl Tools {
+    /// Finds every tool, or says which one is missing and how to install it.
+    pub fn locate() -> Result<Tools> {
+        Ok(Tools {
+            kube_bin: tool("XPYD_KUBE_BIN")?,
+            etcd: tool("XPYD_ETCD_BIN")?,
+            kwok: tool("XPYD_KWOK_BIN")?,
+            kwok_stages: tool("XPYD_KWOK_STAGES")?,
+            helm: tool("XPYD_HELM_BIN")?,
+            nats: tool("XPYD_NATS_BIN")?,
+        })
+    }
+
+    /// `kubectl`, built at the same version as the control plane.
+    pub fn kubectl(&self) -> PathBuf {
+        self.kube_bin.join("kubectl")
+    }
+}
