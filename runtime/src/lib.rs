@@ -7,4 +7,5 @@
 //! `xpyd-agent` binary, not here.
 
 pub mod assets;
+pub mod engine;
 pub mod transfer;
