@@ -18,7 +18,7 @@ use tokio::sync::OnceCell;
 use crate::certs::Pki;
 use crate::error::{HarnessError, Result};
 use crate::etcd::Etcd;
-use crate::process::{ServerProcess, free_port};
+use crate::process::{ServerProcess, free_port, retry_on_port_clash};
 use crate::tools::Tools;
 use crate::wait::wait_until;
 use crate::workdir::Workdir;
@@ -73,6 +73,10 @@ impl ControlPlane {
     /// Starts everything and returns once the nodes are Ready and the
     /// `default` ServiceAccount exists (pods can be created and scheduled).
     pub async fn start(options: ControlPlaneOptions) -> Result<ControlPlane> {
+        retry_on_port_clash(|| Self::start_once(&options)).await
+    }
+
+    async fn start_once(options: &ControlPlaneOptions) -> Result<ControlPlane> {
         let tools = Tools::locate()?;
         let dir = Workdir::new("control-plane")?;
         let root = dir.path().to_path_buf();
@@ -138,7 +142,7 @@ impl ControlPlane {
             dir,
         };
         plane.wait_default_service_account().await?;
-        plane.add_nodes(&options).await?;
+        plane.add_nodes(options).await?;
         Ok(plane)
     }
 

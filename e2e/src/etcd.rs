@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{HarnessError, Result};
-use crate::process::{ServerProcess, free_port};
+use crate::process::{ServerProcess, free_port, retry_on_port_clash};
 use crate::tools::Tools;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -21,9 +21,15 @@ impl Etcd {
     /// Starts etcd with its data and log under `dir` and waits until it
     /// answers `/health`.
     pub async fn start(tools: &Tools, dir: &Path) -> Result<Etcd> {
+        retry_on_port_clash(|| Self::start_once(tools, dir)).await
+    }
+
+    async fn start_once(tools: &Tools, dir: &Path) -> Result<Etcd> {
         let client_port = free_port();
         let peer_port = free_port();
         let data_dir = dir.join("etcd-data");
+        // A new member: its data must not name the peer URL of an earlier try.
+        let _ = std::fs::remove_dir_all(&data_dir);
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let args = [

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::error::{HarnessError, Result};
-use crate::process::{ServerProcess, free_port};
+use crate::process::{ServerProcess, free_port, retry_on_port_clash};
 use crate::tools::Tools;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -21,6 +21,10 @@ impl Nats {
     /// Starts nats-server (`-js`) with its store and log under `dir` and waits
     /// until its health endpoint reports JetStream ready.
     pub async fn start(tools: &Tools, dir: &Path) -> Result<Nats> {
+        retry_on_port_clash(|| Self::start_once(tools, dir)).await
+    }
+
+    async fn start_once(tools: &Tools, dir: &Path) -> Result<Nats> {
         let port = free_port();
         let monitor_port = free_port();
         let store = dir.join("jetstream");

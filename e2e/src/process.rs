@@ -301,6 +301,26 @@ fn spawn_from_spawner_thread(cmd: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("spawner thread is gone"))?
 }
 
+/// Runs `start` up to three times while it fails because a port it picked
+/// with [`free_port`] was taken by someone else before the server bound it
+/// (test binaries run side by side, so this race is real if rare).
+pub async fn retry_on_port_clash<T, F, Fut>(mut start: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        match start().await {
+            Err(e) if attempt < 3 && e.to_string().contains("address already in use") => {
+                tracing::warn!("port clash, retrying with new ports: {e}");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (asked from the kernel, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -384,6 +404,52 @@ mod tests {
         .to_string();
         assert!(err.contains("/nonexistent/ghost"), "{err}");
         assert!(err.contains("scripts/setup"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_port_clash_is_retried_with_new_ports_but_other_errors_are_not() {
+        let dir = crate::Workdir::new("process-clash").unwrap();
+        let mut tries = 0;
+        let started = retry_on_port_clash(|| {
+            tries += 1;
+            let clash = tries == 1;
+            let dir = dir.path().to_path_buf();
+            async move {
+                let script = if clash {
+                    "echo 'listen tcp 127.0.0.1:1: bind: address already in use'; exit 1"
+                } else {
+                    "echo started; sleep 600"
+                };
+                let mut server = ServerProcess::start(
+                    "clasher",
+                    Path::new("/bin/sh"),
+                    ["-c", script],
+                    std::iter::empty::<(&str, &str)>(),
+                    dir.join(format!("clash-{clash}.log")),
+                )?;
+                let log = dir.join(format!("clash-{clash}.log"));
+                server
+                    .wait_ready(Duration::from_secs(10), || {
+                        let text = std::fs::read_to_string(&log).unwrap_or_default();
+                        async move { text.contains("started") }
+                    })
+                    .await?;
+                Ok(server)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(tries, 2);
+        drop(started);
+
+        let mut tries = 0;
+        let err = retry_on_port_clash(|| {
+            tries += 1;
+            async { Err::<(), _>(HarnessError::Other("some other failure".into())) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(tries, 1, "{err}");
     }
 
     #[tokio::test]
