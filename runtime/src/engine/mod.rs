@@ -10,6 +10,10 @@
 //!   references, hashes full blocks for prefix caching, evicts the least
 //!   recently used free cached block, and emits KV events. It never touches
 //!   the memory itself.
+//!
+//! Above both, [`scheduler`] decides what runs in each step (continuous
+//! batching under a token budget, chunked prefill, preemption) and [`runner`]
+//! owns the step loop and the handle callers submit requests to.
 
 pub mod block_pool;
 pub mod chat_template;
@@ -18,6 +22,8 @@ pub mod cpu;
 pub mod gguf;
 pub mod kv_storage;
 pub mod model;
+pub mod runner;
 pub mod safetensors;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;

@@ -1,1 +1,548 @@
-//! (being written)
+//! The Llama forward pass on CPU: embeddings, `n_layers` pre-norm blocks
+//! (RMSNorm → GQA attention with RoPE → residual, RMSNorm → SwiGLU →
+//! residual), final norm and the output projection (the embedding matrix when
+//! the checkpoint has no `output.weight`).
+//!
+//! One call runs a batch of sequences, each a [`SequenceInput`]: new tokens,
+//! the position of the first one, and the block table through which its K/V
+//! are read from and written to [`KvStorage`]. A sequence may bring a whole
+//! prompt, a prefill chunk or one decode token, so a scheduler can mix them
+//! in one step. The model decides nothing about blocks, sampling or stopping.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use super::config::{ConfigError, ModelConfig};
+pub use super::cpu::Activations;
+use super::cpu::matmul::simd_available;
+use super::cpu::{KernelError, QMatrix, WeightBytes, ops};
+use super::gguf::{GgmlType, GgufError, GgufFile};
+use super::kv_storage::{KvError, KvKind, KvShape, KvStorage};
+
+/// The model cannot be loaded or a batch cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("{source_name}: tensor {tensor} is missing")]
+    MissingTensor { source_name: String, tensor: String },
+    #[error("{source_name}: tensor {tensor} has dims {got:?}, expected {want:?}")]
+    TensorShape {
+        source_name: String,
+        tensor: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+    #[error("the batch is empty")]
+    EmptyBatch,
+    #[error("sequence {seq}: no new tokens")]
+    EmptySequence { seq: usize },
+    #[error(
+        "sequence {seq}: token id {token} at index {index} is not in the vocabulary (size {vocab})"
+    )]
+    UnknownToken {
+        seq: usize,
+        index: usize,
+        token: u32,
+        vocab: usize,
+    },
+    #[error(
+        "sequence {seq}: positions {start}..{end} exceed the model's context length {context_length}"
+    )]
+    ContextOverflow {
+        seq: usize,
+        start: usize,
+        end: usize,
+        context_length: usize,
+    },
+    #[error(
+        "sequence {seq}: block table of {blocks} blocks of {block_size} covers {covered} positions, {needed} needed"
+    )]
+    BlockTableTooShort {
+        seq: usize,
+        blocks: usize,
+        block_size: usize,
+        covered: usize,
+        needed: usize,
+    },
+    #[error(
+        "sequence {seq}: block id {block} is out of range: the KV cache has {num_blocks} blocks"
+    )]
+    BlockOutOfRange {
+        seq: usize,
+        block: u32,
+        num_blocks: usize,
+    },
+    #[error("{flags} logits flags for {sequences} sequences")]
+    LogitsFlags { flags: usize, sequences: usize },
+    #[error("the KV cache shape {got:?} does not fit the model ({want})")]
+    KvShapeMismatch { got: KvShape, want: String },
+}
+
+/// A tensor as stored: type, ggml dims (`dims[0]` contiguous) and bytes.
+#[derive(Clone)]
+pub struct RawTensor {
+    pub ty: GgmlType,
+    pub dims: Vec<usize>,
+    pub bytes: WeightBytes,
+}
+
+/// One sequence's part of a forward batch.
+#[derive(Debug, Clone, Copy)]
+pub struct SequenceInput<'a> {
+    /// Tokens to run now (a prompt, a prefill chunk or one decode token).
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; positions before it must already be in the
+    /// cache through `block_table`.
+    pub start_pos: usize,
+    /// Block ids holding positions `[i * block_size, (i+1) * block_size)`;
+    /// must cover `start_pos + tokens.len()` positions.
+    pub block_table: &'a [u32],
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor<'a> {
+    /// The last new token of each sequence: `vocab` values per sequence.
+    LastToken,
+    /// Every new token: `tokens.len() * vocab` values per sequence.
+    AllTokens,
+    /// The last new token of sequence `i` when `wanted[i]`, nothing (an
+    /// empty vector) otherwise: a prefill chunk that does not end its prompt
+    /// needs no logits, and the output projection is the largest matmul.
+    LastTokenOf(&'a [bool]),
+}
+
+impl LogitsFor<'_> {
+    /// How many logit rows sequence `s` of `n_tokens` new tokens gets.
+    fn rows(&self, s: usize, n_tokens: usize) -> usize {
+        match self {
+            Self::LastToken => 1,
+            Self::AllTokens => n_tokens,
+            Self::LastTokenOf(wanted) => usize::from(wanted[s]),
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>, // [hidden]
+    wq: QMatrix,         // [q_dim, hidden]
+    wk: QMatrix,         // [kv_dim, hidden]
+    wv: QMatrix,         // [kv_dim, hidden]
+    wo: QMatrix,         // [hidden, q_dim]
+    ffn_norm: Vec<f32>,  // [hidden]
+    w_gate: QMatrix,     // [ffn, hidden]
+    w_up: QMatrix,       // [ffn, hidden]
+    w_down: QMatrix,     // [hidden, ffn]
+}
+
+/// A loaded Llama model, ready to run batches.
+pub struct Model {
+    config: ModelConfig,
+    embed: QMatrix, // [vocab, hidden]
+    layers: Vec<Layer>,
+    norm: Vec<f32>,  // [hidden]
+    output: QMatrix, // [vocab, hidden]
+    rope_freqs: Vec<f32>,
+    activations: Activations,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Opens a GGUF file and loads the model from it (weights stay mapped).
+    pub fn load_gguf(path: &Path) -> Result<Self, ModelError> {
+        Self::from_gguf(&GgufFile::open(path)?)
+    }
+
+    /// Loads the model from a parsed GGUF file; the weights keep the file's
+    /// map alive.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_gguf(file)?;
+        let mut tensors = HashMap::new();
+        for info in file.tensors() {
+            tensors.insert(
+                info.name.clone(),
+                RawTensor {
+                    ty: info.ty,
+                    dims: info.dims.iter().map(|&d| d as usize).collect(),
+                    bytes: WeightBytes::Mapped {
+                        file: file.bytes().clone(),
+                        start: info.offset as usize,
+                        len: info.n_bytes as usize,
+                    },
+                },
+            );
+        }
+        Self::from_tensors(config, file.path(), &tensors)
+    }
+
+    /// Builds the model from tensors named as in GGUF (`token_embd.weight`,
+    /// `blk.{i}.attn_q.weight`, …); `source_name` is used in errors.
+    pub fn from_tensors(
+        config: ModelConfig,
+        source_name: &str,
+        tensors: &HashMap<String, RawTensor>,
+    ) -> Result<Self, ModelError> {
+        let get = |name: &str| {
+            tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
+                source_name: source_name.to_string(),
+                tensor: name.to_string(),
+            })
+        };
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<QMatrix, ModelError> {
+            let t = get(name)?;
+            if t.dims != [cols, rows] {
+                return Err(ModelError::TensorShape {
+                    source_name: source_name.to_string(),
+                    tensor: name.to_string(),
+                    got: t.dims.clone(),
+                    want: vec![cols, rows],
+                });
+            }
+            Ok(QMatrix::new(name, t.ty, rows, cols, t.bytes.clone())?)
+        };
+        let vector = |name: &str, n: usize| -> Result<Vec<f32>, ModelError> {
+            let t = get(name)?;
+            if t.dims != [n] {
+                return Err(ModelError::TensorShape {
+                    source_name: source_name.to_string(),
+                    tensor: name.to_string(),
+                    got: t.dims.clone(),
+                    want: vec![n],
+                });
+            }
+            let m = QMatrix::new(name, t.ty, 1, n, t.bytes.clone())?;
+            let mut out = vec![0f32; n];
+            m.dequantize_row(0, &mut out);
+            Ok(out)
+        };
+        let c = &config;
+        let (h, q, kv) = (c.hidden, c.q_dim(), c.kv_dim());
+        let embed = matrix("token_embd.weight", c.vocab, h)?;
+        let output = if tensors.contains_key("output.weight") {
+            matrix("output.weight", c.vocab, h)?
+        } else {
+            embed.clone()
+        };
+        let layers = (0..c.n_layers)
+            .map(|i| {
+                let n = |s: &str| format!("blk.{i}.{s}.weight");
+                Ok(Layer {
+                    attn_norm: vector(&n("attn_norm"), h)?,
+                    wq: matrix(&n("attn_q"), q, h)?,
+                    wk: matrix(&n("attn_k"), kv, h)?,
+                    wv: matrix(&n("attn_v"), kv, h)?,
+                    wo: matrix(&n("attn_output"), h, q)?,
+                    ffn_norm: vector(&n("ffn_norm"), h)?,
+                    w_gate: matrix(&n("ffn_gate"), c.ffn, h)?,
+                    w_up: matrix(&n("ffn_up"), c.ffn, h)?,
+                    w_down: matrix(&n("ffn_down"), h, c.ffn)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(Self {
+            norm: vector("output_norm.weight", h)?,
+            rope_freqs: ops::rope_freqs(c.head_dim, c.rope_base),
+            config,
+            embed,
+            layers,
+            output,
+            activations: Activations::Q8,
+        })
+    }
+
+    /// Chooses how activations meet quantized weights (default
+    /// [`Activations::Q8`]; [`Activations::F32`] for reference checks).
+    pub fn set_activations(&mut self, activations: Activations) {
+        self.activations = activations;
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The shape of a KV cache for this model.
+    pub fn kv_shape(&self, num_blocks: usize, block_size: usize) -> KvShape {
+        KvShape {
+            n_layers: self.config.n_layers,
+            num_blocks,
+            block_size,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Runs one step for a batch of sequences: writes the new tokens' K/V
+    /// into their blocks and returns logits per sequence (see [`LogitsFor`]).
+    pub fn forward(
+        &self,
+        kv: &mut KvStorage,
+        batch: &[SequenceInput<'_>],
+        logits_for: LogitsFor<'_>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.validate(kv, batch)?;
+        if let LogitsFor::LastTokenOf(wanted) = logits_for
+            && wanted.len() != batch.len()
+        {
+            return Err(ModelError::LogitsFlags {
+                flags: wanted.len(),
+                sequences: batch.len(),
+            });
+        }
+        let c = &self.config;
+        let (h, vocab) = (c.hidden, c.vocab);
+        // One entry per new token of the batch: (sequence, position).
+        let tokens: Vec<(usize, usize)> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(s, seq)| (0..seq.tokens.len()).map(move |i| (s, seq.start_pos + i)))
+            .collect();
+        let n = tokens.len();
+
+        let mut x = vec![0f32; n * h]; // [n, hidden]
+        for (row, id) in x
+            .chunks_exact_mut(h)
+            .zip(batch.iter().flat_map(|s| s.tokens))
+        {
+            self.embed.dequantize_row(*id as usize, row);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            self.layer(l, layer, &mut x, &tokens, batch, kv);
+        }
+
+        // Rows that get logits, then final norm and output projection.
+        let mut picked: Vec<usize> = Vec::new();
+        let mut first = 0;
+        for (s, seq) in batch.iter().enumerate() {
+            let n_tokens = seq.tokens.len();
+            picked.extend(first + n_tokens - logits_for.rows(s, n_tokens)..first + n_tokens);
+            first += n_tokens;
+        }
+        let mut xn = vec![0f32; picked.len() * h]; // [picked, hidden]
+        for (out, &t) in xn.chunks_exact_mut(h).zip(&picked) {
+            ops::rms_norm(&x[t * h..(t + 1) * h], &self.norm, c.rms_eps, out);
+        }
+        let mut logits = vec![0f32; picked.len() * vocab]; // [picked, vocab]
+        self.output
+            .matmul_with(&xn, picked.len(), &mut logits, self.activations);
+
+        let mut out = Vec::with_capacity(batch.len());
+        let mut rest = logits.as_slice();
+        for (s, seq) in batch.iter().enumerate() {
+            let rows = logits_for.rows(s, seq.tokens.len());
+            let (mine, tail) = rest.split_at(rows * vocab);
+            out.push(mine.to_vec());
+            rest = tail;
+        }
+        Ok(out)
+    }
+
+    /// One transformer block over all `n` tokens of the batch, in place on
+    /// the residual stream `x` (`[n, hidden]`).
+    fn layer(
+        &self,
+        l: usize,
+        w: &Layer,
+        x: &mut [f32],
+        tokens: &[(usize, usize)],
+        batch: &[SequenceInput<'_>],
+        kv: &mut KvStorage,
+    ) {
+        let c = &self.config;
+        let (h, n) = (c.hidden, tokens.len());
+        let (qd, kvd, bs) = (c.q_dim(), c.kv_dim(), kv.block_size());
+        let mm =
+            |m: &QMatrix, x: &[f32], out: &mut [f32]| m.matmul_with(x, n, out, self.activations);
+        let rope =
+            |x: &mut [f32], pos| ops::rope(x, c.head_dim, pos, &self.rope_freqs, c.rope_style);
+
+        // Attention: project, rotate, append K/V to the cache, attend.
+        let mut xn = vec![0f32; n * h]; // [n, hidden]
+        rms_norm_rows(x, &w.attn_norm, c.rms_eps, &mut xn, h);
+        let mut q = vec![0f32; n * qd]; // [n, n_heads * head_dim]
+        let mut k = vec![0f32; n * kvd]; // [n, n_kv_heads * head_dim]
+        let mut v = vec![0f32; n * kvd]; // [n, n_kv_heads * head_dim]
+        mm(&w.wq, &xn, &mut q);
+        mm(&w.wk, &xn, &mut k);
+        mm(&w.wv, &xn, &mut v);
+        for (t, &(s, pos)) in tokens.iter().enumerate() {
+            rope(&mut q[t * qd..(t + 1) * qd], pos);
+            rope(&mut k[t * kvd..(t + 1) * kvd], pos);
+            let block = batch[s].block_table[pos / bs] as usize;
+            kv.slot_mut(l, KvKind::K, block, pos % bs)
+                .copy_from_slice(&k[t * kvd..(t + 1) * kvd]);
+            kv.slot_mut(l, KvKind::V, block, pos % bs)
+                .copy_from_slice(&v[t * kvd..(t + 1) * kvd]);
+        }
+        let mut attn = vec![0f32; n * qd]; // [n, n_heads * head_dim]
+        self.attention(l, &q, tokens, batch, kv, &mut attn);
+        let mut o = vec![0f32; n * h]; // [n, hidden]
+        mm(&w.wo, &attn, &mut o);
+        add(x, &o);
+
+        // Feed-forward (SwiGLU).
+        rms_norm_rows(x, &w.ffn_norm, c.rms_eps, &mut xn, h);
+        let mut gate = vec![0f32; n * c.ffn]; // [n, ffn]
+        let mut up = vec![0f32; n * c.ffn]; // [n, ffn]
+        mm(&w.w_gate, &xn, &mut gate);
+        mm(&w.w_up, &xn, &mut up);
+        ops::swiglu(&mut gate, &up);
+        mm(&w.w_down, &gate, &mut o);
+        add(x, &o);
+    }
+
+    /// Causal attention of every new token over its sequence's cached K/V
+    /// (which already holds the new tokens): one task per (token, head).
+    fn attention(
+        &self,
+        l: usize,
+        q: &[f32],
+        tokens: &[(usize, usize)],
+        batch: &[SequenceInput<'_>],
+        kv: &KvStorage,
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let group = c.n_heads / c.n_kv_heads;
+        let bs = kv.block_size();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let simd = simd_available();
+        let one_head = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
+            let (t, head) = (i / c.n_heads, i % c.n_heads);
+            let (s, pos) = tokens[t];
+            let table = batch[s].block_table;
+            let kv_head = (head / group) * hd..(head / group + 1) * hd;
+            let key_value = |j: usize| {
+                let (block, slot) = (table[j / bs] as usize, j % bs);
+                (
+                    &kv.slot(l, KvKind::K, block, slot)[kv_head.clone()],
+                    &kv.slot(l, KvKind::V, block, slot)[kv_head.clone()],
+                )
+            };
+            let qh = &q[i * hd..(i + 1) * hd];
+            ops::attend(qh, pos + 1, scale, key_value, scores, o, simd);
+        };
+        // (query head, key) pairs: below a few thousand, threads cost more
+        // than they save.
+        let work: usize = tokens.iter().map(|&(_, pos)| pos + 1).sum::<usize>() * c.n_heads;
+        if work < 4096 {
+            let mut scores = Vec::new();
+            out.chunks_mut(hd)
+                .enumerate()
+                .for_each(|item| one_head(&mut scores, item));
+        } else {
+            out.par_chunks_mut(hd)
+                .enumerate()
+                .for_each_init(Vec::new, one_head);
+        }
+    }
+
+    fn validate(&self, kv: &KvStorage, batch: &[SequenceInput<'_>]) -> Result<(), ModelError> {
+        let c = &self.config;
+        let shape = kv.shape();
+        if shape.n_layers != c.n_layers
+            || shape.n_kv_heads != c.n_kv_heads
+            || shape.head_dim != c.head_dim
+        {
+            return Err(ModelError::KvShapeMismatch {
+                got: shape,
+                want: format!(
+                    "{} layers, {} KV heads of dim {}",
+                    c.n_layers, c.n_kv_heads, c.head_dim
+                ),
+            });
+        }
+        if batch.is_empty() {
+            return Err(ModelError::EmptyBatch);
+        }
+        for (s, seq) in batch.iter().enumerate() {
+            if seq.tokens.is_empty() {
+                return Err(ModelError::EmptySequence { seq: s });
+            }
+            if let Some((index, &token)) = seq
+                .tokens
+                .iter()
+                .enumerate()
+                .find(|&(_, &t)| t as usize >= c.vocab)
+            {
+                return Err(ModelError::UnknownToken {
+                    seq: s,
+                    index,
+                    token,
+                    vocab: c.vocab,
+                });
+            }
+            let end = seq.start_pos.saturating_add(seq.tokens.len());
+            if end > c.context_length {
+                return Err(ModelError::ContextOverflow {
+                    seq: s,
+                    start: seq.start_pos,
+                    end,
+                    context_length: c.context_length,
+                });
+            }
+            let bs = shape.block_size;
+            let needed_blocks = end.div_ceil(bs);
+            if seq.block_table.len() < needed_blocks {
+                return Err(ModelError::BlockTableTooShort {
+                    seq: s,
+                    blocks: seq.block_table.len(),
+                    block_size: bs,
+                    covered: seq.block_table.len() * bs,
+                    needed: end,
+                });
+            }
+            if let Some(&block) = seq.block_table[..needed_blocks]
+                .iter()
+                .find(|&&b| b as usize >= shape.num_blocks)
+            {
+                return Err(ModelError::BlockOutOfRange {
+                    seq: s,
+                    block,
+                    num_blocks: shape.num_blocks,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], width: usize) {
+    for (xr, or) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        ops::rms_norm(xr, weight, eps, or);
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Index of the largest value (first on ties); `None` for an empty slice.
+pub fn argmax(logits: &[f32]) -> Option<usize> {
+    logits
+        .iter()
+        .enumerate()
+        .fold(None, |best: Option<(usize, f32)>, (i, &v)| match best {
+            Some((_, b)) if b >= v => best,
+            _ => Some((i, v)),
+        })
+        .map(|(i, _)| i)
+}

@@ -1,0 +1,103 @@
+//! Throughput of the CPU forward pass on the bundled SmolLM2-135M (Q4_1):
+//! prefill of a 512-token prompt, and greedy decode at batch 1 and 8.
+//!
+//! Run with `cargo bench -p xpyd-runtime --bench engine`; it prints tokens
+//! per second and asserts nothing. `XPYD_BENCH_STEPS` sets the decode steps
+//! (default 32).
+
+use std::time::Instant;
+
+use xpyd_runtime::assets::bundled_model;
+use xpyd_runtime::engine::kv_storage::KvStorage;
+use xpyd_runtime::engine::model::{LogitsFor, Model, SequenceInput, argmax};
+
+const BLOCK_SIZE: usize = 16;
+
+/// CPU seconds this process has used (all threads): on a shared machine it
+/// shows the cost of the work where wall time shows the neighbours' load.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+const PROMPT: usize = 512;
+
+fn main() {
+    let model = Model::load_gguf(&bundled_model().expect("bundled model")).expect("model loads");
+    let steps: usize = std::env::var("XPYD_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32);
+    println!(
+        "threads: {}, SIMD: {}",
+        rayon::current_num_threads(),
+        xpyd_runtime::engine::cpu::matmul::simd_available()
+    );
+
+    // Prefill: one 512-token prompt.
+    let prompt: Vec<u32> = (0..PROMPT as u32)
+        .map(|i| 100 + (i * 37) % 40_000)
+        .collect();
+    let blocks_per_seq = (PROMPT + steps).div_ceil(BLOCK_SIZE);
+    let mut kv = KvStorage::new(model.kv_shape(8 * blocks_per_seq, BLOCK_SIZE)).unwrap();
+    let table: Vec<u32> = (0..blocks_per_seq as u32).collect();
+    let seq = SequenceInput {
+        tokens: &prompt,
+        start_pos: 0,
+        block_table: &table,
+    };
+    let (start, cpu) = (Instant::now(), cpu_secs());
+    model
+        .forward(&mut kv, &[seq], LogitsFor::LastToken)
+        .unwrap();
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
+    println!(
+        "prefill {PROMPT} tokens: {secs:.2} s wall, {:.1} tok/s; {:.1} tok per CPU-s",
+        PROMPT as f64 / secs,
+        PROMPT as f64 / cpu
+    );
+
+    for batch in [1usize, 8] {
+        let short = 16;
+        let tables: Vec<Vec<u32>> = (0..batch)
+            .map(|i| ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect())
+            .collect();
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|i| prompt[i * short..(i + 1) * short].to_vec())
+            .collect();
+        let inputs: Vec<SequenceInput> = (0..batch)
+            .map(|i| SequenceInput {
+                tokens: &prompts[i],
+                start_pos: 0,
+                block_table: &tables[i],
+            })
+            .collect();
+        let logits = model
+            .forward(&mut kv, &inputs, LogitsFor::LastToken)
+            .unwrap();
+        let mut next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l).unwrap() as u32]).collect();
+        let (start, cpu) = (Instant::now(), cpu_secs());
+        for step in 0..steps {
+            let inputs: Vec<SequenceInput> = (0..batch)
+                .map(|i| SequenceInput {
+                    tokens: &next[i],
+                    start_pos: short + step,
+                    block_table: &tables[i],
+                })
+                .collect();
+            let logits = model
+                .forward(&mut kv, &inputs, LogitsFor::LastToken)
+                .unwrap();
+            next = logits.iter().map(|l| [argmax(l).unwrap() as u32]).collect();
+        }
+        let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
+        println!(
+            "decode batch {batch}: {steps} steps in {secs:.2} s wall, {:.1} tok/s ({:.1} ms/step); {:.1} tok per CPU-s",
+            (batch * steps) as f64 / secs,
+            secs * 1000.0 / steps as f64,
+            (batch * steps) as f64 / cpu
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! The element-wise and per-row f32 operations of a Llama layer.
+
+use crate::engine::config::RopeStyle;
+
+/// `out = x / sqrt(mean(x^2) + eps) * weight`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (ss + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+/// RoPE inverse frequencies `base^(-2i/head_dim)` for `i < head_dim/2`.
+pub fn rope_freqs(head_dim: usize, base: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| (base as f64).powf(-2.0 * i as f64 / head_dim as f64) as f32)
+        .collect()
+}
+
+/// Rotates every head of `x` (`[n_heads, head_dim]`) to position `pos`.
+pub fn rope(x: &mut [f32], head_dim: usize, pos: usize, freqs: &[f32], style: RopeStyle) {
+    let half = head_dim / 2;
+    // Angles in f64 so that long positions keep their precision.
+    let cs: Vec<(f32, f32)> = freqs
+        .iter()
+        .map(|&f| {
+            let a = pos as f64 * f as f64;
+            (a.cos() as f32, a.sin() as f32)
+        })
+        .collect();
+    for head in x.chunks_exact_mut(head_dim) {
+        for (i, &(c, s)) in cs.iter().enumerate() {
+            let (a, b) = match style {
+                RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                RopeStyle::Halves => (i, i + half),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * c - x1 * s;
+            head[b] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// One head's causal attention: `out = sum_j softmax_j(scale * q·k_j) v_j`
+/// over positions `j < n`, where `kv(j)` gives position `j`'s key and value
+/// (`head_dim` each, read in place from the paged cache). `scores` is scratch.
+/// `simd` comes from [`super::matmul::simd_available`].
+pub fn attend<'a, K>(
+    q: &[f32],
+    n: usize,
+    scale: f32,
+    kv: K,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    simd: bool,
+) where
+    K: Fn(usize) -> (&'a [f32], &'a [f32]),
+{
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when the CPU has the features.
+        return unsafe { super::x86::attend(q, n, scale, kv, scores, out) };
+    }
+    let _ = simd;
+    let axpy = |y: &mut [f32], a: f32, x: &[f32]| {
+        for (yy, xx) in y.iter_mut().zip(x) {
+            *yy += a * xx;
+        }
+    };
+    attend_body(q, n, scale, kv, scores, out, super::quant::dot_f32, axpy);
+}
+
+/// The body of [`attend`], generic over the dot and axpy kernels so the SIMD
+/// caller gets them inlined.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_body<'a, K, D, A>(
+    q: &[f32],
+    n: usize,
+    scale: f32,
+    kv: K,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    dot: D,
+    axpy: A,
+) where
+    K: Fn(usize) -> (&'a [f32], &'a [f32]),
+    D: Fn(&[f32], &[f32]) -> f32,
+    A: Fn(&mut [f32], f32, &[f32]),
+{
+    scores.clear();
+    scores.extend((0..n).map(|j| dot(q, kv(j).0) * scale));
+    softmax(scores);
+    out.fill(0.0);
+    for (j, &a) in scores.iter().enumerate() {
+        axpy(out, a, kv(j).1);
+    }
+}
+
+/// `gate = silu(gate) * up`, SwiGLU's combination.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_matches_a_naive_softmax_average() {
+        let (hd, n) = (16, 37);
+        let val = |i: usize| ((i * 7919) % 97) as f32 / 97.0 - 0.5;
+        let q: Vec<f32> = (0..hd).map(val).collect();
+        let keys: Vec<Vec<f32>> = (0..n)
+            .map(|j| (0..hd).map(|d| val(j * 31 + d + 5)).collect())
+            .collect();
+        let values: Vec<Vec<f32>> = (0..n)
+            .map(|j| (0..hd).map(|d| val(j * 17 + d * 3)).collect())
+            .collect();
+        let logits: Vec<f32> = keys
+            .iter()
+            .map(|k| k.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>() * 0.25)
+            .collect();
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        let want: Vec<f32> = (0..hd)
+            .map(|d| (0..n).map(|j| logits[j].exp() / z * values[j][d]).sum())
+            .collect();
+        for simd in [false, super::super::matmul::simd_available()] {
+            let mut out = vec![0f32; hd];
+            let kv = |j: usize| (keys[j].as_slice(), values[j].as_slice());
+            attend(&q, n, 0.25, kv, &mut Vec::new(), &mut out, simd);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "simd {simd}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn rope_styles_agree_up_to_a_permutation() {
+        let head_dim = 8;
+        let freqs = rope_freqs(head_dim, 10000.0);
+        let x: Vec<f32> = (0..head_dim).map(|i| i as f32 + 1.0).collect();
+        // Halves order `[a0 a1 a2 a3 b0 b1 b2 b3]` is adjacent order
+        // `[a0 b0 a1 b1 ...]` after interleaving.
+        let inter: Vec<f32> = (0..head_dim / 2).flat_map(|i| [x[i], x[i + 4]]).collect();
+        let (mut h, mut a) = (x.clone(), inter);
+        rope(&mut h, head_dim, 7, &freqs, RopeStyle::Halves);
+        rope(&mut a, head_dim, 7, &freqs, RopeStyle::Adjacent);
+        for i in 0..4 {
+            assert!((h[i] - a[2 * i]).abs() < 1e-6 && (h[i + 4] - a[2 * i + 1]).abs() < 1e-6);
+        }
+        // Position 0 is the identity; rotation keeps the norm.
+        let mut z = x.clone();
+        rope(&mut z, head_dim, 0, &freqs, RopeStyle::Adjacent);
+        assert_eq!(z, x);
+        let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
+        assert!((n(&h) - n(&x)).abs() < 1e-3);
+    }
+}

@@ -1,0 +1,382 @@
+//! AVX2/FMA/F16C versions of the dot products in [`super::quant`]. Callers
+//! check [`available`] first; results equal the scalar ones up to float
+//! summation order (tested below). The quantized kernels take several
+//! activation rows per weight row so a prefill unpacks each weight block once
+//! per tile of tokens, not once per token.
+
+use std::arch::x86_64::*;
+
+use super::quant::{BlockQ8, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
+
+/// Whether this CPU runs the kernels of this module.
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// 16 bytes of packed nibbles → 32 bytes 0..15 in element order.
+///
+/// # Safety
+/// `p` must point to 16 readable bytes; AVX2 must be available.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 16 readable bytes at `p`.
+    let q = unsafe { _mm_loadu_si128(p.cast()) };
+    let mask = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(q, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Sum over the block of unsigned `a` times signed `b`, as 8 i32 lanes in f32.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn mul_sum_us8(a: __m256i, b: __m256i) -> __m256 {
+    let p16 = _mm256_maddubs_epi16(a, b);
+    let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    _mm256_cvtepi32_ps(p32)
+}
+
+/// An f16 scale at `b[at..at + 2]` as f32, with F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn h2f(b: &[u8], at: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+}
+
+/// Tokens per pass over a weight row: each row block is unpacked once and
+/// used against this many activation rows. (`rows_kernel` spells out 4.)
+const TILE: usize = 4;
+
+/// [`super::quant::quantize_q8`] compiled for AVX2, so its rounding and
+/// max-abs loops vectorize; same results.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    super::quant::quantize_q8_inline(x, out);
+}
+
+/// Runs `kernel` over `out.len()` activation rows of `nb` blocks each, in
+/// tiles of [`TILE`] then one by one.
+macro_rules! rows_kernel {
+    ($name:ident, $tile:ident, $doc:literal) => {
+        #[doc = $doc]
+        ///
+        /// `x` holds `out.len()` activation rows of `nb` blocks each;
+        /// `out[t] = row · x[t]`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub fn $name(row: &[u8], x: &[BlockQ8], nb: usize, out: &mut [f32]) {
+            let mut t = 0;
+            while t + TILE <= out.len() {
+                let row_of = |i: usize| &x[(t + i) * nb..(t + i + 1) * nb];
+                let xs: [&[BlockQ8]; TILE] = [row_of(0), row_of(1), row_of(2), row_of(3)];
+                out[t..t + TILE].copy_from_slice(&$tile(row, xs));
+                t += TILE;
+            }
+            while t < out.len() {
+                out[t] = $tile(row, [&x[t * nb..(t + 1) * nb]])[0];
+                t += 1;
+            }
+        }
+    };
+}
+
+/// Adds one Q4_0 block's products with `N` activation rows into `acc`
+/// (`off` collects the `-8` offset's share).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_0_block<const N: usize>(
+    b: &[u8],
+    bi: usize,
+    xs: &[&[BlockQ8]; N],
+    acc: &mut [__m256; N],
+    off: &mut [f32; N],
+) {
+    let d = h2f(b, 0);
+    // SAFETY: a Q4_0 block has 18 bytes, the nibbles start at 2.
+    let q4 = unsafe { nibbles(b.as_ptr().add(2)) };
+    for t in 0..N {
+        let xb = &xs[t][bi];
+        // SAFETY: `xb.qs` has 32 bytes.
+        let q8 = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), mul_sum_us8(q4, q8), acc[t]);
+        off[t] = (-8.0 * d).mul_add(xb.s, off[t]);
+    }
+}
+
+/// Adds one Q4_1 block's products with `N` activation rows into `acc`
+/// (`mins` collects the block minimum's share).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_1_block<const N: usize>(
+    b: &[u8],
+    bi: usize,
+    xs: &[&[BlockQ8]; N],
+    acc: &mut [__m256; N],
+    mins: &mut [f32; N],
+) {
+    let d = h2f(b, 0);
+    let m = h2f(b, 2);
+    // SAFETY: a Q4_1 block has 20 bytes, the nibbles start at 4.
+    let q4 = unsafe { nibbles(b.as_ptr().add(4)) };
+    for t in 0..N {
+        let xb = &xs[t][bi];
+        // SAFETY: `xb.qs` has 32 bytes.
+        let q8 = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), mul_sum_us8(q4, q8), acc[t]);
+        mins[t] = m.mul_add(xb.s, mins[t]);
+    }
+}
+
+/// Adds one Q8_0 block's products with `N` activation rows into `acc`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_0_block<const N: usize>(
+    b: &[u8],
+    bi: usize,
+    xs: &[&[BlockQ8]; N],
+    acc: &mut [__m256; N],
+    _unused: &mut [f32; N],
+) {
+    let d = h2f(b, 0);
+    // SAFETY: a Q8_0 block has 34 bytes, the quants start at 2.
+    let w = unsafe { _mm256_loadu_si256(b.as_ptr().add(2).cast()) };
+    // maddubs needs one unsigned operand: move w's sign onto x.
+    let aw = _mm256_sign_epi8(w, w);
+    for t in 0..N {
+        let xb = &xs[t][bi];
+        // SAFETY: `xb.qs` has 32 bytes.
+        let a = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+        let sa = _mm256_sign_epi8(a, w);
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), mul_sum_us8(aw, sa), acc[t]);
+    }
+}
+
+/// Dots a weight row with `N` activation rows, block by block, alternating
+/// two accumulator sets so consecutive blocks do not wait on each other's
+/// FMA latency; the scalar terms (offsets, minimums) are added at the end.
+macro_rules! tile {
+    ($name:ident, $block:ident, $bytes:expr) => {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $name<const N: usize>(row: &[u8], xs: [&[BlockQ8]; N]) -> [f32; N] {
+            let mut acc0 = [_mm256_setzero_ps(); N];
+            let mut acc1 = [_mm256_setzero_ps(); N];
+            let mut scalar0 = [0f32; N];
+            let mut scalar1 = [0f32; N];
+            let mut pairs = row.chunks_exact(2 * $bytes);
+            let mut bi = 0;
+            for pair in &mut pairs {
+                $block(&pair[..$bytes], bi, &xs, &mut acc0, &mut scalar0);
+                $block(&pair[$bytes..], bi + 1, &xs, &mut acc1, &mut scalar1);
+                bi += 2;
+            }
+            if !pairs.remainder().is_empty() {
+                $block(pairs.remainder(), bi, &xs, &mut acc0, &mut scalar0);
+            }
+            // A plain loop, not `array::from_fn`: its closure would not
+            // inherit this function's target features and would not inline.
+            let mut out = [0f32; N];
+            for t in 0..N {
+                out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + (scalar0[t] + scalar1[t]);
+            }
+            out
+        }
+    };
+}
+
+tile!(q4_0_tile, q4_0_block, Q4_0_BYTES);
+tile!(q4_1_tile, q4_1_block, Q4_1_BYTES);
+tile!(q8_0_tile, q8_0_block, Q8_0_BYTES);
+
+rows_kernel!(
+    dot_q4_0_q8_rows,
+    q4_0_tile,
+    "Q4_0 row · Q8 activation rows."
+);
+rows_kernel!(
+    dot_q4_1_q8_rows,
+    q4_1_tile,
+    "Q4_1 row · Q8 activation rows."
+);
+rows_kernel!(
+    dot_q8_0_q8_rows,
+    q8_0_tile,
+    "Q8_0 row · Q8 activation rows."
+);
+
+/// f32 dot product.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n, both slices have n elements.
+        unsafe {
+            let pa = a.as_ptr().add(i);
+            let pb = b.as_ptr().add(i);
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)), acc1);
+        }
+        i += 16;
+    }
+    let mut sum = hsum(_mm256_add_ps(acc0, acc1));
+    while i < n {
+        sum += a[i] * b[i];
+        i += 1;
+    }
+    sum
+}
+
+/// [`super::ops::attend`] with the AVX2 dot and axpy inlined.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn attend<'a, K>(q: &[f32], n: usize, scale: f32, kv: K, scores: &mut Vec<f32>, out: &mut [f32])
+where
+    K: Fn(usize) -> (&'a [f32], &'a [f32]),
+{
+    super::ops::attend_body(
+        q,
+        n,
+        scale,
+        kv,
+        scores,
+        out,
+        |a, b| dot_f32(a, b),
+        |y, a, x| axpy(y, a, x),
+    );
+}
+
+/// `y += a * x` over f32 slices.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    let n = y.len().min(x.len());
+    let va = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n, both slices have n elements.
+        unsafe {
+            let py = y.as_mut_ptr().add(i);
+            let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(py));
+            _mm256_storeu_ps(py, r);
+        }
+        i += 8;
+    }
+    while i < n {
+        y[i] += a * x[i];
+        i += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::quant;
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    type RowsKernel = unsafe fn(&[u8], &[BlockQ8], usize, &mut [f32]);
+    type ScalarKernel = fn(&[u8], &[BlockQ8]) -> f32;
+
+    fn close(a: f32, b: f32) -> bool {
+        (a - b).abs() <= 1e-4 * (1.0 + a.abs().max(b.abs()))
+    }
+
+    #[test]
+    fn tiled_kernels_equal_scalar_dots_for_every_row() {
+        if !available() {
+            return;
+        }
+        let nb = 18;
+        let w = data(nb * 32, 7);
+        let q41 = quant::quantize_q4_1(&w);
+        let q40 = quant::quantize_q4_0(&w);
+        let q80 = quant::quantize_q8_0(&w);
+        for n in [1, 3, 4, 5, 9] {
+            let a = data(n * nb * 32, 8 + n as u32);
+            let mut xq = vec![BlockQ8::ZERO; n * nb];
+            quant::quantize_q8(&a, &mut xq);
+            let kernels: [(RowsKernel, ScalarKernel, &[u8]); 3] = [
+                (dot_q4_0_q8_rows, quant::dot_q4_0_q8, &q40),
+                (dot_q4_1_q8_rows, quant::dot_q4_1_q8, &q41),
+                (dot_q8_0_q8_rows, quant::dot_q8_0_q8, &q80),
+            ];
+            for (k, (simd, scalar, row)) in kernels.into_iter().enumerate() {
+                let mut out = vec![0f32; n];
+                unsafe { simd(row, &xq, nb, &mut out) };
+                for (t, &v) in out.iter().enumerate() {
+                    let s = scalar(row, &xq[t * nb..(t + 1) * nb]);
+                    assert!(
+                        close(s, v),
+                        "kernel {k}, {n} rows, row {t}: scalar {s} simd {v}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dots_equal_scalar_dots() {
+        if !available() {
+            eprintln!("no AVX2/FMA on this CPU: nothing to compare");
+            return;
+        }
+        for (n, seed) in [(32, 1), (64, 2), (576, 3), (1536, 4)] {
+            let w = data(n, seed);
+            let a = data(n, seed + 100);
+            let mut xq = vec![BlockQ8::ZERO; n / 32];
+            quant::quantize_q8(&a, &mut xq);
+            let q40 = quant::quantize_q4_0(&w);
+            let q41 = quant::quantize_q4_1(&w);
+            let q80 = quant::quantize_q8_0(&w);
+            let one = |f: unsafe fn(&[u8], &[BlockQ8], usize, &mut [f32]), row: &[u8]| {
+                let mut out = [0f32];
+                unsafe { f(row, &xq, n / 32, &mut out) };
+                out[0]
+            };
+            let pairs = [
+                (quant::dot_q4_0_q8(&q40, &xq), one(dot_q4_0_q8_rows, &q40)),
+                (quant::dot_q4_1_q8(&q41, &xq), one(dot_q4_1_q8_rows, &q41)),
+                (quant::dot_q8_0_q8(&q80, &xq), one(dot_q8_0_q8_rows, &q80)),
+                (quant::dot_f32(&w, &a), unsafe { dot_f32(&w, &a) }),
+            ];
+            for (i, (s, v)) in pairs.into_iter().enumerate() {
+                assert!(close(s, v), "kernel {i}, n {n}: scalar {s} simd {v}");
+            }
+            // The quantized dots approximate the exact one.
+            let exact: f32 = w.iter().zip(&a).map(|(x, y)| x * y).sum();
+            assert!((pairs[2].0 - exact).abs() < 0.05 * (1.0 + exact.abs()));
+            let mut y = a.clone();
+            unsafe { axpy(&mut y, 0.5, &w) };
+            for ((yy, aa), ww) in y.iter().zip(&a).zip(&w) {
+                assert!(close(*yy, aa + 0.5 * ww));
+            }
+        }
+    }
+}
