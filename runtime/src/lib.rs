@@ -8,4 +8,5 @@
 
 pub mod assets;
 pub mod engine;
+pub mod frontend;
 pub mod transfer;

@@ -5,6 +5,15 @@
 //! deadlines. It never decides *what* to transfer; the engine and the worker
 //! runtime above it do.
 
+mod agent;
+mod layout;
 mod library;
+mod protocol;
 
+pub use agent::{
+    DescRange, KvMemory, PeerLoad, ReceivedNotification, TransferAgent, TransferError,
+    TransferHandle, TransferReport, block_runs, plan_descriptors,
+};
+pub use layout::{KvDtype, KvLayout, LayoutMismatch};
 pub use library::{NixlLibrary, NixlLoadError, load_nixl};
+pub use protocol::{PeerInfo, TransferNotification};

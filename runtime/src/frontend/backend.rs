@@ -1,0 +1,287 @@
+//! What the HTTP frontend needs from the workers behind it:
+//! [`CompletionBackend`] (served models, prompt rendering and tokenization,
+//! generation as a stream of tokens), and [`LocalBackend`], its
+//! implementation over an engine in this process.
+//!
+//! The frontend tokenizes and workers take token ids, so the trait carries
+//! both. It is not the router or the bus: a distributed backend implements
+//! the same trait elsewhere. Dropping a generation stream cancels the
+//! request down to the engine.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::stream::{self, BoxStream};
+use tokio::sync::mpsc;
+
+use crate::engine::chat_template::{ChatMessage, ChatTemplate};
+use crate::engine::runner::{EngineError, EngineHandle, Output, OutputItem, Request};
+use crate::engine::sampling::SamplingParams;
+use crate::engine::scheduler::SchedulerError;
+use crate::engine::tokenizer::Tokenizer;
+
+use super::protocol::ModelCard;
+
+/// One tokenized generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub request_id: String,
+    pub model: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+}
+
+/// Tokens of one request as they are generated; the last item has `finish`
+/// and `usage` set, or is an error. Dropping it cancels the request.
+pub type OutputStream = BoxStream<'static, Result<Output, BackendError>>;
+
+/// Why a backend refused or failed a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The caller's fault; `param` names the request field.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("model {0:?} is not served")]
+    ModelNotFound(String),
+    /// Overloaded or shutting down: try again later (HTTP 503).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl BackendError {
+    fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        BackendError::InvalidRequest {
+            message: message.into(),
+            param,
+        }
+    }
+}
+
+impl From<EngineError> for BackendError {
+    fn from(e: EngineError) -> Self {
+        let param = match &e {
+            EngineError::Sampling(s) => Some(s.param()),
+            EngineError::EmptyPrompt | EngineError::TokenOutOfVocab { .. } => Some("prompt"),
+            EngineError::Admission(SchedulerError::BeyondContext { .. }) => Some("max_tokens"),
+            EngineError::Admission(_) => Some("prompt"),
+            _ => None,
+        };
+        if e.is_invalid_request() {
+            return BackendError::invalid(e.to_string(), param);
+        }
+        match e {
+            EngineError::ShutDown | EngineError::Timeout(_) => {
+                BackendError::Unavailable(e.to_string())
+            }
+            e => BackendError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// The workers behind the HTTP API, as the frontend sees them. Object safe:
+/// the server holds an `Arc<dyn CompletionBackend>`.
+pub trait CompletionBackend: Send + Sync + 'static {
+    /// Models served, for `GET /v1/models` and the `model` check.
+    fn models(&self) -> Vec<ModelCard>;
+
+    /// The prompt text of a chat conversation for `model`, ready to tokenize.
+    fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError>;
+
+    /// Token ids of prompt `text` for `model`; `raw_prompt` says it is a text
+    /// completion prompt (which gets BOS if the model wants one), not a
+    /// rendered chat.
+    fn tokenize(&self, model: &str, text: &str, raw_prompt: bool)
+    -> Result<Vec<u32>, BackendError>;
+
+    /// Start generating.
+    fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> BoxFuture<'_, Result<OutputStream, BackendError>>;
+
+    /// Whether requests can be served now.
+    fn health(&self) -> Result<(), BackendError>;
+}
+
+/// One model served by an engine in this process.
+pub struct LocalBackend {
+    model: String,
+    engine: EngineHandle,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+}
+
+impl std::fmt::Debug for LocalBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBackend")
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalBackend {
+    /// Serve `engine` as model `model`. `tokenizer` must be the engine's
+    /// model's; its chat template (if the file has one) renders chats.
+    pub fn new(
+        model: impl Into<String>,
+        engine: EngineHandle,
+        tokenizer: Tokenizer,
+    ) -> Result<Self, BackendError> {
+        let special = |id: Option<u32>| {
+            id.and_then(|id| tokenizer.decode(&[id], false).ok())
+                .unwrap_or_default()
+        };
+        let template = match tokenizer.chat_template() {
+            Some(source) => Some(
+                ChatTemplate::new(
+                    source,
+                    &special(tokenizer.bos_token_id()),
+                    &special(tokenizer.eos_token_id()),
+                )
+                .map_err(|e| BackendError::Internal(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(LocalBackend {
+            model: model.into(),
+            engine,
+            tokenizer,
+            template,
+        })
+    }
+
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    fn check_model(&self, model: &str) -> Result<(), BackendError> {
+        if model == self.model {
+            Ok(())
+        } else {
+            Err(BackendError::ModelNotFound(model.to_string()))
+        }
+    }
+}
+
+/// Cancels its request in the engine when the stream is dropped before the
+/// last token (the engine also notices the closed channel, one step later).
+struct CancelOnDrop {
+    engine: EngineHandle,
+    id: String,
+    finished: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::debug!(request_id = %self.id, "stream dropped; cancelling");
+            let _ = self.engine.cancel(&self.id);
+        }
+    }
+}
+
+impl CompletionBackend for LocalBackend {
+    fn models(&self) -> Vec<ModelCard> {
+        vec![ModelCard::new(
+            self.model.clone(),
+            Some(self.engine.config().max_model_len),
+        )]
+    }
+
+    fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError> {
+        self.check_model(model)?;
+        let template = self.template.as_ref().ok_or_else(|| {
+            BackendError::invalid(
+                format!("model {model:?} has no chat template; use /v1/completions"),
+                None,
+            )
+        })?;
+        // A template that raises rejects the conversation (e.g. roles out of
+        // order): the caller's fault.
+        template
+            .render(messages, true)
+            .map_err(|e| BackendError::invalid(e.to_string(), Some("messages")))
+    }
+
+    fn tokenize(
+        &self,
+        model: &str,
+        text: &str,
+        raw_prompt: bool,
+    ) -> Result<Vec<u32>, BackendError> {
+        self.check_model(model)?;
+        let mut ids = Vec::new();
+        if raw_prompt
+            && self.tokenizer.add_bos_token()
+            && let Some(bos) = self.tokenizer.bos_token_id()
+        {
+            ids.push(bos);
+        }
+        ids.extend(
+            self.tokenizer
+                .encode(text)
+                .map_err(|e| BackendError::invalid(e.to_string(), Some("prompt")))?,
+        );
+        Ok(ids)
+    }
+
+    fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> BoxFuture<'_, Result<OutputStream, BackendError>> {
+        Box::pin(async move {
+            self.check_model(&request.model)?;
+            let rx = self.engine.submit(Request {
+                id: request.request_id.clone(),
+                prompt_token_ids: request.prompt_token_ids,
+                sampling: request.sampling,
+            })?;
+            let guard = CancelOnDrop {
+                engine: self.engine.clone(),
+                id: request.request_id,
+                finished: false,
+            };
+            Ok(output_stream(rx, guard))
+        })
+    }
+
+    fn health(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+fn output_stream(rx: mpsc::Receiver<OutputItem>, guard: CancelOnDrop) -> OutputStream {
+    Box::pin(stream::unfold(
+        (rx, guard),
+        |(mut rx, mut guard)| async move {
+            if guard.finished {
+                return None;
+            }
+            let item = match rx.recv().await {
+                Some(Ok(output)) => {
+                    guard.finished = output.finish.is_some();
+                    Ok(output)
+                }
+                Some(Err(e)) => {
+                    guard.finished = true;
+                    Err(BackendError::from(e))
+                }
+                None => {
+                    guard.finished = true;
+                    Err(BackendError::Internal(
+                        "the engine ended the request without a finish".into(),
+                    ))
+                }
+            };
+            Some((item, (rx, guard)))
+        },
+    ))
+}
+
+/// Shared handle for the server state.
+pub type SharedBackend = Arc<dyn CompletionBackend>;

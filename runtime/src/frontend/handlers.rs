@@ -1,0 +1,539 @@
+//! The HTTP handlers: chat and text completions (whole or streamed as
+//! server-sent events), the model list, health and metrics.
+//!
+//! Each handler checks the model, turns the request into token ids and
+//! sampling parameters through the backend, and shapes the backend's tokens
+//! into OpenAI's responses. Wire shapes are in `protocol`, error bodies in
+//! `error`; no handler knows whether the engine is local.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use futures::stream::{self, Stream};
+use prometheus::{Registry, TextEncoder};
+use serde::Serialize;
+use tracing::Instrument;
+
+use crate::engine::chat_template::ChatMessage;
+use crate::engine::runner::Output;
+use crate::engine::sampling::{FinishReason, SamplingParams};
+
+use super::backend::{GenerateRequest, OutputStream, SharedBackend};
+use super::error::ApiError;
+use super::extract::OpenAiJson;
+use super::metrics::{FrontendMetrics, RequestTimer};
+use super::protocol::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
+    ModelList, Prompt, Role, Usage, unix_now,
+};
+
+/// What every handler shares.
+pub struct AppState {
+    pub backend: SharedBackend,
+    pub metrics: FrontendMetrics,
+    pub registry: Registry,
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// Which completion API a request came through; it decides the shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completions,
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat_completions",
+            Endpoint::Completions => "completions",
+        }
+    }
+
+    fn new_id(self) -> String {
+        let prefix = match self {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        };
+        format!("{prefix}-{:032x}", rand::random::<u128>())
+    }
+}
+
+/// A request ready for the backend.
+struct Prepared {
+    endpoint: Endpoint,
+    id: String,
+    model: String,
+    prompt_token_ids: Vec<u32>,
+    sampling: SamplingParams,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl Endpoint {
+    /// The request field that holds the prompt, for errors about it.
+    fn prompt_param(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "messages",
+            Endpoint::Completions => "prompt",
+        }
+    }
+}
+
+pub async fn chat_completions(
+    State(state): State<SharedState>,
+    body: Result<OpenAiJson<ChatCompletionRequest>, ApiError>,
+) -> Response {
+    let endpoint = Endpoint::Chat;
+    let id = endpoint.new_id();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        endpoint = endpoint.name(),
+        model = tracing::field::Empty
+    );
+    async move {
+        let prepared = body.and_then(|OpenAiJson(request)| {
+            check_model(&state, &request.model)?;
+            let sampling = request.sampling()?;
+            let messages: Vec<ChatMessage> = request
+                .messages
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m.role.as_str().to_string(),
+                    content: m.content.as_ref().map(|c| c.text()).unwrap_or_default(),
+                })
+                .collect();
+            let text = state.backend.render_chat(&request.model, &messages)?;
+            let prompt_token_ids = state.backend.tokenize(&request.model, &text, false)?;
+            Ok(Prepared {
+                endpoint,
+                id,
+                stream: request.common.stream(),
+                include_usage: request.common.include_usage(),
+                model: request.model,
+                prompt_token_ids,
+                sampling,
+            })
+        });
+        respond(&state, endpoint, prepared).await
+    }
+    .instrument(span)
+    .await
+}
+
+pub async fn completions(
+    State(state): State<SharedState>,
+    body: Result<OpenAiJson<CompletionRequest>, ApiError>,
+) -> Response {
+    let endpoint = Endpoint::Completions;
+    let id = endpoint.new_id();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        endpoint = endpoint.name(),
+        model = tracing::field::Empty
+    );
+    async move {
+        let prepared = body.and_then(|OpenAiJson(request)| {
+            check_model(&state, &request.model)?;
+            let sampling = request.sampling()?;
+            let prompt_token_ids = match request.prompt.clone().into_prompt()? {
+                Prompt::Text(text) => state.backend.tokenize(&request.model, &text, true)?,
+                Prompt::Tokens(ids) => ids,
+            };
+            Ok(Prepared {
+                endpoint,
+                id,
+                stream: request.common.stream(),
+                include_usage: request.common.include_usage(),
+                model: request.model,
+                prompt_token_ids,
+                sampling,
+            })
+        });
+        respond(&state, endpoint, prepared).await
+    }
+    .instrument(span)
+    .await
+}
+
+fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+    if state.backend.models().iter().any(|card| card.id == model) {
+        Ok(())
+    } else {
+        Err(ApiError::model_not_found(model))
+    }
+}
+
+/// Run a prepared request (or count and return its error).
+async fn respond(
+    state: &AppState,
+    endpoint: Endpoint,
+    prepared: Result<Prepared, ApiError>,
+) -> Response {
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            // Only served models become label values.
+            let model = "";
+            state
+                .metrics
+                .rejected(model, endpoint.name(), e.status.as_u16());
+            return e.into_response();
+        }
+    };
+    tracing::Span::current().record("model", prepared.model.as_str());
+    let mut timer = state.metrics.timer(&prepared.model, endpoint.name());
+    let upstream = state
+        .backend
+        .generate(GenerateRequest {
+            request_id: prepared.id.clone(),
+            model: prepared.model.clone(),
+            prompt_token_ids: prepared.prompt_token_ids.clone(),
+            sampling: prepared.sampling.clone(),
+        })
+        .await;
+    let upstream = match upstream {
+        Ok(s) => s,
+        Err(e) => {
+            let mut e = ApiError::from(e);
+            if e.param.as_deref() == Some("prompt") {
+                e.param = Some(endpoint.prompt_param().to_string());
+            }
+            timer.finish(e.status.as_u16(), 0, 0);
+            return e.into_response();
+        }
+    };
+    let mut response = if prepared.stream {
+        let shape = Shape::of(&prepared);
+        let events = sse_events(upstream, timer, shape, prepared.prompt_token_ids.len());
+        Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response()
+    } else {
+        match collect(upstream, &mut timer, prepared.prompt_token_ids.len()).await {
+            Ok(done) => {
+                timer.finish(200, done.usage.prompt_tokens, done.usage.completion_tokens);
+                Shape::of(&prepared).whole(done).into_response()
+            }
+            Err(e) => {
+                timer.finish(e.status.as_u16(), 0, 0);
+                e.into_response()
+            }
+        }
+    };
+    // Lets a client quote the id that logs carry.
+    if let Ok(id) = HeaderValue::from_str(&prepared.id) {
+        response.headers_mut().insert(REQUEST_ID, id);
+    }
+    response
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A finished generation.
+struct Finished {
+    text: String,
+    finish: Option<FinishReason>,
+    usage: Usage,
+}
+
+fn usage_of(output: &Output, prompt_tokens: usize, generated: usize) -> Usage {
+    output.usage.map(Usage::from).unwrap_or(Usage {
+        prompt_tokens,
+        completion_tokens: generated,
+        total_tokens: prompt_tokens + generated,
+        prompt_tokens_details: super::protocol::PromptTokensDetails { cached_tokens: 0 },
+    })
+}
+
+async fn collect(
+    mut upstream: OutputStream,
+    timer: &mut RequestTimer,
+    prompt_tokens: usize,
+) -> Result<Finished, ApiError> {
+    let mut text = String::new();
+    let mut generated = 0;
+    while let Some(item) = upstream.next().await {
+        let output = item?;
+        timer.token();
+        generated += 1;
+        text.push_str(&output.text);
+        if output.finish.is_some() {
+            return Ok(Finished {
+                text,
+                finish: output.finish,
+                usage: usage_of(&output, prompt_tokens, generated),
+            });
+        }
+    }
+    Err(ApiError::internal("the backend ended the stream early"))
+}
+
+/// The fixed parts of a response and how to shape one for its endpoint.
+struct Shape {
+    endpoint: Endpoint,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+}
+
+impl Shape {
+    fn of(p: &Prepared) -> Self {
+        Shape {
+            endpoint: p.endpoint,
+            id: p.id.clone(),
+            model: p.model.clone(),
+            created: unix_now(),
+            include_usage: p.include_usage,
+        }
+    }
+
+    fn whole(&self, done: Finished) -> Response {
+        match self.endpoint {
+            Endpoint::Chat => Json(ChatCompletionResponse {
+                id: self.id.clone(),
+                object: "chat.completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: Role::Assistant,
+                        content: done.text,
+                    },
+                    logprobs: None,
+                    finish_reason: done.finish,
+                }],
+                usage: done.usage,
+            })
+            .into_response(),
+            Endpoint::Completions => Json(CompletionResponse {
+                id: self.id.clone(),
+                object: "text_completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![CompletionChoice {
+                    index: 0,
+                    text: done.text,
+                    logprobs: None,
+                    finish_reason: done.finish,
+                }],
+                usage: Some(done.usage),
+            })
+            .into_response(),
+        }
+    }
+
+    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> Event {
+        event(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn text_chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Event {
+        event(&CompletionResponse {
+            id: self.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    /// The chunk before any token: chat announces the assistant's role.
+    fn opening(&self) -> Option<Event> {
+        match self.endpoint {
+            Endpoint::Chat => Some(self.chat_chunk(
+                vec![ChatChunkChoice {
+                    index: 0,
+                    delta: ChatDelta {
+                        role: Some(Role::Assistant),
+                        content: Some(String::new()),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                None,
+            )),
+            Endpoint::Completions => None,
+        }
+    }
+
+    fn delta(&self, text: String, finish: Option<FinishReason>) -> Event {
+        match self.endpoint {
+            Endpoint::Chat => self.chat_chunk(
+                vec![ChatChunkChoice {
+                    index: 0,
+                    delta: ChatDelta {
+                        role: None,
+                        content: (!text.is_empty()).then_some(text),
+                    },
+                    logprobs: None,
+                    finish_reason: finish,
+                }],
+                None,
+            ),
+            Endpoint::Completions => self.text_chunk(
+                vec![CompletionChoice {
+                    index: 0,
+                    text,
+                    logprobs: None,
+                    finish_reason: finish,
+                }],
+                None,
+            ),
+        }
+    }
+
+    fn usage(&self, usage: Usage) -> Event {
+        match self.endpoint {
+            Endpoint::Chat => self.chat_chunk(Vec::new(), Some(usage)),
+            Endpoint::Completions => self.text_chunk(Vec::new(), Some(usage)),
+        }
+    }
+}
+
+fn event<T: Serialize>(value: &T) -> Event {
+    match serde_json::to_string(value) {
+        Ok(json) => Event::default().data(json),
+        Err(e) => error_event(&ApiError::internal(format!("cannot encode a chunk: {e}"))),
+    }
+}
+
+fn error_event(e: &ApiError) -> Event {
+    let json = serde_json::to_string(&e.body()).unwrap_or_else(|_| {
+        r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#
+            .to_string()
+    });
+    Event::default().data(json)
+}
+
+/// State of one event stream. Dropping it (the client went away) drops the
+/// upstream, which cancels the request in the engine.
+struct Streaming {
+    upstream: Option<OutputStream>,
+    timer: RequestTimer,
+    shape: Shape,
+    pending: VecDeque<Event>,
+    prompt_tokens: usize,
+    generated: usize,
+    /// The request's span: the body is polled outside the handler.
+    span: tracing::Span,
+}
+
+fn sse_events(
+    upstream: OutputStream,
+    timer: RequestTimer,
+    shape: Shape,
+    prompt_tokens: usize,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let pending = shape.opening().into_iter().collect();
+    let state = Streaming {
+        upstream: Some(upstream),
+        timer,
+        shape,
+        pending,
+        prompt_tokens,
+        generated: 0,
+        span: tracing::Span::current(),
+    };
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(event) = s.pending.pop_front() {
+                return Some((Ok(event), s));
+            }
+            let upstream = s.upstream.as_mut()?;
+            match upstream.next().await {
+                Some(Ok(output)) => {
+                    s.timer.token();
+                    s.generated += 1;
+                    let finish = output.finish;
+                    if !output.text.is_empty() || finish.is_some() {
+                        let chunk = s.shape.delta(output.text.clone(), finish);
+                        s.pending.push_back(chunk);
+                    }
+                    if finish.is_some() {
+                        let usage = usage_of(&output, s.prompt_tokens, s.generated);
+                        if s.shape.include_usage {
+                            let chunk = s.shape.usage(usage);
+                            s.pending.push_back(chunk);
+                        }
+                        s.pending.push_back(Event::default().data("[DONE]"));
+                        s.timer
+                            .finish(200, usage.prompt_tokens, usage.completion_tokens);
+                        s.upstream = None;
+                    }
+                }
+                Some(Err(e)) => end_with_error(&mut s, ApiError::from(e)),
+                None => end_with_error(
+                    &mut s,
+                    ApiError::internal("the backend ended the stream early"),
+                ),
+            }
+        }
+    })
+}
+
+/// The status line is gone: the error travels as a chunk, as vLLM does.
+fn end_with_error(s: &mut Streaming, e: ApiError) {
+    let _entered = s.span.clone().entered();
+    tracing::warn!(message = %e.message, "stream failed");
+    s.pending.push_back(error_event(&e));
+    s.pending.push_back(Event::default().data("[DONE]"));
+    s.timer
+        .finish(e.status.as_u16(), s.prompt_tokens, s.generated);
+    s.upstream = None;
+}
+
+pub async fn list_models(State(state): State<SharedState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: state.backend.models(),
+    })
+}
+
+pub async fn health(State(state): State<SharedState>) -> Result<Json<serde_json::Value>, ApiError> {
+    state
+        .backend
+        .health()
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Json(serde_json::json!({ "status": "ok" })))
+}
+
+pub async fn metrics(State(state): State<SharedState>) -> Result<Response, ApiError> {
+    let text = TextEncoder::new()
+        .encode_to_string(&state.registry.gather())
+        .map_err(|e| ApiError::internal(format!("cannot encode metrics: {e}")))?;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response())
+}
+
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::route_not_found(uri.path())
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}

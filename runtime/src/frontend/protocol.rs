@@ -1,0 +1,491 @@
+//! OpenAI wire types for the HTTP frontend: chat and text completion
+//! requests, their responses and streaming chunks, usage, the model list and
+//! the error body.
+//!
+//! Only shapes live here, plus the checks that need nothing but the request
+//! itself (`n`, `stop`, unsupported options). Turning a request into token
+//! ids and sampling parameters is the handlers' job; which fields a served
+//! model accepts is the engine's.
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::sampling::{FinishReason, SamplingParams};
+
+/// Most stop strings one request may carry (OpenAI's limit).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+
+/// A fault found in a request before it reaches a backend: what to tell the
+/// user and which field is at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFault {
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl RequestFault {
+    fn new(message: impl Into<String>, param: &str) -> Self {
+        Self {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
+    }
+}
+
+/// `stop`: one string or a list of them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum StopSequences {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopSequences {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            StopSequences::One(s) => vec![s],
+            StopSequences::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The sampling fields chat and text completions share (OpenAI's plus
+/// vLLM's `top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids`).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct CommonParams {
+    pub max_tokens: Option<u32>,
+    pub min_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// -1 (vLLM's spelling) means no limit.
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopSequences>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub ignore_eos: Option<bool>,
+    pub n: Option<u32>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub user: Option<String>,
+}
+
+impl CommonParams {
+    /// The engine's sampling parameters; `max_tokens` is passed separately
+    /// because chat spells it two ways. The engine validates value ranges.
+    pub fn sampling(&self, max_tokens: Option<u32>) -> Result<SamplingParams, RequestFault> {
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(RequestFault::new(
+                format!("n must be 1 (only one choice per request is supported), got {n}"),
+                "n",
+            ));
+        }
+        if self.stream_options.is_some() && !self.stream() {
+            return Err(RequestFault::new(
+                "stream_options is only allowed when stream is true",
+                "stream_options",
+            ));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(RequestFault::new(
+                    format!("{name} is not supported yet; omit it or set it to 0"),
+                    name,
+                ));
+            }
+        }
+        if self.repetition_penalty.is_some_and(|v| v != 1.0) {
+            return Err(RequestFault::new(
+                "repetition_penalty is not supported yet; omit it or set it to 1",
+                "repetition_penalty",
+            ));
+        }
+        let stop = self.stop.clone().map(StopSequences::into_vec);
+        if let Some(stop) = &stop
+            && stop.len() > MAX_STOP_SEQUENCES
+        {
+            return Err(RequestFault::new(
+                format!(
+                    "stop may hold at most {MAX_STOP_SEQUENCES} sequences, got {}",
+                    stop.len()
+                ),
+                "stop",
+            ));
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) => None,
+            Some(k) => Some(u32::try_from(k).map_err(|_| {
+                RequestFault::new(
+                    format!("top_k must be -1 (no limit) or at least 1, got {k}"),
+                    "top_k",
+                )
+            })?),
+        };
+        let defaults = SamplingParams::default();
+        Ok(SamplingParams {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k,
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            // A negative seed is as good a seed as any: keep its bits.
+            seed: self.seed.map(|s| s as u64),
+            max_tokens,
+            min_tokens: self.min_tokens.unwrap_or(0),
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            stop: stop.unwrap_or_default(),
+        })
+    }
+
+    pub fn stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options.is_some_and(|o| o.include_usage)
+    }
+}
+
+/// Who wrote a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::Developer => "developer",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+/// One part of a message's content; only text is served.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+}
+
+/// A message's content: a string or a list of parts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl MessageContent {
+    pub fn text(&self) -> String {
+        match self {
+            MessageContent::Text(s) => s.clone(),
+            MessageContent::Parts(parts) => parts
+                .iter()
+                .map(|ContentPart::Text { text }| text.as_str())
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ChatMessageIn {
+    pub role: Role,
+    /// May be null for an assistant turn that only called tools.
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    pub name: Option<String>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessageIn>,
+    /// Takes precedence over `max_tokens`, as in OpenAI's API.
+    pub max_completion_tokens: Option<u32>,
+    /// Parsed separately (see `extract`), so that its errors name the field.
+    #[serde(skip)]
+    pub common: CommonParams,
+}
+
+impl ChatCompletionRequest {
+    pub fn sampling(&self) -> Result<SamplingParams, RequestFault> {
+        if self.messages.is_empty() {
+            return Err(RequestFault::new(
+                "messages must hold at least one message",
+                "messages",
+            ));
+        }
+        self.common
+            .sampling(self.max_completion_tokens.or(self.common.max_tokens))
+    }
+}
+
+/// `prompt` of a text completion: text or token ids (a batch of one is
+/// accepted; larger batches are not served).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+    Texts(Vec<String>),
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+/// A prompt ready for a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+impl PromptInput {
+    pub fn into_prompt(self) -> Result<Prompt, RequestFault> {
+        let batch = |n: usize| {
+            RequestFault::new(
+                format!("prompt batches are not supported: send one prompt per request, got {n}"),
+                "prompt",
+            )
+        };
+        match self {
+            PromptInput::Text(s) => Ok(Prompt::Text(s)),
+            PromptInput::Tokens(t) => Ok(Prompt::Tokens(t)),
+            PromptInput::Texts(mut v) if v.len() == 1 => Ok(Prompt::Text(v.remove(0))),
+            PromptInput::TokenBatches(mut v) if v.len() == 1 => Ok(Prompt::Tokens(v.remove(0))),
+            PromptInput::Texts(v) => Err(batch(v.len())),
+            PromptInput::TokenBatches(v) => Err(batch(v.len())),
+        }
+    }
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptInput,
+    pub echo: Option<bool>,
+    pub suffix: Option<String>,
+    pub logprobs: Option<u32>,
+    /// Parsed separately (see `extract`), so that its errors name the field.
+    #[serde(skip)]
+    pub common: CommonParams,
+}
+
+impl CompletionRequest {
+    pub fn sampling(&self) -> Result<SamplingParams, RequestFault> {
+        if self.echo == Some(true) {
+            return Err(RequestFault::new("echo is not supported", "echo"));
+        }
+        if self.suffix.is_some() {
+            return Err(RequestFault::new("suffix is not supported", "suffix"));
+        }
+        if self.logprobs.is_some() {
+            return Err(RequestFault::new(
+                "logprobs is not supported yet",
+                "logprobs",
+            ));
+        }
+        // OpenAI's legacy completions default to 16 tokens.
+        self.common
+            .sampling(Some(self.common.max_tokens.unwrap_or(16)))
+    }
+}
+
+/// Token counts of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
+}
+
+impl From<crate::engine::runner::Usage> for Usage {
+    fn from(u: crate::engine::runner::Usage) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u.cached_tokens,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssistantMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatCompletionResponse {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+/// What a streamed chat chunk adds to the message.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// A text completion choice; also the shape of its streamed chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// A text completion response, or (with `usage` absent) one streamed chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+    /// vLLM's extension: the most tokens (prompt plus output) of a request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<usize>,
+}
+
+impl ModelCard {
+    pub fn new(id: impl Into<String>, max_model_len: Option<usize>) -> Self {
+        ModelCard {
+            id: id.into(),
+            object: "model".into(),
+            created: unix_now(),
+            owned_by: "xpyd".into(),
+            max_model_len,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+/// `{"error": {...}}`, OpenAI's error body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// Seconds since the Unix epoch, for `created`.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_accepts_string_or_list_and_limits_its_length() {
+        let one: CommonParams = serde_json::from_str(r#"{"stop":"x"}"#).unwrap();
+        assert_eq!(one.sampling(None).unwrap().stop, vec!["x".to_string()]);
+        let five: CommonParams = serde_json::from_str(r#"{"stop":["a","b","c","d","e"]}"#).unwrap();
+        assert_eq!(
+            five.sampling(None).unwrap_err().param.as_deref(),
+            Some("stop")
+        );
+    }
+
+    #[test]
+    fn chat_prefers_max_completion_tokens() {
+        let r: ChatCompletionRequest = serde_json::from_str(
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":9,"max_completion_tokens":3,"top_k":-1}"#,
+        )
+        .unwrap();
+        let s = r.sampling().unwrap();
+        assert_eq!(s.max_tokens, Some(3));
+        assert_eq!(s.top_k, None);
+    }
+}

@@ -1,0 +1,62 @@
+//! Wire types of KV transfer: what one engine publishes about itself
+//! ([`PeerInfo`]) and what rides with a finished write ([`TransferNotification`]).
+//!
+//! For: serde types shared by sender and receiver, versioned by adding fields.
+//! Not for: moving bytes or deciding when to transfer (see `agent`).
+
+use serde::{Deserialize, Serialize};
+
+use super::layout::KvLayout;
+
+/// What a peer needs to write into our KV memory: published (later in etcd)
+/// and passed to `TransferAgent::load_peer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The NIXL agent name; also the key notifications arrive under.
+    pub agent_name: String,
+    /// `get_local_md()` of the agent: connection info and registered memory.
+    pub nixl_metadata: Vec<u8>,
+    pub layout: KvLayout,
+    /// Address of block 0 of each (layer, K|V) region, K before V within a
+    /// layer; `2 * layout.n_layers` entries. Blocks follow at
+    /// `layout.block_region_bytes` strides.
+    pub region_addrs: Vec<u64>,
+}
+
+/// Sent with a WRITE and delivered to the receiver only after all its bytes
+/// have landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferNotification {
+    pub request_id: String,
+    /// The first token the prefill side sampled.
+    pub first_token: u32,
+    /// Blocks written, so the receiver can check it got what it reserved.
+    pub num_blocks: u32,
+}
+
+impl TransferNotification {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        // Serializing a struct of strings and integers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notification_round_trips_and_garbage_is_an_error() {
+        let n = TransferNotification {
+            request_id: "req-1".into(),
+            first_token: 7,
+            num_blocks: 3,
+        };
+        assert_eq!(TransferNotification::decode(&n.encode()).unwrap(), n);
+        assert!(TransferNotification::decode(b"\xff not json").is_err());
+    }
+}
