@@ -382,18 +382,9 @@ fn start_component(
 
 /// Waits for a component's `/healthz` on the secure port it was given.
 async fn wait_healthz(component: &mut ServerProcess, port: u16) -> Result<()> {
-    let http = reqwest::Client::builder()
-        // The component's serving certificate is self-signed and throwaway.
-        .danger_accept_invalid_certs(true)
-        .timeout(Duration::from_secs(2))
-        .build()
-        .map_err(HarnessError::other)?;
     let url = format!("https://127.0.0.1:{port}/healthz");
     component
-        .wait_ready(COMPONENT_READY_TIMEOUT, || {
-            let req = http.get(&url).send();
-            async move { req.await.is_ok_and(|r| r.status().is_success()) }
-        })
+        .wait_http_ready(&url, COMPONENT_READY_TIMEOUT, true, |_| true)
         .await
 }
 

@@ -62,22 +62,9 @@ impl Etcd {
 
     async fn wait_ready(&mut self) -> Result<()> {
         let url = format!("{}/health", self.endpoint());
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .map_err(HarnessError::other)?;
         self.process
-            .wait_ready(READY_TIMEOUT, || {
-                let req = http.get(&url).send();
-                async move {
-                    match req.await {
-                        Ok(resp) => resp
-                            .text()
-                            .await
-                            .is_ok_and(|body| body.contains("\"health\":\"true\"")),
-                        Err(_) => false,
-                    }
-                }
+            .wait_http_ready(&url, READY_TIMEOUT, false, |body| {
+                body.contains("\"health\":\"true\"")
             })
             .await
     }

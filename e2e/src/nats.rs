@@ -62,15 +62,8 @@ impl Nats {
             "http://127.0.0.1:{}/healthz?js-enabled-only=true",
             self.monitor_port
         );
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .map_err(HarnessError::other)?;
         self.process
-            .wait_ready(READY_TIMEOUT, || {
-                let req = http.get(&url).send();
-                async move { req.await.is_ok_and(|r| r.status().is_success()) }
-            })
+            .wait_http_ready(&url, READY_TIMEOUT, false, |_| true)
             .await
     }
 

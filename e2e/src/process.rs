@@ -179,6 +179,36 @@ impl ServerProcess {
         }
     }
 
+    /// Waits until `GET url` answers 2xx with a body `body_ok` accepts.
+    /// `self_signed` accepts any server certificate (components generate a
+    /// throwaway one).
+    pub async fn wait_http_ready(
+        &mut self,
+        url: &str,
+        timeout: Duration,
+        self_signed: bool,
+        body_ok: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        let http = reqwest::Client::builder()
+            .danger_accept_invalid_certs(self_signed)
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(HarnessError::other)?;
+        let body_ok = &body_ok;
+        self.wait_ready(timeout, || {
+            let req = http.get(url).send();
+            async move {
+                match req.await {
+                    Ok(resp) if resp.status().is_success() => {
+                        resp.text().await.is_ok_and(|body| body_ok(&body))
+                    }
+                    _ => false,
+                }
+            }
+        })
+        .await
+    }
+
     /// Kills the process group at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
