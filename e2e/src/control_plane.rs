@@ -162,6 +162,11 @@ impl ControlPlane {
         format!("https://127.0.0.1:{}", self.api_port)
     }
 
+    /// The kube-apiserver's process id (for benchmarks that compare CPU use).
+    pub fn apiserver_pid(&self) -> Option<u32> {
+        self.apiserver.pid()
+    }
+
     /// Names of the kwok nodes.
     pub fn node_names(&self) -> &[String] {
         &self.node_names

@@ -37,6 +37,33 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name start at field 3 (state),
+    // so utime (field 14) and stime (field 15) are the 12th and 13th here.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf only reads a constant.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    fields.iter().sum::<f64>() / ticks_per_sec
+}
+
+/// CPU seconds of the operator and of the API server since `since`.
+fn cpu_line(operator: u32, apiserver: u32, since: (f64, f64)) -> String {
+    let op = cpu_secs(operator) - since.0;
+    let api = cpu_secs(apiserver) - since.1;
+    format!(
+        "CPU: operator {op:.1} s, kube-apiserver {api:.1} s (operator/apiserver {:.2})",
+        op / api.max(1e-9)
+    )
+}
+
 /// (VmRSS, VmHWM) in MiB.
 fn rss_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -194,7 +221,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = rss_mib(pid);
     let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let api_pid = plane
+        .apiserver_pid()
+        .ok_or("the API server is not running")?;
+    let cpu_at = || (cpu_secs(pid), cpu_secs(api_pid));
 
+    let cpu_start = cpu_at();
     let start = Instant::now();
     create_many(&client, &etcd.endpoint(), 0, n_ready).await;
     let created = start.elapsed();
@@ -222,8 +254,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         "operator RSS at {n_ready} CRs: {:.1} MiB (peak {:.1} MiB)",
         ready_rss.0, ready_rss.1
     );
+    println!("{}", cpu_line(pid, api_pid, cpu_start));
 
     if n_rss > n_ready {
+        let cpu_start = cpu_at();
         let start = Instant::now();
         create_many(&client, &etcd.endpoint(), n_ready, n_rss).await;
         // Pods of these no longer fit the nodes; a status means reconciled.
@@ -246,6 +280,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             quantile(&metrics, 0.5) * 1e3,
             quantile(&metrics, 0.99) * 1e3
         );
+        println!("{}", cpu_line(pid, api_pid, cpu_start));
     }
     drop(operator);
     Ok(())
