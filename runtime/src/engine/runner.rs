@@ -497,6 +497,18 @@ impl EngineHandle {
         Ok((rx, reservation))
     }
 
+    /// A remote prefill's first token must be in the model's vocabulary.
+    fn check_first_token(&self, first_token: TokenId) -> Result<(), EngineError> {
+        if first_token as usize >= self.inner.vocab {
+            return Err(EngineError::TokenOutOfVocab {
+                index: 0,
+                token: first_token,
+                vocab: self.inner.vocab,
+            });
+        }
+        Ok(())
+    }
+
     /// The prompt KV of `id` is written and the prefill side sampled
     /// `first_token`: it is streamed as the first output and decoding goes
     /// on from there.
@@ -505,13 +517,7 @@ impl EngineHandle {
         id: &str,
         first_token: TokenId,
     ) -> Result<(), EngineError> {
-        if first_token as usize >= self.inner.vocab {
-            return Err(EngineError::TokenOutOfVocab {
-                index: 0,
-                token: first_token,
-                vocab: self.inner.vocab,
-            });
-        }
+        self.check_first_token(first_token)?;
         self.call(|reply| Command::CompleteRemote {
             id: id.to_string(),
             first_token,
@@ -573,13 +579,7 @@ impl EngineHandle {
         id: &str,
         first_token: TokenId,
     ) -> Result<(), EngineError> {
-        if first_token as usize >= self.inner.vocab {
-            return Err(EngineError::TokenOutOfVocab {
-                index: 0,
-                token: first_token,
-                vocab: self.inner.vocab,
-            });
-        }
+        self.check_first_token(first_token)?;
         self.call_async(|reply| Command::CompleteRemote {
             id: id.to_string(),
             first_token,
