@@ -89,18 +89,24 @@ impl Endpoint {
     }
 }
 
+/// The span every log line of one request carries (`model` is filled in
+/// once the body is parsed).
+fn request_span(endpoint: Endpoint, id: &str) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        request_id = %id,
+        endpoint = endpoint.name(),
+        model = tracing::field::Empty
+    )
+}
+
 pub async fn chat_completions(
     State(state): State<SharedState>,
     body: Result<OpenAiJson<ChatCompletionRequest>, ApiError>,
 ) -> Response {
     let endpoint = Endpoint::Chat;
     let id = endpoint.new_id();
-    let span = tracing::info_span!(
-        "request",
-        request_id = %id,
-        endpoint = endpoint.name(),
-        model = tracing::field::Empty
-    );
+    let span = request_span(endpoint, &id);
     async move {
         let prepared = body.and_then(|OpenAiJson(request)| {
             check_model(&state, &request.model)?;
@@ -137,12 +143,7 @@ pub async fn completions(
 ) -> Response {
     let endpoint = Endpoint::Completions;
     let id = endpoint.new_id();
-    let span = tracing::info_span!(
-        "request",
-        request_id = %id,
-        endpoint = endpoint.name(),
-        model = tracing::field::Empty
-    );
+    let span = request_span(endpoint, &id);
     async move {
         let prepared = body.and_then(|OpenAiJson(request)| {
             check_model(&state, &request.model)?;
