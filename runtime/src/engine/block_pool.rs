@@ -464,13 +464,7 @@ impl BlockPool {
         seq: SequenceId,
         tokens: &[TokenId],
     ) -> Result<(), BlockPoolError> {
-        let state = self
-            .sequences
-            .get(&seq)
-            .ok_or(BlockPoolError::UnknownSequence(seq))?;
-        if state.transfer_in_flight {
-            return Err(BlockPoolError::TransferInFlight(seq));
-        }
+        let state = self.sequence_not_in_transfer(seq)?;
         let needed_total = self.blocks_for_tokens(state.tokens.len() + tokens.len());
         if needed_total > self.blocks.len() {
             return Err(BlockPoolError::NeverFits {
@@ -504,6 +498,13 @@ impl BlockPool {
         seq: SequenceId,
         num_computed: usize,
     ) -> Result<(), BlockPoolError> {
+        self.sequence_not_in_transfer(seq)?;
+        self.commit_computed(seq, num_computed)
+    }
+
+    /// `seq`'s state, unless it is unknown or its blocks are being written
+    /// by a remote prefill (then it may not change).
+    fn sequence_not_in_transfer(&self, seq: SequenceId) -> Result<&SequenceBlocks, BlockPoolError> {
         let state = self
             .sequences
             .get(&seq)
@@ -511,20 +512,14 @@ impl BlockPool {
         if state.transfer_in_flight {
             return Err(BlockPoolError::TransferInFlight(seq));
         }
-        self.commit_computed(seq, num_computed)
+        Ok(state)
     }
 
     /// Drop `seq`'s references. Its indexed blocks stay cached until evicted;
     /// the tail of the sequence is released first, so it is evicted first
     /// and the more shareable head survives longer.
     pub fn free_sequence(&mut self, seq: SequenceId) -> Result<(), BlockPoolError> {
-        let state = self
-            .sequences
-            .get(&seq)
-            .ok_or(BlockPoolError::UnknownSequence(seq))?;
-        if state.transfer_in_flight {
-            return Err(BlockPoolError::TransferInFlight(seq));
-        }
+        self.sequence_not_in_transfer(seq)?;
         self.remove_sequence(seq);
         Ok(())
     }
