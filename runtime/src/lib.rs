@@ -7,6 +7,8 @@
 //! `xpyd-agent` binary, not here.
 
 pub mod assets;
+pub mod bus;
+pub mod discovery;
 pub mod engine;
 pub mod frontend;
 pub mod transfer;
