@@ -11,4 +11,6 @@ pub mod bus;
 pub mod discovery;
 pub mod engine;
 pub mod frontend;
+pub mod metrics;
 pub mod transfer;
+pub mod worker;

@@ -122,7 +122,7 @@ impl PrefillJob {
         self.control.nak().await
     }
 
-    pub async fn progress(&self) -> Result<(), BusError> {
+    pub async fn progress(&mut self) -> Result<(), BusError> {
         self.control.progress().await
     }
 }

@@ -7,12 +7,8 @@
 
 use std::time::Instant;
 
+use crate::metrics::LATENCY_BUCKETS;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
-
-/// Latency buckets in seconds, from 1 ms to 2 minutes.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-];
 
 #[derive(Debug, Clone)]
 pub struct FrontendMetrics {

@@ -1,0 +1,184 @@
+//! Metrics shared by all roles: the latency buckets every histogram uses and
+//! the workers' metrics ([`WorkerMetrics`]: `xpyd_decode_*`, `xpyd_prefill_*`,
+//! `xpyd_transfer_*`, `xpyd_engine_*`, `xpyd_discovery_*`).
+//!
+//! Everything is registered in a registry the process owns (never the global
+//! one) and served at `/metrics`. Label values that are known up front are
+//! created at registration, so a dashboard's `rate()` sees a zero series
+//! rather than none. The frontend's and the router's own metrics live in
+//! their rooms and register into the same registry.
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::engine::runner::EngineStats;
+
+/// Latency buckets in seconds, from 1 ms to 2 minutes.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Where a decode worker's prompt was prefilled.
+pub const PREFILL_LOCATIONS: &[&str] = &["local", "remote"];
+/// Why a decode worker prefilled locally although the prompt was long.
+pub const FALLBACK_REASONS: &[&str] = &[
+    "no_prefill_worker",
+    "queue_full",
+    "enqueue_failed",
+    "timeout",
+    "transfer_failed",
+    "cancelled",
+];
+/// Outcomes of a prefill worker's job.
+pub const PREFILL_JOB_RESULTS: &[&str] = &["ok", "expired", "refused", "failed"];
+/// Why a KV transfer failed.
+pub const TRANSFER_FAILURE_REASONS: &[&str] = &["peer", "write", "deadline", "notification"];
+
+/// The metrics of a prefill or decode worker.
+#[derive(Debug, Clone)]
+pub struct WorkerMetrics {
+    pub prefills: IntCounterVec,
+    pub fallbacks: IntCounterVec,
+    pub remote_prefill_seconds: Histogram,
+    pub max_local_prefill_length: IntGauge,
+    pub prefill_queue_depth: IntGauge,
+    pub transfer_bytes: IntCounterVec,
+    pub transfer_seconds: Histogram,
+    pub transfer_failures: IntCounterVec,
+    pub prefill_jobs: IntCounterVec,
+    pub kv_blocks: IntGauge,
+    pub kv_blocks_free: IntGauge,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub instances: IntGaugeVec,
+}
+
+impl WorkerMetrics {
+    /// Create the metrics and register them in `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let counter = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            for v in values {
+                c.with_label_values(&[v]);
+            }
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
+        };
+        let histogram = |name: &str, help: &str| {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok::<_, prometheus::Error>(h)
+        };
+        let instances = IntGaugeVec::new(
+            Opts::new(
+                "xpyd_discovery_instances",
+                "Live instances of the deployment by role, as this process sees them.",
+            ),
+            &["role"],
+        )?;
+        for role in ["frontend", "prefill", "decode"] {
+            instances.with_label_values(&[role]);
+        }
+        registry.register(Box::new(instances.clone()))?;
+        Ok(WorkerMetrics {
+            prefills: counter(
+                "xpyd_decode_prefills_total",
+                "Prompts a decode worker admitted, by where their KV was computed.",
+                "location",
+                PREFILL_LOCATIONS,
+            )?,
+            fallbacks: counter(
+                "xpyd_decode_remote_prefill_fallbacks_total",
+                "Long prompts prefilled locally instead of remotely, by reason.",
+                "reason",
+                FALLBACK_REASONS,
+            )?,
+            remote_prefill_seconds: histogram(
+                "xpyd_decode_remote_prefill_seconds",
+                "Time from enqueuing a remote prefill to its KV having landed.",
+            )?,
+            max_local_prefill_length: gauge(
+                "xpyd_decode_max_local_prefill_length",
+                "The remote-prefill threshold in force, in uncached prompt tokens.",
+            )?,
+            prefill_queue_depth: gauge(
+                "xpyd_decode_prefill_queue_depth",
+                "Jobs waiting on the prefill queue, as last seen by this decode worker.",
+            )?,
+            transfer_bytes: counter(
+                "xpyd_transfer_bytes_total",
+                "KV bytes moved by NIXL, by direction.",
+                "direction",
+                &["sent", "received"],
+            )?,
+            transfer_seconds: histogram(
+                "xpyd_transfer_seconds",
+                "Time of one KV write, from posting it to its completion.",
+            )?,
+            transfer_failures: counter(
+                "xpyd_transfer_failures_total",
+                "KV transfers that failed, by reason.",
+                "reason",
+                TRANSFER_FAILURE_REASONS,
+            )?,
+            prefill_jobs: counter(
+                "xpyd_prefill_jobs_total",
+                "Remote prefill jobs a prefill worker finished, by result.",
+                "result",
+                PREFILL_JOB_RESULTS,
+            )?,
+            kv_blocks: gauge("xpyd_engine_kv_blocks", "KV cache blocks of the engine.")?,
+            kv_blocks_free: gauge(
+                "xpyd_engine_kv_blocks_free",
+                "KV cache blocks free for new work (including reusable cached ones).",
+            )?,
+            running: gauge(
+                "xpyd_engine_running_requests",
+                "Requests the engine is running.",
+            )?,
+            waiting: gauge(
+                "xpyd_engine_waiting_requests",
+                "Requests waiting for admission to the engine.",
+            )?,
+            instances,
+        })
+    }
+
+    /// Refresh the engine gauges.
+    pub fn observe_engine(&self, stats: &EngineStats) {
+        self.kv_blocks.set(stats.total_blocks as i64);
+        self.kv_blocks_free
+            .set((stats.free_blocks + stats.cached_free_blocks) as i64);
+        self.running.set(stats.running as i64);
+        self.waiting.set(stats.waiting as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Encoder;
+
+    #[test]
+    fn worker_metrics_are_exposed_with_their_label_values_before_any_use() {
+        let registry = Registry::new();
+        let m = WorkerMetrics::register(&registry).unwrap();
+        m.prefills.with_label_values(&["remote"]).inc();
+        let mut text = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut text)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains("xpyd_decode_prefills_total{location=\"remote\"} 1"));
+        assert!(text.contains("xpyd_decode_remote_prefill_fallbacks_total{reason=\"timeout\"} 0"));
+        assert!(text.contains("xpyd_discovery_instances{role=\"prefill\"} 0"));
+        // A second registration in the same registry is refused, not doubled.
+        assert!(WorkerMetrics::register(&registry).is_err());
+    }
+}

@@ -1,0 +1,500 @@
+//! The decode worker: serves generation requests addressed to it on the bus
+//! and makes the disaggregation decision for each prompt.
+//!
+//! A prompt whose uncached part is longer than the threshold in force
+//! (`maxLocalPrefillLength` from the deployment's settings, watched live)
+//! gets its blocks reserved and a [`RemotePrefillRequest`] on the prefill
+//! queue; when the NIXL notification arrives, decoding starts from the
+//! first token it carries. Everything else, and every remote prefill that
+//! cannot happen (no prefill worker alive, queue too deep, deadline missed,
+//! transfer failed) is prefilled locally: a request never waits forever.
+//!
+//! Block safety: only the prefill worker that claimed a request
+//! ([`DecodeMessage::Claim`]) may write into its blocks, claims are refused
+//! once the deadline is near, and a claimed request's blocks are reused
+//! only a grace period after the deadline (the writer never posts after the
+//! deadline and its transfer expires with it).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::notifications::NotificationHub;
+use super::protocol::{
+    self, ClaimReply, DecodeMessage, GenerateEvent, GenerateWork, RemotePrefillRequest,
+    WireErrorKind,
+};
+use super::{InFlight, WorkerParts};
+use crate::bus::{IncomingRequest, Responder};
+use crate::discovery::{Role, RouterSettings};
+use crate::engine::runner::{EngineError, OutputItem, Request};
+use crate::transfer::ReceivedNotification;
+
+/// Settings of a decode worker that are not the deployment's.
+#[derive(Debug, Clone)]
+pub struct DecodeConfig {
+    /// How long to wait for a remote prefill's KV before prefilling locally.
+    pub remote_prefill_timeout: Duration,
+    /// After the deadline of a claimed remote prefill, how long before its
+    /// blocks are given back (a write posted just before the deadline may
+    /// still be landing).
+    pub transfer_grace: Duration,
+    /// Claims arriving closer than this to the deadline are refused.
+    pub claim_margin: Duration,
+    /// Deadline of a prefill-queue depth query.
+    pub queue_query_timeout: Duration,
+    /// Overrides the settings' threshold when set (flag of `xpyd-agent`).
+    pub max_local_prefill_length: Option<u32>,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        DecodeConfig {
+            remote_prefill_timeout: Duration::from_secs(30),
+            transfer_grace: Duration::from_secs(2),
+            claim_margin: Duration::from_millis(500),
+            queue_query_timeout: Duration::from_secs(1),
+            max_local_prefill_length: None,
+        }
+    }
+}
+
+/// A remote prefill the worker waits for.
+struct Pending {
+    deadline_unix_ms: u64,
+    claimed_by: Option<String>,
+}
+
+struct Inner {
+    parts: WorkerParts,
+    config: DecodeConfig,
+    hub: NotificationHub,
+    pending: Mutex<HashMap<String, Pending>>,
+    /// Bytes of one block of KV (all layers, K and V).
+    block_bytes: u64,
+}
+
+/// A decode worker. Cheap to clone.
+#[derive(Clone)]
+pub struct DecodeWorker {
+    inner: Arc<Inner>,
+}
+
+impl DecodeWorker {
+    pub fn new(parts: WorkerParts, config: DecodeConfig) -> std::io::Result<DecodeWorker> {
+        let hub = NotificationHub::start(parts.agent.clone())?;
+        let layout = *parts.agent.layout();
+        let block_bytes = layout.block_region_bytes * 2 * u64::from(layout.n_layers);
+        Ok(DecodeWorker {
+            inner: Arc::new(Inner {
+                parts,
+                config,
+                hub,
+                pending: Mutex::default(),
+                block_bytes,
+            }),
+        })
+    }
+
+    /// Serve requests until `shutdown` resolves, then stop taking new ones
+    /// and wait up to `grace` for those in flight.
+    pub async fn run(
+        &self,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+    ) -> Result<(), crate::bus::BusError> {
+        let parts = &self.inner.parts;
+        let mut requests = parts.bus.serve(&parts.instance_id).await?;
+        let in_flight = InFlight::default();
+        let mut observe = tokio::time::interval(Duration::from_secs(1));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = observe.tick() => self.observe(),
+                next = requests.next() => match next {
+                    Some(request) => {
+                        let worker = self.clone();
+                        let busy = in_flight.enter();
+                        tokio::spawn(async move {
+                            worker.handle(request).await;
+                            drop(busy);
+                        });
+                    }
+                    None => {
+                        tracing::warn!("request subscription ended; re-subscribing");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        requests = parts.bus.serve(&parts.instance_id).await?;
+                    }
+                },
+            }
+        }
+        drop(requests);
+        in_flight.wait_idle(grace).await;
+        Ok(())
+    }
+
+    fn observe(&self) {
+        let parts = &self.inner.parts;
+        parts.observe();
+        parts
+            .metrics
+            .max_local_prefill_length
+            .set(i64::from(self.threshold(&self.settings())));
+    }
+
+    fn settings(&self) -> RouterSettings {
+        self.inner
+            .parts
+            .discovery
+            .settings()
+            .borrow()
+            .clone()
+            .unwrap_or_default()
+    }
+
+    fn threshold(&self, settings: &RouterSettings) -> u32 {
+        self.inner
+            .config
+            .max_local_prefill_length
+            .unwrap_or(settings.max_local_prefill_length)
+    }
+
+    async fn handle(&self, request: IncomingRequest) {
+        let IncomingRequest { payload, responder } = request;
+        match protocol::decode::<DecodeMessage>("decode request", &payload) {
+            Ok(DecodeMessage::Generate(work)) => self.generate(work, responder).await,
+            Ok(DecodeMessage::Claim {
+                request_id,
+                prefill_instance,
+            }) => {
+                let reply = self.claim(&request_id, &prefill_instance);
+                let mut responder = responder;
+                if responder.send(protocol::encode(&reply)).await.is_ok() {
+                    let _ = responder.end().await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                fail(
+                    responder,
+                    WireErrorKind::InvalidRequest,
+                    e.to_string(),
+                    None,
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Decide whether prefill worker `prefill_instance` may write the KV of
+    /// `request_id` now.
+    fn claim(&self, request_id: &str, prefill_instance: &str) -> ClaimReply {
+        let margin = self.inner.config.claim_margin.as_millis() as u64;
+        let mut pending = lock(&self.inner.pending);
+        let Some(p) = pending.get_mut(request_id) else {
+            return ClaimReply::Refuse;
+        };
+        if protocol::unix_ms_now() + margin >= p.deadline_unix_ms {
+            return ClaimReply::Refuse;
+        }
+        let may = match &p.claimed_by {
+            None => true,
+            Some(owner) if owner == prefill_instance => true,
+            // The claimant died (its job was redelivered): it writes nothing more.
+            Some(owner) => !self.inner.parts.is_alive(owner),
+        };
+        if may {
+            p.claimed_by = Some(prefill_instance.to_string());
+            ClaimReply::Proceed
+        } else {
+            ClaimReply::Refuse
+        }
+    }
+
+    async fn generate(&self, work: GenerateWork, responder: Responder) {
+        let parts = &self.inner.parts;
+        if work.model != parts.model {
+            let message = format!("model {:?} is not served by this worker", work.model);
+            return fail(responder, WireErrorKind::ModelNotFound, message, None).await;
+        }
+        if !*parts.registered.borrow() {
+            let message = "this worker is not registered; try another".to_string();
+            return fail(responder, WireErrorKind::Unavailable, message, None).await;
+        }
+        let id = work.request_id.clone();
+        let request = Request {
+            id: id.clone(),
+            prompt_token_ids: work.prompt_token_ids,
+            sampling: work.sampling,
+        };
+        let (outputs, cancel_remote) = match self.admit(request).await {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                let (kind, param) = if e.is_invalid_request() {
+                    (WireErrorKind::InvalidRequest, None)
+                } else if matches!(e, EngineError::ShutDown | EngineError::Timeout(_)) {
+                    (WireErrorKind::Unavailable, None)
+                } else {
+                    (WireErrorKind::Internal, None)
+                };
+                return fail(responder, kind, e.to_string(), param).await;
+            }
+        };
+        stream_outputs(&self.inner.parts, &id, outputs, responder, cancel_remote).await;
+    }
+
+    /// Admit `request` to the engine, prefilled locally or remotely. Returns
+    /// its outputs and, for a remote prefill, the switch that withdraws it.
+    async fn admit(
+        &self,
+        request: Request,
+    ) -> Result<(mpsc::Receiver<OutputItem>, Option<oneshot::Sender<()>>), EngineError> {
+        let parts = &self.inner.parts;
+        let metrics = &parts.metrics;
+        let settings = self.settings();
+        let threshold = self.threshold(&settings);
+        metrics.max_local_prefill_length.set(i64::from(threshold));
+        let prompt_len = request.prompt_token_ids.len();
+        let local = |reason: Option<&str>| {
+            metrics.prefills.with_label_values(&["local"]).inc();
+            if let Some(reason) = reason {
+                metrics.fallbacks.with_label_values(&[reason]).inc();
+            }
+        };
+        if prompt_len <= threshold as usize || !settings.disaggregated {
+            local(None);
+            return Ok((parts.engine.submit(request)?, None));
+        }
+        if !parts.any_alive(Role::Prefill) {
+            local(Some("no_prefill_worker"));
+            return Ok((parts.engine.submit(request)?, None));
+        }
+        let depth = tokio::time::timeout(
+            self.inner.config.queue_query_timeout,
+            parts.bus.prefill_queue_depth(),
+        )
+        .await;
+        match depth {
+            Ok(Ok(depth)) => {
+                metrics.prefill_queue_depth.set(depth as i64);
+                if depth > u64::from(settings.max_prefill_queue_depth) {
+                    local(Some("queue_full"));
+                    return Ok((parts.engine.submit(request)?, None));
+                }
+            }
+            _ => {
+                local(Some("enqueue_failed"));
+                return Ok((parts.engine.submit(request)?, None));
+            }
+        }
+
+        let id = request.id.clone();
+        let (outputs, reservation) = parts
+            .engine
+            .begin_remote_prefill_async(request.clone())
+            .await?;
+        if prompt_len - reservation.cached_tokens <= threshold as usize {
+            // Our own prefix cache covers enough: the rest is cheap here.
+            parts.engine.cancel_remote_prefill_async(&id).await?;
+            local(None);
+            return Ok((outputs, None));
+        }
+        let block_size = parts.engine.config().block_size;
+        let deadline = Instant::now() + self.inner.config.remote_prefill_timeout;
+        let deadline_unix_ms =
+            protocol::unix_ms_now() + self.inner.config.remote_prefill_timeout.as_millis() as u64;
+        let job = RemotePrefillRequest {
+            request_id: id.clone(),
+            model: parts.model.clone(),
+            token_ids: request.prompt_token_ids,
+            sampling: request.sampling,
+            decode_instance: parts.instance_id.clone(),
+            dst_blocks: reservation.block_ids.clone(),
+            first_block: (reservation.cached_tokens / block_size) as u32,
+            deadline_unix_ms,
+        };
+        let notified = self.inner.hub.expect(&id);
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(
+            id.clone(),
+            Pending {
+                deadline_unix_ms,
+                claimed_by: None,
+            },
+        );
+        let enqueued = tokio::time::timeout(
+            self.inner.config.queue_query_timeout * 5,
+            parts.bus.enqueue_prefill(protocol::encode(&job)),
+        )
+        .await;
+        if !matches!(enqueued, Ok(Ok(()))) {
+            tracing::warn!(request_id = %id, ?enqueued, "enqueue failed; prefilling locally");
+            lock(&self.inner.pending).remove(&id);
+            self.inner.hub.forget(&id);
+            parts.engine.cancel_remote_prefill_async(&id).await?;
+            local(Some("enqueue_failed"));
+            return Ok((outputs, None));
+        }
+        let worker = self.clone();
+        let started = Instant::now();
+        tokio::spawn(async move {
+            worker
+                .await_remote(id, notified, cancel_rx, deadline, started)
+                .await
+        });
+        Ok((outputs, Some(cancel_tx)))
+    }
+
+    /// Wait for the KV of remote prefill `id`, then start decoding, or fall
+    /// back to a local prefill when it does not come.
+    async fn await_remote(
+        &self,
+        id: String,
+        notified: oneshot::Receiver<ReceivedNotification>,
+        cancelled: oneshot::Receiver<()>,
+        deadline: Instant,
+        started: Instant,
+    ) {
+        let parts = &self.inner.parts;
+        let metrics = &parts.metrics;
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let mut notified = notified;
+        let outcome = tokio::select! {
+            n = &mut notified => n.ok(),
+            _ = tokio::time::sleep_until(deadline) => None,
+            Ok(()) = cancelled => {
+                // The client left. An unclaimed request can go at once; a
+                // claimed one may be receiving bytes: wait for them or the
+                // deadline.
+                let claimed = lock(&self.inner.pending)
+                    .get(&id)
+                    .is_some_and(|p| p.claimed_by.is_some());
+                if claimed {
+                    tokio::select! {
+                        n = &mut notified => n.ok(),
+                        _ = tokio::time::sleep_until(deadline) => None,
+                    }
+                } else {
+                    None
+                }
+            }
+        };
+        let pending = lock(&self.inner.pending).remove(&id);
+        self.inner.hub.forget(&id);
+        match outcome {
+            Some(n) => {
+                metrics
+                    .remote_prefill_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics
+                    .transfer_bytes
+                    .with_label_values(&["received"])
+                    .inc_by(u64::from(n.notification.num_blocks) * self.inner.block_bytes);
+                metrics.prefills.with_label_values(&["remote"]).inc();
+                if let Err(e) = parts
+                    .engine
+                    .complete_remote_prefill_async(&id, n.notification.first_token)
+                    .await
+                {
+                    tracing::warn!(request_id = %id, "completing the remote prefill failed: {e}");
+                    let _ = parts.engine.cancel_remote_prefill_async(&id).await;
+                }
+            }
+            None => {
+                if pending.as_ref().is_some_and(|p| p.claimed_by.is_some()) {
+                    tokio::time::sleep(self.inner.config.transfer_grace).await;
+                }
+                let reason = if tokio::time::Instant::now() >= deadline {
+                    "timeout"
+                } else {
+                    "cancelled"
+                };
+                tracing::info!(request_id = %id, reason, "no remote KV; prefilling locally");
+                metrics.fallbacks.with_label_values(&[reason]).inc();
+                metrics.prefills.with_label_values(&["local"]).inc();
+                if let Err(e) = parts.engine.cancel_remote_prefill_async(&id).await {
+                    tracing::warn!(request_id = %id, "releasing the remote reservation failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Stream a request's outputs to the requester; stop the request when the
+/// requester goes away.
+async fn stream_outputs(
+    parts: &WorkerParts,
+    id: &str,
+    mut outputs: mpsc::Receiver<OutputItem>,
+    mut responder: Responder,
+    cancel_remote: Option<oneshot::Sender<()>>,
+) {
+    let cancelled = responder.cancelled();
+    tokio::pin!(cancelled);
+    let mut cancel_remote = cancel_remote;
+    loop {
+        let item = tokio::select! {
+            item = outputs.recv() => item,
+            _ = &mut cancelled => {
+                tracing::debug!(request_id = %id, "requester left; cancelling");
+                if let Some(tx) = cancel_remote.take() {
+                    let _ = tx.send(());
+                }
+                let _ = parts.engine.cancel(id);
+                return;
+            }
+        };
+        let event = match item {
+            None => break,
+            Some(Ok(output)) => {
+                // The first token is out: a remote prefill is over.
+                cancel_remote = None;
+                GenerateEvent::from(output)
+            }
+            Some(Err(e)) => GenerateEvent::Error {
+                kind: if e.is_invalid_request() {
+                    WireErrorKind::InvalidRequest
+                } else {
+                    WireErrorKind::Internal
+                },
+                message: e.to_string(),
+                param: None,
+            },
+        };
+        if responder.send(protocol::encode(&event)).await.is_err() {
+            if let Some(tx) = cancel_remote.take() {
+                let _ = tx.send(());
+            }
+            let _ = parts.engine.cancel(id);
+            return;
+        }
+    }
+    let _ = responder.end().await;
+}
+
+async fn fail(
+    mut responder: Responder,
+    kind: WireErrorKind,
+    message: String,
+    param: Option<String>,
+) {
+    let event = GenerateEvent::Error {
+        kind,
+        message,
+        param,
+    };
+    if responder.send(protocol::encode(&event)).await.is_ok() {
+        let _ = responder.end().await;
+    }
+}
+
+fn lock(
+    pending: &Mutex<HashMap<String, Pending>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+    pending.lock().unwrap_or_else(|p| p.into_inner())
+}

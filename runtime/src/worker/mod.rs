@@ -1,0 +1,127 @@
+//! The worker roles: a decode worker ([`DecodeWorker`]) serves generation
+//! requests from the bus and decides, per prompt, whether to prefill it
+//! locally or hand it to the prefill queue; a prefill worker
+//! ([`PrefillWorker`]) takes jobs from that queue, computes the KV and
+//! NIXL-writes it into the decode worker's blocks. The protocol is in
+//! ARCHITECTURE.md; the wire types are in [`protocol`].
+//!
+//! A worker composes the rooms below it (engine, transfer, discovery, bus);
+//! process wiring (flags, HTTP probes, signals) is the agent's.
+
+pub mod decode;
+
+mod notifications;
+pub mod prefill;
+pub mod protocol;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use crate::bus::Bus;
+use crate::discovery::{Discovery, Role};
+use crate::engine::runner::EngineHandle;
+use crate::metrics::WorkerMetrics;
+use crate::transfer::TransferAgent;
+
+pub use decode::{DecodeConfig, DecodeWorker};
+
+pub use prefill::{PrefillConfig, PrefillWorker};
+
+/// What both worker roles are built from.
+#[derive(Clone)]
+pub struct WorkerParts {
+    /// This process's instance id (also its NIXL agent name).
+    pub instance_id: String,
+    /// The served model name.
+    pub model: String,
+    pub engine: EngineHandle,
+    /// NIXL agent over `engine`'s KV memory. Drop every clone before the
+    /// engine shuts down.
+    pub agent: TransferAgent,
+    pub bus: Arc<dyn Bus>,
+    pub discovery: Arc<dyn Discovery>,
+    pub metrics: WorkerMetrics,
+    /// Whether this process is registered in discovery: while it is not, it
+    /// takes no new work (it would be a ghost nobody can find or trust).
+    pub registered: watch::Receiver<bool>,
+}
+
+impl WorkerParts {
+    /// Whether an instance of `role` serving our model is alive.
+    fn any_alive(&self, role: Role) -> bool {
+        self.discovery
+            .instances()
+            .borrow()
+            .values()
+            .any(|r| r.role == role && r.model == self.model)
+    }
+
+    /// Whether instance `id` is alive.
+    fn is_alive(&self, id: &str) -> bool {
+        self.discovery.instances().borrow().contains_key(id)
+    }
+
+    /// Refresh the gauges a scrape shows (engine load, instances by role).
+    fn observe(&self) {
+        self.metrics.observe_engine(&self.engine.stats());
+        let instances = self.discovery.instances();
+        let instances = instances.borrow();
+        for role in [Role::Frontend, Role::Prefill, Role::Decode] {
+            let n = instances.values().filter(|r| r.role == role).count();
+            self.metrics
+                .instances
+                .with_label_values(&[role.as_str()])
+                .set(n as i64);
+        }
+    }
+}
+
+/// Work in flight, so a draining worker can wait for it.
+#[derive(Clone, Default)]
+pub(crate) struct InFlight(Arc<(AtomicUsize, Notify)>);
+
+/// One unit of work in flight; dropping it ends it.
+pub(crate) struct InFlightGuard(InFlight);
+
+impl InFlight {
+    pub(crate) fn enter(&self) -> InFlightGuard {
+        self.0.0.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.0.0.load(Ordering::SeqCst)
+    }
+
+    /// Wait until nothing is in flight, or `grace` passed; says which.
+    pub(crate) async fn wait_idle(&self, grace: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.0.1.notified();
+                if self.count() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let idle = tokio::time::timeout(grace, wait).await.is_ok();
+        if !idle {
+            tracing::warn!(
+                in_flight = self.count(),
+                "grace period over with work in flight"
+            );
+        }
+        idle
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.0.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.0.1.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! The prefill worker: takes remote-prefill jobs from the queue, computes
+//! each prompt's KV (reusing its own prefix cache), and NIXL-writes it into
+//! the blocks the decode worker reserved, with the first sampled token in
+//! the completion notification.
+//!
+//! A job is acknowledged once its outcome is final (written, expired,
+//! refused, failed); a worker that dies mid-job leaves it unacknowledged and
+//! the queue redelivers it to another worker. Before computing, the worker
+//! claims the request from its decode worker, so a job that was already
+//! answered (or given up) is never computed or written twice.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+
+use super::protocol::{self, ClaimReply, DecodeMessage, RemotePrefillRequest};
+use super::{InFlight, WorkerParts};
+use crate::bus::PrefillJob;
+use crate::engine::runner::Request;
+use crate::engine::sampling::SamplingParams;
+use crate::transfer::TransferNotification;
+
+/// Settings of a prefill worker.
+#[derive(Debug, Clone)]
+pub struct PrefillConfig {
+    /// Jobs computed at once (the engine batches them).
+    pub max_concurrent: usize,
+    /// Deadline of the claim round trip to the decode worker.
+    pub claim_timeout: Duration,
+    /// How often a job in progress tells the queue it is alive.
+    pub progress_interval: Duration,
+}
+
+impl Default for PrefillConfig {
+    fn default() -> Self {
+        PrefillConfig {
+            max_concurrent: 4,
+            claim_timeout: Duration::from_secs(5),
+            progress_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How a job ended (the `result` label of `xpyd_prefill_jobs_total`).
+#[derive(Debug)]
+enum JobEnd {
+    Written,
+    /// Past its deadline before we could write.
+    Expired,
+    /// The decode worker no longer wants it (or another worker has it).
+    Refused,
+    Failed(String),
+}
+
+/// A prefill worker. Cheap to clone.
+#[derive(Clone)]
+pub struct PrefillWorker {
+    parts: WorkerParts,
+    config: PrefillConfig,
+}
+
+impl PrefillWorker {
+    pub fn new(parts: WorkerParts, config: PrefillConfig) -> PrefillWorker {
+        PrefillWorker { parts, config }
+    }
+
+    /// Take jobs until `shutdown` resolves, then wait up to `grace` for the
+    /// ones in progress (jobs not finished by then are redelivered).
+    pub async fn run(&self, shutdown: impl Future<Output = ()>, grace: Duration) {
+        let slots = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
+        let in_flight = InFlight::default();
+        let mut observe = tokio::time::interval(Duration::from_secs(1));
+        let mut registered = self.parts.registered.clone();
+        tokio::pin!(shutdown);
+        'outer: loop {
+            let mut jobs = tokio::select! {
+                _ = &mut shutdown => break,
+                jobs = self.parts.bus.prefill_jobs() => match jobs {
+                    Ok(jobs) => jobs,
+                    Err(e) => {
+                        tracing::warn!("cannot consume the prefill queue: {e}; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
+            };
+            loop {
+                // A free slot first: a busy worker leaves jobs to the others.
+                let slot = tokio::select! {
+                    _ = &mut shutdown => break 'outer,
+                    _ = observe.tick() => { self.parts.observe(); continue; }
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break 'outer,
+                    },
+                };
+                // Not registered: nobody may count on us; take nothing.
+                if !*registered.borrow() {
+                    tokio::select! {
+                        _ = &mut shutdown => break 'outer,
+                        _ = registered.wait_for(|r| *r) => {}
+                    }
+                }
+                let job = tokio::select! {
+                    _ = &mut shutdown => break 'outer,
+                    job = jobs.next() => job,
+                };
+                let Some(job) = job else {
+                    tracing::warn!("prefill queue subscription ended; re-subscribing");
+                    break;
+                };
+                let worker = self.clone();
+                let busy = in_flight.enter();
+                tokio::spawn(async move {
+                    worker.process(job).await;
+                    drop((busy, slot));
+                });
+            }
+        }
+        in_flight.wait_idle(grace).await;
+    }
+
+    async fn process(&self, mut job: PrefillJob) {
+        let end = match protocol::decode::<RemotePrefillRequest>("prefill job", &job.payload) {
+            Err(e) => JobEnd::Failed(e.to_string()),
+            Ok(request) => {
+                let work = self.serve(&request);
+                tokio::pin!(work);
+                let mut tick = tokio::time::interval(self.config.progress_interval);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        end = &mut work => break end,
+                        _ = tick.tick() => {
+                            if let Err(e) = job.progress().await {
+                                tracing::debug!("progress report failed: {e}");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let result = match &end {
+            JobEnd::Written => "ok",
+            JobEnd::Expired => "expired",
+            JobEnd::Refused => "refused",
+            JobEnd::Failed(reason) => {
+                tracing::warn!(delivered = job.delivered, "prefill job failed: {reason}");
+                "failed"
+            }
+        };
+        self.parts
+            .metrics
+            .prefill_jobs
+            .with_label_values(&[result])
+            .inc();
+        // A failed job is not retried here: the decode worker's deadline
+        // turns it into a local prefill, which is faster than a second try.
+        if let Err(e) = job.ack().await {
+            tracing::warn!("acknowledging a prefill job failed: {e}");
+        }
+    }
+
+    /// Claim, compute and write one job.
+    async fn serve(&self, request: &RemotePrefillRequest) -> JobEnd {
+        let parts = &self.parts;
+        let id = &request.request_id;
+        if request.model != parts.model {
+            return JobEnd::Failed(format!(
+                "job {id} is for model {:?}, this worker serves {:?}",
+                request.model, parts.model
+            ));
+        }
+        let Some(remaining) = remaining(request.deadline_unix_ms) else {
+            return JobEnd::Expired;
+        };
+        let deadline = Instant::now() + remaining;
+        match self.claim(request).await {
+            Ok(ClaimReply::Proceed) => {}
+            Ok(ClaimReply::Refuse) => return JobEnd::Refused,
+            Err(reason) => return JobEnd::Failed(format!("claiming {id}: {reason}")),
+        }
+        let peer = parts
+            .discovery
+            .instances()
+            .borrow()
+            .get(&request.decode_instance)
+            .and_then(|r| r.transfer.clone());
+        let Some(peer) = peer else {
+            parts
+                .metrics
+                .transfer_failures
+                .with_label_values(&["peer"])
+                .inc();
+            return JobEnd::Failed(format!(
+                "decode instance {} has no transfer record",
+                request.decode_instance
+            ));
+        };
+        let peer_name = peer.agent_name.clone();
+        if let Err(e) = parts.agent.load_peer(peer) {
+            parts
+                .metrics
+                .transfer_failures
+                .with_label_values(&["peer"])
+                .inc();
+            return JobEnd::Failed(e.to_string());
+        }
+
+        // Our engine ids must not clash with a decode worker's in `up`,
+        // where engines share nothing but a process.
+        let engine_id = format!("{id}@prefill");
+        let first = match self.first_token(&engine_id, request).await {
+            Ok(first) => first,
+            Err(e) => {
+                let _ = parts.engine.cancel(&engine_id);
+                return JobEnd::Failed(e);
+            }
+        };
+        let end = self
+            .write(&engine_id, request, first, &peer_name, deadline)
+            .await;
+        // Release the held KV (its blocks stay in our prefix cache).
+        let _ = parts.engine.cancel(&engine_id);
+        end
+    }
+
+    async fn claim(&self, request: &RemotePrefillRequest) -> Result<ClaimReply, String> {
+        let message = DecodeMessage::Claim {
+            request_id: request.request_id.clone(),
+            prefill_instance: self.parts.instance_id.clone(),
+        };
+        let ask = async {
+            let mut replies = self
+                .parts
+                .bus
+                .request(
+                    &request.decode_instance,
+                    protocol::encode(&message),
+                    self.config.claim_timeout,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            match replies.next().await {
+                Some(Ok(bytes)) => {
+                    protocol::decode::<ClaimReply>("claim reply", &bytes).map_err(|e| e.to_string())
+                }
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("no claim reply".to_string()),
+            }
+        };
+        tokio::time::timeout(self.config.claim_timeout, ask)
+            .await
+            .unwrap_or_else(|_| Err("claim timed out".to_string()))
+    }
+
+    /// Prefill the prompt and sample its first token; the KV stays held.
+    async fn first_token(
+        &self,
+        engine_id: &str,
+        request: &RemotePrefillRequest,
+    ) -> Result<u32, String> {
+        let sampling = SamplingParams {
+            max_tokens: Some(1),
+            min_tokens: request.sampling.min_tokens.min(1),
+            stop: Vec::new(),
+            ..request.sampling.clone()
+        };
+        let mut outputs = self
+            .parts
+            .engine
+            .submit_prefill(Request {
+                id: engine_id.to_string(),
+                prompt_token_ids: request.token_ids.clone(),
+                sampling,
+            })
+            .map_err(|e| e.to_string())?;
+        let limit = remaining(request.deadline_unix_ms).unwrap_or_default();
+        let mut first = None;
+        let collect = async {
+            while let Some(item) = outputs.recv().await {
+                match item {
+                    Ok(o) => first = first.or(Some(o.token_id)),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(limit, collect).await {
+            Err(_) => Err("prefill missed the deadline".to_string()),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => first.ok_or_else(|| "the prefill produced no token".to_string()),
+        }
+    }
+
+    async fn write(
+        &self,
+        engine_id: &str,
+        request: &RemotePrefillRequest,
+        first_token: u32,
+        peer: &str,
+        deadline: Instant,
+    ) -> JobEnd {
+        let metrics = &self.parts.metrics;
+        let table = match self.parts.engine.block_table_async(engine_id).await {
+            Ok(table) => table,
+            Err(e) => return JobEnd::Failed(e.to_string()),
+        };
+        let from = request.first_block as usize;
+        let Some(src) = table.get(from..from + request.dst_blocks.len()) else {
+            return JobEnd::Failed(format!(
+                "job {} wants blocks {from}..{} of a {}-block prompt",
+                request.request_id,
+                from + request.dst_blocks.len(),
+                table.len()
+            ));
+        };
+        if Instant::now() >= deadline {
+            return JobEnd::Expired;
+        }
+        let notification = TransferNotification {
+            request_id: request.request_id.clone(),
+            first_token,
+            num_blocks: request.dst_blocks.len() as u32,
+        };
+        let handle = match self.parts.agent.write_blocks(
+            src,
+            peer,
+            &request.dst_blocks,
+            &notification,
+            deadline,
+        ) {
+            Ok(handle) => handle,
+            Err(e) => {
+                metrics
+                    .transfer_failures
+                    .with_label_values(&["write"])
+                    .inc();
+                return JobEnd::Failed(e.to_string());
+            }
+        };
+        match handle.wait_async().await {
+            Ok(report) => {
+                metrics
+                    .transfer_bytes
+                    .with_label_values(&["sent"])
+                    .inc_by(report.bytes);
+                metrics
+                    .transfer_seconds
+                    .observe(report.elapsed.as_secs_f64());
+                JobEnd::Written
+            }
+            Err(e) => {
+                let reason = if Instant::now() >= deadline {
+                    "deadline"
+                } else {
+                    "write"
+                };
+                metrics.transfer_failures.with_label_values(&[reason]).inc();
+                JobEnd::Failed(e.to_string())
+            }
+        }
+    }
+}
+
+/// Time left until `deadline_unix_ms`; `None` once it passed.
+fn remaining(deadline_unix_ms: u64) -> Option<Duration> {
+    let now = protocol::unix_ms_now();
+    (deadline_unix_ms > now).then(|| Duration::from_millis(deadline_unix_ms - now))
+}
