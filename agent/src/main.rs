@@ -1,27 +1,35 @@
 //! `xpyd-agent`: the process in every xpyd pod.
 //!
-//! Today it has one command, `up`, which serves the OpenAI-compatible API on
-//! this machine with one engine (by default the bundled SmolLM2 model). That
-//! engine prefills every prompt itself (aggregated serving); the prefill and
-//! decode roles, NIXL handoff between them, and the pod roles (`frontend`,
-//! `prefill`, `decode`) arrive with the disaggregated-serving work.
+//! - `xpyd-agent frontend|prefill|decode`: one role of a deployment, found
+//!   through etcd (discovery, router settings) and NATS (requests, prefill
+//!   queue, KV events); flags fall back to the `XPYD_*` variables the
+//!   operator sets. Every role serves `/health`, `/ready` and `/metrics` on
+//!   its metrics port; SIGTERM drains it (deregister, finish work in flight
+//!   within the grace period, exit).
+//! - `xpyd-agent up`: a whole deployment on this machine (frontend, prefill
+//!   and decode workers in one process, with in-process discovery and bus
+//!   unless `--etcd`/`--nats` name real servers), serving the bundled model.
+
+mod connect;
+mod gpu;
+mod node;
+mod picker;
+mod probes;
+mod roles;
+mod up;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use xpyd_runtime::engine::gguf::GgufFile;
-use xpyd_runtime::engine::model::Model;
-use xpyd_runtime::engine::runner::{Engine, EngineConfig};
-use xpyd_runtime::engine::tokenizer::Tokenizer;
-use xpyd_runtime::frontend::{LocalBackend, router, serve};
-use xpyd_runtime::{assets, transfer};
+use tokio::sync::watch;
+use xpyd_runtime::discovery::{Role, Scope};
+use xpyd_runtime::transfer;
+use xpyd_runtime::worker::{DecodeConfig, PrefillConfig};
 
-/// How long in-flight work may take to finish after Ctrl-C or SIGTERM.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+use node::{EngineArgs, ModelArgs};
+use roles::{FrontendSpec, WorkerSpec};
 
 #[derive(Parser)]
 #[command(name = "xpyd-agent", version, about = "xpyd node agent")]
@@ -32,40 +40,91 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the OpenAI API on this machine with the bundled model.
-    Up(UpArgs),
+    /// Serve the OpenAI API on this machine: frontend, prefill and decode
+    /// workers in one process, with the bundled model.
+    Up(up::UpArgs),
+    /// The HTTP API and router of a deployment.
+    Frontend(FrontendArgs),
+    /// A prefill worker: computes prompts' KV for decode workers.
+    Prefill(WorkerArgs),
+    /// A decode worker: generates, prefilling short prompts itself.
+    Decode(WorkerArgs),
 }
 
-#[derive(Args)]
-struct UpArgs {
-    /// Address the OpenAI-compatible API listens on (port 0 picks a free one).
-    #[arg(long, env = "XPYD_HTTP_ADDR", default_value = "127.0.0.1:8000")]
-    addr: SocketAddr,
-    /// GGUF model file; default: the bundled SmolLM2-135M-Instruct.
-    #[arg(long, env = "XPYD_MODEL_PATH")]
-    model: Option<PathBuf>,
-    /// The model name clients send in `model`.
-    #[arg(
-        long,
-        env = "XPYD_SERVED_MODEL_NAME",
-        default_value = "SmolLM2-135M-Instruct"
-    )]
-    served_model_name: String,
-    /// KV cache blocks.
-    #[arg(long, env = "XPYD_NUM_BLOCKS", default_value_t = 512)]
-    num_blocks: u32,
-    /// Tokens per KV block.
-    #[arg(long, env = "XPYD_BLOCK_SIZE", default_value_t = 16)]
-    block_size: usize,
-    /// Most new tokens in one engine step (chunked-prefill budget).
-    #[arg(long, env = "XPYD_MAX_BATCH_TOKENS", default_value_t = 512)]
-    max_batch_tokens: usize,
-    /// Most sequences in one engine step.
-    #[arg(long, env = "XPYD_MAX_SEQS", default_value_t = 16)]
-    max_seqs: usize,
-    /// Most tokens (prompt plus output) of one request.
-    #[arg(long, env = "XPYD_MAX_MODEL_LEN", default_value_t = 2048)]
-    max_model_len: usize,
+/// Where a pod's deployment lives.
+#[derive(Args, Debug, Clone)]
+struct PodArgs {
+    /// etcd endpoints, comma separated.
+    #[arg(long, env = "XPYD_ETCD_ENDPOINTS", value_delimiter = ',', required = true)]
+    etcd_endpoints: Vec<String>,
+    /// NATS server URL.
+    #[arg(long, env = "XPYD_NATS_URL")]
+    nats_url: String,
+    /// Namespace of the DisaggDeployment.
+    #[arg(long, env = "XPYD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Name of the DisaggDeployment.
+    #[arg(long, env = "XPYD_DEPLOYMENT")]
+    deployment: String,
+    /// Instance name prefix (the pod name); a random suffix is added.
+    #[arg(long, env = "XPYD_INSTANCE")]
+    instance: Option<String>,
+    /// Address peers reach this pod at.
+    #[arg(long, env = "XPYD_POD_IP", default_value = "127.0.0.1")]
+    advertise_host: String,
+    /// Address the servers bind.
+    #[arg(long, env = "XPYD_BIND_HOST", default_value = "0.0.0.0")]
+    bind_host: String,
+    /// Port of `/health`, `/ready` and `/metrics` (0 picks a free one).
+    #[arg(long, env = "XPYD_METRICS_PORT", default_value_t = 9090)]
+    metrics_port: u16,
+    /// Seconds in-flight work may take to finish after SIGTERM.
+    #[arg(long, env = "XPYD_GRACE_SECONDS", default_value_t = 20)]
+    grace_seconds: u64,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct FrontendArgs {
+    #[command(flatten)]
+    pod: PodArgs,
+    /// Port of the OpenAI-compatible API.
+    #[arg(long, env = "XPYD_HTTP_PORT", default_value_t = 8000)]
+    http_port: u16,
+}
+
+#[derive(Args, Debug, Clone)]
+struct WorkerArgs {
+    #[command(flatten)]
+    pod: PodArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    disagg: DisaggArgs,
+}
+
+/// Disaggregation knobs of a decode worker.
+#[derive(Args, Debug, Clone)]
+pub struct DisaggArgs {
+    /// Prefill remotely when more than this many prompt tokens are
+    /// uncached; overrides the deployment's `maxLocalPrefillLength`.
+    #[arg(long, env = "XPYD_MAX_LOCAL_PREFILL_LENGTH")]
+    pub max_local_prefill_length: Option<u32>,
+    /// Milliseconds a decode worker waits for a remote prefill's KV before
+    /// prefilling locally.
+    #[arg(long, env = "XPYD_REMOTE_PREFILL_TIMEOUT_MS", default_value_t = 30_000)]
+    pub remote_prefill_timeout_ms: u64,
+}
+
+impl DisaggArgs {
+    pub fn decode_config(&self) -> DecodeConfig {
+        DecodeConfig {
+            remote_prefill_timeout: Duration::from_millis(self.remote_prefill_timeout_ms),
+            max_local_prefill_length: self.max_local_prefill_length,
+            ..DecodeConfig::default()
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,64 +135,111 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Up(args) => up(args),
-    }
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::Frontend(args) => frontend(args).await,
+            Command::Prefill(args) => worker(Role::Prefill, args).await,
+            Command::Decode(args) => worker(Role::Decode, args).await,
+        }
+    });
+    // Tasks still blocked on a dead peer must not hold the exit hostage.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
 }
 
-fn up(args: UpArgs) -> anyhow::Result<()> {
-    let model_path = match args.model {
-        Some(path) => path,
-        None => {
-            let path = assets::bundled_model()?;
-            assets::verify_sha256(&path, assets::BUNDLED_MODEL_SHA256)
-                .context("the bundled model is not the pinned SmolLM2-135M-Instruct file")?;
-            path
-        }
-    };
-    // NIXL is the transport between prefill and decode workers; a machine
-    // without it cannot run xpyd, so say so now rather than mid-request.
+/// NIXL is the transport between prefill and decode workers; a machine
+/// without it cannot run xpyd, so say so at startup, not mid-request.
+fn require_nixl() -> anyhow::Result<()> {
     let nixl = transfer::load_nixl()?;
     tracing::info!(lib = %nixl.lib_dir.display(), "NIXL loaded");
-
-    let gguf = GgufFile::open(&model_path)?;
-    let model = Model::from_gguf(&gguf)?;
-    let config = EngineConfig {
-        num_blocks: args.num_blocks,
-        block_size: args.block_size,
-        max_batch_tokens: args.max_batch_tokens,
-        max_seqs: args.max_seqs,
-        max_model_len: args.max_model_len,
-    };
-    let engine = Engine::start(model, Some(Tokenizer::from_gguf(&gguf)?), config, None)?;
-    let backend = LocalBackend::new(
-        args.served_model_name.clone(),
-        engine.clone(),
-        Tokenizer::from_gguf(&gguf)?,
-    )?;
-    let app = router(Arc::new(backend), prometheus::Registry::new())?;
-
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(args.addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.addr))?;
-        let url = format!("http://{}", listener.local_addr()?);
-        println!("xpyd is serving {} at {url}", args.served_model_name);
-        println!(
-            "try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' \
-             -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'",
-            args.served_model_name
-        );
-        println!("Ctrl-C stops it.");
-        serve(listener, app, shutdown_signal()).await?;
-        anyhow::Ok(())
-    })?;
-    engine
-        .shutdown(SHUTDOWN_GRACE)
-        .context("the engine did not stop in time")?;
-    println!("xpyd stopped");
     Ok(())
+}
+
+/// A watch that turns true on Ctrl-C or SIGTERM, and the switch that turns
+/// it true from inside.
+fn stop_on_signal() -> (std::sync::Arc<watch::Sender<bool>>, watch::Receiver<bool>) {
+    let (tx, rx) = watch::channel(false);
+    let tx = std::sync::Arc::new(tx);
+    tokio::spawn({
+        let tx = tx.clone();
+        async move {
+            shutdown_signal().await;
+            tx.send_replace(true);
+        }
+    });
+    (tx, rx)
+}
+
+/// Serve the probes of a pod on its metrics port.
+async fn start_probes(
+    pod: &PodArgs,
+    ready: watch::Receiver<bool>,
+    registry: prometheus::Registry,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<String> {
+    let bind = format!("{}:{}", pod.bind_host, pod.metrics_port);
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("cannot listen on {bind} (--metrics-port)"))?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(probes::serve(listener, ready, registry, roles::stopped(stop)));
+    Ok(format!("{}:{port}", pod.advertise_host))
+}
+
+async fn worker(role: Role, args: WorkerArgs) -> anyhow::Result<()> {
+    let pod = &args.pod;
+    let model_path = pod.model.path()?;
+    require_nixl()?;
+    let devices = gpu::report();
+    let scope = Scope::new(&pod.namespace, &pod.deployment);
+    let cluster = connect::pod_cluster(&pod.etcd_endpoints, &pod.nats_url, scope).await?;
+    let (_stop_tx, stop) = stop_on_signal();
+    let registry = prometheus::Registry::new();
+    let (ready_tx, ready) = watch::channel(false);
+    let http_address = start_probes(pod, ready, registry.clone(), stop.clone()).await?;
+    let prefix = pod.instance.clone().unwrap_or_else(|| role.as_str().to_string());
+    let spec = WorkerSpec {
+        role,
+        instance_id: node::instance_id(&prefix),
+        model_path,
+        model_name: pod.model.served_model_name.clone(),
+        engine: args.engine.config(),
+        http_address,
+        devices,
+        label_metrics: false,
+        decode: args.disagg.decode_config(),
+        prefill: PrefillConfig::default(),
+        grace: Duration::from_secs(pod.grace_seconds),
+    };
+    roles::run_worker(spec, cluster, registry, ready_tx, stop).await
+}
+
+async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
+    let pod = &args.pod;
+    let model_path = pod.model.path()?;
+    let scope = Scope::new(&pod.namespace, &pod.deployment);
+    let cluster = connect::pod_cluster(&pod.etcd_endpoints, &pod.nats_url, scope).await?;
+    let (_stop_tx, stop) = stop_on_signal();
+    let registry = prometheus::Registry::new();
+    let (ready_tx, ready) = watch::channel(false);
+    start_probes(pod, ready, registry.clone(), stop.clone()).await?;
+    let api: SocketAddr = format!("{}:{}", pod.bind_host, args.http_port)
+        .parse()
+        .with_context(|| format!("bad --bind-host {}", pod.bind_host))?;
+    let listener = tokio::net::TcpListener::bind(api)
+        .await
+        .with_context(|| format!("cannot listen on {api} (--http-port)"))?;
+    let prefix = pod.instance.clone().unwrap_or_else(|| "frontend".to_string());
+    let spec = FrontendSpec {
+        instance_id: node::instance_id(&prefix),
+        model_path,
+        model_name: pod.model.served_model_name.clone(),
+        grace: Duration::from_secs(pod.grace_seconds),
+    };
+    roles::run_frontend(spec, cluster, registry, listener, ready_tx, stop).await
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM.

@@ -8,6 +8,8 @@
 //! rather than none. The frontend's and the router's own metrics live in
 //! their rooms and register into the same registry.
 
+use std::collections::HashMap;
+
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::engine::runner::EngineStats;
@@ -53,10 +55,16 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    /// Create the metrics and register them in `registry`.
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    /// Create the metrics and register them in `registry`. `worker` (a
+    /// `worker` label on every series) tells apart several workers sharing
+    /// one process and registry, as in `xpyd-agent up`.
+    pub fn register(registry: &Registry, worker: Option<&str>) -> Result<Self, prometheus::Error> {
+        let labels: HashMap<String, String> = worker
+            .map(|w| HashMap::from([("worker".to_string(), w.to_string())]))
+            .unwrap_or_default();
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_labels(labels.clone());
         let counter = |name: &str, help: &str, label: &str, values: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            let c = IntCounterVec::new(opts(name, help), &[label])?;
             for v in values {
                 c.with_label_values(&[v]);
             }
@@ -64,19 +72,21 @@ impl WorkerMetrics {
             Ok::<_, prometheus::Error>(c)
         };
         let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help)?;
+            let g = IntGauge::with_opts(opts(name, help))?;
             registry.register(Box::new(g.clone()))?;
             Ok::<_, prometheus::Error>(g)
         };
         let histogram = |name: &str, help: &str| {
             let h = Histogram::with_opts(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                HistogramOpts::new(name, help)
+                    .const_labels(labels.clone())
+                    .buckets(LATENCY_BUCKETS.to_vec()),
             )?;
             registry.register(Box::new(h.clone()))?;
             Ok::<_, prometheus::Error>(h)
         };
         let instances = IntGaugeVec::new(
-            Opts::new(
+            opts(
                 "xpyd_discovery_instances",
                 "Live instances of the deployment by role, as this process sees them.",
             ),
@@ -168,7 +178,7 @@ mod tests {
     #[test]
     fn worker_metrics_are_exposed_with_their_label_values_before_any_use() {
         let registry = Registry::new();
-        let m = WorkerMetrics::register(&registry).unwrap();
+        let m = WorkerMetrics::register(&registry, None).unwrap();
         m.prefills.with_label_values(&["remote"]).inc();
         let mut text = Vec::new();
         prometheus::TextEncoder::new()
@@ -178,7 +188,16 @@ mod tests {
         assert!(text.contains("xpyd_decode_prefills_total{location=\"remote\"} 1"));
         assert!(text.contains("xpyd_decode_remote_prefill_fallbacks_total{reason=\"timeout\"} 0"));
         assert!(text.contains("xpyd_discovery_instances{role=\"prefill\"} 0"));
-        // A second registration in the same registry is refused, not doubled.
-        assert!(WorkerMetrics::register(&registry).is_err());
+        // A second registration in the same registry is refused, not doubled,
+        // unless it names another worker.
+        assert!(WorkerMetrics::register(&registry, None).is_err());
+        let shared = Registry::new();
+        WorkerMetrics::register(&shared, Some("decode-0")).unwrap();
+        let other = WorkerMetrics::register(&shared, Some("decode-1")).unwrap();
+        other.prefills.with_label_values(&["remote"]).inc_by(2);
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&shared.gather())
+            .unwrap();
+        assert!(text.contains("xpyd_decode_prefills_total{location=\"remote\",worker=\"decode-1\"} 2"), "{text}");
     }
 }

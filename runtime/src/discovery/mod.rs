@@ -207,8 +207,11 @@ pub enum DiscoveryError {
 pub struct Registration {
     instance_id: String,
     state: watch::Receiver<RegistrationState>,
-    stop: Option<Box<dyn FnOnce() -> BoxFuture<'static, Result<(), DiscoveryError>> + Send>>,
+    /// In a mutex only so that a `Registration` can be shared (`Sync`).
+    stop: std::sync::Mutex<Option<StopFn>>,
 }
+
+type StopFn = Box<dyn FnOnce() -> BoxFuture<'static, Result<(), DiscoveryError>> + Send>;
 
 impl std::fmt::Debug for Registration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -230,7 +233,7 @@ impl Registration {
         Registration {
             instance_id,
             state,
-            stop: Some(stop),
+            stop: std::sync::Mutex::new(Some(stop)),
         }
     }
 
@@ -248,17 +251,24 @@ impl Registration {
     }
 
     /// Remove the record now and stop the keep-alive.
-    pub async fn deregister(mut self) -> Result<(), DiscoveryError> {
-        match self.stop.take() {
+    pub async fn deregister(self) -> Result<(), DiscoveryError> {
+        let stop = self.take_stop();
+        match stop {
             Some(stop) => stop().await,
             None => Ok(()),
         }
     }
 }
 
+impl Registration {
+    fn take_stop(&self) -> Option<StopFn> {
+        self.stop.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take()
+        if let Some(stop) = self.take_stop()
             && let Ok(handle) = tokio::runtime::Handle::try_current()
         {
             handle.spawn(stop());

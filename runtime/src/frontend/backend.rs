@@ -29,6 +29,8 @@ pub struct GenerateRequest {
     pub model: String,
     pub prompt_token_ids: Vec<u32>,
     pub sampling: SamplingParams,
+    /// Session affinity key (the value of the session header), if any.
+    pub session: Option<String>,
 }
 
 /// Tokens of one request as they are generated; the last item has `finish`
@@ -106,32 +108,34 @@ pub trait CompletionBackend: Send + Sync + 'static {
 
     /// Whether requests can be served now.
     fn health(&self) -> Result<(), BackendError>;
+
+    /// The HTTP header whose value is a request's session key, for backends
+    /// that route by session.
+    fn session_header(&self) -> Option<String> {
+        None
+    }
 }
 
-/// One model served by an engine in this process.
-pub struct LocalBackend {
+/// How prompts of one model become token ids: its tokenizer and chat
+/// template. Every backend that tokenizes holds one.
+pub struct Prompts {
     model: String,
-    engine: EngineHandle,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
 }
 
-impl std::fmt::Debug for LocalBackend {
+impl std::fmt::Debug for Prompts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalBackend")
+        f.debug_struct("Prompts")
             .field("model", &self.model)
             .finish_non_exhaustive()
     }
 }
 
-impl LocalBackend {
-    /// Serve `engine` as model `model`. `tokenizer` must be the engine's
-    /// model's; its chat template (if the file has one) renders chats.
-    pub fn new(
-        model: impl Into<String>,
-        engine: EngineHandle,
-        tokenizer: Tokenizer,
-    ) -> Result<Self, BackendError> {
+impl Prompts {
+    /// Prompts of model `model` with its `tokenizer`, whose chat template
+    /// (if the file has one) renders chats.
+    pub fn new(model: impl Into<String>, tokenizer: Tokenizer) -> Result<Self, BackendError> {
         let special = |id: Option<u32>| {
             id.and_then(|id| tokenizer.decode(&[id], false).ok())
                 .unwrap_or_default()
@@ -147,24 +151,90 @@ impl LocalBackend {
             ),
             None => None,
         };
-        Ok(LocalBackend {
+        Ok(Prompts {
             model: model.into(),
-            engine,
             tokenizer,
             template,
         })
     }
 
-    pub fn engine(&self) -> &EngineHandle {
-        &self.engine
+    /// The served model name.
+    pub fn model(&self) -> &str {
+        &self.model
     }
 
-    fn check_model(&self, model: &str) -> Result<(), BackendError> {
+    /// `ModelNotFound` unless `model` is ours.
+    pub fn check_model(&self, model: &str) -> Result<(), BackendError> {
         if model == self.model {
             Ok(())
         } else {
             Err(BackendError::ModelNotFound(model.to_string()))
         }
+    }
+
+    /// See [`CompletionBackend::render_chat`].
+    pub fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError> {
+        self.check_model(model)?;
+        let template = self.template.as_ref().ok_or_else(|| {
+            BackendError::invalid(
+                format!("model {model:?} has no chat template; use /v1/completions"),
+                None,
+            )
+        })?;
+        // A template that raises rejects the conversation (e.g. roles out of
+        // order): the caller's fault.
+        template
+            .render(messages, true)
+            .map_err(|e| BackendError::invalid(e.to_string(), Some("messages")))
+    }
+
+    /// See [`CompletionBackend::tokenize`].
+    pub fn tokenize(
+        &self,
+        model: &str,
+        text: &str,
+        raw_prompt: bool,
+    ) -> Result<Vec<u32>, BackendError> {
+        self.check_model(model)?;
+        let mut ids = Vec::new();
+        if raw_prompt
+            && self.tokenizer.add_bos_token()
+            && let Some(bos) = self.tokenizer.bos_token_id()
+        {
+            ids.push(bos);
+        }
+        ids.extend(
+            self.tokenizer
+                .encode(text)
+                .map_err(|e| BackendError::invalid(e.to_string(), Some("prompt")))?,
+        );
+        Ok(ids)
+    }
+}
+
+/// One model served by an engine in this process.
+#[derive(Debug)]
+pub struct LocalBackend {
+    prompts: Prompts,
+    engine: EngineHandle,
+}
+
+impl LocalBackend {
+    /// Serve `engine` as model `model`. `tokenizer` must be the engine's
+    /// model's.
+    pub fn new(
+        model: impl Into<String>,
+        engine: EngineHandle,
+        tokenizer: Tokenizer,
+    ) -> Result<Self, BackendError> {
+        Ok(LocalBackend {
+            prompts: Prompts::new(model, tokenizer)?,
+            engine,
+        })
+    }
+
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
     }
 }
 
@@ -188,24 +258,13 @@ impl Drop for CancelOnDrop {
 impl CompletionBackend for LocalBackend {
     fn models(&self) -> Vec<ModelCard> {
         vec![ModelCard::new(
-            self.model.clone(),
+            self.prompts.model().to_string(),
             Some(self.engine.config().max_model_len),
         )]
     }
 
     fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError> {
-        self.check_model(model)?;
-        let template = self.template.as_ref().ok_or_else(|| {
-            BackendError::invalid(
-                format!("model {model:?} has no chat template; use /v1/completions"),
-                None,
-            )
-        })?;
-        // A template that raises rejects the conversation (e.g. roles out of
-        // order): the caller's fault.
-        template
-            .render(messages, true)
-            .map_err(|e| BackendError::invalid(e.to_string(), Some("messages")))
+        self.prompts.render_chat(model, messages)
     }
 
     fn tokenize(
@@ -214,20 +273,7 @@ impl CompletionBackend for LocalBackend {
         text: &str,
         raw_prompt: bool,
     ) -> Result<Vec<u32>, BackendError> {
-        self.check_model(model)?;
-        let mut ids = Vec::new();
-        if raw_prompt
-            && self.tokenizer.add_bos_token()
-            && let Some(bos) = self.tokenizer.bos_token_id()
-        {
-            ids.push(bos);
-        }
-        ids.extend(
-            self.tokenizer
-                .encode(text)
-                .map_err(|e| BackendError::invalid(e.to_string(), Some("prompt")))?,
-        );
-        Ok(ids)
+        self.prompts.tokenize(model, text, raw_prompt)
     }
 
     fn generate(
@@ -235,7 +281,7 @@ impl CompletionBackend for LocalBackend {
         request: GenerateRequest,
     ) -> BoxFuture<'_, Result<OutputStream, BackendError>> {
         Box::pin(async move {
-            self.check_model(&request.model)?;
+            self.prompts.check_model(&request.model)?;
             let rx = self.engine.submit(Request {
                 id: request.request_id.clone(),
                 prompt_token_ids: request.prompt_token_ids,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -75,6 +75,8 @@ struct Prepared {
     model: String,
     prompt_token_ids: Vec<u32>,
     sampling: SamplingParams,
+    /// The session header's value, when the backend routes by one.
+    session: Option<String>,
     stream: bool,
     include_usage: bool,
 }
@@ -102,6 +104,7 @@ fn request_span(endpoint: Endpoint, id: &str) -> tracing::Span {
 
 pub async fn chat_completions(
     State(state): State<SharedState>,
+    headers: HeaderMap,
     body: Result<OpenAiJson<ChatCompletionRequest>, ApiError>,
 ) -> Response {
     let endpoint = Endpoint::Chat;
@@ -129,6 +132,7 @@ pub async fn chat_completions(
                 model: request.model,
                 prompt_token_ids,
                 sampling,
+                session: session_of(&state, &headers),
             })
         });
         respond(&state, endpoint, prepared).await
@@ -139,6 +143,7 @@ pub async fn chat_completions(
 
 pub async fn completions(
     State(state): State<SharedState>,
+    headers: HeaderMap,
     body: Result<OpenAiJson<CompletionRequest>, ApiError>,
 ) -> Response {
     let endpoint = Endpoint::Completions;
@@ -160,12 +165,21 @@ pub async fn completions(
                 model: request.model,
                 prompt_token_ids,
                 sampling,
+                session: session_of(&state, &headers),
             })
         });
         respond(&state, endpoint, prepared).await
     }
     .instrument(span)
     .await
+}
+
+/// The value of the backend's session header, if it has one and the
+/// request carries it.
+fn session_of(state: &AppState, headers: &HeaderMap) -> Option<String> {
+    let name = state.backend.session_header()?;
+    let value = headers.get(name.as_str())?.to_str().ok()?;
+    (!value.is_empty()).then(|| value.to_string())
 }
 
 fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
@@ -202,6 +216,7 @@ async fn respond(
             model: prepared.model.clone(),
             prompt_token_ids: prepared.prompt_token_ids.clone(),
             sampling: prepared.sampling.clone(),
+            session: prepared.session.clone(),
         })
         .await;
     let upstream = match upstream {

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod backend;
+pub mod cluster;
 pub mod error;
 pub mod extract;
 pub mod handlers;
@@ -33,8 +34,10 @@ use prometheus::Registry;
 use tokio::net::TcpListener;
 
 pub use backend::{
-    BackendError, CompletionBackend, GenerateRequest, LocalBackend, OutputStream, SharedBackend,
+    BackendError, CompletionBackend, GenerateRequest, LocalBackend, OutputStream, Prompts,
+    SharedBackend,
 };
+pub use cluster::{ClusterBackend, ClusterOptions, WorkerPicker};
 pub use error::ApiError;
 pub use extract::BODY_LIMIT;
 

@@ -1,0 +1,270 @@
+//! The three roles of a pod, each as one async function that runs until its
+//! shutdown signal: start, register, serve, then drain (deregister, let
+//! work in flight finish within the grace period) and stop. `up` runs the
+//! same functions side by side in one process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use xpyd_runtime::bus::Bus;
+use xpyd_runtime::discovery::{Discovery, InstanceRecord, Registration, RegistrationState, Role};
+use xpyd_runtime::engine::runner::EngineConfig;
+use xpyd_runtime::frontend::{self, ClusterBackend, ClusterOptions, Prompts};
+use xpyd_runtime::metrics::WorkerMetrics;
+use xpyd_runtime::worker::{DecodeConfig, DecodeWorker, PrefillConfig, PrefillWorker, WorkerParts};
+
+use crate::node::{self, Node};
+use crate::picker;
+
+/// Where a process finds the rest of its deployment.
+#[derive(Clone)]
+pub struct Cluster {
+    pub discovery: Arc<dyn Discovery>,
+    pub bus: Arc<dyn Bus>,
+}
+
+/// Resolves when `stop` turns true.
+pub async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Keep `ready` equal to "registered", and acknowledge each settings
+/// generation this process applies. Ends with `stop`.
+async fn follow_registration(
+    cluster: Cluster,
+    registration: Arc<Registration>,
+    ready: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut state = registration.state();
+    let mut settings = cluster.discovery.settings();
+    let mut acked = None;
+    let stop = stopped(stop);
+    tokio::pin!(stop);
+    loop {
+        let registered = *state.borrow_and_update() == RegistrationState::Registered;
+        ready.send_replace(registered);
+        let generation = settings.borrow_and_update().as_ref().map(|s| s.generation);
+        if registered && generation.is_some() && generation != acked {
+            let g = generation.unwrap_or_default();
+            match cluster.discovery.ack_settings(&registration, g).await {
+                Ok(()) => acked = generation,
+                Err(e) => tracing::warn!("acknowledging settings generation {g} failed: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            r = state.changed() => if r.is_err() { return },
+            r = settings.changed() => if r.is_err() { return },
+            // Retry a failed ack.
+            _ = tokio::time::sleep(Duration::from_secs(5)), if generation != acked => {}
+        }
+    }
+}
+
+/// Register `record`, retrying until `stop` (discovery may come up later
+/// than we do).
+async fn register(
+    cluster: &Cluster,
+    record: InstanceRecord,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Registration> {
+    loop {
+        match cluster.discovery.register(record.clone()).await {
+            Ok(r) => return Ok(r),
+            Err(e) if !*stop.borrow() => {
+                tracing::warn!("registering {} failed: {e}; retrying", record.instance_id);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e).context("registering"),
+        }
+    }
+}
+
+/// What a prefill or decode worker needs to start.
+#[derive(Clone)]
+pub struct WorkerSpec {
+    pub role: Role,
+    pub instance_id: String,
+    pub model_path: PathBuf,
+    pub model_name: String,
+    pub engine: EngineConfig,
+    /// `host:port` of this process's probe server, for the record.
+    pub http_address: String,
+    pub devices: Vec<String>,
+    /// Label series with the instance (several workers share a registry).
+    pub label_metrics: bool,
+    pub decode: DecodeConfig,
+    pub prefill: PrefillConfig,
+    pub grace: Duration,
+}
+
+/// Run a prefill or decode worker until `stop`.
+pub async fn run_worker(
+    spec: WorkerSpec,
+    cluster: Cluster,
+    registry: Registry,
+    ready: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let id = spec.instance_id.clone();
+    let node = tokio::task::spawn_blocking({
+        let spec = spec.clone();
+        move || Node::start(&spec.model_path, spec.engine, &spec.instance_id, None)
+    })
+    .await??;
+    let label = spec.label_metrics.then_some(id.as_str());
+    let metrics = WorkerMetrics::register(&registry, label)?;
+    let record = node.record(
+        &id,
+        spec.role,
+        &spec.model_name,
+        spec.http_address.clone(),
+        spec.devices.clone(),
+    );
+    let registration = Arc::new(register(&cluster, record, &stop).await?);
+    let (registered_tx, registered) = watch::channel(false);
+    let follower = tokio::spawn(follow_registration(
+        cluster.clone(),
+        registration.clone(),
+        registered_tx,
+        stop.clone(),
+    ));
+    // `/ready` follows the registration.
+    let readiness = tokio::spawn({
+        let mut registered = registered.clone();
+        async move {
+            loop {
+                ready.send_replace(*registered.borrow_and_update());
+                if registered.changed().await.is_err() {
+                    ready.send_replace(false);
+                    return;
+                }
+            }
+        }
+    });
+    tracing::info!(instance = %id, role = %spec.role, "serving");
+    let parts = WorkerParts {
+        instance_id: id.clone(),
+        model: spec.model_name.clone(),
+        engine: node.engine.clone(),
+        agent: node.agent.clone(),
+        bus: cluster.bus.clone(),
+        discovery: cluster.discovery.clone(),
+        metrics,
+        registered,
+    };
+    // Drain: on stop, deregister first so nobody routes here any more,
+    // then let the worker finish what it has.
+    let draining = {
+        let stop = stop.clone();
+        async move {
+            stopped(stop).await;
+            deregister(registration, follower).await;
+        }
+    };
+    match spec.role {
+        Role::Decode => {
+            let worker = DecodeWorker::new(parts, spec.decode.clone())?;
+            worker.run(draining, spec.grace).await?;
+        }
+        Role::Prefill => {
+            PrefillWorker::new(parts, spec.prefill.clone())
+                .run(draining, spec.grace)
+                .await;
+        }
+        Role::Frontend => anyhow::bail!("run_worker runs prefill and decode workers"),
+    }
+    readiness.abort();
+    let Node { engine, agent, .. } = node;
+    drop(agent);
+    tokio::task::spawn_blocking(move || engine.shutdown(Duration::from_secs(10))).await??;
+    tracing::info!(instance = %id, "stopped");
+    Ok(())
+}
+
+/// Stop acknowledging and remove the record now.
+async fn deregister(registration: Arc<Registration>, follower: tokio::task::JoinHandle<()>) {
+    follower.abort();
+    let _ = follower.await;
+    let id = registration.instance_id().to_string();
+    match Arc::try_unwrap(registration) {
+        Ok(registration) => match registration.deregister().await {
+            Ok(()) => tracing::info!(instance = %id, "deregistered; draining"),
+            Err(e) => tracing::warn!(instance = %id, "deregistering failed: {e}"),
+        },
+        Err(_) => tracing::warn!(instance = %id, "registration still shared; it expires with its lease"),
+    }
+}
+
+/// What the frontend needs to start.
+#[derive(Clone)]
+pub struct FrontendSpec {
+    pub instance_id: String,
+    pub model_path: PathBuf,
+    pub model_name: String,
+    pub grace: Duration,
+}
+
+/// Run the frontend (HTTP API, router) on `listener` until `stop`.
+pub async fn run_frontend(
+    spec: FrontendSpec,
+    cluster: Cluster,
+    registry: Registry,
+    listener: TcpListener,
+    ready: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let tokenizer = node::load_tokenizer(&spec.model_path)?;
+    let prompts = Prompts::new(spec.model_name.clone(), tokenizer)?;
+    let picker = picker::start(&cluster, &spec.model_name, &registry).await?;
+    let backend = ClusterBackend::new(
+        prompts,
+        cluster.discovery.clone(),
+        cluster.bus.clone(),
+        picker,
+        ClusterOptions::default(),
+    );
+    let app = frontend::router(Arc::new(backend), registry.clone())?;
+    let address = listener.local_addr()?.to_string();
+    let record = InstanceRecord {
+        instance_id: spec.instance_id.clone(),
+        role: Role::Frontend,
+        model: spec.model_name.clone(),
+        http_address: address,
+        transfer: None,
+        capacity: None,
+        devices: Vec::new(),
+    };
+    let registration = Arc::new(register(&cluster, record, &stop).await?);
+    let follower = tokio::spawn(follow_registration(
+        cluster.clone(),
+        registration.clone(),
+        ready,
+        stop.clone(),
+    ));
+    let draining = async move {
+        stopped(stop).await;
+        deregister(registration, follower).await;
+    };
+    // Streams in flight get the grace period, then the server stops anyway.
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = frontend::serve(listener, app, async move {
+        draining.await;
+        let _ = drained_tx.send(());
+    });
+    tokio::pin!(serving);
+    tokio::select! {
+        r = &mut serving => r?,
+        _ = async {
+            let _ = drained_rx.await;
+            tokio::time::sleep(spec.grace).await;
+        } => tracing::warn!("grace period over; closing streams still open"),
+    }
+    Ok(())
+}
