@@ -113,11 +113,28 @@ pub async fn run_worker(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let id = spec.instance_id.clone();
+    // Decode workers tell the routers what their caches hold.
+    let (events_tx, events) = match spec.role {
+        Role::Decode => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        }
+        _ => (None, None),
+    };
     let node = tokio::task::spawn_blocking({
         let spec = spec.clone();
-        move || Node::start(&spec.model_path, spec.engine, &spec.instance_id, None)
+        move || Node::start(&spec.model_path, spec.engine, &spec.instance_id, events_tx)
     })
     .await??;
+    if let Some(events) = events {
+        tokio::spawn(xpyd_runtime::worker::publish_kv_events(
+            id.clone(),
+            node.engine.clone(),
+            cluster.bus.clone(),
+            events,
+            stop.clone(),
+        ));
+    }
     let label = spec.label_metrics.then_some(id.as_str());
     let metrics = WorkerMetrics::register(&registry, label)?;
     let record = node.record(

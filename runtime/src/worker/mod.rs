@@ -9,6 +9,7 @@
 //! process wiring (flags, HTTP probes, signals) is the agent's.
 
 pub mod decode;
+mod kv_publisher;
 
 mod notifications;
 pub mod prefill;
@@ -27,6 +28,7 @@ use crate::metrics::WorkerMetrics;
 use crate::transfer::TransferAgent;
 
 pub use decode::{DecodeConfig, DecodeWorker};
+pub use kv_publisher::publish_kv_events;
 
 pub use prefill::{PrefillConfig, PrefillWorker};
 

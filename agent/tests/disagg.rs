@@ -1,0 +1,430 @@
+//! Disaggregated serving across OS processes, as pods run it: real etcd and
+//! NATS (the harness's), the real `xpyd-agent frontend|prefill|decode`
+//! binaries with the flags the operator gives them, NIXL (UCX) moving KV
+//! between the prefill and decode processes, and the bundled SmolLM2.
+//!
+//! What a user would notice is asserted: answers, HTTP statuses, and the
+//! agents' own `/metrics` (remote prefills, bytes moved, free KV blocks).
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use serde_json::{Value, json};
+use xpyd_e2e::process::{ServerProcess, free_port};
+use xpyd_e2e::{Etcd, Nats, Tools, Workdir, wait_until};
+
+const MODEL: &str = "SmolLM2-135M-Instruct";
+const NAMESPACE: &str = "test";
+/// A prompt far above the threshold the tests set (32 tokens).
+const LONG_SYSTEM: &str = "You are a careful geography tutor. You answer questions about \
+    countries, capitals, rivers and mountains of Europe with one short sentence. You never \
+    invent facts, you never answer with more than one sentence, and you always name the city \
+    that is the capital when asked about a capital. Keep the answer brief and accurate.";
+
+struct Agent {
+    name: String,
+    process: ServerProcess,
+    metrics_port: u16,
+}
+
+/// etcd, NATS and agents of one deployment.
+struct Deployment {
+    name: String,
+    dir: Workdir,
+    etcd: Etcd,
+    nats: Nats,
+    agents: Vec<Agent>,
+    api: String,
+    http: reqwest::Client,
+}
+
+fn agent_binary() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_xpyd-agent").into()
+}
+
+impl Deployment {
+    /// Start etcd, NATS, `prefill` prefill workers, `decode` decode workers
+    /// (with `decode_args`) and a frontend; settings with `threshold`.
+    async fn start(
+        name: &str,
+        prefill: usize,
+        decode: usize,
+        threshold: u32,
+        decode_args: &[&str],
+    ) -> Deployment {
+        let tools = Tools::locate().expect("tools (run scripts/setup)");
+        let dir = Workdir::new(name).unwrap();
+        let etcd = Etcd::start(&tools, &dir.subdir("etcd").unwrap())
+            .await
+            .unwrap();
+        let nats = Nats::start(&tools, &dir.subdir("nats").unwrap())
+            .await
+            .unwrap();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
+        let mut d = Deployment {
+            name: name.to_string(),
+            dir,
+            etcd,
+            nats,
+            agents: Vec::new(),
+            api: String::new(),
+            http,
+        };
+        d.set_threshold(threshold, 1).await;
+        for i in 0..decode {
+            d.spawn("decode", &format!("decode-{i}"), decode_args).await;
+        }
+        for i in 0..prefill {
+            d.spawn("prefill", &format!("prefill-{i}"), &[]).await;
+        }
+        d.spawn("frontend", "frontend-0", &[]).await;
+        let api = d.api.clone();
+        let http = d.http.clone();
+        wait_until("the frontend lists the model", Duration::from_secs(60), || {
+            let req = http.get(format!("{api}/v1/models")).send();
+            async move {
+                let body: Value = req.await?.json().await?;
+                Ok::<_, reqwest::Error>(body["data"].as_array().is_some_and(|m| !m.is_empty()))
+            }
+        })
+        .await
+        .unwrap();
+        d
+    }
+
+    /// Write the deployment's router settings as the operator does.
+    async fn set_threshold(&self, threshold: u32, generation: i64) {
+        let mut etcd = self.etcd.client().await.unwrap();
+        let settings = json!({
+            "generation": generation,
+            "strategy": "round_robin",
+            "maxLocalPrefillLength": threshold,
+            "sessionHeader": "session-id",
+            "maxPrefillQueueDepth": 64,
+            "disaggregated": true,
+        });
+        etcd.put(
+            format!("/xpyd/{NAMESPACE}/{}/router", self.name),
+            settings.to_string(),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Start one agent and wait until it is ready.
+    async fn spawn(&mut self, role: &str, name: &str, extra: &[&str]) {
+        let metrics_port = free_port();
+        let mut args: Vec<String> = [
+            role,
+            "--etcd-endpoints",
+            &self.etcd.endpoint(),
+            "--nats-url",
+            &self.nats.url(),
+            "--namespace",
+            NAMESPACE,
+            "--deployment",
+            &self.name,
+            "--instance",
+            name,
+            "--bind-host",
+            "127.0.0.1",
+            "--metrics-port",
+            &metrics_port.to_string(),
+            "--grace-seconds",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if role == "frontend" {
+            let port = free_port();
+            args.extend(["--http-port".to_string(), port.to_string()]);
+            self.api = format!("http://127.0.0.1:{port}");
+        } else {
+            args.extend(
+                ["--num-blocks", "160", "--max-model-len", "1024", "--max-seqs", "16"]
+                    .map(String::from),
+            );
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut process = ServerProcess::start(name, &agent_binary(), args, [("XPYD_LOG", "info")], log)
+            .unwrap();
+        process
+            .wait_http_ready(
+                &format!("http://127.0.0.1:{metrics_port}/ready"),
+                Duration::from_secs(120),
+                false,
+                |_| true,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{name} did not become ready: {e}"));
+        self.agents.push(Agent {
+            name: name.to_string(),
+            process,
+            metrics_port,
+        });
+    }
+
+    fn agent(&mut self, name: &str) -> &mut Agent {
+        self.agents
+            .iter_mut()
+            .find(|a| a.name == name)
+            .unwrap_or_else(|| panic!("no agent {name}"))
+    }
+
+    /// Sum of the samples of `metric` whose labels include `labels`.
+    async fn metric(&self, agent: &str, metric: &str, labels: &str) -> f64 {
+        let port = self
+            .agents
+            .iter()
+            .find(|a| a.name == agent)
+            .unwrap()
+            .metrics_port;
+        let text = self
+            .http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        sum_samples(&text, metric, labels)
+    }
+
+    /// A greedy chat completion; the status and the body.
+    async fn chat(&self, system: &str, question: &str, max_tokens: u32) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.api))
+            .json(&json!({
+                "model": MODEL,
+                "temperature": 0,
+                "max_tokens": max_tokens,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                ],
+            }))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// Sum of the samples of `metric` (exact name) whose label set contains
+/// `labels` (e.g. `location="remote"`; empty: all).
+fn sum_samples(text: &str, metric: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+            (name == metric && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+fn answer(body: &Value) -> String {
+    body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no answer in {body}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn one_prefill_one_decode_long_prompts_go_remote_short_ones_stay_local() {
+    let mut d = Deployment::start("disagg-1p1d", 1, 1, 32, &[]).await;
+
+    let (status, body) = d.chat(LONG_SYSTEM, "What is the capital of France?", 12).await;
+    assert_eq!(status, 200, "{body}");
+    let remote_text = answer(&body);
+    assert!(remote_text.contains("Paris"), "{remote_text:?}");
+    assert_eq!(d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"remote\"").await, 1.0);
+    assert!(d.metric("decode-0", "xpyd_transfer_bytes_total", "direction=\"received\"").await > 0.0);
+    assert!(d.metric("prefill-0", "xpyd_transfer_bytes_total", "direction=\"sent\"").await > 0.0);
+    assert_eq!(d.metric("prefill-0", "xpyd_prefill_jobs_total", "result=\"ok\"").await, 1.0);
+
+    // A short prompt is prefilled by the decode worker itself.
+    let (status, body) = d.chat("Be brief.", "Hi", 4).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"local\"").await, 1.0);
+    assert_eq!(d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"remote\"").await, 1.0);
+
+    // The operator raises the threshold in etcd: without a restart, the
+    // same long prompt is now prefilled locally, to the same text.
+    d.set_threshold(100_000, 2).await;
+    let (etcd_http, port) = (d.http.clone(), d.agent("decode-0").metrics_port);
+    wait_until("the decode worker applies the new threshold", Duration::from_secs(30), || {
+        let req = etcd_http.get(format!("http://127.0.0.1:{port}/metrics")).send();
+        async move {
+            let text = req.await?.text().await?;
+            Ok::<_, reqwest::Error>(sum_samples(&text, "xpyd_decode_max_local_prefill_length", "") == 100_000.0)
+        }
+    })
+    .await
+    .unwrap();
+    let (status, body) = d.chat(LONG_SYSTEM, "What is the capital of France?", 12).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(answer(&body), remote_text);
+    assert_eq!(d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"local\"").await, 2.0);
+    assert_eq!(d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"remote\"").await, 1.0);
+    // The settings generation was acknowledged for the operator.
+    let mut etcd = d.etcd.client().await.unwrap();
+    let acks = etcd
+        .get(
+            format!("/xpyd/{NAMESPACE}/disagg-1p1d/router-acks/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert!(
+        acks.kvs().iter().any(|kv| kv.value_str().unwrap_or("").contains("\"generation\":2")),
+        "no ack of generation 2"
+    );
+}
+
+#[tokio::test]
+async fn two_prefill_two_decode_serve_twenty_concurrent_requests() {
+    let d = Deployment::start("disagg-2p2d", 2, 2, 32, &[]).await;
+    let capitals = ["France", "Germany", "Italy", "Spain", "Portugal"];
+    let requests = (0..20).map(|i| {
+        let country = capitals[i % capitals.len()];
+        // Distinct prompts: no prefix-cache shortcut.
+        let system = format!("Request {i}. {LONG_SYSTEM}");
+        let d = &d;
+        async move {
+            let question = format!("What is the capital of {country}?");
+            (country, d.chat(&system, &question, 8).await)
+        }
+    });
+    let results = join_all(requests).await;
+    for (country, (status, body)) in &results {
+        assert_eq!(*status, 200, "{country}: {body}");
+        let reason = body["choices"][0]["finish_reason"].as_str().unwrap_or("");
+        assert!(reason == "stop" || reason == "length", "{body}");
+    }
+    let france = results
+        .iter()
+        .filter(|(c, _)| *c == "France")
+        .map(|(_, (_, b))| answer(b))
+        .collect::<Vec<_>>();
+    assert!(france.iter().all(|a| a.contains("Paris")), "{france:?}");
+    let mut remote = 0.0;
+    for decode in ["decode-0", "decode-1"] {
+        remote += d.metric(decode, "xpyd_decode_prefills_total", "location=\"remote\"").await;
+    }
+    assert!(remote >= 10.0, "only {remote} of 20 requests were prefilled remotely");
+    for prefill in ["prefill-0", "prefill-1"] {
+        let ok = d.metric(prefill, "xpyd_prefill_jobs_total", "result=\"ok\"").await;
+        assert!(ok > 0.0, "{prefill} took no work");
+    }
+}
+
+#[tokio::test]
+async fn a_prefill_worker_killed_mid_run_loses_no_request_and_leaks_no_block() {
+    let mut d = Deployment::start(
+        "disagg-kill",
+        2,
+        1,
+        32,
+        &["--remote-prefill-timeout-ms", "8000"],
+    )
+    .await;
+    let started = Instant::now();
+    let requests = join_all((0..8).map(|i| {
+        let d = &d;
+        async move {
+            let system = format!("Student {i}. {LONG_SYSTEM}");
+            d.chat(&system, "What is the capital of France?", 24).await
+        }
+    }));
+    let kill = async {
+        // Once prefill-0 has taken work, SIGKILL it (its process group, as
+        // the harness's own kill does; the handle reaps it below).
+        let (http, port) = (d.http.clone(), d.agents.iter().find(|a| a.name == "prefill-0").unwrap().metrics_port);
+        let _ = wait_until("prefill-0 takes a job", Duration::from_secs(60), || {
+            let req = http.get(format!("http://127.0.0.1:{port}/metrics")).send();
+            async move {
+                let text = req.await?.text().await?;
+                Ok::<_, reqwest::Error>(sum_samples(&text, "xpyd_engine_running_requests", "") > 0.0)
+            }
+        })
+        .await;
+        let pid = d.agents.iter().find(|a| a.name == "prefill-0").unwrap().process.pid();
+        if let Some(pid) = pid {
+            // SAFETY: signalling a process group we started.
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
+    };
+    let (results, ()) = tokio::join!(requests, kill);
+    for (status, body) in &results {
+        match status {
+            200 => assert!(answer(body).contains("Paris"), "{body}"),
+            // A clear error is acceptable; silence or a hang is not.
+            s => assert!(
+                body["error"]["message"].as_str().is_some(),
+                "status {s} without an error body: {body}"
+            ),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(110), "requests hung");
+    d.agent("prefill-0").process.kill();
+    // Every KV block of the decode worker is free again (cached blocks
+    // count as free: nothing holds them).
+    let (http, port) = (d.http.clone(), d.agent("decode-0").metrics_port);
+    wait_until("the decode worker's blocks are all free", Duration::from_secs(30), || {
+        let req = http.get(format!("http://127.0.0.1:{port}/metrics")).send();
+        async move {
+            let text = req.await?.text().await?;
+            let total = sum_samples(&text, "xpyd_engine_kv_blocks", "");
+            let free = sum_samples(&text, "xpyd_engine_kv_blocks_free", "");
+            Ok::<_, reqwest::Error>(total > 0.0 && free == total)
+        }
+    })
+    .await
+    .unwrap();
+    // And it still serves, through the surviving prefill worker.
+    let (status, body) = d.chat(LONG_SYSTEM, "What is the capital of France?", 8).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn agents_survive_etcd_and_nats_restarts_without_restarting() {
+    let mut d = Deployment::start("disagg-restart", 1, 1, 32, &[]).await;
+    let (status, body) = d.chat(LONG_SYSTEM, "What is the capital of France?", 8).await;
+    assert_eq!(status, 200, "{body}");
+
+    d.etcd.kill();
+    d.etcd.restart().await.unwrap();
+    d.nats.kill();
+    d.nats.restart().await.unwrap();
+
+    // Serving resumes, still disaggregated, within a deadline.
+    let before = d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"remote\"").await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (status, body) = d.chat(LONG_SYSTEM, "What is the capital of Italy?", 8).await;
+        let remote = d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"remote\"").await;
+        if status == 200 && remote > before {
+            assert!(!answer(&body).is_empty(), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no remote prefill after the restarts: {status} {body}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let names: Vec<String> = d.agents.iter().map(|a| a.name.clone()).collect();
+    for name in names {
+        d.agent(&name)
+            .process
+            .check_running()
+            .unwrap_or_else(|e| panic!("{name} restarted or died: {e}"));
+    }
+}
