@@ -11,4 +11,5 @@ pub mod bus;
 pub mod discovery;
 pub mod engine;
 pub mod frontend;
+pub mod router;
 pub mod transfer;
