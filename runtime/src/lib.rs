@@ -12,5 +12,6 @@ pub mod discovery;
 pub mod engine;
 pub mod frontend;
 pub mod metrics;
+pub mod router;
 pub mod transfer;
 pub mod worker;
