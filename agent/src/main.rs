@@ -13,7 +13,6 @@
 mod connect;
 mod gpu;
 mod node;
-mod picker;
 mod probes;
 mod roles;
 mod up;
@@ -92,6 +91,9 @@ struct FrontendArgs {
     /// Port of the OpenAI-compatible API.
     #[arg(long, env = "XPYD_HTTP_PORT", default_value_t = 8000)]
     http_port: u16,
+    /// Tokens per KV block of the decode workers (prefix hashes use it).
+    #[arg(long, env = "XPYD_BLOCK_SIZE", default_value_t = 16)]
+    block_size: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -237,6 +239,7 @@ async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         instance_id: node::instance_id(&prefix),
         model_path,
         model_name: pod.model.served_model_name.clone(),
+        block_size: args.block_size,
         grace: Duration::from_secs(pod.grace_seconds),
     };
     roles::run_frontend(spec, cluster, registry, listener, ready_tx, stop).await

@@ -19,7 +19,6 @@ use xpyd_runtime::metrics::WorkerMetrics;
 use xpyd_runtime::worker::{DecodeConfig, DecodeWorker, PrefillConfig, PrefillWorker, WorkerParts};
 
 use crate::node::{self, Node};
-use crate::picker;
 
 /// Where a process finds the rest of its deployment.
 #[derive(Clone)]
@@ -225,6 +224,8 @@ pub struct FrontendSpec {
     pub instance_id: String,
     pub model_path: PathBuf,
     pub model_name: String,
+    /// Tokens per KV block of the decode workers.
+    pub block_size: usize,
     pub grace: Duration,
 }
 
@@ -239,12 +240,18 @@ pub async fn run_frontend(
 ) -> anyhow::Result<()> {
     let tokenizer = node::load_tokenizer(&spec.model_path)?;
     let prompts = Prompts::new(spec.model_name.clone(), tokenizer)?;
-    let picker = picker::start(&cluster, &spec.model_name, &registry).await?;
+    let (router, _feeds) = frontend::start_router(
+        cluster.discovery.clone(),
+        cluster.bus.clone(),
+        &spec.model_name,
+        spec.block_size,
+        &registry,
+    )?;
     let backend = ClusterBackend::new(
         prompts,
         cluster.discovery.clone(),
         cluster.bus.clone(),
-        picker,
+        router,
         ClusterOptions::default(),
     );
     let app = frontend::router(Arc::new(backend), registry.clone())?;

@@ -150,6 +150,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             instance_id: node::instance_id("up-frontend"),
             model_path,
             model_name: args.model.served_model_name.clone(),
+            block_size: args.engine.block_size,
             grace: SHUTDOWN_GRACE,
         },
         cluster.clone(),

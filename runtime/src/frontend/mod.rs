@@ -23,6 +23,7 @@ pub mod extract;
 pub mod handlers;
 pub mod metrics;
 pub mod protocol;
+pub mod routing;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub use backend::{
     SharedBackend,
 };
 pub use cluster::{ClusterBackend, ClusterOptions, WorkerPicker};
+pub use routing::{RouterFeeds, start_router};
 pub use error::ApiError;
 pub use extract::BODY_LIMIT;
 
