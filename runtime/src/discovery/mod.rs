@@ -3,8 +3,8 @@
 //!
 //! Every xpyd process registers one [`InstanceRecord`] under a lease it keeps
 //! alive in the background; everyone watches the live [`InstanceSet`] of its
-//! deployment. Two implementations of [`Discovery`]: `EtcdDiscovery` (etcd,
-//! what pods use) and `MemoryDiscovery` (in-process, for `xpyd-agent up`).
+//! deployment. Two implementations of [`Discovery`]: [`EtcdDiscovery`] (etcd,
+//! what pods use) and [`MemoryDiscovery`] (in-process, for `xpyd-agent up`).
 //!
 //! Key layout in etcd, per deployment `<dep>` in namespace `<ns>` (the
 //! operator writes the settings key; see `operator/src/router_settings.rs`):
@@ -25,6 +25,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::transfer::PeerInfo;
+
+mod etcd;
+mod memory;
+
+pub use etcd::{EtcdDiscovery, EtcdOptions};
+pub use memory::MemoryDiscovery;
 
 /// Which deployment a process belongs to: the key and subject prefix.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
