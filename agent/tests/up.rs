@@ -1,5 +1,8 @@
 //! `xpyd-agent up` as a user runs it: the real binary serves the bundled
-//! model over HTTP, answers the France question, and stops cleanly on Ctrl-C.
+//! model over HTTP with one prefill and one decode worker, answers the
+//! France question (a short prompt, prefilled by the decode worker), hands a
+//! long prompt's KV from the prefill worker to the decode worker over NIXL,
+//! and stops cleanly on Ctrl-C.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -8,7 +11,15 @@ use std::time::{Duration, Instant};
 #[tokio::test]
 async fn up_answers_the_france_question_and_stops_on_ctrl_c() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_xpyd-agent"))
-        .args(["up", "--addr", "127.0.0.1:0", "--num-blocks", "128"])
+        .args([
+            "up",
+            "--addr",
+            "127.0.0.1:0",
+            "--num-blocks",
+            "128",
+            "--threshold",
+            "64",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -62,6 +73,43 @@ async fn up_answers_the_france_question_and_stops_on_ctrl_c() {
         "{resp}"
     );
     assert_eq!(resp["choices"][0]["finish_reason"], "stop", "{resp}");
+
+    // A prompt over the threshold is prefilled by the prefill worker and its
+    // KV written into the decode worker's blocks: same answer.
+    let long_system = "You are a helpful assistant. ".repeat(16);
+    let resp: serde_json::Value = http
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "model": "SmolLM2-135M-Instruct",
+            "temperature": 0,
+            "max_tokens": 12,
+            "messages": [
+                {"role": "system", "content": long_system},
+                {"role": "user", "content": "Name the capital of France."},
+            ],
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = resp["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(text.contains("Paris"), "{resp}");
+    let metrics = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let remote: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("xpyd_decode_prefills_total{location=\"remote\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert_eq!(remote, 1.0, "{metrics}");
 
     // Ctrl-C: the server stops and the process exits successfully.
     // SAFETY: signalling the child we started.
