@@ -70,11 +70,13 @@ async fn wait_instances(
     what: &str,
     pred: impl FnMut(&InstanceSet) -> bool,
 ) -> InstanceSet {
-    tokio::time::timeout(DEADLINE, rx.wait_for(pred))
+    let got = tokio::time::timeout(DEADLINE, rx.wait_for(pred))
         .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}; have {:?}", rx.borrow().keys()))
-        .unwrap()
-        .clone()
+        .map(|r| r.map(|set| set.clone()));
+    match got {
+        Ok(set) => set.expect("discovery dropped its instance watch"),
+        Err(_) => panic!("timed out waiting for {what}; have {:?}", rx.borrow().keys()),
+    }
 }
 
 async fn wait_state(
@@ -83,11 +85,13 @@ async fn wait_state(
     pred: impl FnMut(&RegistrationState) -> bool,
 ) -> RegistrationState {
     let mut rx = registration.state();
-    tokio::time::timeout(DEADLINE, rx.wait_for(pred))
+    let got = tokio::time::timeout(DEADLINE, rx.wait_for(pred))
         .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}; state {:?}", rx.borrow()))
-        .unwrap()
-        .clone()
+        .map(|r| r.map(|state| state.clone()));
+    match got {
+        Ok(state) => state.expect("registration dropped its state"),
+        Err(_) => panic!("timed out waiting for {what}; state {:?}", rx.borrow()),
+    }
 }
 
 fn ids(set: &InstanceSet) -> Vec<&str> {
