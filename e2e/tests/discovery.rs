@@ -75,7 +75,10 @@ async fn wait_instances(
         .map(|r| r.map(|set| set.clone()));
     match got {
         Ok(set) => set.expect("discovery dropped its instance watch"),
-        Err(_) => panic!("timed out waiting for {what}; have {:?}", rx.borrow().keys()),
+        Err(_) => panic!(
+            "timed out waiting for {what}; have {:?}",
+            rx.borrow().keys()
+        ),
     }
 }
 
@@ -111,7 +114,9 @@ async fn wait_key(client: &Client, key: &str, present: bool) {
         DEADLINE,
         || {
             let mut kv = kv.clone();
-            async move { Ok::<_, etcd_client::Error>((kv.get(key, None).await?.count() == 1) == present) }
+            async move {
+                Ok::<_, etcd_client::Error>((kv.get(key, None).await?.count() == 1) == present)
+            }
         },
     )
     .await
@@ -132,7 +137,10 @@ fn record_states(registration: &Registration) -> Arc<Mutex<Vec<RegistrationState
     seen
 }
 
-async fn wait_lost_then_registered(registration: &Registration, seen: &Mutex<Vec<RegistrationState>>) {
+async fn wait_lost_then_registered(
+    registration: &Registration,
+    seen: &Mutex<Vec<RegistrationState>>,
+) {
     wait_until("Lost, then Registered again", DEADLINE, || async {
         let seen = seen.lock().unwrap();
         let lost = seen
@@ -148,11 +156,18 @@ async fn wait_lost_then_registered(registration: &Registration, seen: &Mutex<Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_registrations_are_seen_by_a_third_watcher_with_their_records() {
     let f = Fixture::start("disc-two").await;
-    let (pa, pb, watcher) = (f.discovery().await, f.discovery().await, f.discovery().await);
+    let (pa, pb, watcher) = (
+        f.discovery().await,
+        f.discovery().await,
+        f.discovery().await,
+    );
     let mut instances = watcher.instances();
     assert!(instances.borrow().is_empty());
 
-    let a = pa.register(record("prefill-a", Role::Prefill)).await.unwrap();
+    let a = pa
+        .register(record("prefill-a", Role::Prefill))
+        .await
+        .unwrap();
     let b = pb.register(record("decode-b", Role::Decode)).await.unwrap();
     assert!(a.is_registered() && b.is_registered());
 
@@ -166,7 +181,10 @@ async fn two_registrations_are_seen_by_a_third_watcher_with_their_records() {
     assert!(la.is_some_and(|l| l != 0) && lb.is_some_and(|l| l != 0) && la != lb);
 
     // A discovery connected later starts from the full set.
-    assert_eq!(ids(&f.discovery().await.instances().borrow()), ["decode-b", "prefill-a"]);
+    assert_eq!(
+        ids(&f.discovery().await.instances().borrow()),
+        ["decode-b", "prefill-a"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +199,11 @@ async fn deregister_removes_the_record_and_its_ack_at_once() {
 
     d.ack_settings(&a, 3).await.unwrap();
     let ack_key = f.scope.ack_key("decode-a");
-    let ack = client.kv_client().get(ack_key.as_str(), None).await.unwrap();
+    let ack = client
+        .kv_client()
+        .get(ack_key.as_str(), None)
+        .await
+        .unwrap();
     let ack = ack.kvs().first().expect("the ack is written");
     assert_eq!(ack.value(), br#"{"generation":3}"#);
     let record_key = f.scope.instance_key(Role::Decode, "decode-a");
@@ -213,7 +235,11 @@ async fn a_dropped_registration_expires_with_its_lease() {
     std::thread::spawn(move || drop(a)).join().unwrap();
     wait_instances(&mut instances, "decode-a to expire", |s| s.is_empty()).await;
     // Expired, not deleted: etcd no longer knows the lease.
-    let ttl = client.lease_client().time_to_live(lease, None).await.unwrap();
+    let ttl = client
+        .lease_client()
+        .time_to_live(lease, None)
+        .await
+        .unwrap();
     assert_eq!(ttl.ttl(), -1, "lease {lease} still alive");
 }
 
@@ -235,7 +261,10 @@ async fn a_revoked_lease_is_lost_then_registered_again_with_record_and_ack() {
     let new = lease_of(&client, &key).await.expect("record put back");
     assert_ne!(new, old);
     assert_eq!(lease_of(&client, &ack_key).await, Some(new), "ack put back");
-    assert_eq!(d.instances().borrow()["decode-a"], record("decode-a", Role::Decode));
+    assert_eq!(
+        d.instances().borrow()["decode-a"],
+        record("decode-a", Role::Decode)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,7 +272,10 @@ async fn a_record_deleted_behind_its_back_is_lost_then_put_back() {
     let f = Fixture::start("disc-delete").await;
     let d = f.discovery().await;
     let client = f.client().await;
-    let a = d.register(record("prefill-a", Role::Prefill)).await.unwrap();
+    let a = d
+        .register(record("prefill-a", Role::Prefill))
+        .await
+        .unwrap();
     let key = f.scope.instance_key(Role::Prefill, "prefill-a");
 
     let seen = record_states(&a);
@@ -251,7 +283,10 @@ async fn a_record_deleted_behind_its_back_is_lost_then_put_back() {
     wait_lost_then_registered(&a, &seen).await;
     assert!(lease_of(&client, &key).await.is_some(), "record put back");
     let mut instances = d.instances();
-    wait_instances(&mut instances, "prefill-a back", |s| s.contains_key("prefill-a")).await;
+    wait_instances(&mut instances, "prefill-a back", |s| {
+        s.contains_key("prefill-a")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,32 +295,56 @@ async fn an_etcd_restart_is_survived_by_watches_and_registrations() {
     let (d, watcher) = (f.discovery().await, f.discovery().await);
     let client = f.client().await;
     let a = d.register(record("decode-a", Role::Decode)).await.unwrap();
-    let b = d.register(record("prefill-b", Role::Prefill)).await.unwrap();
+    let b = d
+        .register(record("prefill-b", Role::Prefill))
+        .await
+        .unwrap();
     // A record with no lease, deleted later while the watcher is cut off.
     let ghost_key = f.scope.instance_key(Role::Decode, "ghost");
     let ghost = serde_json::to_string(&record("ghost", Role::Decode)).unwrap();
-    client.kv_client().put(ghost_key.as_str(), ghost, None).await.unwrap();
+    client
+        .kv_client()
+        .put(ghost_key.as_str(), ghost, None)
+        .await
+        .unwrap();
     let mut instances = watcher.instances();
     wait_instances(&mut instances, "three records", |s| s.len() == 3).await;
 
     f.etcd.kill();
     // Unreachable for longer than the TTL: both registrations say so.
-    wait_state(&a, "decode-a Lost", |s| matches!(s, RegistrationState::Lost(_))).await;
-    wait_state(&b, "prefill-b Lost", |s| matches!(s, RegistrationState::Lost(_))).await;
+    wait_state(&a, "decode-a Lost", |s| {
+        matches!(s, RegistrationState::Lost(_))
+    })
+    .await;
+    wait_state(&b, "prefill-b Lost", |s| {
+        matches!(s, RegistrationState::Lost(_))
+    })
+    .await;
     f.etcd.restart().await.unwrap();
 
     // Delete the ghost and compact past it, so a watcher that only resumed
     // its watch would be refused and must read everything again.
     let client = f.client().await;
-    let del = client.kv_client().delete(ghost_key.as_str(), None).await.unwrap();
+    let del = client
+        .kv_client()
+        .delete(ghost_key.as_str(), None)
+        .await
+        .unwrap();
     let late = serde_json::to_string(&record("late", Role::Frontend)).unwrap();
     let late_key = f.scope.instance_key(Role::Frontend, "late");
-    client.kv_client().put(late_key.as_str(), late, None).await.unwrap();
+    client
+        .kv_client()
+        .put(late_key.as_str(), late, None)
+        .await
+        .unwrap();
     let rev = del.header().unwrap().revision();
     client.kv_client().compact(rev, None).await.unwrap();
 
     wait_state(&a, "decode-a back", |s| *s == RegistrationState::Registered).await;
-    wait_state(&b, "prefill-b back", |s| *s == RegistrationState::Registered).await;
+    wait_state(&b, "prefill-b back", |s| {
+        *s == RegistrationState::Registered
+    })
+    .await;
     let set = wait_instances(&mut instances, "decode-a, late, prefill-b", |s| {
         ids(s) == ["decode-a", "late", "prefill-b"]
     })
@@ -294,10 +353,16 @@ async fn an_etcd_restart_is_survived_by_watches_and_registrations() {
 
     // After the restart the watches still follow changes.
     b.deregister().await.unwrap();
-    wait_instances(&mut instances, "prefill-b to go", |s| ids(s) == ["decode-a", "late"]).await;
+    wait_instances(&mut instances, "prefill-b to go", |s| {
+        ids(s) == ["decode-a", "late"]
+    })
+    .await;
     let all = client
         .kv_client()
-        .get(f.scope.instances_prefix(), Some(GetOptions::new().with_prefix()))
+        .get(
+            f.scope.instances_prefix(),
+            Some(GetOptions::new().with_prefix()),
+        )
         .await
         .unwrap();
     assert_eq!(all.count(), 2);
@@ -338,7 +403,9 @@ async fn settings_written_by_the_operator_are_watched() {
 
     // Unreadable JSON is skipped: the next good write still arrives.
     let mut kv = client.kv_client();
-    kv.put(f.scope.settings_key(), "{\"generation\":", None).await.unwrap();
+    kv.put(f.scope.settings_key(), "{\"generation\":", None)
+        .await
+        .unwrap();
     let next = RouterSettings {
         generation: 4,
         kv_load_weight: 0.5,
@@ -376,7 +443,11 @@ async fn a_blocked_runtime_does_not_starve_the_keep_alive() {
     std::thread::sleep(TTL * 2);
 
     assert!(a.is_registered(), "{:?}", a.state().borrow());
-    assert_eq!(lease_of(&client, &key).await, Some(lease), "same lease, still there");
+    assert_eq!(
+        lease_of(&client, &key).await,
+        Some(lease),
+        "same lease, still there"
+    );
     a.deregister().await.unwrap();
     wait_key(&client, &key, false).await;
 }

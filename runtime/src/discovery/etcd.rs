@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, WatchOptions,
+    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -167,7 +167,11 @@ async fn new_client(endpoints: &[String], options: &EtcdOptions) -> Result<Clien
     let connect = ConnectOptions::new()
         .with_connect_timeout(options.call_timeout)
         .with_keep_alive(Duration::from_secs(10), options.call_timeout);
-    call(options.call_timeout, Client::connect(endpoints, Some(connect))).await
+    call(
+        options.call_timeout,
+        Client::connect(endpoints, Some(connect)),
+    )
+    .await
 }
 
 /// One etcd call under a deadline.
@@ -754,12 +758,17 @@ impl LeaseKeeper {
             }
             Err(_) => return Err(CheckFailure::Unreachable(DiscoveryError::Timeout(deadline))),
         }
-        let resp = call(deadline, client.kv_client().get(self.record_key.as_str(), None))
-            .await
-            .map_err(CheckFailure::Unreachable)?;
+        let resp = call(
+            deadline,
+            client.kv_client().get(self.record_key.as_str(), None),
+        )
+        .await
+        .map_err(CheckFailure::Unreachable)?;
         match resp.kvs().first() {
             Some(kv) if kv.lease() == lease => Ok(()),
-            Some(_) => Err(CheckFailure::Gone("record rewritten under another lease".into())),
+            Some(_) => Err(CheckFailure::Gone(
+                "record rewritten under another lease".into(),
+            )),
             None => Err(CheckFailure::Gone("record deleted from etcd".into())),
         }
     }

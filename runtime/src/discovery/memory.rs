@@ -53,7 +53,8 @@ impl Shared {
         self.instances.send_modify(|set| {
             Arc::make_mut(set).remove(instance_id);
         });
-        self.acks.send_if_modified(|acks| acks.remove(instance_id).is_some());
+        self.acks
+            .send_if_modified(|acks| acks.remove(instance_id).is_some());
     }
 }
 
