@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::{
     Discovery, DiscoveryError, InstanceRecord, InstanceSet, Registration, RegistrationState,
-    RouterSettings, Scope,
+    RegistrationStop, RouterSettings, Scope,
 };
 
 /// Discovery held in memory; share it as `Arc<dyn Discovery>`.
@@ -122,7 +122,7 @@ impl Discovery for MemoryDiscovery {
             };
             // The guard is dropped inside the closure body, not in the
             // future, so `Registration`'s drop removes the record at once.
-            let stop = Box::new(move || -> BoxFuture<'static, Result<(), DiscoveryError>> {
+            let stop: RegistrationStop = Box::new(move || {
                 drop(guard);
                 Box::pin(async { Ok(()) })
             });

@@ -207,13 +207,18 @@ pub enum DiscoveryError {
     Other(String),
 }
 
+/// How an implementation ends a registration: deletes the record and stops
+/// the keep-alive (see [`Registration::new`]).
+pub type RegistrationStop =
+    Box<dyn FnOnce() -> BoxFuture<'static, Result<(), DiscoveryError>> + Send>;
+
 /// The process side of a registration. Dropping it stops the keep-alive
 /// (the record then expires with its lease); [`Registration::deregister`]
 /// removes it at once.
 pub struct Registration {
     instance_id: String,
     state: watch::Receiver<RegistrationState>,
-    stop: Option<Box<dyn FnOnce() -> BoxFuture<'static, Result<(), DiscoveryError>> + Send>>,
+    stop: Option<RegistrationStop>,
 }
 
 impl std::fmt::Debug for Registration {
@@ -231,7 +236,7 @@ impl Registration {
     pub fn new(
         instance_id: String,
         state: watch::Receiver<RegistrationState>,
-        stop: Box<dyn FnOnce() -> BoxFuture<'static, Result<(), DiscoveryError>> + Send>,
+        stop: RegistrationStop,
     ) -> Registration {
         Registration {
             instance_id,
