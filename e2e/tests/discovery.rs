@@ -451,3 +451,37 @@ async fn a_blocked_runtime_does_not_starve_the_keep_alive() {
     a.deregister().await.unwrap();
     wait_key(&client, &key, false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_stop_with_the_last_discovery_or_shutdown() {
+    let f = Fixture::start("disc-owned").await;
+    let d = f.discovery().await;
+    let (mut instances, mut settings) = (d.instances(), d.settings());
+    drop(d);
+    // The watch tasks held the senders: their end closes the channels.
+    let closed = tokio::time::timeout(DEADLINE, instances.changed()).await;
+    assert!(
+        matches!(closed, Ok(Err(_))),
+        "instances watch still running"
+    );
+    let closed = tokio::time::timeout(DEADLINE, settings.changed()).await;
+    assert!(matches!(closed, Ok(Err(_))), "settings watch still running");
+
+    let d = f.discovery().await;
+    let mut instances = d.instances();
+    d.shutdown();
+    let closed = tokio::time::timeout(DEADLINE, instances.changed()).await;
+    assert!(
+        matches!(closed, Ok(Err(_))),
+        "instances watch still running"
+    );
+    // Registrations are the Registration's, not the discovery's.
+    let a = d.register(record("decode-a", Role::Decode)).await.unwrap();
+    drop(d);
+    let client = f.client().await;
+    let key = f.scope.instance_key(Role::Decode, "decode-a");
+    assert!(lease_of(&client, &key).await.is_some());
+    assert!(a.is_registered());
+    a.deregister().await.unwrap();
+    wait_key(&client, &key, false).await;
+}
