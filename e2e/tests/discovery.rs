@@ -261,10 +261,12 @@ async fn a_revoked_lease_is_lost_then_registered_again_with_record_and_ack() {
     let new = lease_of(&client, &key).await.expect("record put back");
     assert_ne!(new, old);
     assert_eq!(lease_of(&client, &ack_key).await, Some(new), "ack put back");
-    assert_eq!(
-        d.instances().borrow()["decode-a"],
-        record("decode-a", Role::Decode)
-    );
+    let mut instances = d.instances();
+    let set = wait_instances(&mut instances, "decode-a back", |s| {
+        s.contains_key("decode-a")
+    })
+    .await;
+    assert_eq!(set["decode-a"], record("decode-a", Role::Decode));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

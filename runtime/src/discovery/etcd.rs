@@ -86,7 +86,9 @@ impl std::fmt::Debug for EtcdDiscovery {
 
 impl EtcdDiscovery {
     /// Connects, reads the instances and settings once (so the receivers
-    /// hold real values from the start), and starts watching them.
+    /// hold real values from the start), and starts watching them on the
+    /// current runtime. Fails when etcd does not answer within the call
+    /// deadline; callers decide whether to retry.
     pub async fn connect(
         endpoints: &[String],
         scope: Scope,
@@ -94,13 +96,13 @@ impl EtcdDiscovery {
     ) -> Result<Arc<EtcdDiscovery>, DiscoveryError> {
         let client = new_client(endpoints, &options).await?;
 
-        let instances_key = Mirror {
+        let instances_mirror = Mirror {
             client: client.clone(),
             key: scope.instances_prefix(),
             prefix: true,
             call_timeout: options.call_timeout,
         };
-        let settings_key = Mirror {
+        let settings_mirror = Mirror {
             client: client.clone(),
             key: scope.settings_key(),
             prefix: false,
@@ -112,15 +114,15 @@ impl EtcdDiscovery {
             by_key: BTreeMap::new(),
             tx: instances_tx,
         };
-        let instances_rev = instances_key.resync(&mut |c| instances.apply(c)).await?;
+        let instances_rev = instances_mirror.resync(&mut |c| instances.apply(c)).await?;
 
         let (settings_tx, settings_rx) = watch::channel(None);
         let mut settings = SettingsView { tx: settings_tx };
-        let settings_rev = settings_key.resync(&mut |c| settings.apply(c)).await?;
+        let settings_rev = settings_mirror.resync(&mut |c| settings.apply(c)).await?;
 
         let tasks = vec![
-            tokio::spawn(instances_key.run(instances_rev, move |c| instances.apply(c))),
-            tokio::spawn(settings_key.run(settings_rev, move |c| settings.apply(c))),
+            tokio::spawn(instances_mirror.run(instances_rev, move |c| instances.apply(c))),
+            tokio::spawn(settings_mirror.run(settings_rev, move |c| settings.apply(c))),
         ];
         Ok(Arc::new(EtcdDiscovery {
             scope,
