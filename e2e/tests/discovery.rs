@@ -70,11 +70,16 @@ async fn wait_instances(
     what: &str,
     pred: impl FnMut(&InstanceSet) -> bool,
 ) -> InstanceSet {
-    tokio::time::timeout(DEADLINE, rx.wait_for(pred))
+    let got = tokio::time::timeout(DEADLINE, rx.wait_for(pred))
         .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}; have {:?}", rx.borrow().keys()))
-        .unwrap()
-        .clone()
+        .map(|r| r.map(|set| set.clone()));
+    match got {
+        Ok(set) => set.expect("discovery dropped its instance watch"),
+        Err(_) => panic!(
+            "timed out waiting for {what}; have {:?}",
+            rx.borrow().keys()
+        ),
+    }
 }
 
 async fn wait_state(
@@ -83,11 +88,13 @@ async fn wait_state(
     pred: impl FnMut(&RegistrationState) -> bool,
 ) -> RegistrationState {
     let mut rx = registration.state();
-    tokio::time::timeout(DEADLINE, rx.wait_for(pred))
+    let got = tokio::time::timeout(DEADLINE, rx.wait_for(pred))
         .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}; state {:?}", rx.borrow()))
-        .unwrap()
-        .clone()
+        .map(|r| r.map(|state| state.clone()));
+    match got {
+        Ok(state) => state.expect("registration dropped its state"),
+        Err(_) => panic!("timed out waiting for {what}; state {:?}", rx.borrow()),
+    }
 }
 
 fn ids(set: &InstanceSet) -> Vec<&str> {
@@ -107,7 +114,9 @@ async fn wait_key(client: &Client, key: &str, present: bool) {
         DEADLINE,
         || {
             let mut kv = kv.clone();
-            async move { Ok::<_, etcd_client::Error>((kv.get(key, None).await?.count() == 1) == present) }
+            async move {
+                Ok::<_, etcd_client::Error>((kv.get(key, None).await?.count() == 1) == present)
+            }
         },
     )
     .await
@@ -128,7 +137,10 @@ fn record_states(registration: &Registration) -> Arc<Mutex<Vec<RegistrationState
     seen
 }
 
-async fn wait_lost_then_registered(registration: &Registration, seen: &Mutex<Vec<RegistrationState>>) {
+async fn wait_lost_then_registered(
+    registration: &Registration,
+    seen: &Mutex<Vec<RegistrationState>>,
+) {
     wait_until("Lost, then Registered again", DEADLINE, || async {
         let seen = seen.lock().unwrap();
         let lost = seen
@@ -144,11 +156,18 @@ async fn wait_lost_then_registered(registration: &Registration, seen: &Mutex<Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_registrations_are_seen_by_a_third_watcher_with_their_records() {
     let f = Fixture::start("disc-two").await;
-    let (pa, pb, watcher) = (f.discovery().await, f.discovery().await, f.discovery().await);
+    let (pa, pb, watcher) = (
+        f.discovery().await,
+        f.discovery().await,
+        f.discovery().await,
+    );
     let mut instances = watcher.instances();
     assert!(instances.borrow().is_empty());
 
-    let a = pa.register(record("prefill-a", Role::Prefill)).await.unwrap();
+    let a = pa
+        .register(record("prefill-a", Role::Prefill))
+        .await
+        .unwrap();
     let b = pb.register(record("decode-b", Role::Decode)).await.unwrap();
     assert!(a.is_registered() && b.is_registered());
 
@@ -162,7 +181,10 @@ async fn two_registrations_are_seen_by_a_third_watcher_with_their_records() {
     assert!(la.is_some_and(|l| l != 0) && lb.is_some_and(|l| l != 0) && la != lb);
 
     // A discovery connected later starts from the full set.
-    assert_eq!(ids(&f.discovery().await.instances().borrow()), ["decode-b", "prefill-a"]);
+    assert_eq!(
+        ids(&f.discovery().await.instances().borrow()),
+        ["decode-b", "prefill-a"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +199,11 @@ async fn deregister_removes_the_record_and_its_ack_at_once() {
 
     d.ack_settings(&a, 3).await.unwrap();
     let ack_key = f.scope.ack_key("decode-a");
-    let ack = client.kv_client().get(ack_key.as_str(), None).await.unwrap();
+    let ack = client
+        .kv_client()
+        .get(ack_key.as_str(), None)
+        .await
+        .unwrap();
     let ack = ack.kvs().first().expect("the ack is written");
     assert_eq!(ack.value(), br#"{"generation":3}"#);
     let record_key = f.scope.instance_key(Role::Decode, "decode-a");
@@ -209,7 +235,11 @@ async fn a_dropped_registration_expires_with_its_lease() {
     std::thread::spawn(move || drop(a)).join().unwrap();
     wait_instances(&mut instances, "decode-a to expire", |s| s.is_empty()).await;
     // Expired, not deleted: etcd no longer knows the lease.
-    let ttl = client.lease_client().time_to_live(lease, None).await.unwrap();
+    let ttl = client
+        .lease_client()
+        .time_to_live(lease, None)
+        .await
+        .unwrap();
     assert_eq!(ttl.ttl(), -1, "lease {lease} still alive");
 }
 
@@ -231,7 +261,12 @@ async fn a_revoked_lease_is_lost_then_registered_again_with_record_and_ack() {
     let new = lease_of(&client, &key).await.expect("record put back");
     assert_ne!(new, old);
     assert_eq!(lease_of(&client, &ack_key).await, Some(new), "ack put back");
-    assert_eq!(d.instances().borrow()["decode-a"], record("decode-a", Role::Decode));
+    let mut instances = d.instances();
+    let set = wait_instances(&mut instances, "decode-a back", |s| {
+        s.contains_key("decode-a")
+    })
+    .await;
+    assert_eq!(set["decode-a"], record("decode-a", Role::Decode));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,7 +274,10 @@ async fn a_record_deleted_behind_its_back_is_lost_then_put_back() {
     let f = Fixture::start("disc-delete").await;
     let d = f.discovery().await;
     let client = f.client().await;
-    let a = d.register(record("prefill-a", Role::Prefill)).await.unwrap();
+    let a = d
+        .register(record("prefill-a", Role::Prefill))
+        .await
+        .unwrap();
     let key = f.scope.instance_key(Role::Prefill, "prefill-a");
 
     let seen = record_states(&a);
@@ -247,7 +285,10 @@ async fn a_record_deleted_behind_its_back_is_lost_then_put_back() {
     wait_lost_then_registered(&a, &seen).await;
     assert!(lease_of(&client, &key).await.is_some(), "record put back");
     let mut instances = d.instances();
-    wait_instances(&mut instances, "prefill-a back", |s| s.contains_key("prefill-a")).await;
+    wait_instances(&mut instances, "prefill-a back", |s| {
+        s.contains_key("prefill-a")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,32 +297,56 @@ async fn an_etcd_restart_is_survived_by_watches_and_registrations() {
     let (d, watcher) = (f.discovery().await, f.discovery().await);
     let client = f.client().await;
     let a = d.register(record("decode-a", Role::Decode)).await.unwrap();
-    let b = d.register(record("prefill-b", Role::Prefill)).await.unwrap();
+    let b = d
+        .register(record("prefill-b", Role::Prefill))
+        .await
+        .unwrap();
     // A record with no lease, deleted later while the watcher is cut off.
     let ghost_key = f.scope.instance_key(Role::Decode, "ghost");
     let ghost = serde_json::to_string(&record("ghost", Role::Decode)).unwrap();
-    client.kv_client().put(ghost_key.as_str(), ghost, None).await.unwrap();
+    client
+        .kv_client()
+        .put(ghost_key.as_str(), ghost, None)
+        .await
+        .unwrap();
     let mut instances = watcher.instances();
     wait_instances(&mut instances, "three records", |s| s.len() == 3).await;
 
     f.etcd.kill();
     // Unreachable for longer than the TTL: both registrations say so.
-    wait_state(&a, "decode-a Lost", |s| matches!(s, RegistrationState::Lost(_))).await;
-    wait_state(&b, "prefill-b Lost", |s| matches!(s, RegistrationState::Lost(_))).await;
+    wait_state(&a, "decode-a Lost", |s| {
+        matches!(s, RegistrationState::Lost(_))
+    })
+    .await;
+    wait_state(&b, "prefill-b Lost", |s| {
+        matches!(s, RegistrationState::Lost(_))
+    })
+    .await;
     f.etcd.restart().await.unwrap();
 
     // Delete the ghost and compact past it, so a watcher that only resumed
     // its watch would be refused and must read everything again.
     let client = f.client().await;
-    let del = client.kv_client().delete(ghost_key.as_str(), None).await.unwrap();
+    let del = client
+        .kv_client()
+        .delete(ghost_key.as_str(), None)
+        .await
+        .unwrap();
     let late = serde_json::to_string(&record("late", Role::Frontend)).unwrap();
     let late_key = f.scope.instance_key(Role::Frontend, "late");
-    client.kv_client().put(late_key.as_str(), late, None).await.unwrap();
+    client
+        .kv_client()
+        .put(late_key.as_str(), late, None)
+        .await
+        .unwrap();
     let rev = del.header().unwrap().revision();
     client.kv_client().compact(rev, None).await.unwrap();
 
     wait_state(&a, "decode-a back", |s| *s == RegistrationState::Registered).await;
-    wait_state(&b, "prefill-b back", |s| *s == RegistrationState::Registered).await;
+    wait_state(&b, "prefill-b back", |s| {
+        *s == RegistrationState::Registered
+    })
+    .await;
     let set = wait_instances(&mut instances, "decode-a, late, prefill-b", |s| {
         ids(s) == ["decode-a", "late", "prefill-b"]
     })
@@ -290,10 +355,16 @@ async fn an_etcd_restart_is_survived_by_watches_and_registrations() {
 
     // After the restart the watches still follow changes.
     b.deregister().await.unwrap();
-    wait_instances(&mut instances, "prefill-b to go", |s| ids(s) == ["decode-a", "late"]).await;
+    wait_instances(&mut instances, "prefill-b to go", |s| {
+        ids(s) == ["decode-a", "late"]
+    })
+    .await;
     let all = client
         .kv_client()
-        .get(f.scope.instances_prefix(), Some(GetOptions::new().with_prefix()))
+        .get(
+            f.scope.instances_prefix(),
+            Some(GetOptions::new().with_prefix()),
+        )
         .await
         .unwrap();
     assert_eq!(all.count(), 2);
@@ -334,7 +405,9 @@ async fn settings_written_by_the_operator_are_watched() {
 
     // Unreadable JSON is skipped: the next good write still arrives.
     let mut kv = client.kv_client();
-    kv.put(f.scope.settings_key(), "{\"generation\":", None).await.unwrap();
+    kv.put(f.scope.settings_key(), "{\"generation\":", None)
+        .await
+        .unwrap();
     let next = RouterSettings {
         generation: 4,
         kv_load_weight: 0.5,
@@ -372,7 +445,45 @@ async fn a_blocked_runtime_does_not_starve_the_keep_alive() {
     std::thread::sleep(TTL * 2);
 
     assert!(a.is_registered(), "{:?}", a.state().borrow());
-    assert_eq!(lease_of(&client, &key).await, Some(lease), "same lease, still there");
+    assert_eq!(
+        lease_of(&client, &key).await,
+        Some(lease),
+        "same lease, still there"
+    );
+    a.deregister().await.unwrap();
+    wait_key(&client, &key, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_stop_with_the_last_discovery_or_shutdown() {
+    let f = Fixture::start("disc-owned").await;
+    let d = f.discovery().await;
+    let (mut instances, mut settings) = (d.instances(), d.settings());
+    drop(d);
+    // The watch tasks held the senders: their end closes the channels.
+    let closed = tokio::time::timeout(DEADLINE, instances.changed()).await;
+    assert!(
+        matches!(closed, Ok(Err(_))),
+        "instances watch still running"
+    );
+    let closed = tokio::time::timeout(DEADLINE, settings.changed()).await;
+    assert!(matches!(closed, Ok(Err(_))), "settings watch still running");
+
+    let d = f.discovery().await;
+    let mut instances = d.instances();
+    d.shutdown();
+    let closed = tokio::time::timeout(DEADLINE, instances.changed()).await;
+    assert!(
+        matches!(closed, Ok(Err(_))),
+        "instances watch still running"
+    );
+    // Registrations are the Registration's, not the discovery's.
+    let a = d.register(record("decode-a", Role::Decode)).await.unwrap();
+    drop(d);
+    let client = f.client().await;
+    let key = f.scope.instance_key(Role::Decode, "decode-a");
+    assert!(lease_of(&client, &key).await.is_some());
+    assert!(a.is_registered());
     a.deregister().await.unwrap();
     wait_key(&client, &key, false).await;
 }

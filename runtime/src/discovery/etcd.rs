@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, WatchOptions,
+    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 
 use super::{
     Discovery, DiscoveryError, InstanceRecord, InstanceSet, Registration, RegistrationState,
-    RouterSettings, Scope,
+    RegistrationStop, RouterSettings, Scope,
 };
 
 /// Lease and deadline settings of an [`EtcdDiscovery`].
@@ -86,7 +86,9 @@ impl std::fmt::Debug for EtcdDiscovery {
 
 impl EtcdDiscovery {
     /// Connects, reads the instances and settings once (so the receivers
-    /// hold real values from the start), and starts watching them.
+    /// hold real values from the start), and starts watching them on the
+    /// current runtime. Fails when etcd does not answer within the call
+    /// deadline; callers decide whether to retry.
     pub async fn connect(
         endpoints: &[String],
         scope: Scope,
@@ -94,13 +96,13 @@ impl EtcdDiscovery {
     ) -> Result<Arc<EtcdDiscovery>, DiscoveryError> {
         let client = new_client(endpoints, &options).await?;
 
-        let instances_key = Mirror {
+        let instances_mirror = Mirror {
             client: client.clone(),
             key: scope.instances_prefix(),
             prefix: true,
             call_timeout: options.call_timeout,
         };
-        let settings_key = Mirror {
+        let settings_mirror = Mirror {
             client: client.clone(),
             key: scope.settings_key(),
             prefix: false,
@@ -112,15 +114,15 @@ impl EtcdDiscovery {
             by_key: BTreeMap::new(),
             tx: instances_tx,
         };
-        let instances_rev = instances_key.resync(&mut |c| instances.apply(c)).await?;
+        let instances_rev = instances_mirror.resync(&mut |c| instances.apply(c)).await?;
 
         let (settings_tx, settings_rx) = watch::channel(None);
         let mut settings = SettingsView { tx: settings_tx };
-        let settings_rev = settings_key.resync(&mut |c| settings.apply(c)).await?;
+        let settings_rev = settings_mirror.resync(&mut |c| settings.apply(c)).await?;
 
         let tasks = vec![
-            tokio::spawn(instances_key.run(instances_rev, move |c| instances.apply(c))),
-            tokio::spawn(settings_key.run(settings_rev, move |c| settings.apply(c))),
+            tokio::spawn(instances_mirror.run(instances_rev, move |c| instances.apply(c))),
+            tokio::spawn(settings_mirror.run(settings_rev, move |c| settings.apply(c))),
         ];
         Ok(Arc::new(EtcdDiscovery {
             scope,
@@ -164,10 +166,17 @@ async fn new_client(endpoints: &[String], options: &EtcdOptions) -> Result<Clien
     // streams. Calls get their deadline from `call` instead. HTTP/2 pings
     // find a dead connection under a watch; etcd refuses pings more often
     // than every 5 s by default.
+    // Requiring a leader makes a member cut off from its cluster fail our
+    // calls and end our watches instead of serving stale data quietly.
     let connect = ConnectOptions::new()
+        .with_require_leader(true)
         .with_connect_timeout(options.call_timeout)
         .with_keep_alive(Duration::from_secs(10), options.call_timeout);
-    call(options.call_timeout, Client::connect(endpoints, Some(connect))).await
+    call(
+        options.call_timeout,
+        Client::connect(endpoints, Some(connect)),
+    )
+    .await
 }
 
 /// One etcd call under a deadline.
@@ -476,10 +485,9 @@ impl Discovery for EtcdDiscovery {
                 registrations.retain(|_, tx| tx.strong_count() > 0);
                 registrations.insert(instance_id.clone(), commands_tx.downgrade());
             }
-            // Room for the thread to finish a check already under way, then
-            // a delete and a revoke.
-            let stop_deadline = self.options.call_timeout * 5;
-            let stop = Box::new(move || -> BoxFuture<'static, Result<(), DiscoveryError>> {
+            // A delete and a revoke (the command interrupts other work).
+            let stop_deadline = self.options.call_timeout * 3;
+            let stop: RegistrationStop = Box::new(move || {
                 Box::pin(async move {
                     let (reply, answer) = oneshot::channel();
                     if commands_tx.send(Command::Deregister { reply }).is_err() {
@@ -560,6 +568,13 @@ enum CheckFailure {
     Unreachable(DiscoveryError),
 }
 
+/// What interrupted or finished the keep-alive thread's work.
+enum Work {
+    Checked(Result<(), CheckFailure>),
+    Established(Result<(), DiscoveryError>),
+    Interrupted(Option<Command>),
+}
+
 /// The keep-alive thread's state: one lease, the record and the ack under it.
 struct LeaseKeeper {
     endpoints: Vec<String>,
@@ -619,62 +634,81 @@ impl LeaseKeeper {
         let mut last_ok = Instant::now();
         let mut next_at = tokio::time::Instant::now() + interval;
         loop {
-            tokio::select! {
-                command = commands.recv() => match command {
-                    // The Registration was dropped without a runtime to
-                    // deregister on: stop keeping alive, the lease expires.
-                    None => return,
-                    Some(Command::Deregister { reply }) => {
-                        let result = self.remove().await;
-                        self.state.send_replace(RegistrationState::Deregistered);
-                        let _ = reply.send(result);
-                        return;
-                    }
-                    Some(Command::Ack { generation, reply }) => {
-                        self.ack = Some(generation);
-                        let _ = reply.send(self.put_ack().await);
-                        continue;
-                    }
-                },
-                _ = tokio::time::sleep_until(next_at) => {}
-            }
+            // Wait for the next check, or a command.
+            let mut command = tokio::select! {
+                command = commands.recv() => Some(command),
+                _ = tokio::time::sleep_until(next_at) => None,
+            };
 
-            if self.is_registered() {
-                match self.check().await {
-                    Ok(()) => {
+            if command.is_none() {
+                // A check or re-registration may take a few call deadlines
+                // against a dead etcd; a command cuts it short (cancelling
+                // either is safe: see `remove`).
+                let work = if self.is_registered() {
+                    tokio::select! {
+                        r = self.check() => Work::Checked(r),
+                        c = commands.recv() => Work::Interrupted(c),
+                    }
+                } else {
+                    tokio::select! {
+                        r = self.establish() => Work::Established(r),
+                        c = commands.recv() => Work::Interrupted(c),
+                    }
+                };
+                match work {
+                    Work::Interrupted(c) => command = Some(c),
+                    Work::Checked(Ok(())) => {
                         last_ok = Instant::now();
                         backoff.reset();
+                        next_at = tokio::time::Instant::now() + interval;
                     }
-                    Err(CheckFailure::Gone(reason)) => self.lose(reason),
-                    Err(CheckFailure::Unreachable(e)) => {
-                        if last_ok.elapsed() >= ttl {
-                            self.lose(format!("etcd unreachable for {ttl:?}: {e}"));
-                        } else {
-                            tracing::debug!(key = %self.record_key, error = %e, "keep-alive failed; retrying");
+                    Work::Checked(Err(failure)) => {
+                        match failure {
+                            CheckFailure::Gone(reason) => self.lose(reason),
+                            CheckFailure::Unreachable(e) if last_ok.elapsed() >= ttl => {
+                                self.lose(format!("etcd unreachable for {ttl:?}: {e}"));
+                            }
+                            CheckFailure::Unreachable(e) => {
+                                tracing::debug!(key = %self.record_key, error = %e, "keep-alive failed; retrying");
+                            }
                         }
+                        // After a loss, wait the backoff before
+                        // re-registering: something that keeps deleting the
+                        // record (an operator's cleanup) must not meet a hot
+                        // loop. Only a healthy check resets the backoff.
+                        next_at = tokio::time::Instant::now()
+                            + if self.is_registered() {
+                                interval
+                            } else {
+                                backoff.next()
+                            };
                     }
-                }
-                // After a loss, wait the backoff before re-registering:
-                // something that keeps deleting the record (an operator's
-                // cleanup) must not meet a hot loop. The backoff is only
-                // reset by a healthy check, not by re-registering.
-                next_at = tokio::time::Instant::now()
-                    + if self.is_registered() {
-                        interval
-                    } else {
-                        backoff.next()
-                    };
-            } else {
-                match self.establish().await {
-                    Ok(()) => {
+                    Work::Established(Ok(())) => {
                         tracing::info!(key = %self.record_key, "registered again");
                         last_ok = Instant::now();
                         next_at = tokio::time::Instant::now() + interval;
                     }
-                    Err(e) => {
+                    Work::Established(Err(e)) => {
                         tracing::debug!(key = %self.record_key, error = %e, "re-registering failed; retrying");
                         next_at = tokio::time::Instant::now() + backoff.next();
                     }
+                }
+            }
+
+            match command {
+                None => {}
+                // The Registration was dropped without a runtime to
+                // deregister on: stop keeping alive, the lease expires.
+                Some(None) => return,
+                Some(Some(Command::Deregister { reply })) => {
+                    let result = self.remove().await;
+                    self.state.send_replace(RegistrationState::Deregistered);
+                    let _ = reply.send(result);
+                    return;
+                }
+                Some(Some(Command::Ack { generation, reply })) => {
+                    self.ack = Some(generation);
+                    let _ = reply.send(self.put_ack().await);
                 }
             }
         }
@@ -736,7 +770,13 @@ impl LeaseKeeper {
     /// One keep-alive, then a look at the record itself: a record deleted
     /// behind our back leaves the lease alive, and must still count as lost.
     async fn check(&mut self) -> Result<(), CheckFailure> {
-        let deadline = self.options.call_timeout;
+        // A keep-alive slower than its interval is as good as none: the
+        // next one is due.
+        let deadline = self
+            .options
+            .call_timeout
+            .min(self.options.lease_ttl / 3)
+            .max(Duration::from_millis(200));
         let Some(lease) = self.lease else {
             return Err(CheckFailure::Gone("no lease".into()));
         };
@@ -754,12 +794,17 @@ impl LeaseKeeper {
             }
             Err(_) => return Err(CheckFailure::Unreachable(DiscoveryError::Timeout(deadline))),
         }
-        let resp = call(deadline, client.kv_client().get(self.record_key.as_str(), None))
-            .await
-            .map_err(CheckFailure::Unreachable)?;
+        let resp = call(
+            deadline,
+            client.kv_client().get(self.record_key.as_str(), None),
+        )
+        .await
+        .map_err(CheckFailure::Unreachable)?;
         match resp.kvs().first() {
             Some(kv) if kv.lease() == lease => Ok(()),
-            Some(_) => Err(CheckFailure::Gone("record rewritten under another lease".into())),
+            Some(_) => Err(CheckFailure::Gone(
+                "record rewritten under another lease".into(),
+            )),
             None => Err(CheckFailure::Gone("record deleted from etcd".into())),
         }
     }
@@ -786,7 +831,10 @@ impl LeaseKeeper {
         Ok(())
     }
 
-    /// Deletes the record and the ack, then revokes the lease.
+    /// Deletes the record and the ack, then revokes the lease. The keys are
+    /// deleted by name, so this is right even after an `establish` cut
+    /// short between its put and taking the new lease (that lease then
+    /// expires with nothing under it).
     async fn remove(&mut self) -> Result<(), DiscoveryError> {
         let deadline = self.options.call_timeout;
         let client = self.client().await?;

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::{
     Discovery, DiscoveryError, InstanceRecord, InstanceSet, Registration, RegistrationState,
-    RouterSettings, Scope,
+    RegistrationStop, RouterSettings, Scope,
 };
 
 /// Discovery held in memory; share it as `Arc<dyn Discovery>`.
@@ -53,7 +53,8 @@ impl Shared {
         self.instances.send_modify(|set| {
             Arc::make_mut(set).remove(instance_id);
         });
-        self.acks.send_if_modified(|acks| acks.remove(instance_id).is_some());
+        self.acks
+            .send_if_modified(|acks| acks.remove(instance_id).is_some());
     }
 }
 
@@ -121,7 +122,7 @@ impl Discovery for MemoryDiscovery {
             };
             // The guard is dropped inside the closure body, not in the
             // future, so `Registration`'s drop removes the record at once.
-            let stop = Box::new(move || -> BoxFuture<'static, Result<(), DiscoveryError>> {
+            let stop: RegistrationStop = Box::new(move || {
                 drop(guard);
                 Box::pin(async { Ok(()) })
             });

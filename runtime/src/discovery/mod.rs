@@ -207,6 +207,11 @@ pub enum DiscoveryError {
     Other(String),
 }
 
+/// How an implementation ends a registration: deletes the record and stops
+/// the keep-alive (see [`Registration::new`]).
+pub type RegistrationStop =
+    Box<dyn FnOnce() -> BoxFuture<'static, Result<(), DiscoveryError>> + Send>;
+
 /// The process side of a registration. Dropping it stops the keep-alive
 /// (the record then expires with its lease); [`Registration::deregister`]
 /// removes it at once.
@@ -214,10 +219,9 @@ pub struct Registration {
     instance_id: String,
     state: watch::Receiver<RegistrationState>,
     /// In a mutex only so that a `Registration` can be shared (`Sync`).
-    stop: std::sync::Mutex<Option<StopFn>>,
+    stop: std::sync::Mutex<Option<RegistrationStop>>,
 }
 
-type StopFn = Box<dyn FnOnce() -> BoxFuture<'static, Result<(), DiscoveryError>> + Send>;
 
 impl std::fmt::Debug for Registration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -234,7 +238,7 @@ impl Registration {
     pub fn new(
         instance_id: String,
         state: watch::Receiver<RegistrationState>,
-        stop: Box<dyn FnOnce() -> BoxFuture<'static, Result<(), DiscoveryError>> + Send>,
+        stop: RegistrationStop,
     ) -> Registration {
         Registration {
             instance_id,
@@ -267,7 +271,7 @@ impl Registration {
 }
 
 impl Registration {
-    fn take_stop(&self) -> Option<StopFn> {
+    fn take_stop(&self) -> Option<RegistrationStop> {
         self.stop.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
