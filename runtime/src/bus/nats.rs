@@ -81,6 +81,8 @@ impl Default for NatsOptions {
 
 /// The header carrying a KV event publisher's exact instance id.
 const INSTANCE_HEADER: &str = "Xpyd-Instance";
+/// Queue group of the request subscriptions.
+const SERVE_GROUP: &str = "serve";
 /// The durable consumer every prefill worker shares.
 const PREFILL_CONSUMER: &str = "prefill";
 /// Bounds of the prefill consumer's retry backoff after errors.
@@ -199,6 +201,32 @@ impl NatsBus {
             options,
             queue,
         }))
+    }
+
+    /// Returns once the server has processed everything this connection
+    /// sent before (subscriptions included): a message to ourselves comes
+    /// back only after them, since a server handles one connection in order.
+    /// (`Client::flush` only writes the socket.)
+    async fn sync_with_server(&self) -> Result<(), BusError> {
+        let inbox = self.client.new_inbox();
+        let round_trip = async {
+            let mut sub = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| unavailable("subscribe", e))?;
+            self.client
+                .publish(inbox, Bytes::new())
+                .await
+                .map_err(|e| unavailable("publish", e))?;
+            sub.next()
+                .await
+                .map(|_| ())
+                .ok_or_else(|| BusError::Unavailable("sync subscription closed".into()))
+        };
+        timeout(self.options.call_deadline, round_trip)
+            .await
+            .map_err(|_| BusError::Unavailable("server round trip: timed out".into()))?
     }
 
     /// The underlying client (for metrics or a health check).
@@ -639,25 +667,100 @@ impl PrefillQueue {
             .await
             .map_err(|_| BusError::Unavailable("prefill queue depth: timed out".into()))?
     }
+}
 
-    /// One pull for one job: `Ok(None)` when the pull expired empty.
-    async fn pull_one(&self) -> Result<Option<PrefillJob>, BusError> {
-        let consumer = self.consumer().await?;
-        let expiry = self.options.prefill_pull_expiry;
-        let mut batch = timeout(
-            self.options.call_deadline,
-            consumer.batch().max_messages(1).expires(expiry).messages(),
-        )
-        .await
-        .map_err(|_| BusError::Unavailable("pull prefill job: timed out".into()))?
-        .map_err(|e| unavailable("pull prefill job", e))?;
-        // The server ends the pull after `expiry`; the margin covers a server
-        // that died meanwhile.
-        let msg = match timeout(expiry + self.options.call_deadline, batch.next()).await {
-            Err(_) => return Err(BusError::Unavailable("pull prefill job: no answer".into())),
-            Ok(None) => return Ok(None),
-            Ok(Some(Err(e))) => return Err(unavailable("pull prefill job", e)),
-            Ok(Some(Ok(msg))) => msg,
+/// One consumer's side of the pull protocol, on one long-lived inbox.
+///
+/// Why not `PullConsumer::batch`: its inbox dies with each pull, and a job
+/// the server hands out just as a pull expires (nats-server 2.9 does that
+/// when the expiry and a redelivery coincide) lands in a dead inbox and
+/// waits a whole ack wait for its next delivery. Here a late job is simply
+/// the next one taken. Why not `PullConsumer::stream`: it asks for the next
+/// job before the worker does, so a busy worker would hold one.
+struct Puller {
+    queue: Arc<PrefillQueue>,
+    client: Client,
+    sub: Option<(String, Subscriber)>,
+    /// When the pull in flight must have been answered (with a job or an
+    /// expiry status); `None` when no pull is in flight.
+    pull_deadline: Option<tokio::time::Instant>,
+}
+
+impl Puller {
+    /// The next job, or the error that made this attempt fail.
+    async fn try_next(&mut self) -> Result<Option<PrefillJob>, BusError> {
+        // Re-creates stream and consumer when the server lost them.
+        self.queue.consumer().await?;
+        if self.sub.is_none() {
+            let inbox = self.client.new_inbox();
+            let sub = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| unavailable("subscribe prefill inbox", e))?;
+            self.sub = Some((inbox, sub));
+        }
+        let Some((inbox, sub)) = self.sub.as_mut() else {
+            return Ok(None);
+        };
+        let options = &self.queue.options;
+        if self.pull_deadline.is_none() {
+            let request = serde_json::json!({
+                "batch": 1,
+                "expires": options.prefill_pull_expiry.as_nanos() as u64,
+            });
+            let subject = format!(
+                "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+                self.queue.names.stream, PREFILL_CONSUMER
+            );
+            self.client
+                .publish_with_reply(subject, inbox.clone(), Bytes::from(request.to_string()))
+                .await
+                .map_err(|e| unavailable("pull prefill job", e))?;
+            // A restarted server forgets pulls: past this, ask again.
+            self.pull_deadline = Some(
+                tokio::time::Instant::now() + options.prefill_pull_expiry + options.call_deadline,
+            );
+        }
+        let deadline = self.pull_deadline.unwrap_or_else(tokio::time::Instant::now);
+        let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
+            Err(_) => {
+                self.pull_deadline = None;
+                return Ok(None);
+            }
+            Ok(None) => {
+                self.sub = None;
+                self.pull_deadline = None;
+                return Err(BusError::Unavailable("prefill inbox closed".into()));
+            }
+            Ok(Some(msg)) => msg,
+        };
+        match msg.status {
+            None | Some(StatusCode::OK) => {}
+            // Pull expired empty (408), or no job now (404).
+            Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
+                self.pull_deadline = None;
+                return Ok(None);
+            }
+            Some(StatusCode::IDLE_HEARTBEAT) => return Ok(None),
+            // 503 (stream or consumer missing, JetStream not ready), 409
+            // (consumer deleted, limits) and the like.
+            Some(status) => {
+                self.pull_deadline = None;
+                return Err(BusError::Unavailable(format!(
+                    "pull prefill job: status {status} {}",
+                    msg.description.as_deref().unwrap_or_default()
+                )));
+            }
+        }
+        // A job answers the pull in flight. (If it was a late answer to an
+        // expired pull, the pull in flight may still bring one more job that
+        // waits in the inbox for the next poll: a rare race that holds at
+        // most one job, which the ack wait bounds.)
+        self.pull_deadline = None;
+        let msg = jetstream::Message {
+            message: msg,
+            context: self.queue.js.clone(),
         };
         let delivered = match msg.info() {
             Ok(info) => u64::try_from(info.delivered).unwrap_or(1).max(1),
@@ -672,21 +775,21 @@ impl PrefillQueue {
             delivered,
             Box::new(NatsJob {
                 msg,
-                deadline: self.options.call_deadline,
+                deadline: options.call_deadline,
             }),
         )))
     }
 
     /// The next job; retries errors (server restarts) with backoff.
-    async fn next_job(self: Arc<Self>) -> PrefillJob {
+    async fn next_job(&mut self) -> PrefillJob {
         let mut backoff = BACKOFF_MIN;
         loop {
-            match self.pull_one().await {
+            match self.try_next().await {
                 Ok(Some(job)) => return job,
                 Ok(None) => backoff = BACKOFF_MIN,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "prefill queue pull failed");
-                    self.forget_consumer().await;
+                    self.queue.forget_consumer().await;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -735,9 +838,12 @@ impl Bus for NatsBus {
     fn serve(&self, instance_id: &str) -> BoxFuture<'_, Result<RequestStream, BusError>> {
         let instance_id = instance_id.to_string();
         async move {
+            // A queue group: if two processes ever serve the same id (a
+            // restarted pod overlapping its old self), each request still
+            // gets exactly one responder instead of two interleaved streams.
             let requests = self
                 .client
-                .subscribe(self.names.request(&instance_id))
+                .queue_subscribe(self.names.request(&instance_id), SERVE_GROUP.to_string())
                 .await
                 .map_err(|e| unavailable("subscribe requests", e))?;
             let cancels = self
@@ -747,10 +853,7 @@ impl Bus for NatsBus {
                 .map_err(|e| unavailable("subscribe cancels", e))?;
             // Make sure the server has the subscriptions before anyone is
             // told this instance is up.
-            timeout(self.options.call_deadline, self.client.flush())
-                .await
-                .map_err(|_| BusError::Unavailable("flush: timed out".into()))?
-                .map_err(|e| unavailable("flush", e))?;
+            self.sync_with_server().await?;
             let (tx, rx) = mpsc::unbounded_channel();
             let guard = Arc::new(TaskGuard(Mutex::new(None)));
             let task = tokio::spawn(serve_loop(
@@ -829,10 +932,16 @@ impl Bus for NatsBus {
             // Fail fast on a bad setup (JetStream off); later errors are
             // retried inside the stream.
             self.queue.consumer().await?;
-            let queue = self.queue.clone();
-            let jobs = futures::stream::unfold(queue, |queue| async move {
-                let job = queue.clone().next_job().await;
-                Some((job, queue))
+            let puller = Puller {
+                queue: self.queue.clone(),
+                client: self.client.clone(),
+                sub: None,
+                pull_deadline: None,
+            };
+            // Pull: the next job is asked for only when the worker polls.
+            let jobs = futures::stream::unfold(puller, |mut puller| async move {
+                let job = puller.next_job().await;
+                Some((job, puller))
             });
             Ok(jobs.boxed())
         }
@@ -863,10 +972,7 @@ impl Bus for NatsBus {
                 .subscribe(self.names.kv_all())
                 .await
                 .map_err(|e| unavailable("subscribe KV events", e))?;
-            timeout(self.options.call_deadline, self.client.flush())
-                .await
-                .map_err(|_| BusError::Unavailable("flush: timed out".into()))?
-                .map_err(|e| unavailable("flush", e))?;
+            self.sync_with_server().await?;
             let events = sub.map(|msg| {
                 let instance = msg
                     .headers
