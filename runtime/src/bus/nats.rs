@@ -20,10 +20,13 @@
 //! while the [`Responder`] lives, independently of the worker's progress;
 //! keep the requester's idle timeout at 3 or more heartbeat intervals.
 //!
-//! Reply inboxes were chosen over a JetStream stream per request (no
-//! per-request server state, one hop). Measured on a loaded 2-core machine
-//! with nats-server on loopback: see `e2e/tests/bus.rs`
-//! (`request_round_trip_and_token_latency`) and the commit report.
+//! Reply inboxes were chosen over a JetStream stream per request: no
+//! per-request server state, one hop, no disk. Measured with
+//! `e2e/tests/bus.rs::request_round_trip_and_token_latency` (debug build,
+//! nats-server 2.9 on loopback, a shared 2-core machine): a request with one
+//! response and its end round-trips in about 0.25 ms (p99 0.45 ms); a token
+//! sent every 5 ms reaches the requester in about 0.4 ms (p99 1.6-3 ms);
+//! 2000 tokens sent back to back arrive within about 20 ms.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
