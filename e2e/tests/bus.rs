@@ -141,6 +141,14 @@ fn child_process_entry() {
                 println!("XPYD:SENT");
                 std::future::pending::<()>().await;
             }
+            // Sends one request to `decode-0`, reads one response, waits.
+            "requester" => {
+                let mut stream = bus.request("decode-0", Bytes::new(), IDLE).await.unwrap();
+                let first = stream.next().await;
+                assert!(matches!(first, Some(Ok(_))), "{first:?}");
+                println!("XPYD:RECEIVED");
+                std::future::pending::<()>().await;
+            }
             // Takes one prefill job and sits on it.
             "worker" => {
                 let mut jobs = bus.prefill_jobs().await.unwrap();
@@ -296,6 +304,37 @@ async fn dropping_the_response_stream_cancels_the_request_on_the_server() {
     drop(stream);
     within("cancelled", cancelled).await;
     eprintln!("cancel reached the server in {:?}", dropped_at.elapsed());
+    assert_eq!(
+        req.responder.send(Bytes::from_static(b"b")).await,
+        Err(BusError::Cancelled)
+    );
+}
+
+#[tokio::test]
+async fn a_requester_process_killed_mid_stream_cancels_the_request_on_the_server() {
+    let (_dir, nats) = start_nats("bus-reqkilled").await;
+    let server = connect(&nats.url(), "reqkilled").await;
+    let mut requests = server.serve("decode-0").await.unwrap();
+    let mut child = ChildProcess::spawn("requester", &nats.url(), "reqkilled");
+    let mut req = within("request", requests.next()).await.unwrap();
+    req.responder.send(Bytes::from_static(b"a")).await.unwrap();
+    child.expect("RECEIVED").await;
+    let mut cancelled = req.responder.cancelled();
+    // Heartbeats to a live requester cancel nothing.
+    assert!(
+        timeout(Duration::from_millis(2500), &mut cancelled)
+            .await
+            .is_err(),
+        "cancelled while the requester lives"
+    );
+    child.kill();
+    let killed_at = Instant::now();
+    // No cancel message was sent: the bus notices from its heartbeats.
+    within("cancelled", cancelled).await;
+    eprintln!(
+        "a killed requester was noticed in {:?}",
+        killed_at.elapsed()
+    );
     assert_eq!(
         req.responder.send(Bytes::from_static(b"b")).await,
         Err(BusError::Cancelled)

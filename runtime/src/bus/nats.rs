@@ -19,6 +19,10 @@
 //! (so `request` knows the request was taken) and every heartbeat interval
 //! while the [`Responder`] lives, independently of the worker's progress;
 //! keep the requester's idle timeout at 3 or more heartbeat intervals.
+//! Heartbeats carry a reply subject of the serving side's, so when the
+//! requester dies (or drops its stream and the explicit cancel is lost),
+//! NATS answers the next heartbeat with no-responders and
+//! [`Responder::cancelled`] resolves within about one heartbeat interval.
 //!
 //! Reply inboxes were chosen over a JetStream stream per request: no
 //! per-request server state, one hop, no disk. Measured with
@@ -282,8 +286,23 @@ impl Drop for TaskGuard {
     }
 }
 
-/// Open requests of one `serve`, by inbox: how a cancel finds its request.
-type OpenRequests = Arc<Mutex<HashMap<String, watch::Sender<bool>>>>;
+/// Open requests of one `serve`: how a cancel (by requester inbox) or a
+/// heartbeat that found nobody (by heartbeat id) finds its request.
+#[derive(Default)]
+struct Open {
+    by_inbox: HashMap<String, watch::Sender<bool>>,
+    by_beat: HashMap<u64, String>,
+}
+
+type OpenRequests = Arc<Mutex<Open>>;
+
+impl Open {
+    fn cancel(&self, inbox: &str) {
+        if let Some(cancel) = self.by_inbox.get(inbox) {
+            let _ = cancel.send(true);
+        }
+    }
+}
 
 struct NatsResponder {
     client: Client,
@@ -293,6 +312,7 @@ struct NatsResponder {
     ended: bool,
     heartbeat: AbortHandle,
     open: OpenRequests,
+    beat_id: u64,
     /// Keeps the serve task (and so cancel delivery) alive while this
     /// request is open, even if the `RequestStream` was dropped.
     _serve: Arc<TaskGuard>,
@@ -339,7 +359,11 @@ impl ResponderSink for NatsResponder {
 impl Drop for NatsResponder {
     fn drop(&mut self) {
         self.heartbeat.abort();
-        lock(&self.open).remove(&self.inbox);
+        {
+            let mut open = lock(&self.open);
+            open.by_inbox.remove(&self.inbox);
+            open.by_beat.remove(&self.beat_id);
+        }
         if self.ended || *self.cancel.borrow() {
             return;
         }
@@ -361,12 +385,14 @@ async fn serve_loop(
     client: Client,
     mut requests: Subscriber,
     mut cancels: Subscriber,
+    (beat_prefix, mut gone): (String, Subscriber),
     tx: mpsc::UnboundedSender<IncomingRequest>,
     guard: Weak<TaskGuard>,
     heartbeat_interval: Duration,
 ) {
-    let open: OpenRequests = Arc::new(Mutex::new(HashMap::new()));
+    let open: OpenRequests = Arc::new(Mutex::new(Open::default()));
     let mut serving = true;
+    let mut next_beat: u64 = 0;
     loop {
         tokio::select! {
             // Requests first: a cancel published right after its request
@@ -383,10 +409,17 @@ async fn serve_loop(
                 };
                 let Some(guard) = guard.upgrade() else { return };
                 let (cancel_tx, cancel_rx) = watch::channel(false);
-                lock(&open).insert(inbox.clone(), cancel_tx);
+                let beat_id = next_beat;
+                next_beat += 1;
+                {
+                    let mut open = lock(&open);
+                    open.by_inbox.insert(inbox.clone(), cancel_tx);
+                    open.by_beat.insert(beat_id, inbox.clone());
+                }
                 let heartbeat = tokio::spawn(heartbeat(
                     client.clone(),
                     inbox.clone(),
+                    format!("{beat_prefix}.{beat_id}"),
                     cancel_rx.clone(),
                     heartbeat_interval,
                 ))
@@ -399,6 +432,7 @@ async fn serve_loop(
                     ended: false,
                     heartbeat,
                     open: open.clone(),
+                    beat_id,
                     _serve: guard,
                 });
                 // A send error drops the responder, which answers Abandoned.
@@ -406,9 +440,24 @@ async fn serve_loop(
             }
             msg = cancels.next() => {
                 let Some(msg) = msg else { return };
-                let inbox = String::from_utf8_lossy(&msg.payload);
-                if let Some(cancel) = lock(&open).get(inbox.as_ref()) {
-                    let _ = cancel.send(true);
+                lock(&open).cancel(&String::from_utf8_lossy(&msg.payload));
+            }
+            msg = gone.next() => {
+                let Some(msg) = msg else { return };
+                // NATS answers a heartbeat's reply subject with 503 when the
+                // requester's inbox has no subscriber: it died or dropped
+                // its stream without a word.
+                if msg.status != Some(StatusCode::NO_RESPONDERS) {
+                    continue;
+                }
+                let subject = msg.subject.to_string();
+                let Some(id) = subject.rsplit('.').next().and_then(|t| t.parse::<u64>().ok()) else {
+                    continue;
+                };
+                let open = lock(&open);
+                if let Some(inbox) = open.by_beat.get(&id) {
+                    tracing::debug!(%inbox, "requester gone; cancelling its request");
+                    open.cancel(inbox);
                 }
             }
             _ = tx.closed(), if serving => {
@@ -421,10 +470,13 @@ async fn serve_loop(
     }
 }
 
-/// Tells the requester we are alive: at once, then every `interval`.
+/// Tells the requester we are alive: at once, then every `interval`. Each
+/// beat carries `reply` so that NATS tells us (503) when the requester's
+/// inbox is gone.
 async fn heartbeat(
     client: Client,
     inbox: String,
+    reply: String,
     mut cancel: watch::Receiver<bool>,
     interval: Duration,
 ) {
@@ -434,7 +486,11 @@ async fn heartbeat(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if client.publish(inbox.clone(), beat.clone()).await.is_err() {
+                if client
+                    .publish_with_reply(inbox.clone(), reply.clone(), beat.clone())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -857,12 +913,19 @@ impl Bus for NatsBus {
             // Make sure the server has the subscriptions before anyone is
             // told this instance is up.
             self.sync_with_server().await?;
+            let beat_prefix = self.client.new_inbox();
+            let gone = self
+                .client
+                .subscribe(format!("{beat_prefix}.*"))
+                .await
+                .map_err(|e| unavailable("subscribe heartbeat replies", e))?;
             let (tx, rx) = mpsc::unbounded_channel();
             let guard = Arc::new(TaskGuard(Mutex::new(None)));
             let task = tokio::spawn(serve_loop(
                 self.client.clone(),
                 requests,
                 cancels,
+                (beat_prefix, gone),
                 tx,
                 Arc::downgrade(&guard),
                 self.options.heartbeat_interval,
