@@ -12,7 +12,12 @@ use crate::roles::Cluster;
 async fn etcd(endpoints: &[String], scope: Scope) -> anyhow::Result<Arc<dyn Discovery>> {
     let discovery = EtcdDiscovery::connect(endpoints, scope, EtcdOptions::default())
         .await
-        .with_context(|| format!("cannot reach etcd at {} (--etcd-endpoints)", endpoints.join(",")))?;
+        .with_context(|| {
+            format!(
+                "cannot reach etcd at {} (--etcd-endpoints)",
+                endpoints.join(",")
+            )
+        })?;
     Ok(discovery)
 }
 

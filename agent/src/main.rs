@@ -54,7 +54,12 @@ enum Command {
 #[derive(Args, Debug, Clone)]
 struct PodArgs {
     /// etcd endpoints, comma separated.
-    #[arg(long, env = "XPYD_ETCD_ENDPOINTS", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "XPYD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
     etcd_endpoints: Vec<String>,
     /// NATS server URL.
     #[arg(long, env = "XPYD_NATS_URL")]
@@ -187,7 +192,12 @@ async fn start_probes(
         .await
         .with_context(|| format!("cannot listen on {bind} (--metrics-port)"))?;
     let port = listener.local_addr()?.port();
-    tokio::spawn(probes::serve(listener, ready, registry, roles::stopped(stop)));
+    tokio::spawn(probes::serve(
+        listener,
+        ready,
+        registry,
+        roles::stopped(stop),
+    ));
     Ok(format!("{}:{port}", pod.advertise_host))
 }
 
@@ -202,7 +212,10 @@ async fn worker(role: Role, args: WorkerArgs) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let (ready_tx, ready) = watch::channel(false);
     let http_address = start_probes(pod, ready, registry.clone(), stop.clone()).await?;
-    let prefix = pod.instance.clone().unwrap_or_else(|| role.as_str().to_string());
+    let prefix = pod
+        .instance
+        .clone()
+        .unwrap_or_else(|| role.as_str().to_string());
     let spec = WorkerSpec {
         role,
         instance_id: node::instance_id(&prefix),
@@ -234,7 +247,10 @@ async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(api)
         .await
         .with_context(|| format!("cannot listen on {api} (--http-port)"))?;
-    let prefix = pod.instance.clone().unwrap_or_else(|| "frontend".to_string());
+    let prefix = pod
+        .instance
+        .clone()
+        .unwrap_or_else(|| "frontend".to_string());
     let spec = FrontendSpec {
         instance_id: node::instance_id(&prefix),
         model_path,

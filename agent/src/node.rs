@@ -91,11 +91,10 @@ pub fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
     Ok(Tokenizer::from_gguf(&gguf)?)
 }
 
-/// An engine over the model at `path`, its tokenizer, and (for workers
-/// that exchange KV) a NIXL agent named `agent_name` over its KV memory.
+/// An engine over the model at `path` and a NIXL agent named
+/// `agent_name` over its KV memory.
 pub struct Node {
     pub engine: EngineHandle,
-    pub tokenizer: Tokenizer,
     pub agent: TransferAgent,
 }
 
@@ -115,11 +114,7 @@ impl Node {
             .with_kv_storage(|kv| unsafe { KvMemory::of_kv_storage(kv) })??;
         let agent = TransferAgent::new(agent_name, memory)
             .with_context(|| format!("creating NIXL agent {agent_name}"))?;
-        Ok(Node {
-            engine,
-            tokenizer: Tokenizer::from_gguf(&gguf)?,
-            agent,
-        })
+        Ok(Node { engine, agent })
     }
 
     /// The registration record of a worker of `role` on this node.

@@ -214,7 +214,9 @@ async fn deregister(registration: Arc<Registration>, follower: tokio::task::Join
             Ok(()) => tracing::info!(instance = %id, "deregistered; draining"),
             Err(e) => tracing::warn!(instance = %id, "deregistering failed: {e}"),
         },
-        Err(_) => tracing::warn!(instance = %id, "registration still shared; it expires with its lease"),
+        Err(_) => {
+            tracing::warn!(instance = %id, "registration still shared; it expires with its lease")
+        }
     }
 }
 

@@ -60,8 +60,9 @@ pub struct UpArgs {
 }
 
 fn parse_strategy(s: &str) -> Result<RouterStrategy, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|_| format!("unknown router strategy {s:?}: use kv, round_robin, random or session"))
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+        format!("unknown router strategy {s:?}: use kv, round_robin, random or session")
+    })
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {

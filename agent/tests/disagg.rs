@@ -83,13 +83,17 @@ impl Deployment {
         d.spawn("frontend", "frontend-0", &[]).await;
         let api = d.api.clone();
         let http = d.http.clone();
-        wait_until("the frontend lists the model", Duration::from_secs(60), || {
-            let req = http.get(format!("{api}/v1/models")).send();
-            async move {
-                let body: Value = req.await?.json().await?;
-                Ok::<_, reqwest::Error>(body["data"].as_array().is_some_and(|m| !m.is_empty()))
-            }
-        })
+        wait_until(
+            "the frontend lists the model",
+            Duration::from_secs(60),
+            || {
+                let req = http.get(format!("{api}/v1/models")).send();
+                async move {
+                    let body: Value = req.await?.json().await?;
+                    Ok::<_, reqwest::Error>(body["data"].as_array().is_some_and(|m| !m.is_empty()))
+                }
+            },
+        )
         .await
         .unwrap();
         d
@@ -146,14 +150,21 @@ impl Deployment {
             self.api = format!("http://127.0.0.1:{port}");
         } else {
             args.extend(
-                ["--num-blocks", "160", "--max-model-len", "1024", "--max-seqs", "16"]
-                    .map(String::from),
+                [
+                    "--num-blocks",
+                    "160",
+                    "--max-model-len",
+                    "1024",
+                    "--max-seqs",
+                    "16",
+                ]
+                .map(String::from),
             );
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = self.dir.path().join(format!("{name}.log"));
-        let mut process = ServerProcess::start(name, &agent_binary(), args, [("XPYD_LOG", "info")], log)
-            .unwrap();
+        let mut process =
+            ServerProcess::start(name, &agent_binary(), args, [("XPYD_LOG", "info")], log).unwrap();
         process
             .wait_http_ready(
                 &format!("http://127.0.0.1:{metrics_port}/ready"),
@@ -243,39 +254,111 @@ fn answer(body: &Value) -> String {
 async fn one_prefill_one_decode_long_prompts_go_remote_short_ones_stay_local() {
     let mut d = Deployment::start("disagg-1p1d", 1, 1, 32, &[]).await;
 
-    let (status, body) = d.chat(LONG_SYSTEM, "What is the capital of France?", 12).await;
+    let (status, body) = d
+        .chat(LONG_SYSTEM, "What is the capital of France?", 12)
+        .await;
     assert_eq!(status, 200, "{body}");
     let remote_text = answer(&body);
     assert!(remote_text.contains("Paris"), "{remote_text:?}");
-    assert_eq!(d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"remote\"").await, 1.0);
-    assert!(d.metric("decode-0", "xpyd_transfer_bytes_total", "direction=\"received\"").await > 0.0);
-    assert!(d.metric("prefill-0", "xpyd_transfer_bytes_total", "direction=\"sent\"").await > 0.0);
-    assert_eq!(d.metric("prefill-0", "xpyd_prefill_jobs_total", "result=\"ok\"").await, 1.0);
+    assert_eq!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"remote\""
+        )
+        .await,
+        1.0
+    );
+    assert!(
+        d.metric(
+            "decode-0",
+            "xpyd_transfer_bytes_total",
+            "direction=\"received\""
+        )
+        .await
+            > 0.0
+    );
+    assert!(
+        d.metric(
+            "prefill-0",
+            "xpyd_transfer_bytes_total",
+            "direction=\"sent\""
+        )
+        .await
+            > 0.0
+    );
+    assert_eq!(
+        d.metric("prefill-0", "xpyd_prefill_jobs_total", "result=\"ok\"")
+            .await,
+        1.0
+    );
 
     // A short prompt is prefilled by the decode worker itself.
     let (status, body) = d.chat("Be brief.", "Hi", 4).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"local\"").await, 1.0);
-    assert_eq!(d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"remote\"").await, 1.0);
+    assert_eq!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"local\""
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"remote\""
+        )
+        .await,
+        1.0
+    );
 
     // The operator raises the threshold in etcd: without a restart, the
     // same long prompt is now prefilled locally, to the same text.
     d.set_threshold(100_000, 2).await;
     let (etcd_http, port) = (d.http.clone(), d.agent("decode-0").metrics_port);
-    wait_until("the decode worker applies the new threshold", Duration::from_secs(30), || {
-        let req = etcd_http.get(format!("http://127.0.0.1:{port}/metrics")).send();
-        async move {
-            let text = req.await?.text().await?;
-            Ok::<_, reqwest::Error>(sum_samples(&text, "xpyd_decode_max_local_prefill_length", "") == 100_000.0)
-        }
-    })
+    wait_until(
+        "the decode worker applies the new threshold",
+        Duration::from_secs(30),
+        || {
+            let req = etcd_http
+                .get(format!("http://127.0.0.1:{port}/metrics"))
+                .send();
+            async move {
+                let text = req.await?.text().await?;
+                Ok::<_, reqwest::Error>(
+                    sum_samples(&text, "xpyd_decode_max_local_prefill_length", "") == 100_000.0,
+                )
+            }
+        },
+    )
     .await
     .unwrap();
-    let (status, body) = d.chat(LONG_SYSTEM, "What is the capital of France?", 12).await;
+    let (status, body) = d
+        .chat(LONG_SYSTEM, "What is the capital of France?", 12)
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(answer(&body), remote_text);
-    assert_eq!(d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"local\"").await, 2.0);
-    assert_eq!(d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"remote\"").await, 1.0);
+    assert_eq!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"local\""
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"remote\""
+        )
+        .await,
+        1.0
+    );
     // The settings generation was acknowledged for the operator.
     let mut etcd = d.etcd.client().await.unwrap();
     let acks = etcd
@@ -286,7 +369,9 @@ async fn one_prefill_one_decode_long_prompts_go_remote_short_ones_stay_local() {
         .await
         .unwrap();
     assert!(
-        acks.kvs().iter().any(|kv| kv.value_str().unwrap_or("").contains("\"generation\":2")),
+        acks.kvs()
+            .iter()
+            .any(|kv| kv.value_str().unwrap_or("").contains("\"generation\":2")),
         "no ack of generation 2"
     );
 }
@@ -319,11 +404,18 @@ async fn two_prefill_two_decode_serve_twenty_concurrent_requests() {
     assert!(france.iter().all(|a| a.contains("Paris")), "{france:?}");
     let mut remote = 0.0;
     for decode in ["decode-0", "decode-1"] {
-        remote += d.metric(decode, "xpyd_decode_prefills_total", "location=\"remote\"").await;
+        remote += d
+            .metric(decode, "xpyd_decode_prefills_total", "location=\"remote\"")
+            .await;
     }
-    assert!(remote >= 10.0, "only {remote} of 20 requests were prefilled remotely");
+    assert!(
+        remote >= 10.0,
+        "only {remote} of 20 requests were prefilled remotely"
+    );
     for prefill in ["prefill-0", "prefill-1"] {
-        let ok = d.metric(prefill, "xpyd_prefill_jobs_total", "result=\"ok\"").await;
+        let ok = d
+            .metric(prefill, "xpyd_prefill_jobs_total", "result=\"ok\"")
+            .await;
         assert!(ok > 0.0, "{prefill} took no work");
     }
 }
@@ -349,16 +441,31 @@ async fn a_prefill_worker_killed_mid_run_loses_no_request_and_leaks_no_block() {
     let kill = async {
         // Once prefill-0 has taken work, SIGKILL it (its process group, as
         // the harness's own kill does; the handle reaps it below).
-        let (http, port) = (d.http.clone(), d.agents.iter().find(|a| a.name == "prefill-0").unwrap().metrics_port);
+        let (http, port) = (
+            d.http.clone(),
+            d.agents
+                .iter()
+                .find(|a| a.name == "prefill-0")
+                .unwrap()
+                .metrics_port,
+        );
         let _ = wait_until("prefill-0 takes a job", Duration::from_secs(60), || {
             let req = http.get(format!("http://127.0.0.1:{port}/metrics")).send();
             async move {
                 let text = req.await?.text().await?;
-                Ok::<_, reqwest::Error>(sum_samples(&text, "xpyd_engine_running_requests", "") > 0.0)
+                Ok::<_, reqwest::Error>(
+                    sum_samples(&text, "xpyd_engine_running_requests", "") > 0.0,
+                )
             }
         })
         .await;
-        let pid = d.agents.iter().find(|a| a.name == "prefill-0").unwrap().process.pid();
+        let pid = d
+            .agents
+            .iter()
+            .find(|a| a.name == "prefill-0")
+            .unwrap()
+            .process
+            .pid();
         if let Some(pid) = pid {
             // SAFETY: signalling a process group we started.
             unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
@@ -375,31 +482,42 @@ async fn a_prefill_worker_killed_mid_run_loses_no_request_and_leaks_no_block() {
             ),
         }
     }
-    assert!(started.elapsed() < Duration::from_secs(110), "requests hung");
+    assert!(
+        started.elapsed() < Duration::from_secs(110),
+        "requests hung"
+    );
     d.agent("prefill-0").process.kill();
     // Every KV block of the decode worker is free again (cached blocks
     // count as free: nothing holds them).
     let (http, port) = (d.http.clone(), d.agent("decode-0").metrics_port);
-    wait_until("the decode worker's blocks are all free", Duration::from_secs(30), || {
-        let req = http.get(format!("http://127.0.0.1:{port}/metrics")).send();
-        async move {
-            let text = req.await?.text().await?;
-            let total = sum_samples(&text, "xpyd_engine_kv_blocks", "");
-            let free = sum_samples(&text, "xpyd_engine_kv_blocks_free", "");
-            Ok::<_, reqwest::Error>(total > 0.0 && free == total)
-        }
-    })
+    wait_until(
+        "the decode worker's blocks are all free",
+        Duration::from_secs(30),
+        || {
+            let req = http.get(format!("http://127.0.0.1:{port}/metrics")).send();
+            async move {
+                let text = req.await?.text().await?;
+                let total = sum_samples(&text, "xpyd_engine_kv_blocks", "");
+                let free = sum_samples(&text, "xpyd_engine_kv_blocks_free", "");
+                Ok::<_, reqwest::Error>(total > 0.0 && free == total)
+            }
+        },
+    )
     .await
     .unwrap();
     // And it still serves, through the surviving prefill worker.
-    let (status, body) = d.chat(LONG_SYSTEM, "What is the capital of France?", 8).await;
+    let (status, body) = d
+        .chat(LONG_SYSTEM, "What is the capital of France?", 8)
+        .await;
     assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]
 async fn agents_survive_etcd_and_nats_restarts_without_restarting() {
     let mut d = Deployment::start("disagg-restart", 1, 1, 32, &[]).await;
-    let (status, body) = d.chat(LONG_SYSTEM, "What is the capital of France?", 8).await;
+    let (status, body) = d
+        .chat(LONG_SYSTEM, "What is the capital of France?", 8)
+        .await;
     assert_eq!(status, 200, "{body}");
 
     d.etcd.kill();
@@ -408,16 +526,33 @@ async fn agents_survive_etcd_and_nats_restarts_without_restarting() {
     d.nats.restart().await.unwrap();
 
     // Serving resumes, still disaggregated, within a deadline.
-    let before = d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"remote\"").await;
+    let before = d
+        .metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"remote\"",
+        )
+        .await;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let (status, body) = d.chat(LONG_SYSTEM, "What is the capital of Italy?", 8).await;
-        let remote = d.metric("decode-0", "xpyd_decode_prefills_total", "location=\"remote\"").await;
+        let (status, body) = d
+            .chat(LONG_SYSTEM, "What is the capital of Italy?", 8)
+            .await;
+        let remote = d
+            .metric(
+                "decode-0",
+                "xpyd_decode_prefills_total",
+                "location=\"remote\"",
+            )
+            .await;
         if status == 200 && remote > before {
             assert!(!answer(&body).is_empty(), "{body}");
             break;
         }
-        assert!(Instant::now() < deadline, "no remote prefill after the restarts: {status} {body}");
+        assert!(
+            Instant::now() < deadline,
+            "no remote prefill after the restarts: {status} {body}"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let names: Vec<String> = d.agents.iter().map(|a| a.name.clone()).collect();

@@ -94,7 +94,9 @@ async fn up_answers_the_france_question_and_stops_on_ctrl_c() {
         .json()
         .await
         .unwrap();
-    let text = resp["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    let text = resp["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
     assert!(text.contains("Paris"), "{resp}");
     let metrics = http
         .get(format!("{url}/metrics"))

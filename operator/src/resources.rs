@@ -279,7 +279,10 @@ pub fn deployment(owner: &Owner, spec: &DisaggDeploymentSpec, role: Role) -> Dep
         // The engine settings as the agent's flags' variables (the
         // frontend needs the block size for prefix hashes).
         env("XPYD_BLOCK_SIZE", spec.engine.block_size.to_string()),
-        env("XPYD_MAX_BATCH_TOKENS", spec.engine.max_batch_tokens.to_string()),
+        env(
+            "XPYD_MAX_BATCH_TOKENS",
+            spec.engine.max_batch_tokens.to_string(),
+        ),
         env("XPYD_MAX_MODEL_LEN", spec.engine.max_model_len.to_string()),
     ];
     if let Some(blocks) = spec.engine.kv_cache_blocks {
@@ -528,8 +531,14 @@ mod tests {
                 "http://etcd:2379,http://etcd2:2379"
             );
             assert_eq!(env["XPYD_NATS_URL"], "nats://nats:4222");
-            assert_eq!(env["XPYD_BLOCK_SIZE"], dd.spec.engine.block_size.to_string());
-            assert_eq!(env["XPYD_MAX_MODEL_LEN"], dd.spec.engine.max_model_len.to_string());
+            assert_eq!(
+                env["XPYD_BLOCK_SIZE"],
+                dd.spec.engine.block_size.to_string()
+            );
+            assert_eq!(
+                env["XPYD_MAX_MODEL_LEN"],
+                dd.spec.engine.max_model_len.to_string()
+            );
             assert_eq!(env["XPYD_DEPLOYMENT"], "llama");
             assert_eq!(env["XPYD_NAMESPACE"], "ml");
             let annotations = spec

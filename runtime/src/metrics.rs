@@ -198,6 +198,9 @@ mod tests {
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&shared.gather())
             .unwrap();
-        assert!(text.contains("xpyd_decode_prefills_total{location=\"remote\",worker=\"decode-1\"} 2"), "{text}");
+        assert!(
+            text.contains("xpyd_decode_prefills_total{location=\"remote\",worker=\"decode-1\"} 2"),
+            "{text}"
+        );
     }
 }

@@ -14,9 +14,17 @@
 //! Two implementations of [`Bus`]: `NatsBus` (NATS + JetStream, what pods
 //! use) and `MemoryBus` (in-process, for `xpyd-agent up`).
 
+mod memory;
+mod nats;
+
+/// The payload type of every plane, re-exported so callers need no direct
+/// `bytes` dependency.
+pub use bytes::Bytes;
+pub use memory::{MemoryBus, MemoryOptions};
+pub use nats::{NatsBus, NatsOptions, subject_token};
+
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 

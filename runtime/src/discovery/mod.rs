@@ -222,7 +222,6 @@ pub struct Registration {
     stop: std::sync::Mutex<Option<RegistrationStop>>,
 }
 
-
 impl std::fmt::Debug for Registration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registration")

@@ -173,7 +173,11 @@ impl Prompts {
     }
 
     /// See [`CompletionBackend::render_chat`].
-    pub fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError> {
+    pub fn render_chat(
+        &self,
+        model: &str,
+        messages: &[ChatMessage],
+    ) -> Result<String, BackendError> {
         self.check_model(model)?;
         let template = self.template.as_ref().ok_or_else(|| {
             BackendError::invalid(

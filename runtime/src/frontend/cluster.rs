@@ -101,7 +101,11 @@ impl ClusterBackend {
         });
         let mut responses = self
             .bus
-            .request(worker, protocol::encode(&message), self.options.idle_timeout)
+            .request(
+                worker,
+                protocol::encode(&message),
+                self.options.idle_timeout,
+            )
             .await
             .map_err(|e| (bus_error(worker, e), true))?;
         match responses.next().await {

@@ -39,9 +39,9 @@ pub use backend::{
     SharedBackend,
 };
 pub use cluster::{ClusterBackend, ClusterOptions, WorkerPicker};
-pub use routing::{RouterFeeds, start_router};
 pub use error::ApiError;
 pub use extract::BODY_LIMIT;
+pub use routing::{RouterFeeds, start_router};
 
 use handlers::AppState;
 use metrics::FrontendMetrics;
