@@ -25,8 +25,14 @@ fn helm(args: &[&str]) -> Output {
     std::process::Command::new(&tools.helm)
         .args(args)
         // No user configuration or repositories leak into the test.
-        .env("HELM_CONFIG_HOME", std::env::temp_dir().join("xpyd-helm-config"))
-        .env("HELM_CACHE_HOME", std::env::temp_dir().join("xpyd-helm-cache"))
+        .env(
+            "HELM_CONFIG_HOME",
+            std::env::temp_dir().join("xpyd-helm-config"),
+        )
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("xpyd-helm-cache"),
+        )
         .output()
         .expect("helm runs")
 }
@@ -55,7 +61,10 @@ fn template(extra: &[&str]) -> Vec<Value> {
     let rendered = String::from_utf8(out.stdout).unwrap();
     let docs: Vec<Option<Value>> = serde_saphyr::from_multiple(&rendered)
         .unwrap_or_else(|e| panic!("helm template rendered invalid YAML: {e}\n{rendered}"));
-    docs.into_iter().flatten().filter(|d| !d.is_null()).collect()
+    docs.into_iter()
+        .flatten()
+        .filter(|d| !d.is_null())
+        .collect()
 }
 
 fn kinds(objects: &[Value]) -> BTreeSet<String> {
@@ -131,7 +140,11 @@ fn operator_grants() -> BTreeSet<(String, String, String, String)> {
             "deployments",
             &["list", "watch", "create", "patch", "delete"],
         ),
-        ("", "services", &["list", "watch", "create", "patch", "delete"]),
+        (
+            "",
+            "services",
+            &["list", "watch", "create", "patch", "delete"],
+        ),
         ("", "configmaps", &["list", "watch", "create", "patch"]),
         (
             "networking.k8s.io",
@@ -163,7 +176,10 @@ fn helm_lint_is_clean() {
     let out = helm(&["lint", "--strict", chart.to_str().unwrap()]);
     let said = text(&out);
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("1 chart(s) linted, 0 chart(s) failed"), "{said}");
+    assert!(
+        said.contains("1 chart(s) linted, 0 chart(s) failed"),
+        "{said}"
+    );
     assert!(
         !said.contains("[WARNING]") && !said.contains("[ERROR]"),
         "{said}"
@@ -257,7 +273,12 @@ fn default_values_install_the_operator_its_rbac_service_and_dashboards() {
 #[test]
 fn optional_switches_add_etcd_nats_monitors_and_alerts() {
     let all_on = "etcd.enabled=true,nats.enabled=true,monitoring.serviceMonitor.enabled=true,monitoring.prometheusRule.enabled=true";
-    let objects = template(&["--set", all_on, "--api-versions", "monitoring.coreos.com/v1"]);
+    let objects = template(&[
+        "--set",
+        all_on,
+        "--api-versions",
+        "monitoring.coreos.com/v1",
+    ]);
     let got = kinds(&objects);
     for want in [
         "Service/xpyd-etcd",
@@ -449,7 +470,10 @@ fn the_charts_copies_of_crd_dashboards_and_rules_match_their_sources() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     shipped.sort();
-    assert_eq!(shipped, boards, "charts/xpyd/files/dashboards/ has other files");
+    assert_eq!(
+        shipped, boards,
+        "charts/xpyd/files/dashboards/ has other files"
+    );
     for b in &boards {
         pairs.push((
             format!("config/dashboards/{b}"),

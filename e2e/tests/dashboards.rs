@@ -50,7 +50,10 @@ fn dashboards() -> Vec<(String, Value)> {
         let text = std::fs::read_to_string(&path).unwrap();
         let json: Value = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-        out.push((path.file_name().unwrap().to_string_lossy().into_owned(), json));
+        out.push((
+            path.file_name().unwrap().to_string_lossy().into_owned(),
+            json,
+        ));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -71,7 +74,9 @@ fn metric_names(text: &str) -> BTreeSet<String> {
         };
         let mut end = start + "xpyd_".len();
         while end < bytes.len()
-            && (bytes[end].is_ascii_lowercase() || bytes[end].is_ascii_digit() || bytes[end] == b'_')
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'_')
         {
             end += 1;
         }
@@ -138,7 +143,12 @@ fn every_metric_in_the_dashboards_and_rules_is_exported_by_the_code() {
 
     let mut used: Vec<(String, BTreeSet<String>)> = dashboards()
         .into_iter()
-        .map(|(file, json)| (format!("config/dashboards/{file}"), metric_names(&json.to_string())))
+        .map(|(file, json)| {
+            (
+                format!("config/dashboards/{file}"),
+                metric_names(&json.to_string()),
+            )
+        })
         .collect();
     for file in ["xpyd.rules.yaml", "xpyd.rules.test.yaml"] {
         let text = std::fs::read_to_string(repo().join("config/rules").join(file)).unwrap();
@@ -179,7 +189,10 @@ fn every_metric_in_the_dashboards_and_rules_is_exported_by_the_code() {
         .unwrap()
         .1;
     for name in exported.iter().filter(|n| n.starts_with("xpyd_operator_")) {
-        assert!(operator_board.contains(name), "{name} not on the operator dashboard");
+        assert!(
+            operator_board.contains(name),
+            "{name} not on the operator dashboard"
+        );
     }
 }
 
@@ -214,13 +227,21 @@ fn dashboards_are_grafana_json_with_a_query_in_every_panel() {
     );
     let mut uids = BTreeSet::new();
     for (file, board) in &boards {
-        let uid = board["uid"].as_str().unwrap_or_else(|| panic!("{file}: no uid"));
+        let uid = board["uid"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{file}: no uid"));
         assert!(uids.insert(uid.to_string()), "{file}: duplicate uid {uid}");
-        assert!(board["title"].as_str().is_some_and(|t| t.starts_with("xpyd / ")), "{file}");
+        assert!(
+            board["title"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("xpyd / ")),
+            "{file}"
+        );
         // A data source variable, so the dashboard works with any Prometheus.
         let vars = board["templating"]["list"].as_array().unwrap();
         assert!(
-            vars.iter().any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
+            vars.iter()
+                .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
             "{file}: no Prometheus data source variable"
         );
         let panels = board["panels"].as_array().unwrap();
@@ -236,7 +257,10 @@ fn dashboards_are_grafana_json_with_a_query_in_every_panel() {
             if panel["type"] == "row" {
                 continue;
             }
-            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{file}: {title}");
+            assert_eq!(
+                panel["datasource"]["uid"], "${datasource}",
+                "{file}: {title}"
+            );
             let targets = panel["targets"].as_array().unwrap();
             assert!(!targets.is_empty(), "{file}: {title} has no query");
             for t in targets {

@@ -47,7 +47,12 @@ async fn run(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
     }
     let out = tokio::time::timeout(COMMAND_TIMEOUT, cmd.output())
         .await
-        .unwrap_or_else(|_| panic!("{} {args:?} took over {COMMAND_TIMEOUT:?}", program.display()))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} {args:?} took over {COMMAND_TIMEOUT:?}",
+                program.display()
+            )
+        })
         .expect("the command starts");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -90,8 +95,16 @@ impl Cli<'_> {
     async fn get_dd(&self) -> Vec<(String, String)> {
         let table = self.kubectl(&["get", "dd", DD, "-n", NS]).await;
         let mut lines = table.lines();
-        let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
-        let row: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let row: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
         header
             .iter()
             .zip(row)
@@ -99,16 +112,27 @@ impl Cli<'_> {
             .collect()
     }
 
-    async fn wait_dd(&self, what: &str, want: &[(&str, &str)]) {
-        wait_until(what, TIMEOUT, || async {
+    /// Waits for `kubectl get dd` to show `want`; on timeout, fails with the
+    /// operator's log, which says what it could not do.
+    async fn wait_dd(&self, operator: &Operator, what: &str, want: &[(&str, &str)]) {
+        let waited = wait_until(what, TIMEOUT, || async {
             let got = self.get_dd().await;
             let ok = want
                 .iter()
                 .all(|(k, v)| got.iter().any(|(gk, gv)| gk == k && gv == v));
-            if ok { Ok(true) } else { Err(format!("kubectl get dd: {got:?}")) }
+            if ok {
+                Ok(true)
+            } else {
+                Err(format!("kubectl get dd: {got:?}"))
+            }
         })
-        .await
-        .unwrap();
+        .await;
+        if let Err(e) = waited {
+            let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!("{e}\noperator log (last 30 lines):\n{}", tail.join("\n"));
+        }
     }
 }
 
@@ -150,7 +174,11 @@ impl Operator {
         let out = std::fs::File::create(&log).unwrap();
         // The flags and environment the chart's Deployment gives the pod.
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_xpyd-operator"))
-            .args(["run", "--log-json", &format!("--http-addr=127.0.0.1:{port}")])
+            .args([
+                "run",
+                "--log-json",
+                &format!("--http-addr=127.0.0.1:{port}"),
+            ])
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAMESPACE", RELEASE_NS)
             .env("POD_NAME", "xpyd-operator-e2e")
@@ -239,11 +267,23 @@ async fn helm_install_serve_scale_retune_and_uninstall() {
         ])
         .await;
     assert!(notes.contains("STATUS: deployed"), "{notes}");
-    assert!(notes.contains("kubectl delete dd --all"), "NOTES explain uninstall: {notes}");
+    assert!(
+        notes.contains("kubectl delete dd --all"),
+        "NOTES explain uninstall: {notes}"
+    );
     let crds = cli.kubectl(&["get", "crd", "-o", "name"]).await;
     assert!(crds.contains("disaggdeployments.xpyd.dev"), "{crds}");
     let dashboards = cli
-        .kubectl(&["get", "configmap", "-n", RELEASE_NS, "-l", "grafana_dashboard=1", "-o", "name"])
+        .kubectl(&[
+            "get",
+            "configmap",
+            "-n",
+            RELEASE_NS,
+            "-l",
+            "grafana_dashboard=1",
+            "-o",
+            "name",
+        ])
         .await;
     assert_eq!(dashboards.lines().count(), 4, "{dashboards}");
 
@@ -263,7 +303,17 @@ async fn helm_install_serve_scale_retune_and_uninstall() {
         let out = tokio::time::timeout(
             COMMAND_TIMEOUT,
             tokio::process::Command::new(&kubectl)
-                .args(["--kubeconfig", &kubeconfig, "auth", "can-i", verb, resource, "-n", NS, &sa])
+                .args([
+                    "--kubeconfig",
+                    &kubeconfig,
+                    "auth",
+                    "can-i",
+                    verb,
+                    resource,
+                    "-n",
+                    NS,
+                    &sa,
+                ])
                 .kill_on_drop(true)
                 .output(),
         )
@@ -292,11 +342,19 @@ async fn helm_install_serve_scale_retune_and_uninstall() {
     cli.kubectl(&["apply", "-n", NS, "-f", sample_path.to_str().unwrap()])
         .await;
     cli.wait_dd(
+        &operator,
         "kubectl get dd to show 1/1 prefill, 1/1 decode, Ready",
-        &[("PREFILL", "1/1"), ("DECODE", "1/1"), ("READY", "True"), ("THRESHOLD", "512")],
+        &[
+            ("PREFILL", "1/1"),
+            ("DECODE", "1/1"),
+            ("READY", "True"),
+            ("THRESHOLD", "512"),
+        ],
     )
     .await;
-    let pods = cli.kubectl(&["get", "pods", "-n", NS, "--no-headers"]).await;
+    let pods = cli
+        .kubectl(&["get", "pods", "-n", NS, "--no-headers"])
+        .await;
     assert_eq!(pods.lines().count(), 3, "frontend, prefill, decode: {pods}");
     assert!(pods.lines().all(|l| l.contains("Running")), "{pods}");
 
@@ -304,12 +362,21 @@ async fn helm_install_serve_scale_retune_and_uninstall() {
     cli.kubectl(&["scale", "dd", DD, "-n", NS, "--replicas=3"])
         .await;
     cli.wait_dd(
+        &operator,
         "kubectl get dd to show 3/3 decode workers",
         &[("DECODE", "3/3"), ("READY", "True")],
     )
     .await;
     let decode = cli
-        .kubectl(&["get", "pods", "-n", NS, "-l", "xpyd.dev/role=decode", "--no-headers"])
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "xpyd.dev/role=decode",
+            "--no-headers",
+        ])
         .await;
     assert_eq!(decode.lines().count(), 3, "{decode}");
 
@@ -336,8 +403,12 @@ async fn helm_install_serve_scale_retune_and_uninstall() {
     })
     .await
     .unwrap();
-    cli.wait_dd("kubectl get dd to show threshold 2048", &[("THRESHOLD", "2048")])
-        .await;
+    cli.wait_dd(
+        &operator,
+        "kubectl get dd to show threshold 2048",
+        &[("THRESHOLD", "2048")],
+    )
+    .await;
 
     // The chart's RBAC sufficed: reconciles succeed and none was refused.
     let metrics = operator.metrics().await;
@@ -363,8 +434,15 @@ async fn helm_install_serve_scale_retune_and_uninstall() {
     .await
     .unwrap();
     assert_eq!(etcd_keys(&etcd, &format!("/xpyd/{NS}/")).await, 0);
-    cli.helm(&["uninstall", "xpyd", "-n", RELEASE_NS, "--wait", "--timeout=120s"])
-        .await;
+    cli.helm(&[
+        "uninstall",
+        "xpyd",
+        "-n",
+        RELEASE_NS,
+        "--wait",
+        "--timeout=120s",
+    ])
+    .await;
     // The operator pod would now be gone; stop the process that stood in for it.
     let _ = operator.child.kill().await;
     let left = cli
