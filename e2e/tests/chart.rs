@@ -11,6 +11,8 @@ use std::process::Output;
 
 use serde_json::Value;
 use xpyd_e2e::Tools;
+use xpyd_operator::crd::DisaggDeployment;
+use xpyd_operator::resources;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -308,14 +310,35 @@ fn optional_switches_add_etcd_nats_monitors_and_alerts() {
     let args = nats["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(args.contains("\"-js\""), "NATS runs JetStream: {args}");
 
-    // The PodMonitor scrapes the agents' `metrics` port (9090), as the
-    // operator names it on every pod it creates.
+    // The PodMonitor selects every agent pod the operator builds, and
+    // scrapes the port those pods name `metrics` (9090).
     let pm = find(&objects, "PodMonitor", "xpyd-agents");
     assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
-    assert_eq!(
-        pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/managed-by"],
-        xpyd_operator::resources::MANAGED_BY
-    );
+    let selector = pm["spec"]["selector"]["matchLabels"].as_object().unwrap();
+    let mut dd: DisaggDeployment = serde_saphyr::from_str(&sample).unwrap();
+    dd.metadata.namespace = Some("demo".into());
+    dd.metadata.uid = Some("0000-test".into());
+    let owner = resources::Owner::of(&dd).unwrap();
+    for role in resources::Role::ALL {
+        let deployment =
+            serde_json::to_value(resources::deployment(&owner, &dd.spec, role)).unwrap();
+        let template = &deployment["spec"]["template"];
+        for (k, v) in selector {
+            assert_eq!(
+                &template["metadata"]["labels"][k], v,
+                "{role:?} pods lack the PodMonitor's label {k}"
+            );
+        }
+        let ports = template["spec"]["containers"][0]["ports"]
+            .as_array()
+            .unwrap();
+        assert!(
+            ports
+                .iter()
+                .any(|p| p["name"] == "metrics" && p["containerPort"] == resources::METRICS_PORT),
+            "{role:?}: {ports:?}"
+        );
+    }
 
     // The PrometheusRule carries exactly the rule groups of config/rules.
     let rule = find(&objects, "PrometheusRule", "xpyd");
