@@ -41,4 +41,10 @@ impl Tools {
     pub fn kubectl(&self) -> PathBuf {
         self.kube_bin.join("kubectl")
     }
+
+    /// `promtool` (`XPYD_PROMTOOL_BIN`), for checking and unit-testing the
+    /// Prometheus rules. Looked up on demand, since only those tests need it.
+    pub fn promtool(&self) -> Result<PathBuf> {
+        tool("XPYD_PROMTOOL_BIN")
+    }
 }
