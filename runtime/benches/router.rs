@@ -86,7 +86,7 @@ fn main() {
     let router = Router::new(BLOCK_SIZE, &RouterSettings::default());
     router.set_workers(&names);
     let mut publishers: Vec<KvEventPublisher> =
-        names.iter().map(|n| KvEventPublisher::new(n)).collect();
+        names.iter().map(KvEventPublisher::new).collect();
     let mut event_ids = vec![0u64; WORKERS];
     let load = WorkerLoad {
         active_blocks: 2000,
@@ -247,7 +247,7 @@ fn main() {
     let mut blocks_moved = 0usize;
     let mut gen_ids = vec![0u64; WORKERS];
     let mut gen_pubs: Vec<KvEventPublisher> =
-        names.iter().map(|n| KvEventPublisher::new(n)).collect();
+        names.iter().map(KvEventPublisher::new).collect();
     let mut made = 0;
     while made < total_events {
         let w = rng.range(0, WORKERS);
