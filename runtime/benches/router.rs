@@ -85,8 +85,7 @@ fn main() {
     let names: Vec<String> = (0..WORKERS).map(|w| format!("decode-{w:02}")).collect();
     let router = Router::new(BLOCK_SIZE, &RouterSettings::default());
     router.set_workers(&names);
-    let mut publishers: Vec<KvEventPublisher> =
-        names.iter().map(KvEventPublisher::new).collect();
+    let mut publishers: Vec<KvEventPublisher> = names.iter().map(KvEventPublisher::new).collect();
     let mut event_ids = vec![0u64; WORKERS];
     let load = WorkerLoad {
         active_blocks: 2000,
@@ -246,8 +245,7 @@ fn main() {
     let total_events = 1_000_000;
     let mut blocks_moved = 0usize;
     let mut gen_ids = vec![0u64; WORKERS];
-    let mut gen_pubs: Vec<KvEventPublisher> =
-        names.iter().map(KvEventPublisher::new).collect();
+    let mut gen_pubs: Vec<KvEventPublisher> = names.iter().map(KvEventPublisher::new).collect();
     let mut made = 0;
     while made < total_events {
         let w = rng.range(0, WORKERS);
