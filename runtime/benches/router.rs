@@ -309,7 +309,7 @@ fn main() {
     // The wire: the same kind of batches with token ids, as engines send.
     let wire_batches: Vec<KvEventBatch> = batches
         .iter()
-        .take(1000)
+        .take(4000)
         .map(|b| KvEventBatch {
             events: b
                 .events
@@ -329,30 +329,34 @@ fn main() {
             ..b.clone()
         })
         .collect();
-    let t = Instant::now();
-    let payloads: Vec<Vec<u8>> = wire_batches.iter().map(KvEventBatch::encode).collect();
-    let encode_secs = t.elapsed().as_secs_f64();
-    let bytes: usize = payloads.iter().map(Vec::len).sum();
     let wire_events: usize = wire_batches.iter().map(|b| b.events.len()).sum();
-    let wired = Router::new(BLOCK_SIZE, &RouterSettings::default());
-    wired.set_workers(&names);
-    let t = Instant::now();
-    for p in &payloads {
-        wired.ingest(p).expect("decodes");
+    for (name, encode) in [
+        (
+            "binary",
+            KvEventBatch::encode as fn(&KvEventBatch) -> Vec<u8>,
+        ),
+        ("JSON", KvEventBatch::encode_json),
+    ] {
+        let t = Instant::now();
+        let payloads: Vec<Vec<u8>> = wire_batches.iter().map(encode).collect();
+        let encode_secs = t.elapsed().as_secs_f64();
+        let bytes: usize = payloads.iter().map(Vec::len).sum();
+        let wired = Router::new(BLOCK_SIZE, &RouterSettings::default());
+        wired.set_workers(&names);
+        let t = Instant::now();
+        for p in &payloads {
+            wired.ingest(p).expect("decodes");
+        }
+        let ingest_secs = t.elapsed().as_secs_f64();
+        println!(
+            "| wire {name} (token ids included): bytes per event, encode | {:.0} B, {:.2} M events/s |",
+            bytes as f64 / wire_events as f64,
+            wire_events as f64 / encode_secs / 1e6,
+        );
+        println!(
+            "| ingest, Router::ingest ({name} decode + apply, one core) | {:.2} M events/s ({:.0} MB/s) |",
+            wire_events as f64 / ingest_secs / 1e6,
+            bytes as f64 / ingest_secs / 1e6
+        );
     }
-    let ingest_secs = t.elapsed().as_secs_f64();
-    println!(
-        "| wire (JSON, token ids included): bytes per event | {:.0} |",
-        bytes as f64 / wire_events as f64
-    );
-    println!(
-        "| wire: encode | {:.2} M events/s ({:.0} MB/s) |",
-        wire_events as f64 / encode_secs / 1e6,
-        bytes as f64 / encode_secs / 1e6
-    );
-    println!(
-        "| ingest, Router::ingest (JSON decode + apply, one core) | {:.2} M events/s ({:.0} MB/s) |",
-        wire_events as f64 / ingest_secs / 1e6,
-        bytes as f64 / ingest_secs / 1e6
-    );
 }
