@@ -5,16 +5,17 @@
 //! apart by the first byte):
 //!
 //! - binary ([`KvEventBatch::encode`], what workers publish): JSON of this
-//!   volume (token ids included) decodes at about 0.3M events/s on one
-//!   core, several times slower than the index applies them (see
-//!   `docs/benchmarks.md`, "Router"). Layout, little endian: magic
-//!   `XKB1`; `instance_id` (u16 length + UTF-8); `seq` u64; `load` as four
-//!   u64 (`active_blocks`, `total_blocks`, `running`, `waiting`); u32 event
-//!   count; per event `event_id` u64, a tag byte and the payload —
-//!   `0` Stored: parent flag u8 (+ parent u64), `block_size` u32, u32
-//!   count + hashes u64, u32 count + token ids u32; `1` Removed: u32 count
-//!   + hashes u64; `2` Cleared. New fields go after the events and older
-//!   readers ignore trailing bytes; a new layout gets a new magic.
+//!   volume (token ids included) decodes about 6 times slower than this
+//!   and slower than the index applies events (see `docs/benchmarks.md`,
+//!   "Router"). Layout, little endian: magic `XKB1`; `instance_id` (u16
+//!   length, UTF-8); `seq` u64; `load` as four u64 (`active_blocks`,
+//!   `total_blocks`, `running`, `waiting`); u32 event count; per event
+//!   `event_id` u64, a tag byte and the payload. Tag `0` Stored: parent
+//!   flag u8 (then the parent u64 if 1), `block_size` u32, hashes (u32
+//!   count, u64 each), token ids (u32 count, u32 each); tag `1` Removed:
+//!   hashes as for Stored; tag `2` Cleared: nothing. New fields go after
+//!   the events and older readers ignore trailing bytes; a new layout gets
+//!   a new magic.
 //! - JSON (serde, [`KvEventBatch::encode_json`]): readable, for tools and
 //!   tests.
 //!
