@@ -283,16 +283,29 @@ pub struct RouterSpec {
     #[serde(default = "default_max_prefill_queue_depth")]
     #[schemars(range(min = 1))]
     pub max_prefill_queue_depth: i32,
+    /// `strategy: kv`: weight of the prefix overlap (the fraction of the
+    /// prompt's blocks a worker already caches) in a worker's cost.
+    #[serde(default = "default_kv_weight")]
+    #[schemars(range(min = 0.0))]
+    pub kv_overlap_weight: f64,
+    /// `strategy: kv`: weight of the load (the fraction of a worker's KV
+    /// cache in use, counting this request's new blocks) in a worker's cost.
+    #[serde(default = "default_kv_weight")]
+    #[schemars(range(min = 0.0))]
+    pub kv_load_weight: f64,
 }
 
 fn default_max_local_prefill_length() -> i32 {
     512
 }
 fn default_session_header() -> String {
-    "x-session-id".to_string()
+    "session-id".to_string()
 }
 fn default_max_prefill_queue_depth() -> i32 {
     64
+}
+fn default_kv_weight() -> f64 {
+    1.0
 }
 
 impl Default for RouterSpec {
@@ -302,6 +315,8 @@ impl Default for RouterSpec {
             max_local_prefill_length: default_max_local_prefill_length(),
             session_header: default_session_header(),
             max_prefill_queue_depth: default_max_prefill_queue_depth(),
+            kv_overlap_weight: default_kv_weight(),
+            kv_load_weight: default_kv_weight(),
         }
     }
 }

@@ -54,6 +54,10 @@ pub struct RouterSettings {
     pub max_prefill_queue_depth: i32,
     /// Whether prefill workers exist (`numPrefill > 0`).
     pub disaggregated: bool,
+    /// KV strategy: weight of the prefix overlap in a worker's cost.
+    pub kv_overlap_weight: f64,
+    /// KV strategy: weight of the load in a worker's cost.
+    pub kv_load_weight: f64,
 }
 
 impl RouterSettings {
@@ -66,6 +70,8 @@ impl RouterSettings {
             session_header: router.session_header.clone(),
             max_prefill_queue_depth: router.max_prefill_queue_depth,
             disaggregated: num_prefill > 0,
+            kv_overlap_weight: router.kv_overlap_weight,
+            kv_load_weight: router.kv_load_weight,
         }
     }
 

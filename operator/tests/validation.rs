@@ -149,7 +149,7 @@ async fn defaults_are_filled_in_by_the_api_server() {
     assert_eq!(created.spec.engine.block_size, 16);
     assert_eq!(created.spec.router.max_local_prefill_length, 512);
     assert_eq!(created.spec.frontend.port, 8000);
-    assert_eq!(created.spec.router.session_header, "x-session-id");
+    assert_eq!(created.spec.router.session_header, "session-id");
 }
 
 #[tokio::test]

@@ -11,8 +11,10 @@
 //! worker, the set of hashes it holds (to apply `Removed`/`Cleared` and to
 //! drop a worker). Walking the tree from the root along a prompt is looking
 //! up the prompt's hashes in order; a worker's overlap is the number of
-//! leading hashes it holds. Lookups stop at the first block no candidate
-//! holds, so a cold prompt costs one probe.
+//! leading hashes it holds. The holders of a block are a bitset over dense
+//! worker slots (one `u64` for up to 64 workers), so following all
+//! candidates down one block is one AND. Lookups stop at the first block no
+//! candidate holds, so a cold prompt costs one probe.
 //!
 //! # Imperfect event streams
 //!
@@ -32,6 +34,9 @@
 //! - A batch whose `seq` is not above the last one applied is a duplicate
 //!   and is skipped, unless it starts with `Cleared` (the publisher began
 //!   numbering again).
+//! - The first batch seen from a worker is taken as is, whatever its `seq`:
+//!   a router that starts after a worker knows only what later events tell
+//!   it (it under-reports that worker's cache until blocks are re-stored).
 //!
 //! Not here: worker identities, loads and the choice of a worker (the
 //! `scheduler`), and the wire encoding (`protocol`).
@@ -77,62 +82,83 @@ impl Hasher for PrehashedHasher {
 /// `HashMap`/`HashSet` builder using [`PrehashedHasher`].
 pub type Prehashed = BuildHasherDefault<PrehashedHasher>;
 
-/// Workers holding one block: almost always one, so kept inline.
+/// Index of a worker in the holder bitsets: dense, reused after the
+/// worker is removed (all its bits are cleared first).
+type Slot = u32;
+
+/// The slots of the workers holding one block, as a bitset: inline for the
+/// first 64 slots (any deployment of up to 64 decode workers), boxed words
+/// beyond. Intersecting candidates with holders is then one AND per word.
 #[derive(Debug, Clone)]
 enum Holders {
-    One(WorkerId),
-    Many(Vec<WorkerId>),
+    Small(u64),
+    Large(Box<[u64]>),
 }
 
 impl Holders {
-    fn contains(&self, worker: WorkerId) -> bool {
+    fn of(slot: Slot) -> Holders {
+        let mut h = Holders::Small(0);
+        h.insert(slot);
+        h
+    }
+
+    fn word(&self, i: usize) -> u64 {
         match self {
-            Holders::One(w) => *w == worker,
-            Holders::Many(ws) => ws.contains(&worker),
+            Holders::Small(bits) if i == 0 => *bits,
+            Holders::Small(_) => 0,
+            Holders::Large(words) => words.get(i).copied().unwrap_or(0),
         }
     }
 
-    fn insert(&mut self, worker: WorkerId) {
+    fn insert(&mut self, slot: Slot) {
+        let (i, bit) = (slot as usize / 64, 1u64 << (slot % 64));
         match self {
-            Holders::One(w) if *w == worker => {}
-            Holders::One(w) => *self = Holders::Many(vec![*w, worker]),
-            Holders::Many(ws) => {
-                if !ws.contains(&worker) {
-                    ws.push(worker);
+            Holders::Small(bits) if i == 0 => *bits |= bit,
+            Holders::Small(bits) => {
+                let mut words = vec![0u64; i + 1];
+                words[0] = *bits;
+                words[i] = bit;
+                *self = Holders::Large(words.into_boxed_slice());
+            }
+            Holders::Large(words) => {
+                if i >= words.len() {
+                    let mut grown = words.to_vec();
+                    grown.resize(i + 1, 0);
+                    *words = grown.into_boxed_slice();
                 }
+                words[i] |= bit;
             }
         }
     }
 
-    /// Remove `worker`; true when nobody is left.
-    fn remove(&mut self, worker: WorkerId) -> bool {
+    /// Remove `slot`; true when nobody is left.
+    fn remove(&mut self, slot: Slot) -> bool {
+        let (i, bit) = (slot as usize / 64, 1u64 << (slot % 64));
         match self {
-            Holders::One(w) => *w == worker,
-            Holders::Many(ws) => {
-                ws.retain(|w| *w != worker);
-                match ws.as_slice() {
-                    [] => true,
-                    [only] => {
-                        *self = Holders::One(*only);
-                        false
-                    }
-                    _ => false,
+            Holders::Small(bits) => {
+                if i == 0 {
+                    *bits &= !bit;
                 }
+                *bits == 0
             }
-        }
-    }
-
-    fn for_each(&self, mut f: impl FnMut(WorkerId)) {
-        match self {
-            Holders::One(w) => f(*w),
-            Holders::Many(ws) => ws.iter().copied().for_each(f),
+            Holders::Large(words) => {
+                if let Some(w) = words.get_mut(i) {
+                    *w &= !bit;
+                }
+                if words[1..].iter().all(|&w| w == 0) {
+                    *self = Holders::Small(words[0]);
+                    return self.word(0) == 0;
+                }
+                false
+            }
         }
     }
 }
 
 /// What the index knows about one worker.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct WorkerIndex {
+    slot: Slot,
     blocks: HashSet<PrefixHash, Prehashed>,
     last_seq: Option<u64>,
     next_event_id: Option<u64>,
@@ -187,6 +213,9 @@ impl OverlapScores {
 pub struct KvIndexer {
     blocks: HashMap<PrefixHash, Holders, Prehashed>,
     workers: HashMap<WorkerId, WorkerIndex, Prehashed>,
+    /// The worker in each slot.
+    slots: Vec<Option<WorkerId>>,
+    free_slots: Vec<Slot>,
     counters: IndexerCounters,
 }
 
@@ -224,7 +253,10 @@ impl KvIndexer {
                 ..
             })
         );
-        let state = self.workers.entry(worker).or_default();
+        self.ensure_worker(worker);
+        let Some(state) = self.workers.get_mut(&worker) else {
+            return BatchOutcome::Applied;
+        };
         let mut outcome = BatchOutcome::Applied;
         match state.last_seq {
             Some(last) if seq <= last && !restarts => {
@@ -267,9 +299,11 @@ impl KvIndexer {
             } => self.store(worker, *parent_hash, block_hashes),
             KvEventData::Removed { block_hashes } => self.remove(worker, block_hashes),
             KvEventData::Cleared => {
+                self.ensure_worker(worker);
                 self.clear(worker);
-                let state = self.workers.entry(worker).or_default();
-                state.needs_resync = false;
+                if let Some(state) = self.workers.get_mut(&worker) {
+                    state.needs_resync = false;
+                }
             }
         }
     }
@@ -277,7 +311,10 @@ impl KvIndexer {
     /// Forget `worker` entirely (it left the deployment).
     pub fn remove_worker(&mut self, worker: WorkerId) {
         self.clear(worker);
-        self.workers.remove(&worker);
+        if let Some(state) = self.workers.remove(&worker) {
+            self.slots[state.slot as usize] = None;
+            self.free_slots.push(state.slot);
+        }
     }
 
     /// Each worker's overlap with the prompt whose block hashes are `hashes`.
@@ -286,33 +323,81 @@ impl KvIndexer {
         let Some(first) = hashes.first().and_then(|h| self.blocks.get(h)) else {
             return OverlapScores { scores };
         };
-        // Candidates still matching; each one's overlap is `depth` so far.
-        let mut active: Vec<WorkerId> = Vec::new();
-        first.for_each(|w| active.push(w));
+        // Slots still matching, as a bitset; each one's overlap is `depth`.
+        let words = self.slots.len().div_ceil(64).max(1);
+        let mut active: Vec<u64> = (0..words).map(|i| first.word(i)).collect();
         let mut depth = 1u32;
         for hash in &hashes[1..] {
             let Some(holders) = self.blocks.get(hash) else {
                 break;
             };
-            let mut i = 0;
-            while i < active.len() {
-                if holders.contains(active[i]) {
-                    i += 1;
-                } else {
-                    scores.push((active.swap_remove(i), depth));
-                }
+            let mut any = 0;
+            for (i, word) in active.iter_mut().enumerate() {
+                let keep = *word & holders.word(i);
+                self.push_slots(&mut scores, i, *word & !keep, depth);
+                *word = keep;
+                any |= keep;
             }
-            if active.is_empty() {
+            if any == 0 {
                 break;
             }
             depth += 1;
         }
-        scores.extend(active.into_iter().map(|w| (w, depth)));
+        for (i, word) in active.into_iter().enumerate() {
+            self.push_slots(&mut scores, i, word, depth);
+        }
         OverlapScores { scores }
     }
 
+    /// Score `depth` for each slot set in `bits`, word `word` of a bitset.
+    fn push_slots(
+        &self,
+        scores: &mut Vec<(WorkerId, u32)>,
+        word: usize,
+        mut bits: u64,
+        depth: u32,
+    ) {
+        while bits != 0 {
+            let slot = word * 64 + bits.trailing_zeros() as usize;
+            if let Some(Some(worker)) = self.slots.get(slot) {
+                scores.push((*worker, depth));
+            }
+            bits &= bits - 1;
+        }
+    }
+
+    /// Give `worker` a slot and an empty entry if it has none.
+    fn ensure_worker(&mut self, worker: WorkerId) {
+        if self.workers.contains_key(&worker) {
+            return;
+        }
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(worker);
+                slot
+            }
+            None => {
+                self.slots.push(Some(worker));
+                (self.slots.len() - 1) as Slot
+            }
+        };
+        self.workers.insert(
+            worker,
+            WorkerIndex {
+                slot,
+                blocks: HashSet::default(),
+                last_seq: None,
+                next_event_id: None,
+                needs_resync: false,
+            },
+        );
+    }
+
     fn store(&mut self, worker: WorkerId, parent: Option<PrefixHash>, hashes: &[PrefixHash]) {
-        let state = self.workers.entry(worker).or_default();
+        self.ensure_worker(worker);
+        let Some(state) = self.workers.get_mut(&worker) else {
+            return;
+        };
         if let Some(parent) = parent
             && !state.blocks.contains(&parent)
         {
@@ -328,8 +413,8 @@ impl KvIndexer {
             if state.blocks.insert(hash) {
                 self.blocks
                     .entry(hash)
-                    .and_modify(|h| h.insert(worker))
-                    .or_insert(Holders::One(worker));
+                    .and_modify(|h| h.insert(state.slot))
+                    .or_insert_with(|| Holders::of(state.slot));
             }
         }
     }
@@ -340,7 +425,7 @@ impl KvIndexer {
         };
         for hash in hashes {
             if state.blocks.remove(hash) {
-                Self::unhold(&mut self.blocks, *hash, worker);
+                Self::unhold(&mut self.blocks, *hash, state.slot);
             }
         }
     }
@@ -349,8 +434,9 @@ impl KvIndexer {
         let Some(state) = self.workers.get_mut(&worker) else {
             return;
         };
+        let slot = state.slot;
         for hash in state.blocks.drain() {
-            Self::unhold(&mut self.blocks, hash, worker);
+            Self::unhold(&mut self.blocks, hash, slot);
         }
     }
 
@@ -360,18 +446,16 @@ impl KvIndexer {
             worker = worker.0,
             "KV events of a worker were lost; forgetting its cached blocks until it resyncs"
         );
+        self.ensure_worker(worker);
         self.clear(worker);
-        let state = self.workers.entry(worker).or_default();
-        state.needs_resync = true;
+        if let Some(state) = self.workers.get_mut(&worker) {
+            state.needs_resync = true;
+        }
     }
 
-    fn unhold(
-        blocks: &mut HashMap<PrefixHash, Holders, Prehashed>,
-        hash: PrefixHash,
-        worker: WorkerId,
-    ) {
+    fn unhold(blocks: &mut HashMap<PrefixHash, Holders, Prehashed>, hash: PrefixHash, slot: Slot) {
         if let Some(holders) = blocks.get_mut(&hash)
-            && holders.remove(worker)
+            && holders.remove(slot)
         {
             blocks.remove(&hash);
         }
@@ -535,6 +619,19 @@ mod tests {
         let restart = events(0, vec![KvEventData::Cleared, stored(None, &h)]);
         assert_eq!(index.apply_batch(A, 0, &restart), BatchOutcome::Applied);
         assert_eq!(index.find_matches(&h).get(A), 4);
+    }
+
+    #[test]
+    fn a_reused_slot_inherits_nothing() {
+        let h = chain(0..8);
+        let mut index = KvIndexer::new();
+        index.apply(A, &stored(None, &h));
+        index.apply(B, &stored(None, &h[..1]));
+        index.remove_worker(A);
+        let c = WorkerId(3);
+        index.apply(c, &stored(None, &chain(100..108)));
+        assert_eq!(index.find_matches(&h).scores, vec![(B, 1)]);
+        assert_eq!(index.find_matches(&chain(100..108)).scores, vec![(c, 2)]);
     }
 
     #[test]

@@ -18,5 +18,5 @@ pub mod scheduler;
 
 pub use indexer::{BatchOutcome, KvIndexer, OverlapScores, WorkerId};
 pub use metrics::RouterMetrics;
-pub use protocol::{KvEventBatch, KvEventPublisher, WorkerLoad};
-pub use scheduler::{Decision, RouteRequest, Router, RouterError};
+pub use protocol::{DecodeError, KvEventBatch, KvEventPublisher, WorkerLoad};
+pub use scheduler::{Decision, RouteRequest, Router, RouterError, SharedRouter};

@@ -946,6 +946,71 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_selects_finishes_and_batches_settle_to_the_last_report() {
+        let router = Arc::new(Router::new(BS, &settings(RouterStrategy::Kv)));
+        let names: Vec<String> = (0..8).map(|w| format!("w{w}")).collect();
+        router.set_workers(&names);
+        let selectors: Vec<_> = (0..4)
+            .map(|t| {
+                let router = router.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500u32 {
+                        let id = format!("t{t}-{i}");
+                        let prompt = tokens(i % 7, 6);
+                        router.select_tokens(&id, &prompt, None).expect("workers");
+                        router.finish(&id);
+                    }
+                })
+            })
+            .collect();
+        let publisher = {
+            let router = router.clone();
+            let names = names.clone();
+            std::thread::spawn(move || {
+                let mut publishers: Vec<_> = names.iter().map(KvEventPublisher::new).collect();
+                for round in 0..50u32 {
+                    for (w, p) in publishers.iter_mut().enumerate() {
+                        let hashes = prefix_hashes(&tokens(round % 7, 6), BS);
+                        let event = KvEvent {
+                            event_id: u64::from(round),
+                            data: KvEventData::Stored {
+                                parent_hash: None,
+                                block_hashes: hashes,
+                                block_size: BS as u32,
+                                token_ids: Vec::new(),
+                            },
+                        };
+                        let load = WorkerLoad {
+                            active_blocks: u64::from(round % 3) * w as u64,
+                            ..idle(100)
+                        };
+                        router
+                            .apply_batch(&p.batch(vec![event], load))
+                            .expect("known");
+                    }
+                }
+            })
+        };
+        for s in selectors {
+            s.join().expect("no panic");
+        }
+        publisher.join().expect("no panic");
+        for (w, name) in names.iter().enumerate() {
+            let load = router.load(name).expect("live");
+            // Round 49 reported (49 % 3) * w = w active blocks; every
+            // request finished, so nothing routed can be left on top.
+            assert!(load.active_blocks <= w as u64, "{name}: {load:?}");
+            assert_eq!(load.waiting, 0, "{name}");
+        }
+    }
+
+    #[test]
+    fn router_is_shareable_across_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Router>();
+    }
+
+    #[test]
     fn metrics_count_decisions_hits_and_drop_leaving_workers() {
         let registry = prometheus::Registry::new();
         let metrics = RouterMetrics::register(&registry).expect("registers");
