@@ -33,7 +33,9 @@ const DEPLOYMENT_ENV: &str = "XPYD_BUS_DEPLOYMENT";
 fn options() -> NatsOptions {
     NatsOptions {
         prefill_ack_wait: Duration::from_secs(2),
-        prefill_pull_expiry: Duration::from_secs(1),
+        // Short, and not a divisor of the ack wait (see `Puller` in the
+        // NATS bus).
+        prefill_pull_expiry: Duration::from_millis(1300),
         ..NatsOptions::default()
     }
 }

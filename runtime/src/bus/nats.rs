@@ -81,7 +81,8 @@ impl Default for NatsOptions {
             prefill_ack_wait: Duration::from_secs(10),
             prefill_max_deliver: 5,
             connect_deadline: Duration::from_secs(5),
-            prefill_pull_expiry: Duration::from_secs(5),
+            // Not a divisor of the ack wait: see `Puller`.
+            prefill_pull_expiry: Duration::from_secs(3),
         }
     }
 }
@@ -736,6 +737,12 @@ impl PrefillQueue {
 /// waits a whole ack wait for its next delivery. Here a late job is simply
 /// the next one taken. Why not `PullConsumer::stream`: it asks for the next
 /// job before the worker does, so a busy worker would hold one.
+///
+/// nats-server 2.9 can also hand a redelivered job to a pull in the very
+/// instant that pull expires; then the job never arrives and comes back one
+/// ack wait later (its `delivered` counts the lost delivery). A pull expiry
+/// that does not divide the ack wait keeps a worker that re-pulls right
+/// after dropping a job from hitting that instant every time.
 struct Puller {
     queue: Arc<PrefillQueue>,
     client: Client,
