@@ -534,10 +534,11 @@ async fn agents_survive_etcd_and_nats_restarts_without_restarting() {
         )
         .await;
     let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let (status, body) = d
-            .chat(LONG_SYSTEM, "What is the capital of Italy?", 8)
-            .await;
+    for attempt in 0.. {
+        // A new system prompt each time: the decode worker's prefix cache
+        // must not turn it into a local prefill.
+        let system = format!("Attempt {attempt}. {LONG_SYSTEM}");
+        let (status, body) = d.chat(&system, "What is the capital of Italy?", 8).await;
         let remote = d
             .metric(
                 "decode-0",
