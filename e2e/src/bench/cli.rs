@@ -96,7 +96,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout: f64,
     /// Latencies the table shows.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "ttft,tpot,itl")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ttft,tpot,itl"
+    )]
     pub percentile_metrics: Vec<LatencyMetric>,
     /// Percentiles the table shows.
     #[arg(long, value_delimiter = ',', default_value = "99")]
@@ -107,6 +112,9 @@ pub struct BenchArgs {
     /// Draw the TTFT, TPOT and ITL distributions into this PNG.
     #[arg(long)]
     pub plot_file: Option<PathBuf>,
+    /// TrueType font for the plot's labels.
+    #[arg(long, default_value = super::plot::DEFAULT_FONT)]
+    pub plot_font: PathBuf,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -204,7 +212,7 @@ pub async fn main_with(args: BenchArgs) -> anyhow::Result<Outcome> {
         println!("results: {}", path.display());
     }
     if let Some(path) = &args.plot_file {
-        super::plot::latency_png(&run.records, path)?;
+        super::plot::latency_png(&run.records, path, &args.plot_font)?;
         println!("plot: {}", path.display());
     }
     Ok(Outcome {

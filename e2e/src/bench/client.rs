@@ -226,7 +226,10 @@ fn on_event(data: &str, start: Instant, timing: &mut Timing) -> Result<bool, Fai
     })?;
     if let Some(error) = value.get("error") {
         let message = error["message"].as_str().unwrap_or("no message");
-        return Err((FailureKind::Stream, format!("error in the stream: {message}")));
+        return Err((
+            FailureKind::Stream,
+            format!("error in the stream: {message}"),
+        ));
     }
     if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
         let count = |v: &Value| v.as_u64().map(|n| n as usize);
@@ -270,10 +273,22 @@ mod tests {
     fn text_chunks_time_the_request_and_usage_counts_tokens() {
         let start = Instant::now();
         let mut t = Timing::default();
-        assert!(!on_event(r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#, start, &mut t).unwrap());
+        assert!(
+            !on_event(
+                r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+                start,
+                &mut t
+            )
+            .unwrap()
+        );
         assert_eq!(t.chunks, 0, "a role-only chunk is not a token");
         on_event(r#"{"choices":[{"text":"Hello"}]}"#, start, &mut t).unwrap();
-        on_event(r#"{"choices":[{"text":" world","finish_reason":"length"}]}"#, start, &mut t).unwrap();
+        on_event(
+            r#"{"choices":[{"text":" world","finish_reason":"length"}]}"#,
+            start,
+            &mut t,
+        )
+        .unwrap();
         on_event(
             r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":4}}}"#,
             start,

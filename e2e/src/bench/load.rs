@@ -306,9 +306,16 @@ pub async fn run(
         if progress {
             eprintln!("warm-up: {} requests", shape.warmup);
         }
-        measure(&warm_workload, &warm_shape, target, &tokenizer, &http, false)
-            .await?
-            .records
+        measure(
+            &warm_workload,
+            &warm_shape,
+            target,
+            &tokenizer,
+            &http,
+            false,
+        )
+        .await?
+        .records
     } else {
         Vec::new()
     };
@@ -329,7 +336,12 @@ async fn measure(
     let per_job = maker.requests_per_job();
     let total = match (shape.num_requests, workload) {
         (Some(n), _) => Some(n.div_ceil(per_job) * per_job),
-        (None, Workload::SharedPrefix { sessions, turns, .. }) => Some(sessions * turns),
+        (
+            None,
+            Workload::SharedPrefix {
+                sessions, turns, ..
+            },
+        ) => Some(sessions * turns),
         (None, Workload::Random { .. }) => None,
     };
     let mut arrivals = Arrivals::new(shape.request_rate, shape.burstiness, shape.seed);
@@ -369,10 +381,7 @@ async fn measure(
         if total.is_some_and(|t| issued >= t) {
             break;
         }
-        if shape
-            .duration
-            .is_some_and(|d| shared.start.elapsed() >= d)
-        {
+        if shape.duration.is_some_and(|d| shared.start.elapsed() >= d) {
             break;
         }
         let Some(job) = maker.next()? else { break };

@@ -35,7 +35,11 @@ pub fn table(metrics: &Metrics, context: &TableContext, shown: &[LatencyMetric])
         let _ = writeln!(out, "{label:<40} {value:<10}");
     };
     let _ = writeln!(out, "{:=^50}", " Serving Benchmark Result ");
-    line(&mut out, "Successful requests:", metrics.completed.to_string());
+    line(
+        &mut out,
+        "Successful requests:",
+        metrics.completed.to_string(),
+    );
     line(&mut out, "Failed requests:", metrics.failed.to_string());
     if let Some(c) = context.max_concurrency {
         line(&mut out, "Maximum request concurrency:", c.to_string());
@@ -52,7 +56,11 @@ pub fn table(metrics: &Metrics, context: &TableContext, shown: &[LatencyMetric])
         "Benchmark duration (s):",
         format!("{:.2}", metrics.duration_s),
     );
-    line(&mut out, "Total input tokens:", metrics.total_input.to_string());
+    line(
+        &mut out,
+        "Total input tokens:",
+        metrics.total_input.to_string(),
+    );
     line(
         &mut out,
         "Total generated tokens:",
@@ -119,7 +127,12 @@ pub fn table(metrics: &Metrics, context: &TableContext, shown: &[LatencyMetric])
 
 fn section(out: &mut String, title: &str, name: &str, s: &Summary) {
     let _ = writeln!(out, "{title:-^50}");
-    let _ = writeln!(out, "{:<40} {:<10.2}", format!("Mean {name} (ms):"), s.mean_ms);
+    let _ = writeln!(
+        out,
+        "{:<40} {:<10.2}",
+        format!("Mean {name} (ms):"),
+        s.mean_ms
+    );
     let _ = writeln!(
         out,
         "{:<40} {:<10.2}",
@@ -132,7 +145,12 @@ fn section(out: &mut String, title: &str, name: &str, s: &Summary) {
         } else {
             format!("{p}")
         };
-        let _ = writeln!(out, "{:<40} {:<10.2}", format!("P{word} {name} (ms):"), value);
+        let _ = writeln!(
+            out,
+            "{:<40} {:<10.2}",
+            format!("P{word} {name} (ms):"),
+            value
+        );
     }
 }
 
@@ -172,10 +190,19 @@ mod tests {
             &[LatencyMetric::Ttft, LatencyMetric::Tpot, LatencyMetric::Itl],
         );
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines[0], "============ Serving Benchmark Result ============");
-        assert_eq!(lines[1], format!("{:<40} {:<10}", "Successful requests:", 1));
+        assert_eq!(
+            lines[0],
+            "============ Serving Benchmark Result ============"
+        );
+        assert_eq!(
+            lines[1],
+            format!("{:<40} {:<10}", "Successful requests:", 1)
+        );
         assert!(t.contains(&format!("{:<40} {:<10}", "Benchmark duration (s):", "0.50")));
-        assert!(t.contains(&format!("{:<40} {:<10}", "Request throughput (req/s):", "2.00")));
+        assert!(t.contains(&format!(
+            "{:<40} {:<10}",
+            "Request throughput (req/s):", "2.00"
+        )));
         assert!(t.contains("---------------Time to First Token----------------\n"));
         assert!(t.contains("-----Time per Output Token (excl. 1st token)------\n"));
         assert!(t.contains("---------------Inter-token Latency----------------\n"));

@@ -194,7 +194,13 @@ impl Metrics {
                 reported = true;
             }
         }
-        let per_s = |x: f64| if duration_s > 0.0 { x / duration_s } else { 0.0 };
+        let per_s = |x: f64| {
+            if duration_s > 0.0 {
+                x / duration_s
+            } else {
+                0.0
+            }
+        };
         Metrics {
             completed,
             failed: records.len() - completed,
@@ -287,7 +293,10 @@ mod tests {
         // np.percentile([10, 20, 40], 75) = 20 + 0.5 * 20
         assert!(close(percentile(&[10.0, 20.0, 40.0], 75.0), 30.0));
         // np.std([2, 4, 4, 4, 5, 5, 7, 9]) = 2
-        assert!(close(std_dev(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]), 2.0));
+        assert!(close(
+            std_dev(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]),
+            2.0
+        ));
     }
 
     #[test]

@@ -198,8 +198,8 @@ mod tests {
     use xpyd_runtime::engine::gguf::GgufFile;
 
     fn tokenizer() -> Tokenizer {
-        let path = xpyd_runtime::assets::bundled_model()
-            .expect("the bundled model (run scripts/setup)");
+        let path =
+            xpyd_runtime::assets::bundled_model().expect("the bundled model (run scripts/setup)");
         Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap()
     }
 
