@@ -202,6 +202,7 @@ pub async fn main_with(args: BenchArgs) -> anyhow::Result<Outcome> {
     if let Some(path) = &args.result_file {
         let export = report::Export {
             config: &args,
+            model: &target.model,
             date: chrono::Utc::now().to_rfc3339(),
             metrics: &metrics,
             warmup: &run.warmup,

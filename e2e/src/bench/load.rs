@@ -292,7 +292,7 @@ pub async fn run(
             num_requests: Some(shape.warmup),
             duration: None,
             warmup: 0,
-            seed: shape.seed.wrapping_add(0x77a4_3u64),
+            seed: shape.seed.wrapping_add(0x7a43_u64),
             ..shape.clone()
         };
         let warm_workload = match workload {
@@ -333,6 +333,12 @@ async fn measure(
     progress: bool,
 ) -> anyhow::Result<RunResult> {
     let mut maker = JobMaker::new(workload, tokenizer, shape.seed)?;
+    if progress {
+        eprintln!(
+            "prompts drawn from {} word tokens of the tokenizer",
+            maker.vocab.len()
+        );
+    }
     let per_job = maker.requests_per_job();
     let total = match (shape.num_requests, workload) {
         (Some(n), _) => Some(n.div_ceil(per_job) * per_job),

@@ -159,6 +159,8 @@ fn section(out: &mut String, title: &str, name: &str, s: &Summary) {
 pub struct Export<'a, C: Serialize> {
     /// The run's settings (the command line, parsed).
     pub config: &'a C,
+    /// The model the requests named (asked from the server if not given).
+    pub model: &'a str,
     pub date: String,
     pub metrics: &'a Metrics,
     pub warmup: &'a [RequestRecord],
