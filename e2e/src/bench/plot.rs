@@ -119,3 +119,40 @@ fn load_font(path: &Path) -> anyhow::Result<()> {
         Err(e) => anyhow::bail!("{e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::stats::TokenCountSource;
+
+    #[test]
+    fn draws_a_png_or_names_the_missing_font() {
+        let records: Vec<RequestRecord> = (0..20)
+            .map(|i| {
+                let mut r = RequestRecord::new(i, 100, 5);
+                r.success = true;
+                r.ttft_s = 0.1 + i as f64 * 0.01;
+                r.itl_s = vec![0.02, 0.03, 0.02, 0.04];
+                r.e2e_s = r.ttft_s + 0.11;
+                r.output_tokens = 5;
+                r.output_tokens_source = TokenCountSource::Usage;
+                r
+            })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("xpyd-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join("latency.png");
+        let font = Path::new(DEFAULT_FONT);
+        let result = latency_png(&records, &png, font);
+        if font.exists() {
+            result.unwrap();
+            let bytes = std::fs::read(&png).unwrap();
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+            assert!(bytes.len() > 10_000, "{} bytes", bytes.len());
+        } else {
+            let e = result.unwrap_err().to_string();
+            assert!(e.contains(DEFAULT_FONT) && e.contains("--plot-font"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
