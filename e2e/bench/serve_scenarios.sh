@@ -12,7 +12,8 @@
 #   seed-a   input 3000 / output 150 / concurrency 10
 #   seed-b   input 7500 / output 200 / 1 request/s (Poisson)
 #
-# Env: NUM_PROMPTS (agg/1p1d: 24; seed-a: 20; seed-b: 10), WARMUP (2), PORT
+# Env: NUM_PROMPTS (agg/1p1d: 24; seed-a: 20; seed-b: 10), WARMUP (2), REQUEST_TIMEOUT
+# (seed-a/b: 1800 s; a request past it counts as timed out), PORT
 # (8123), SEED (0), OUT (results folder; default a fresh /tmp folder),
 # CARGO_TARGET_DIR (the repo's target/), AGENT_EXTRA (more `up` flags).
 # Every scenario writes OUT/<scenario>.json (every request's timings) and
@@ -127,10 +128,10 @@ for s in "${scenarios[@]}"; do
             fi ;;
         seed-a) scenario seed-a "--num-blocks 2048 --max-model-len 4096" \
                     --input-len 3000 --output-len 150 --max-concurrency 10 \
-                    --num-prompts "${NUM_PROMPTS:-20}" --request-timeout 1800 ;;
+                    --num-prompts "${NUM_PROMPTS:-20}" --request-timeout "${REQUEST_TIMEOUT:-1800}" ;;
         seed-b) scenario seed-b "--num-blocks 4096 --max-model-len 8192" \
                     --input-len 7500 --output-len 200 --request-rate 1 \
-                    --num-prompts "${NUM_PROMPTS:-10}" --request-timeout 1800 ;;
+                    --num-prompts "${NUM_PROMPTS:-10}" --request-timeout "${REQUEST_TIMEOUT:-1800}" ;;
         *) echo "unknown scenario '$s' (agg 1p1d kv rr seed-a seed-b)" >&2; exit 2 ;;
     esac
 done
