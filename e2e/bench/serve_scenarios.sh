@@ -85,7 +85,8 @@ scenario() {
     start_agent "$name" $agent_flags
     echo "command: xpyd-agent up $agent_flags ${AGENT_EXTRA:-}; xpyd-bench $*" | tee -a "$OUT/$name.txt"
     "$BENCH" --base-url "$URL" --seed "$SEED" --warmup "$WARMUP" \
-        --result-file "$OUT/$name.json" "$@" | tee -a "$OUT/$name.txt"
+        --result-file "$OUT/$name.json" "$@" | tee -a "$OUT/$name.txt" \
+        || echo "xpyd-bench: no request of $name succeeded (its table above lists why)" | tee -a "$OUT/$name.txt"
     stop_agent
     echo "after: load average $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/$name.txt"
 }
