@@ -102,6 +102,9 @@ def get(m, path):
     return m
 for f in sys.argv[3:]:
     x, y = get(a, f), get(b, f)
+    if x is None or y is None:
+        print(f"{f:<32} {x!s:>12} {y!s:>12}   (not reported)")
+        continue
     print(f"{f:<32} {x:>12.2f} {y:>12.2f}   ratio {y / x if x else float('nan'):.2f}")
 PY
 }
