@@ -113,19 +113,19 @@ struct WorkerArgs {
 
 /// Disaggregation knobs of a decode worker.
 #[derive(Args, Debug, Clone)]
-pub struct DisaggArgs {
+struct DisaggArgs {
     /// Prefill remotely when more than this many prompt tokens are
     /// uncached; overrides the deployment's `maxLocalPrefillLength`.
     #[arg(long, env = "XPYD_MAX_LOCAL_PREFILL_LENGTH")]
-    pub max_local_prefill_length: Option<u32>,
+    max_local_prefill_length: Option<u32>,
     /// Milliseconds a decode worker waits for a remote prefill's KV before
     /// prefilling locally.
     #[arg(long, env = "XPYD_REMOTE_PREFILL_TIMEOUT_MS", default_value_t = 30_000)]
-    pub remote_prefill_timeout_ms: u64,
+    remote_prefill_timeout_ms: u64,
 }
 
 impl DisaggArgs {
-    pub fn decode_config(&self) -> DecodeConfig {
+    fn decode_config(&self) -> DecodeConfig {
         DecodeConfig {
             remote_prefill_timeout: Duration::from_millis(self.remote_prefill_timeout_ms),
             max_local_prefill_length: self.max_local_prefill_length,

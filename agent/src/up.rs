@@ -13,11 +13,11 @@ use anyhow::Context;
 use clap::Args;
 use tokio::sync::watch;
 use xpyd_runtime::discovery::{Role, RouterSettings, RouterStrategy, Scope};
-use xpyd_runtime::worker::PrefillConfig;
+use xpyd_runtime::worker::{DecodeConfig, PrefillConfig};
 
 use crate::node::{self, EngineArgs, ModelArgs};
 use crate::roles::{self, FrontendSpec, WorkerSpec};
-use crate::{DisaggArgs, connect, gpu, require_nixl, stop_on_signal};
+use crate::{connect, gpu, require_nixl, stop_on_signal};
 
 /// How long workers may take to load the model and register.
 const START_DEADLINE: Duration = Duration::from_secs(180);
@@ -42,10 +42,6 @@ pub struct UpArgs {
     /// Decode-worker selection: kv, round_robin, random or session.
     #[arg(long, default_value = "kv", value_parser = parse_strategy)]
     router: RouterStrategy,
-    /// Threshold of remote prefill, in uncached prompt tokens (the
-    /// deployment setting; change it live in etcd with `--etcd`).
-    #[arg(long = "threshold", default_value_t = 256)]
-    threshold: u32,
     /// Use this etcd (comma-separated endpoints) instead of in-process discovery.
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
@@ -55,8 +51,15 @@ pub struct UpArgs {
     /// Namespace and deployment name of the keys and subjects.
     #[arg(long, default_value = "local/up")]
     scope: String,
-    #[command(flatten)]
-    disagg: DisaggArgs,
+    /// Prefill remotely when more than this many prompt tokens are
+    /// uncached (written as the deployment's `maxLocalPrefillLength`; with
+    /// `--etcd` it can be changed live there).
+    #[arg(long, default_value_t = 256)]
+    max_local_prefill_length: u32,
+    /// Milliseconds a decode worker waits for a remote prefill's KV before
+    /// prefilling locally.
+    #[arg(long, default_value_t = 30_000)]
+    remote_prefill_timeout_ms: u64,
 }
 
 fn parse_strategy(s: &str) -> Result<RouterStrategy, String> {
@@ -78,7 +81,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let cluster = connect::local_cluster(&args.etcd, args.nats.as_deref(), scope).await?;
     let settings = RouterSettings {
         strategy: args.router,
-        max_local_prefill_length: args.threshold,
+        max_local_prefill_length: args.max_local_prefill_length,
         disaggregated: args.prefill > 0,
         ..RouterSettings::default()
     };
@@ -111,7 +114,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             http_address: listener.local_addr()?.to_string(),
             devices: devices.clone(),
             label_metrics: true,
-            decode: args.disagg.decode_config(),
+            // The threshold comes from the settings, so it can change live.
+            decode: DecodeConfig {
+                remote_prefill_timeout: Duration::from_millis(args.remote_prefill_timeout_ms),
+                ..DecodeConfig::default()
+            },
             prefill: PrefillConfig::default(),
             grace: SHUTDOWN_GRACE,
         };
@@ -163,7 +170,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if !*stop.borrow() {
         println!(
             "xpyd is serving {} at {url} ({} prefill, {} decode; remote prefill above {} tokens)",
-            args.model.served_model_name, args.prefill, args.decode, args.threshold
+            args.model.served_model_name, args.prefill, args.decode, args.max_local_prefill_length
         );
         println!(
             "try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' \

@@ -17,7 +17,7 @@ async fn up_answers_the_france_question_and_stops_on_ctrl_c() {
             "127.0.0.1:0",
             "--num-blocks",
             "128",
-            "--threshold",
+            "--max-local-prefill-length",
             "64",
         ])
         .stdout(Stdio::piped())

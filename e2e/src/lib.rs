@@ -14,7 +14,11 @@
 //! Starting a control plane takes tens of seconds, so a test binary shares
 //! one through [`shared_control_plane`]; etcd and NATS start in well under a
 //! second, so each test starts its own and may stop or restart it freely.
+//!
+//! [`bench`] is the load generator behind the `xpyd-bench` binary; it talks
+//! to any OpenAI-compatible server and starts nothing itself.
 
+pub mod bench;
 mod certs;
 mod control_plane;
 mod error;

@@ -588,3 +588,30 @@ fn a_chat_answer_streams_its_text_and_stops_at_eos() {
     assert_eq!(out.finish, Some(FinishReason::Stop));
     assert_eq!(out.tokens.last().copied(), tok.eos_token_id());
 }
+
+/// A prompt longer than the step budget is prefilled over several steps,
+/// some of which need no logits at all; it gives the same tokens as when
+/// one step holds it whole.
+#[test]
+fn a_prompt_longer_than_the_step_budget_is_prefilled_in_chunks() {
+    let prompt = encode(&"The quick brown fox jumps over the lazy dog. ".repeat(60));
+    assert!(prompt.len() > 600, "{}", prompt.len());
+    let chunked = start(config(128));
+    let got = collect(chunked.submit(greedy("chunked", &prompt, 4)).unwrap());
+    assert!(got.error.is_none(), "{:?}", got.error);
+    let whole = start(EngineConfig {
+        max_batch_tokens: 1024,
+        ..config(128)
+    });
+    let want = collect(whole.submit(greedy("whole", &prompt, 4)).unwrap());
+    assert_eq!(got.tokens, want.tokens);
+    assert_eq!(got.tokens.len(), 4);
+    // The engine still serves afterwards.
+    assert!(chunked.stats().total_blocks > 0);
+    let again = collect(
+        chunked
+            .submit(greedy("again", &encode("Hello"), 2))
+            .unwrap(),
+    );
+    assert!(again.error.is_none(), "{:?}", again.error);
+}

@@ -159,6 +159,10 @@ impl QMatrix {
     pub fn matmul_with(&self, x: &[f32], n: usize, out: &mut [f32], act: Activations) {
         assert_eq!(x.len(), n * self.cols, "{self:?}: activation shape");
         assert_eq!(out.len(), n * self.rows, "{self:?}: output shape");
+        // A step of only partial prefills asks for no logits at all.
+        if n == 0 {
+            return;
+        }
         let simd = simd_available();
         // Rows per task: enough work to amortise scheduling, enough tasks to
         // balance the pool.

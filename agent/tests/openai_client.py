@@ -1,0 +1,115 @@
+"""The official OpenAI Python client against a running `xpyd-agent up`.
+
+Run by agent/tests/openai_client.rs as
+    <venv python> openai_client.py <base URL> <model>
+Exits non-zero (with the failed check's message) unless every call a user
+would make works: models.list, chat and text completions, whole and
+streamed (with stream_options.include_usage), and the typed errors.
+"""
+
+import sys
+
+import openai
+
+base_url, model = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", timeout=120, max_retries=0)
+FRANCE = [{"role": "user", "content": "Name the capital of France."}]
+# The same conversation written out with SmolLM2's chat template, for the
+# text completions API.
+FRANCE_TEXT = "<|im_start|>user\nName the capital of France.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print("ok:", what.split(":")[0], flush=True)
+
+
+def usage_adds_up(usage, what):
+    check(
+        usage is not None
+        and usage.prompt_tokens > 0
+        and usage.completion_tokens > 0
+        and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens,
+        f"{what} usage adds up: {usage}",
+    )
+
+
+models = client.models.list()
+ids = [m.id for m in models.data]
+check(model in ids, f"models.list shows the served model: {ids}")
+
+# Chat, whole.
+chat = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=32)
+answer = chat.choices[0].message.content
+check("Paris" in answer, f"chat answer names Paris: {answer!r}")
+check(chat.choices[0].finish_reason == "stop", f"chat finish_reason is stop: {chat.choices[0].finish_reason}")
+check(chat.choices[0].message.role == "assistant", f"chat role: {chat.choices[0].message.role}")
+usage_adds_up(chat.usage, "chat")
+
+# Chat, streamed, with usage in a last chunk.
+pieces, finish, usage, chunks = [], None, None, 0
+for chunk in client.chat.completions.create(
+    model=model, messages=FRANCE, temperature=0, max_tokens=32, stream=True,
+    stream_options={"include_usage": True},
+):
+    chunks += 1
+    if chunk.choices:
+        pieces.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    if chunk.usage is not None:
+        check(not chunk.choices, f"the usage chunk has no choices: {chunk}")
+        usage = chunk.usage
+streamed = "".join(pieces)
+check(chunks > 2, f"chat streams in several chunks: {chunks}")
+check(streamed == answer, f"streamed chat text equals the whole one: {streamed!r} vs {answer!r}")
+check(finish == "stop", f"streamed chat finish_reason is stop: {finish}")
+usage_adds_up(usage, "streamed chat")
+check(usage.completion_tokens == chat.usage.completion_tokens
+      and usage.prompt_tokens == chat.usage.prompt_tokens,
+      f"streamed chat usage equals the whole one: {usage} vs {chat.usage}")
+
+# Text completions, whole: the chat turn written out (without the template's
+# default system prompt) is answered too.
+comp = client.completions.create(model=model, prompt=FRANCE_TEXT, temperature=0, max_tokens=32)
+text = comp.choices[0].text
+check("Paris" in text, f"completion names Paris: {text!r}")
+check(comp.choices[0].finish_reason == "stop", f"completion finish_reason is stop: {comp.choices[0].finish_reason}")
+usage_adds_up(comp.usage, "completion")
+
+# Text completions cut by max_tokens: finish_reason length, exactly 5 tokens.
+short = client.completions.create(model=model, prompt=FRANCE_TEXT, temperature=0, max_tokens=5)
+check(short.choices[0].finish_reason == "length", f"max_tokens cut gives length: {short.choices[0].finish_reason}")
+check(short.usage.completion_tokens == 5, f"max_tokens=5 gives 5 tokens: {short.usage}")
+check(text.startswith(short.choices[0].text), f"the cut text is a prefix: {short.choices[0].text!r}")
+
+# Text completions, streamed, with usage.
+pieces, finish, usage = [], None, None
+for chunk in client.completions.create(
+    model=model, prompt=FRANCE_TEXT, temperature=0, max_tokens=32, stream=True,
+    stream_options={"include_usage": True},
+):
+    if chunk.choices:
+        pieces.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason or finish
+    if chunk.usage is not None:
+        usage = chunk.usage
+check("".join(pieces) == text, f"streamed completion equals the whole one: {''.join(pieces)!r}")
+check(finish == "stop", f"streamed completion finish_reason is stop: {finish}")
+usage_adds_up(usage, "streamed completion")
+check(usage.completion_tokens == comp.usage.completion_tokens,
+      f"streamed completion usage equals the whole one: {usage} vs {comp.usage}")
+
+# Errors arrive as the client's typed exceptions.
+try:
+    client.chat.completions.create(model="no-such-model", messages=FRANCE)
+    check(False, "an unknown model is refused")
+except openai.NotFoundError as e:
+    check(e.status_code == 404 and "no-such-model" in str(e), f"unknown model is NotFoundError naming it: {e}")
+try:
+    client.chat.completions.create(model=model, messages=FRANCE, temperature=-1)
+    check(False, "a negative temperature is refused")
+except openai.BadRequestError as e:
+    check(e.status_code == 400 and "temperature" in str(e), f"negative temperature is BadRequestError naming it: {e}")
+
+print("all OpenAI client checks passed")
