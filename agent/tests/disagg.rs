@@ -101,10 +101,15 @@ impl Deployment {
 
     /// Write the deployment's router settings as the operator does.
     async fn set_threshold(&self, threshold: u32, generation: i64) {
+        self.set_settings("round_robin", threshold, generation)
+            .await;
+    }
+
+    async fn set_settings(&self, strategy: &str, threshold: u32, generation: i64) {
         let mut etcd = self.etcd.client().await.unwrap();
         let settings = json!({
             "generation": generation,
-            "strategy": "round_robin",
+            "strategy": strategy,
             "maxLocalPrefillLength": threshold,
             "sessionHeader": "session-id",
             "maxPrefillQueueDepth": 64,
@@ -208,11 +213,55 @@ impl Deployment {
         sum_samples(&text, metric, labels)
     }
 
+    /// Wait until the frontend acknowledged settings `generation`.
+    async fn wait_frontend_ack(&self, generation: i64) {
+        let mut etcd = self.etcd.client().await.unwrap();
+        let prefix = format!("/xpyd/{NAMESPACE}/{}/router-acks/frontend", self.name);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let acks = etcd
+                .get(
+                    prefix.as_str(),
+                    Some(etcd_client::GetOptions::new().with_prefix()),
+                )
+                .await
+                .unwrap();
+            let acked = acks.kvs().iter().any(|kv| {
+                serde_json::from_slice::<Value>(kv.value())
+                    .ok()
+                    .and_then(|v| v["generation"].as_i64())
+                    .is_some_and(|g| g >= generation)
+            });
+            if acked {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no frontend ack of generation {generation}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// A greedy chat completion; the status and the body.
     async fn chat(&self, system: &str, question: &str, max_tokens: u32) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(format!("{}/v1/chat/completions", self.api))
+        self.chat_in_session(None, system, question, max_tokens)
+            .await
+    }
+
+    /// [`Deployment::chat`] with a `session-id` header.
+    async fn chat_in_session(
+        &self,
+        session: Option<&str>,
+        system: &str,
+        question: &str,
+        max_tokens: u32,
+    ) -> (u16, Value) {
+        let mut request = self.http.post(format!("{}/v1/chat/completions", self.api));
+        if let Some(session) = session {
+            request = request.header("session-id", session);
+        }
+        let resp = request
             .json(&json!({
                 "model": MODEL,
                 "temperature": 0,
@@ -563,4 +612,84 @@ async fn agents_survive_etcd_and_nats_restarts_without_restarting() {
             .check_running()
             .unwrap_or_else(|e| panic!("{name} restarted or died: {e}"));
     }
+}
+
+/// Prompt tokens served from the prefix cache over all prompt tokens, for
+/// `rounds` rounds of three fresh system prompts with four questions each.
+async fn prefix_hit_rate(d: &Deployment, tag: &str) -> f64 {
+    let (mut cached, mut total) = (0.0, 0.0);
+    for topic in ["rivers", "mountains", "capitals"] {
+        let system = format!("Topic {tag} {topic}. {LONG_SYSTEM} {LONG_SYSTEM}");
+        for q in ["France", "Italy", "Spain", "Austria"] {
+            let (status, body) = d.chat(&system, &format!("Tell me about {q}."), 2).await;
+            assert_eq!(status, 200, "{body}");
+            total += body["usage"]["prompt_tokens"].as_f64().unwrap();
+            cached += body["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_f64()
+                .unwrap_or(0.0);
+        }
+    }
+    cached / total
+}
+
+#[tokio::test]
+async fn kv_routing_sends_shared_prefixes_to_the_worker_that_holds_them() {
+    let d = Deployment::start("route-kv", 0, 2, 100_000, &[]).await;
+    d.set_settings("kv", 100_000, 2).await;
+    d.wait_frontend_ack(2).await;
+    let kv = prefix_hit_rate(&d, "kv").await;
+    d.set_settings("round_robin", 100_000, 3).await;
+    d.wait_frontend_ack(3).await;
+    let rr = prefix_hit_rate(&d, "rr").await;
+    // Four questions per prompt on two workers: kv misses once per prompt,
+    // round robin twice.
+    assert!(kv > rr + 0.1, "kv hit rate {kv:.2}, round robin {rr:.2}");
+    assert!(kv > 0.55, "kv hit rate {kv:.2}");
+}
+
+#[tokio::test]
+async fn sessions_stick_to_one_worker_and_move_when_it_dies() {
+    let mut d = Deployment::start("route-session", 0, 2, 100_000, &[]).await;
+    d.set_settings("session", 100_000, 2).await;
+    d.wait_frontend_ack(2).await;
+    let before = served(&d).await;
+    for i in 0..10 {
+        let (status, body) = d
+            .chat_in_session(Some("alice"), "Be brief.", &format!("Question {i}?"), 2)
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let after = served(&d).await;
+    let gained: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(
+        gained.contains(&10.0) && gained.contains(&0.0),
+        "the session's 10 requests were spread: {gained:?}"
+    );
+    let (home, other) = if gained[0] == 10.0 {
+        ("decode-0", "decode-1")
+    } else {
+        ("decode-1", "decode-0")
+    };
+    d.agent(home).process.kill();
+    // The session moves to the surviving worker and stays there.
+    let start = d.metric(other, "xpyd_decode_prefills_total", "").await;
+    for i in 0..4 {
+        let (status, body) = d
+            .chat_in_session(Some("alice"), "Be brief.", &format!("After {i}?"), 2)
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        d.metric(other, "xpyd_decode_prefills_total", "").await - start,
+        4.0
+    );
+}
+
+/// Prefills each decode worker did, in order.
+async fn served(d: &Deployment) -> Vec<f64> {
+    let mut counts = Vec::new();
+    for w in ["decode-0", "decode-1"] {
+        counts.push(d.metric(w, "xpyd_decode_prefills_total", "").await);
+    }
+    counts
 }
