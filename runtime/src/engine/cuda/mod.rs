@@ -7,5 +7,9 @@
 //! process uses is [`super::device::resolve`]'s decision. The host-side
 //! forward pass (`model`, feature `cuda`) is not verified on a GPU yet.
 
+#[cfg(feature = "cuda")]
+pub mod backend;
 pub mod kernels;
+#[cfg(feature = "cuda")]
+pub mod model;
 pub mod nvrtc;
