@@ -66,6 +66,10 @@ pub enum NvrtcError {
     },
     #[error("NVRTC failed on kernel source {kernel}.cu: {message}")]
     Nvrtc { kernel: String, message: String },
+    #[error(
+        "the NVRTC found is {major}.{minor}; this build needs 13.x ({NVRTC_LIB}): set {NVRTC_LIB_DIR_VAR} (scripts/setup does) or remove the other libnvrtc.so from the loader path"
+    )]
+    WrongVersion { major: i32, minor: i32 },
     #[error("the PTX of {kernel}.cu lacks its entry point {entry}")]
     MissingEntryPoint { kernel: String, entry: String },
 }
@@ -84,11 +88,16 @@ pub fn load_nvrtc() -> Result<Option<PathBuf>, NvrtcError> {
             }
             // SAFETY: only tries dlopen by the candidate names; after our
             // load the soname match returns the library already in memory.
-            if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-                Ok(dir)
-            } else {
-                Err(NvrtcError::NotFound)
+            if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+                return Err(NvrtcError::NotFound);
             }
+            // cudarc tries `libnvrtc.so` before `libnvrtc.so.13`: a toolkit's
+            // unversioned NVRTC on the loader path would win over ours.
+            let (major, minor) = raw_version()?;
+            if major != 13 {
+                return Err(NvrtcError::WrongVersion { major, minor });
+            }
+            Ok(dir)
         })
         .clone()
 }
@@ -134,9 +143,13 @@ pub(crate) fn dlopen_global(lib: &'static str, path: &Path) -> Result<(), NvrtcE
 /// The NVRTC version loaded, as (major, minor).
 pub fn version() -> Result<(i32, i32), NvrtcError> {
     load_nvrtc()?;
+    raw_version()
+}
+
+fn raw_version() -> Result<(i32, i32), NvrtcError> {
     let mut major = 0;
     let mut minor = 0;
-    // SAFETY: NVRTC is loaded (checked above); out-pointers are valid.
+    // SAFETY: called after is_culib_present (NVRTC loads); out-pointers are valid.
     let rc = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
     if rc != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
         return Err(NvrtcError::Nvrtc {
