@@ -203,6 +203,7 @@ async fn start_probes(
 
 async fn worker(role: Role, args: WorkerArgs) -> anyhow::Result<()> {
     let pod = &args.pod;
+    node::check_device(args.engine.device)?;
     let model_path = pod.model.path()?;
     require_nixl()?;
     let devices = gpu::report();

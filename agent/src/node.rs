@@ -9,6 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use xpyd_runtime::assets;
 use xpyd_runtime::discovery::{Capacity, InstanceRecord, Role};
 use xpyd_runtime::engine::block_pool::KvEvent;
+use xpyd_runtime::engine::device::{self, DeviceChoice, ResolvedDevice};
 use xpyd_runtime::engine::gguf::GgufFile;
 use xpyd_runtime::engine::model::Model;
 use xpyd_runtime::engine::runner::{Engine, EngineConfig, EngineHandle};
@@ -71,6 +72,34 @@ pub struct EngineArgs {
     /// Most tokens (prompt plus output) of one request.
     #[arg(long, env = "XPYD_MAX_MODEL_LEN", default_value_t = 2048)]
     pub max_model_len: usize,
+    /// Where the engine computes: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "XPYD_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+/// Check `--device` once at startup. The worker engine runs on the CPU
+/// backend in this release: the CUDA kernels are built and tested without a
+/// GPU, but the CUDA engine has not run on one yet, so `auto` stays on the
+/// CPU and an explicit `cuda` is refused with the reason.
+pub fn check_device(choice: DeviceChoice) -> anyhow::Result<()> {
+    match device::resolve(choice)? {
+        ResolvedDevice::Cpu {
+            reason: Some(reason),
+        } => {
+            tracing::info!("--device auto chose the CPU: {reason}");
+        }
+        ResolvedDevice::Cpu { reason: None } => tracing::info!("computing on the CPU"),
+        ResolvedDevice::Cuda(dev) if choice == DeviceChoice::Auto => tracing::info!(
+            gpu = %dev.name,
+            "--device auto chose the CPU: the CUDA engine is not enabled in this release"
+        ),
+        ResolvedDevice::Cuda(dev) => anyhow::bail!(
+            "--device {choice}: {} is usable, but the CUDA engine is not enabled in this \
+             release (its kernels are built, the engine is unverified on a GPU); use --device cpu",
+            dev.name
+        ),
+    }
+    Ok(())
 }
 
 impl EngineArgs {

@@ -70,6 +70,7 @@ fn parse_strategy(s: &str) -> Result<RouterStrategy, String> {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.decode > 0, "--decode must be at least 1");
+    node::check_device(args.engine.device)?;
     let model_path = args.model.path()?;
     require_nixl()?;
     let devices = gpu::report();

@@ -19,6 +19,8 @@ pub mod block_pool;
 pub mod chat_template;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
+pub mod device;
 pub mod gguf;
 pub mod kv_storage;
 pub mod model;

@@ -1,0 +1,55 @@
+//! Startup errors a user sees from the real binary: a bad or unusable
+//! `--device`, a missing model file. Each exits non-zero at once with a
+//! message naming the flag or the missing piece.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xpyd-agent"))
+        .args(args)
+        .env("XPYD_LOG", "warn")
+        .output()
+        .expect("xpyd-agent runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_bad_device_string_names_the_accepted_values() {
+    let (ok, err) = run(&["up", "--device", "gpu7"]);
+    assert!(!ok);
+    assert!(err.contains("auto, cpu, cuda or cuda:N"), "{err}");
+}
+
+#[test]
+fn cuda_without_a_usable_gpu_fails_at_startup_naming_what_is_missing() {
+    let (ok, err) = run(&["up", "--device", "cuda", "--addr", "127.0.0.1:0"]);
+    assert!(!ok, "{err}");
+    // No driver here (libcuda); on a GPU machine the CUDA engine is refused
+    // with its reason instead. Either way the message says why.
+    assert!(
+        err.contains("libcuda") || err.contains("CUDA engine is not enabled"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_model_file_is_named() {
+    let (ok, err) = run(&[
+        "decode",
+        "--etcd-endpoints",
+        "http://127.0.0.1:1",
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        "--deployment",
+        "d",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+}
