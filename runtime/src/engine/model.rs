@@ -295,15 +295,7 @@ impl Model {
         batch: &[SequenceInput<'_>],
         logits_for: LogitsFor<'_>,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.validate(kv, batch)?;
-        if let LogitsFor::LastTokenOf(wanted) = logits_for
-            && wanted.len() != batch.len()
-        {
-            return Err(ModelError::LogitsFlags {
-                flags: wanted.len(),
-                sequences: batch.len(),
-            });
-        }
+        validate_batch(&self.config, kv.shape(), batch, logits_for)?;
         let c = &self.config;
         let (h, vocab) = (c.hidden, c.vocab);
         // One entry per new token of the batch: (sequence, position).
@@ -452,75 +444,6 @@ impl Model {
                 .for_each_init(Vec::new, one_head);
         }
     }
-
-    fn validate(&self, kv: &KvStorage, batch: &[SequenceInput<'_>]) -> Result<(), ModelError> {
-        let c = &self.config;
-        let shape = kv.shape();
-        if shape.n_layers != c.n_layers
-            || shape.n_kv_heads != c.n_kv_heads
-            || shape.head_dim != c.head_dim
-        {
-            return Err(ModelError::KvShapeMismatch {
-                got: shape,
-                want: format!(
-                    "{} layers, {} KV heads of dim {}",
-                    c.n_layers, c.n_kv_heads, c.head_dim
-                ),
-            });
-        }
-        if batch.is_empty() {
-            return Err(ModelError::EmptyBatch);
-        }
-        for (s, seq) in batch.iter().enumerate() {
-            if seq.tokens.is_empty() {
-                return Err(ModelError::EmptySequence { seq: s });
-            }
-            if let Some((index, &token)) = seq
-                .tokens
-                .iter()
-                .enumerate()
-                .find(|&(_, &t)| t as usize >= c.vocab)
-            {
-                return Err(ModelError::UnknownToken {
-                    seq: s,
-                    index,
-                    token,
-                    vocab: c.vocab,
-                });
-            }
-            let end = seq.start_pos.saturating_add(seq.tokens.len());
-            if end > c.context_length {
-                return Err(ModelError::ContextOverflow {
-                    seq: s,
-                    start: seq.start_pos,
-                    end,
-                    context_length: c.context_length,
-                });
-            }
-            let bs = shape.block_size;
-            let needed_blocks = end.div_ceil(bs);
-            if seq.block_table.len() < needed_blocks {
-                return Err(ModelError::BlockTableTooShort {
-                    seq: s,
-                    blocks: seq.block_table.len(),
-                    block_size: bs,
-                    covered: seq.block_table.len() * bs,
-                    needed: end,
-                });
-            }
-            if let Some(&block) = seq.block_table[..needed_blocks]
-                .iter()
-                .find(|&&b| b as usize >= shape.num_blocks)
-            {
-                return Err(ModelError::BlockOutOfRange {
-                    seq: s,
-                    block,
-                    num_blocks: shape.num_blocks,
-                });
-            }
-        }
-        Ok(())
-    }
 }
 
 fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], width: usize) {
@@ -545,4 +468,86 @@ pub fn argmax(logits: &[f32]) -> Option<usize> {
             _ => Some((i, v)),
         })
         .map(|(i, _)| i)
+}
+
+/// The checks of a step's inputs every backend runs before trusting them:
+/// KV shape, token ids, context length, block tables and logits flags.
+pub(crate) fn validate_batch(
+    c: &ModelConfig,
+    shape: KvShape,
+    batch: &[SequenceInput<'_>],
+    logits_for: LogitsFor<'_>,
+) -> Result<(), ModelError> {
+    if shape.n_layers != c.n_layers
+        || shape.n_kv_heads != c.n_kv_heads
+        || shape.head_dim != c.head_dim
+    {
+        return Err(ModelError::KvShapeMismatch {
+            got: shape,
+            want: format!(
+                "{} layers, {} KV heads of dim {}",
+                c.n_layers, c.n_kv_heads, c.head_dim
+            ),
+        });
+    }
+    if batch.is_empty() {
+        return Err(ModelError::EmptyBatch);
+    }
+    if let LogitsFor::LastTokenOf(w) = logits_for
+        && w.len() != batch.len()
+    {
+        return Err(ModelError::LogitsFlags {
+            flags: w.len(),
+            sequences: batch.len(),
+        });
+    }
+    for (s, seq) in batch.iter().enumerate() {
+        if seq.tokens.is_empty() {
+            return Err(ModelError::EmptySequence { seq: s });
+        }
+        if let Some((index, &token)) = seq
+            .tokens
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t as usize >= c.vocab)
+        {
+            return Err(ModelError::UnknownToken {
+                seq: s,
+                index,
+                token,
+                vocab: c.vocab,
+            });
+        }
+        let end = seq.start_pos.saturating_add(seq.tokens.len());
+        if end > c.context_length {
+            return Err(ModelError::ContextOverflow {
+                seq: s,
+                start: seq.start_pos,
+                end,
+                context_length: c.context_length,
+            });
+        }
+        let bs = shape.block_size;
+        let needed = end.div_ceil(bs);
+        if seq.block_table.len() < needed {
+            return Err(ModelError::BlockTableTooShort {
+                seq: s,
+                blocks: seq.block_table.len(),
+                block_size: bs,
+                covered: seq.block_table.len() * bs,
+                needed: end,
+            });
+        }
+        if let Some(&block) = seq.block_table[..needed]
+            .iter()
+            .find(|&&b| b as usize >= shape.num_blocks)
+        {
+            return Err(ModelError::BlockOutOfRange {
+                seq: s,
+                block,
+                num_blocks: shape.num_blocks,
+            });
+        }
+    }
+    Ok(())
 }

@@ -22,7 +22,7 @@ use crate::engine::config::{ModelConfig, RopeStyle};
 use crate::engine::cpu::{QMatrix, WeightBytes, ops};
 use crate::engine::gguf::GgufFile;
 use crate::engine::kv_storage::KvShape;
-use crate::engine::model::{LogitsFor, ModelError, SequenceInput};
+use crate::engine::model::{LogitsFor, ModelError, SequenceInput, validate_batch};
 
 /// The CUDA model cannot load or run.
 #[derive(Debug, thiserror::Error)]
@@ -226,7 +226,8 @@ impl CudaModel {
         let be = &self.backend;
         let st = &be.stream;
         let shape = kv.shape();
-        validate(c, shape, batch, logits_for)?;
+        // An out-of-range id or block would read or write outside device memory.
+        validate_batch(c, shape, batch, logits_for)?;
         let (h, qd, kvd, vocab) = (c.hidden, c.q_dim(), c.kv_dim(), c.vocab);
         let bs = shape.block_size;
 
@@ -403,86 +404,4 @@ impl CudaModel {
         }
         Ok(out)
     }
-}
-
-/// The CPU model's checks, on the shapes the GPU would otherwise trust:
-/// an out-of-range id or block would read or write outside device memory.
-fn validate(
-    c: &ModelConfig,
-    shape: KvShape,
-    batch: &[SequenceInput<'_>],
-    logits_for: LogitsFor<'_>,
-) -> Result<(), ModelError> {
-    if shape.n_layers != c.n_layers
-        || shape.n_kv_heads != c.n_kv_heads
-        || shape.head_dim != c.head_dim
-    {
-        return Err(ModelError::KvShapeMismatch {
-            got: shape,
-            want: format!(
-                "{} layers, {} KV heads of dim {}",
-                c.n_layers, c.n_kv_heads, c.head_dim
-            ),
-        });
-    }
-    if batch.is_empty() {
-        return Err(ModelError::EmptyBatch);
-    }
-    if let LogitsFor::LastTokenOf(w) = logits_for
-        && w.len() != batch.len()
-    {
-        return Err(ModelError::LogitsFlags {
-            flags: w.len(),
-            sequences: batch.len(),
-        });
-    }
-    for (s, seq) in batch.iter().enumerate() {
-        if seq.tokens.is_empty() {
-            return Err(ModelError::EmptySequence { seq: s });
-        }
-        if let Some((index, &token)) = seq
-            .tokens
-            .iter()
-            .enumerate()
-            .find(|&(_, &t)| t as usize >= c.vocab)
-        {
-            return Err(ModelError::UnknownToken {
-                seq: s,
-                index,
-                token,
-                vocab: c.vocab,
-            });
-        }
-        let end = seq.start_pos.saturating_add(seq.tokens.len());
-        if end > c.context_length {
-            return Err(ModelError::ContextOverflow {
-                seq: s,
-                start: seq.start_pos,
-                end,
-                context_length: c.context_length,
-            });
-        }
-        let bs = shape.block_size;
-        let needed = end.div_ceil(bs);
-        if seq.block_table.len() < needed {
-            return Err(ModelError::BlockTableTooShort {
-                seq: s,
-                blocks: seq.block_table.len(),
-                block_size: bs,
-                covered: seq.block_table.len() * bs,
-                needed: end,
-            });
-        }
-        if let Some(&block) = seq.block_table[..needed]
-            .iter()
-            .find(|&&b| b as usize >= shape.num_blocks)
-        {
-            return Err(ModelError::BlockOutOfRange {
-                seq: s,
-                block,
-                num_blocks: shape.num_blocks,
-            });
-        }
-    }
-    Ok(())
 }
