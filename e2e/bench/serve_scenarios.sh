@@ -6,6 +6,7 @@
 #
 #   agg      aggregated (no prefill workers): input 1000 ± 0, output 100, concurrency 4
 #   1p1d     1 prefill + 1 decode worker, the same workload (then the agg/1p1d ratio)
+#   handoff  1P1D, 2000-token prompts one at a time: the KV handoff's NIXL write time
 #   kv, rr   2 decode workers, KV router vs round robin, shared-prefix sessions
 #            (16 sessions x 3 turns, 512-token system prompt, 64-token turns,
 #            output 32, concurrency 4): TTFT and prefix-cache hit rate
@@ -87,6 +88,27 @@ scenario() {
     "$BENCH" --base-url "$URL" --seed "$SEED" --warmup "$WARMUP" \
         --result-file "$OUT/$name.json" "$@" | tee -a "$OUT/$name.txt" \
         || echo "xpyd-bench: no request of $name succeeded (its table above lists why)" | tee -a "$OUT/$name.txt"
+    # The workers' own view: prefills local/remote and the KV handoffs.
+    curl -fsS "$URL/metrics" | grep -E '^xpyd_(decode_prefills_total|transfer_|decode_remote_prefill_seconds_(sum|count))' \
+        >"$OUT/$name.metrics" || true
+    python3 - "$OUT/$name.metrics" <<'PY' | tee -a "$OUT/$name.txt"
+import re, sys
+samples = []
+for line in open(sys.argv[1]):
+    series, value = line.rsplit(" ", 1)
+    name, _, labels = series.partition("{")
+    samples.append((name, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)))
+def total(name, **want):
+    return sum(v for n, l, v in samples if n == name and all(l.get(k) == w for k, w in want.items()))
+print(f"prefills: {total('xpyd_decode_prefills_total', location='local'):.0f} local, "
+      f"{total('xpyd_decode_prefills_total', location='remote'):.0f} remote")
+n = total("xpyd_transfer_seconds_count")
+if n:
+    landed = total("xpyd_decode_remote_prefill_seconds_sum") / max(total("xpyd_decode_remote_prefill_seconds_count"), 1)
+    print(f"KV handoffs: {n:.0f}; mean NIXL write {1e3 * total('xpyd_transfer_seconds_sum') / n:.1f} ms "
+          f"of {total('xpyd_transfer_bytes_total', direction='sent') / n / 2**20:.1f} MiB; "
+          f"enqueue to KV landed (prefill compute included) {1e3 * landed:.0f} ms")
+PY
     stop_agent
     echo "after: load average $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/$name.txt"
 }
@@ -124,6 +146,8 @@ for s in "${scenarios[@]}"; do
               if [ -f "$OUT/agg.json" ]; then
                   echo "aggregated vs 1P1D (second column over first):"; ratio agg 1p1d "${FIGURES[@]}"
               fi ;;
+        handoff) scenario handoff "--num-blocks 512 --prefill 1 --decode 1 --max-local-prefill-length 0 --max-model-len 4096 --max-batch-tokens 2048" \
+                --input-len 2000 --output-len 4 --max-concurrency 1 --num-prompts "${NUM_PROMPTS:-4}" ;;
         kv) scenario kv "--num-blocks 1024 --prefill 0 --decode 2 --router kv" "${SHARED[@]}" ;;
         rr) scenario rr "--num-blocks 1024 --prefill 0 --decode 2 --router round_robin" "${SHARED[@]}"
             if [ -f "$OUT/kv.json" ]; then

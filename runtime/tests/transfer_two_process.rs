@@ -489,7 +489,7 @@ fn a_peer_with_another_layout_is_refused_naming_the_field() {
 #[ignore = "benchmark"]
 fn throughput_between_two_processes() {
     let _serial = serial();
-    let sizes: [usize; 5] = [64 << 10, 1 << 20, 16 << 20, 128 << 20, 256 << 20];
+    let sizes: [usize; 6] = [64 << 10, 1 << 20, 16 << 20, 128 << 20, 256 << 20, 1 << 30];
     for tls in [None, Some("tcp")] {
         for &size in &sizes {
             // One layer, one block: K and V regions of size / 2 each.
@@ -507,7 +507,13 @@ fn throughput_between_two_processes() {
             let env: Vec<(&str, &str)> = tls.map(|t| ("UCX_TLS", t)).into_iter().collect();
             let mut rx = Receiver::spawn_with(&format!("{name}-rx"), &l, &env);
             agent.load_peer(rx.peer.clone()).unwrap();
-            let reps = if size >= 64 << 20 { 3 } else { 10 };
+            let reps = if size >= 512 << 20 {
+                2
+            } else if size >= 64 << 20 {
+                3
+            } else {
+                10
+            };
             let mut best = Duration::MAX;
             for i in 0..=reps {
                 let job = Job {
