@@ -29,6 +29,8 @@ pub enum KvError {
     BadSize { what: String },
 }
 
+use super::config::ModelConfig;
+
 /// The shape of a KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvShape {
@@ -40,6 +42,17 @@ pub struct KvShape {
 }
 
 impl KvShape {
+    /// The cache shape for a model of `config`.
+    pub fn for_model(config: &ModelConfig, num_blocks: usize, block_size: usize) -> KvShape {
+        KvShape {
+            n_layers: config.n_layers,
+            num_blocks,
+            block_size,
+            n_kv_heads: config.n_kv_heads,
+            head_dim: config.head_dim,
+        }
+    }
+
     /// f32 values per token per layer per K or V.
     pub fn token_elems(&self) -> usize {
         self.n_kv_heads * self.head_dim

@@ -180,13 +180,7 @@ impl DecodeWorker {
             }
             Err(e) => {
                 tracing::warn!("{e}");
-                fail(
-                    responder,
-                    WireErrorKind::InvalidRequest,
-                    e.to_string(),
-                    None,
-                )
-                .await;
+                fail(responder, WireErrorKind::InvalidRequest, e.to_string()).await;
             }
         }
     }
@@ -220,11 +214,11 @@ impl DecodeWorker {
         let parts = &self.inner.parts;
         if work.model != parts.model {
             let message = format!("model {:?} is not served by this worker", work.model);
-            return fail(responder, WireErrorKind::ModelNotFound, message, None).await;
+            return fail(responder, WireErrorKind::ModelNotFound, message).await;
         }
         if !*parts.registered.borrow() {
             let message = "this worker is not registered; try another".to_string();
-            return fail(responder, WireErrorKind::Unavailable, message, None).await;
+            return fail(responder, WireErrorKind::Unavailable, message).await;
         }
         let id = work.request_id.clone();
         let request = Request {
@@ -235,14 +229,14 @@ impl DecodeWorker {
         let (outputs, cancel_remote) = match self.admit(request).await {
             Ok(admitted) => admitted,
             Err(e) => {
-                let (kind, param) = if e.is_invalid_request() {
-                    (WireErrorKind::InvalidRequest, None)
+                let kind = if e.is_invalid_request() {
+                    WireErrorKind::InvalidRequest
                 } else if matches!(e, EngineError::ShutDown | EngineError::Timeout(_)) {
-                    (WireErrorKind::Unavailable, None)
+                    WireErrorKind::Unavailable
                 } else {
-                    (WireErrorKind::Internal, None)
+                    WireErrorKind::Internal
                 };
-                return fail(responder, kind, e.to_string(), param).await;
+                return fail(responder, kind, e.to_string()).await;
             }
         };
         stream_outputs(&self.inner.parts, &id, outputs, responder, cancel_remote).await;
@@ -477,16 +471,11 @@ async fn stream_outputs(
     let _ = responder.end().await;
 }
 
-async fn fail(
-    mut responder: Responder,
-    kind: WireErrorKind,
-    message: String,
-    param: Option<String>,
-) {
+async fn fail(mut responder: Responder, kind: WireErrorKind, message: String) {
     let event = GenerateEvent::Error {
         kind,
         message,
-        param,
+        param: None,
     };
     if responder.send(protocol::encode(&event)).await.is_ok() {
         let _ = responder.end().await;

@@ -206,13 +206,7 @@ impl CudaModel {
 
     /// The shape of a KV cache for this model.
     pub fn kv_shape(&self, num_blocks: usize, block_size: usize) -> KvShape {
-        KvShape {
-            n_layers: self.config.n_layers,
-            num_blocks,
-            block_size,
-            n_kv_heads: self.config.n_kv_heads,
-            head_dim: self.config.head_dim,
-        }
+        KvShape::for_model(&self.config, num_blocks, block_size)
     }
 
     /// Runs one step (see [`crate::engine::model::Model::forward`]).
