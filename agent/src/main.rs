@@ -48,6 +48,16 @@ enum Command {
     Prefill(WorkerArgs),
     /// A decode worker: generates, prefilling short prompts itself.
     Decode(WorkerArgs),
+    /// Download the model (`--model` URL or `hf://` source) into the model
+    /// cache, or check a path or claim file, and print where it is. The
+    /// operator runs it as each pod's init container.
+    FetchModel(FetchModelArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct FetchModelArgs {
+    #[command(flatten)]
+    model: ModelArgs,
 }
 
 /// Where a pod's deployment lives.
@@ -134,15 +144,30 @@ impl DisaggArgs {
     }
 }
 
+/// Logs go to stderr: colored on a terminal, plain text otherwise (so
+/// `kubectl logs` shows no escape codes), JSON lines with
+/// `XPYD_LOG_FORMAT=json`.
+fn init_logging() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("XPYD_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match std::env::var("XPYD_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().init(),
+        Ok("text") | Ok("") | Err(_) => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        Ok(other) => anyhow::bail!("XPYD_LOG_FORMAT={other:?}: use text or json"),
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("XPYD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging()?;
     let cli = Cli::parse();
+    if let Command::FetchModel(args) = &cli.command {
+        return fetch_model(args);
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(async move {
         match cli.command {
@@ -150,11 +175,34 @@ fn main() -> anyhow::Result<()> {
             Command::Frontend(args) => frontend(args).await,
             Command::Prefill(args) => worker(Role::Prefill, args).await,
             Command::Decode(args) => worker(Role::Decode, args).await,
+            Command::FetchModel(_) => unreachable!("handled before the runtime starts"),
         }
     });
     // Tasks still blocked on a dead peer must not hold the exit hostage.
     runtime.shutdown_timeout(Duration::from_secs(2));
     result
+}
+
+/// `fetch-model`: resolve the model and print its path. A failure's message
+/// also goes to the container's termination log, where Kubernetes (and the
+/// operator's status) shows it.
+fn fetch_model(args: &FetchModelArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(args.model.resolve());
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(resolved) => {
+            println!("{}", resolved.path.display());
+            Ok(())
+        }
+        Err(e) => {
+            let termination_log = std::path::Path::new("/dev/termination-log");
+            if termination_log.exists() {
+                let _ = std::fs::write(termination_log, format!("fetch-model: {e:#}"));
+            }
+            Err(e)
+        }
+    }
 }
 
 /// NIXL is the transport between prefill and decode workers; a machine
@@ -204,7 +252,8 @@ async fn start_probes(
 async fn worker(role: Role, args: WorkerArgs) -> anyhow::Result<()> {
     let pod = &args.pod;
     node::check_device(args.engine.device)?;
-    let model_path = pod.model.path()?;
+    let model_path = pod.model.path().await?;
+    let engine = args.engine.config(&model_path, 1)?;
     require_nixl()?;
     let devices = gpu::report();
     let scope = Scope::new(&pod.namespace, &pod.deployment);
@@ -222,7 +271,7 @@ async fn worker(role: Role, args: WorkerArgs) -> anyhow::Result<()> {
         instance_id: node::instance_id(&prefix),
         model_path,
         model_name: pod.model.served_model_name.clone(),
-        engine: args.engine.config(),
+        engine,
         http_address,
         devices,
         label_metrics: false,
@@ -235,7 +284,10 @@ async fn worker(role: Role, args: WorkerArgs) -> anyhow::Result<()> {
 
 async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
     let pod = &args.pod;
-    let model_path = pod.model.path()?;
+    // The frontend needs only the tokenizer and chat template, but it
+    // fetches the whole file: one code path, and pods sharing a cache claim
+    // download it once anyway (see docs/models.md).
+    let model_path = pod.model.path().await?;
     let scope = Scope::new(&pod.namespace, &pod.deployment);
     let cluster = connect::pod_cluster(&pod.etcd_endpoints, &pod.nats_url, scope).await?;
     let (_stop_tx, stop) = stop_on_signal();

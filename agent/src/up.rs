@@ -71,7 +71,10 @@ fn parse_strategy(s: &str) -> Result<RouterStrategy, String> {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.decode > 0, "--decode must be at least 1");
     node::check_device(args.engine.device)?;
-    let model_path = args.model.path()?;
+    let model_path = args.model.path().await?;
+    let engine = args
+        .engine
+        .config(&model_path, args.prefill + args.decode)?;
     require_nixl()?;
     let devices = gpu::report();
     let (namespace, deployment) = args
@@ -111,7 +114,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             instance_id: node::instance_id(&format!("up-{}-{i}", role.as_str())),
             model_path: model_path.clone(),
             model_name: args.model.served_model_name.clone(),
-            engine: args.engine.config(),
+            engine,
             http_address: listener.local_addr()?.to_string(),
             devices: devices.clone(),
             label_metrics: true,

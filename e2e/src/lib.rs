@@ -15,6 +15,9 @@
 //! one through [`shared_control_plane`]; etcd and NATS start in well under a
 //! second, so each test starts its own and may stop or restart it freely.
 //!
+//! [`ModelMirror`] serves model files over HTTP (a stand-in for a model host
+//! or the Hugging Face hub, with Range, tokens and injected faults).
+//!
 //! [`bench`] is the load generator behind the `xpyd-bench` binary; it talks
 //! to any OpenAI-compatible server and starts nothing itself.
 
@@ -23,6 +26,7 @@ mod certs;
 mod control_plane;
 mod error;
 mod etcd;
+pub mod mirror;
 mod nats;
 pub mod process;
 mod tools;
@@ -32,6 +36,7 @@ mod workdir;
 pub use control_plane::{ControlPlane, ControlPlaneOptions, GPU_RESOURCE, shared_control_plane};
 pub use error::HarnessError;
 pub use etcd::Etcd;
+pub use mirror::{Fault, ModelMirror};
 pub use nats::Nats;
 pub use tools::Tools;
 pub use wait::wait_until;

@@ -109,15 +109,19 @@ pub fn nixl_lib_dir() -> Result<PathBuf, AssetError> {
 
 /// Hex sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String, AssetError> {
-    let io = |source| AssetError::Io {
+    sha256_hex(path).map_err(|source| AssetError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
+    })
+}
+
+/// Lowercase hex sha256 of a file, streamed in 1 MiB reads.
+pub fn sha256_hex(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(io)?;
+        let n = file.read(&mut buf)?;
         if n == 0 {
             break;
         }

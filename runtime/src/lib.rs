@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod engine;
 pub mod frontend;
 pub mod metrics;
+pub mod model_source;
 pub mod router;
 pub mod transfer;
 pub mod worker;

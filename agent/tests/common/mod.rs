@@ -15,10 +15,17 @@ pub struct Up {
 impl Up {
     /// Starts `xpyd-agent up --addr 127.0.0.1:0 <extra>` and waits (at most
     /// 120 s) for the URL it prints.
+    #[allow(dead_code)] // not every test binary starts it without extra env
     pub fn start(extra: &[&str]) -> Up {
+        Up::start_with_env(extra, &[])
+    }
+
+    /// [`Up::start`] with extra environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, String)]) -> Up {
         let mut child = Command::new(env!("CARGO_BIN_EXE_xpyd-agent"))
             .args(["up", "--addr", "127.0.0.1:0"])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
