@@ -426,7 +426,9 @@ mod tests {
             kv_blocks_for_memory(&mem(8 * gib, None), 1, 100 << 20, block, 128, 1 << 20).unwrap();
         let two =
             kv_blocks_for_memory(&mem(8 * gib, None), 2, 100 << 20, block, 128, 1 << 20).unwrap();
-        assert!(two < one / 2 + 1 && two > one / 2 - 200, "{one} {two}");
+        let per_engine = (8 * gib - 2 * ((100 << 20) + NON_KV_RESERVE)) / 10 * 9 / 2;
+        assert_eq!(two as u64, per_engine / block);
+        assert!(two < one / 2, "{one} {two}");
     }
 
     #[test]
