@@ -129,7 +129,7 @@ async fn invalid_specs_are_rejected_with_a_message_naming_the_problem() {
         (
             "unknown-scheme",
             Box::new(|o| o["spec"]["model"]["source"] = json!("s3://bucket/m.gguf")),
-            "spec.model.source: Invalid value: \"string\": model.source must be an absolute path or start with https://, http://, hf:// or pvc://",
+            "spec.model.source: Invalid value: \"s3://bucket/m.gguf\": model.source must be an absolute path or start with https://, http://, hf:// or pvc://",
         ),
         (
             "relative-path",
@@ -139,7 +139,7 @@ async fn invalid_specs_are_rejected_with_a_message_naming_the_problem() {
         (
             "pvc-no-path",
             Box::new(|o| o["spec"]["model"]["source"] = json!("pvc://weights")),
-            "spec.model.source: Invalid value: \"string\": model.source: a pvc:// source must be pvc://<claim>/<path>",
+            "spec.model.source: Invalid value: \"pvc://weights\": model.source: a pvc:// source must be pvc://<claim>/<path>",
         ),
         (
             "pvc-no-claim",
@@ -149,7 +149,7 @@ async fn invalid_specs_are_rejected_with_a_message_naming_the_problem() {
         (
             "hf-no-file",
             Box::new(|o| o["spec"]["model"]["source"] = json!("hf://org/repo")),
-            "spec.model.source: Invalid value: \"string\": model.source: an hf:// source must be hf://<org>/<repo>[@<revision>]/<file>",
+            "spec.model.source: Invalid value: \"hf://org/repo\": model.source: an hf:// source must be hf://<org>/<repo>[@<revision>]/<file>",
         ),
         (
             "https-no-file",
@@ -185,7 +185,7 @@ async fn invalid_specs_are_rejected_with_a_message_naming_the_problem() {
                 o["spec"]["engine"] =
                     json!({"kvCacheBlocks": 10, "blockSize": 16, "maxModelLen": 2048})
             }),
-            "spec.engine.kvCacheBlocks: Invalid value: \"object\": engine.kvCacheBlocks x engine.blockSize must hold one engine.maxModelLen sequence",
+            "spec.engine.kvCacheBlocks: Invalid value: engine.kvCacheBlocks x engine.blockSize must hold one engine.maxModelLen sequence",
         ),
         (
             "kv-too-big",
@@ -195,7 +195,7 @@ async fn invalid_specs_are_rejected_with_a_message_naming_the_problem() {
         (
             "frontend-on-metrics-port",
             Box::new(|o| o["spec"]["frontend"] = json!({"port": 9090})),
-            "spec.frontend.port: Invalid value: \"object\": frontend.port must not be 9090",
+            "spec.frontend.port: Invalid value: frontend.port must not be 9090",
         ),
         (
             "bad-device",
