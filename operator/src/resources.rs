@@ -425,6 +425,10 @@ pub fn deployment(
             command: Some(vec!["xpyd-agent".to_string(), "fetch-model".to_string()]),
             env: Some(model_env(spec, cluster)),
             volume_mounts: Some(model_mounts),
+            // The role's own: a namespace whose quota wants limits accepts
+            // the pod, and the pod's request (the larger of init and main)
+            // does not grow.
+            resources: worker.resources.clone(),
             // The agent writes its last error to /dev/termination-log; the
             // log's tail stands in when it could not.
             termination_message_policy: Some("FallbackToLogsOnError".to_string()),
@@ -728,6 +732,7 @@ mod tests {
                 Some("FallbackToLogsOnError")
             );
             let agent = &pod.containers[0];
+            assert_eq!(fetch.resources, agent.resources, "{role:?}");
             for c in [fetch, agent] {
                 let vars = c.env.as_ref().unwrap();
                 let value = |n: &str| {
