@@ -324,12 +324,6 @@ fn condition(
     }
 }
 
-fn is_true(conditions: &[Condition], type_: &str) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == type_ && c.status == "True")
-}
-
 /// Server-side-applies every child object (and removes those the spec no
 /// longer asks for); returns each role's replica counts.
 async fn apply_children(
@@ -603,21 +597,18 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
-    let was_degraded = is_true(&old.conditions, "Degraded");
-    if let Some(problem) = &pod_problem {
-        let already = old
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == problem.reason);
-        if !already {
-            ctx.publish(
-                dd,
-                EventType::Warning,
-                problem.reason,
-                problem.message.clone(),
-            )
-            .await;
-        }
+    // Events on transitions of the reason, not on every reconcile.
+    let etcd_was_down = is_reason(&old.conditions, "Degraded", "EtcdUnavailable");
+    if let Some(problem) = &pod_problem
+        && !is_reason(&old.conditions, "Degraded", problem.reason)
+    {
+        ctx.publish(
+            dd,
+            EventType::Warning,
+            problem.reason,
+            problem.message.clone(),
+        )
+        .await;
     }
     match &etcd {
         Ok((stored, true, _)) => {
@@ -632,7 +623,7 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
             )
             .await;
         }
-        Ok(_) if was_degraded && is_reason(&old.conditions, "Degraded", "EtcdUnavailable") => {
+        Ok(_) if etcd_was_down => {
             ctx.publish(
                 dd,
                 EventType::Normal,
@@ -641,7 +632,7 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
             )
             .await;
         }
-        Err(e) if !was_degraded => {
+        Err(e) if !etcd_was_down => {
             ctx.publish(dd, EventType::Warning, "EtcdUnavailable", e.to_string())
                 .await;
         }

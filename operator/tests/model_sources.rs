@@ -7,6 +7,7 @@
 mod common;
 
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, PodSpec};
+use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -354,6 +355,22 @@ async fn a_failing_model_fetch_or_image_pull_shows_in_the_status() {
         message.contains("stuck-decode-fake") && message.contains(not_found),
         "{message}"
     );
+
+    // kubectl describe shows it too, as a Warning event on the deployment.
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    wait_until("a ModelUnavailable event", TIMEOUT, || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            Ok::<_, kube::Error>(list.items.iter().any(|e| {
+                e.reason.as_deref() == Some("ModelUnavailable")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("stuck")
+            }))
+        }
+    })
+    .await
+    .unwrap();
 
     // The image cannot be pulled: that is said first, naming the image.
     pods.patch_status(
