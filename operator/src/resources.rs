@@ -2,10 +2,10 @@
 //! and one Service per role, and an optional Ingress.
 //!
 //! Nothing here talks to the API server; the controller applies what these
-//! return with server-side apply. The agent contract lives here too
-//! (`/work/contract-models.md` in the project's history, and the agent's
-//! `--help`): every pod runs `xpyd-agent <role>` and reads its settings from
-//! `XPYD_*` variables only; it serves `/health` (liveness), `/ready`
+//! return with server-side apply. The operator's half of the agent contract
+//! lives here too (the agent's half is its flags and their `XPYD_*`
+//! variables): every pod runs `xpyd-agent <role>` and reads its settings
+//! from the environment only; it serves `/health` (liveness), `/ready`
 //! (readiness) and `/metrics` on [`METRICS_PORT`], the frontend also the
 //! OpenAI API on `spec.frontend.port`. The model reaches the pod by
 //! [`ModelSource`]: a download source gets a [`FETCH_CONTAINER`] init

@@ -374,3 +374,36 @@ async fn the_sample_crs_apply_with_kubectl() {
         names.len()
     );
 }
+
+#[tokio::test]
+async fn every_device_the_api_server_accepts_is_one_the_agent_parses() {
+    use xpyd_runtime::engine::device::DeviceChoice;
+    let (_plane, client) = plane_with_crd().await;
+    let ns = "validation-devices";
+    namespace(&client, ns).await;
+    let api: Api<DisaggDeployment> = Api::namespaced(client, ns);
+    let mut accepted = Vec::new();
+    for (i, device) in [
+        "auto", "cpu", "cuda", "cuda:0", "cuda:7", "cuda:123", "gpu", "cuda:", "cuda:x", "CUDA",
+        "cuda:1:2", "cuda:-1",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut obj = object(&format!("device-{i}"), spec("http://127.0.0.1:2379", 1, 1));
+        obj["spec"]["engine"] = json!({"device": device});
+        let dd: DisaggDeployment = serde_json::from_value(obj).unwrap();
+        if api.create(&PostParams::default(), &dd).await.is_ok() {
+            // The operator passes it verbatim as XPYD_DEVICE.
+            assert!(
+                device.parse::<DeviceChoice>().is_ok(),
+                "the API server accepts device {device:?}, the agent refuses it"
+            );
+            accepted.push(device);
+        }
+    }
+    assert_eq!(
+        accepted,
+        ["auto", "cpu", "cuda", "cuda:0", "cuda:7", "cuda:123"]
+    );
+}
