@@ -197,6 +197,12 @@ pub struct ModelSpec {
     /// downloads once per start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<ModelCacheSpec>,
+    /// Overall deadline of a download in seconds, waiting for another
+    /// pod's download on a shared cache included. Unset: the agent's
+    /// default (3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub fetch_timeout_seconds: Option<i32>,
     /// The name clients pass as `model`; defaults to `name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]

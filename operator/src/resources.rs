@@ -286,6 +286,9 @@ fn model_env(spec: &DisaggDeploymentSpec, cluster: &ClusterSettings) -> Vec<EnvV
     match model.source_kind() {
         ModelSource::Download => {
             vars.push(env("XPYD_MODEL_CACHE", MODEL_CACHE_DIR));
+            if let Some(secs) = model.fetch_timeout_seconds {
+                vars.push(env("XPYD_MODEL_FETCH_TIMEOUT_SECONDS", secs.to_string()));
+            }
         }
         ModelSource::Pvc { .. } => vars.push(env("XPYD_PVC_ROOT", PVC_ROOT)),
         ModelSource::Path => {}
@@ -711,6 +714,7 @@ mod tests {
             "source": "hf://org/repo@v1/m.gguf",
             "sha256": "ab".repeat(32),
             "hfTokenSecret": {"name": "hf", "key": "token"},
+            "fetchTimeoutSeconds": 7200,
         }));
         let mirror = ClusterSettings {
             hf_endpoint: Some("http://mirror:8080".into()),
@@ -746,6 +750,10 @@ mod tests {
                 );
                 assert_eq!(value("XPYD_MODEL_SHA256"), Some("ab".repeat(32)));
                 assert_eq!(value("XPYD_MODEL_CACHE").as_deref(), Some(MODEL_CACHE_DIR));
+                assert_eq!(
+                    value("XPYD_MODEL_FETCH_TIMEOUT_SECONDS").as_deref(),
+                    Some("7200")
+                );
                 assert_eq!(value("HF_ENDPOINT").as_deref(), Some("http://mirror:8080"));
                 let token = vars.iter().find(|e| e.name == "HF_TOKEN").unwrap();
                 assert_eq!(token.value, None, "the token is never inlined");
