@@ -176,12 +176,14 @@ pub struct ModelSpec {
     #[x_kube(
         validation = Rule::new("self.startsWith('/') || self.startsWith('https://') || self.startsWith('http://') || self.startsWith('hf://') || self.startsWith('pvc://')")
             .message("model.source must be an absolute path or start with https://, http://, hf:// or pvc://"),
-        validation = Rule::new("!(self.startsWith('https://') || self.startsWith('http://')) || self.matches('^https?://[^/?#]+/[^?#]*[^/?#]')")
+        validation = Rule::new("!(self.startsWith('https://') || self.startsWith('http://')) || self.matches('^https?://[^/?#]+/([^?#]*/)?[^/?#]+([?#].*)?$')")
             .message("model.source: an http(s):// URL must name a host and a file"),
         validation = Rule::new("!self.startsWith('hf://') || self.matches('^hf://[^/@]+/[^/@]+(@[^/@]+)?/([^/]+/)*[^/]+$')")
             .message("model.source: an hf:// source must be hf://<org>/<repo>[@<revision>]/<file>"),
         validation = Rule::new("!self.startsWith('pvc://') || self.matches('^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/([^/]+/)*[^/]+$')")
-            .message("model.source: a pvc:// source must be pvc://<claim>/<path>, naming both the claim and a file in it")
+            .message("model.source: a pvc:// source must be pvc://<claim>/<path>, naming both the claim and a file in it"),
+        validation = Rule::new("!(self.startsWith('hf://') || self.startsWith('pvc://')) || !self.matches('/[.][.](/|$)')")
+            .message("model.source: the file's path may not contain '..'")
     )]
     pub source: String,
     /// SHA-256 of the file, 64 lowercase hex digits. A download that does

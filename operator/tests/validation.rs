@@ -157,6 +157,21 @@ async fn invalid_specs_are_rejected_with_a_message_naming_the_problem() {
             "an http(s):// URL must name a host and a file",
         ),
         (
+            "https-trailing-slash",
+            Box::new(|o| o["spec"]["model"]["source"] = json!("https://models.example.com/a/?x=1")),
+            "an http(s):// URL must name a host and a file",
+        ),
+        (
+            "pvc-dot-dot",
+            Box::new(|o| o["spec"]["model"]["source"] = json!("pvc://weights/../etc/m.gguf")),
+            "spec.model.source: Invalid value: \"pvc://weights/../etc/m.gguf\": model.source: the file's path may not contain '..'",
+        ),
+        (
+            "hf-dot-dot",
+            Box::new(|o| o["spec"]["model"]["source"] = json!("hf://org/repo/a/../m.gguf")),
+            "model.source: the file's path may not contain '..'",
+        ),
+        (
             "sha-short",
             Box::new(|o| o["spec"]["model"]["sha256"] = json!("abc123")),
             "spec.model.sha256",
