@@ -131,8 +131,9 @@ fn set(items: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String, Str
 /// the controller lists and watches DisaggDeployments and their children;
 /// the finalizer patches the CR; status is server-side applied; children are
 /// server-side applied (a create when new, so `create` too) and the ones a
-/// spec no longer wants deleted (ConfigMaps never are); the event recorder
-/// creates and patches events.k8s.io Events.
+/// spec no longer wants deleted; pods are listed (never watched) to report
+/// why they do not start; the event recorder creates and patches
+/// events.k8s.io Events.
 fn operator_grants() -> BTreeSet<(String, String, String, String)> {
     set(&[
         ("xpyd.dev", "disaggdeployments", &["list", "watch", "patch"]),
@@ -147,7 +148,7 @@ fn operator_grants() -> BTreeSet<(String, String, String, String)> {
             "services",
             &["list", "watch", "create", "patch", "delete"],
         ),
-        ("", "configmaps", &["list", "watch", "create", "patch"]),
+        ("", "pods", &["list"]),
         (
             "networking.k8s.io",
             "ingresses",
@@ -158,10 +159,10 @@ fn operator_grants() -> BTreeSet<(String, String, String, String)> {
 }
 
 /// Leader election (operator/src/leader.rs): creates the Lease, then gets
-/// and replaces that one Lease.
+/// and replaces that one Lease, and deletes it on shutdown.
 fn leader_grants() -> BTreeSet<(String, String, String, String)> {
     let mut g = set(&[("coordination.k8s.io", "leases", &["create"])]);
-    for verb in ["get", "update"] {
+    for verb in ["get", "update", "delete"] {
         g.insert((
             "coordination.k8s.io".into(),
             "leases".into(),
@@ -241,8 +242,18 @@ fn default_values_install_the_operator_its_rbac_service_and_dashboards() {
         .map(|e| e["name"].as_str().unwrap())
         .collect();
     assert!(
-        env.contains(&"POD_NAMESPACE") && env.contains(&"POD_NAME"),
+        env.contains(&"POD_NAMESPACE") && env.contains(&"POD_NAME") && env.contains(&"POD_UID"),
         "{env:?}"
+    );
+    // No hub mirror unless one is set.
+    assert!(!env.contains(&"XPYD_HF_ENDPOINT"), "{env:?}");
+    let objects_with_mirror = template(&["--set", "agents.hfEndpoint=http://hf-mirror.local:8080"]);
+    let mirrored = find(&objects_with_mirror, "Deployment", "xpyd-operator");
+    let mirror_env = &mirrored["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        mirror_env.as_array().unwrap().iter().any(|e| e["name"] == "XPYD_HF_ENDPOINT"
+            && e["value"] == "http://hf-mirror.local:8080"),
+        "{mirror_env}"
     );
 
     // The metrics Service selects the operator pod and targets its port.
@@ -320,8 +331,13 @@ fn optional_switches_add_etcd_nats_monitors_and_alerts() {
     dd.metadata.uid = Some("0000-test".into());
     let owner = resources::Owner::of(&dd).unwrap();
     for role in resources::Role::ALL {
-        let deployment =
-            serde_json::to_value(resources::deployment(&owner, &dd.spec, role)).unwrap();
+        let deployment = serde_json::to_value(resources::deployment(
+            &owner,
+            &dd.spec,
+            role,
+            &resources::ClusterSettings::default(),
+        ))
+        .unwrap();
         let template = &deployment["spec"]["template"];
         for (k, v) in selector {
             assert_eq!(
@@ -394,6 +410,11 @@ fn bad_values_fail_at_install_time_naming_the_value() {
             "--set-string",
             "etcd.enabled=yes",
             "at '/etcd/enabled': got string, want boolean",
+        ),
+        (
+            "--set",
+            "agents.hfEndpoint=huggingface.co",
+            "at '/agents/hfEndpoint': 'huggingface.co' does not match pattern",
         ),
     ] {
         let out = helm(&["template", "xpyd", chart, flag, set]);

@@ -7,7 +7,11 @@
 //! finalizer removes the operator's etcd keys before the CR goes; the
 //! children go by owner-reference garbage collection. An etcd outage marks
 //! the CR `Degraded` and retries with backoff; the Kubernetes side keeps
-//! being reconciled meanwhile. Not here: leader election and the HTTP server
+//! being reconciled meanwhile. While a role is not ready the reconciler
+//! lists the deployment's pods and reports an image that cannot be pulled or
+//! a model that cannot be fetched in `Degraded` ([`crate::pod_status`]),
+//! polling until the pods come up (pods are owned through ReplicaSets, so
+//! no owner watch sees them). Not here: leader election and the HTTP server
 //! (see [`crate::leader`], [`crate::metrics`]), object builders
 //! ([`crate::resources`]).
 
@@ -17,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
@@ -31,10 +35,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, RoleStatus, RouterStatus};
+use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, RoleAcks, RoleStatus, RouterStatus};
 use crate::metrics::Metrics;
-use crate::resources::{self, BuildError, MANAGED_BY, Owner, Role};
-use crate::router_settings::{EtcdClients, EtcdError, RouterSettings, acks_prefix, settings_key};
+use crate::pod_status::{self, PodProblem};
+use crate::resources::{
+    self, BuildError, ClusterSettings, DEPLOYMENT_LABEL, MANAGED_BY, Owner, Role,
+};
+use crate::router_settings::{EtcdClients, EtcdError, RouterSettings, settings_key};
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "xpyd-operator";
@@ -46,6 +53,8 @@ pub const SKIP_CLEANUP_ANNOTATION: &str = "xpyd.dev/skip-etcd-cleanup";
 
 /// Requeue while routers have not all acknowledged the settings.
 const ACK_POLL: Duration = Duration::from_secs(5);
+/// Requeue while pods are not ready, to notice why (no watch sees pods).
+const POD_POLL: Duration = Duration::from_secs(10);
 /// Requeue of a settled CR, to notice drift the watches cannot see (etcd).
 const RESYNC: Duration = Duration::from_secs(300);
 /// Quiet time before a triggered reconcile runs.
@@ -101,6 +110,8 @@ pub struct Config {
     pub instance: String,
     /// Where reconciles are counted.
     pub metrics: Metrics,
+    /// What every pod gets from the installation (the chart's values).
+    pub cluster: ClusterSettings,
 }
 
 impl Default for Config {
@@ -110,6 +121,7 @@ impl Default for Config {
             concurrency: 16,
             instance: "xpyd-operator".to_string(),
             metrics: Metrics::new(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -120,6 +132,7 @@ pub struct Context {
     etcd: EtcdClients,
     metrics: Metrics,
     recorder: Recorder,
+    cluster: ClusterSettings,
     failures: Mutex<HashMap<ObjectRef<DisaggDeployment>, u32>>,
 }
 
@@ -151,16 +164,14 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (dds, deployments, services, config_maps, ingresses) = match &config.namespace {
+    let (dds, deployments, services, ingresses) = match &config.namespace {
         Some(ns) => (
             Api::<DisaggDeployment>::namespaced(client.clone(), ns),
             Api::<Deployment>::namespaced(client.clone(), ns),
             Api::<Service>::namespaced(client.clone(), ns),
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
             Api::<Ingress>::namespaced(client.clone(), ns),
         ),
         None => (
-            Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
@@ -176,6 +187,7 @@ pub async fn run(
         client,
         etcd: EtcdClients::default(),
         metrics: config.metrics.clone(),
+        cluster: config.cluster.clone(),
         failures: Mutex::default(),
     });
     let owned =
@@ -183,7 +195,6 @@ pub async fn run(
     Controller::new(dds, watcher::Config::default().any_semantic())
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
-        .owns(config_maps, owned.clone())
         .owns(ingresses, owned)
         .with_config(
             ControllerConfig::default()
@@ -313,12 +324,6 @@ fn condition(
     }
 }
 
-fn is_true(conditions: &[Condition], type_: &str) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == type_ && c.status == "True")
-}
-
 /// Server-side-applies every child object (and removes those the spec no
 /// longer asks for); returns each role's replica counts.
 async fn apply_children(
@@ -330,9 +335,6 @@ async fn apply_children(
     let spec = &dd.spec;
     let ns = &owner.namespace;
     let client = &ctx.client;
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let cm = resources::config_map(owner, spec);
-    apply_child(&config_maps, &owner.config_map_name(), &cm).await?;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
@@ -354,7 +356,7 @@ async fn apply_children(
         }
         let svc = resources::service(owner, spec, role);
         apply_child(&services, &name, &svc).await?;
-        let want = resources::deployment(owner, spec, role);
+        let want = resources::deployment(owner, spec, role, &ctx.cluster);
         let got = apply_child(&deployments, &name, &want).await?;
         roles.insert(role, role_status(desired, Some(&got)));
     }
@@ -454,7 +456,7 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
         let (stored, wrote) = ctx.etcd.ensure_settings(endpoints, &key, &want).await?;
         let acks = ctx
             .etcd
-            .count_acks(endpoints, &acks_prefix(ns, &owner.name), stored.generation)
+            .count_acks(endpoints, ns, &owner.name, stored.generation)
             .await?;
         Ok::<_, EtcdError>((stored, wrote, acks))
     }
@@ -464,24 +466,32 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
     let prefill = roles.remove(&Role::Prefill).unwrap_or_default();
     let decode = roles.remove(&Role::Decode).unwrap_or_default();
     let pods_ready = [&frontend, &prefill, &decode].into_iter().all(converged);
+    // Why pods are not coming up, when a user must act; only looked for
+    // while they are not all ready.
+    let pod_problem = if pods_ready {
+        None
+    } else {
+        observe_pods(ctx, &owner).await
+    };
     let router = match &etcd {
         Ok((stored, _, acks)) => RouterStatus {
             key: key.clone(),
             settings_generation: stored.generation,
-            acknowledged: *acks,
+            acknowledged: acks.frontend,
+            acknowledged_by_role: RoleAcks {
+                frontend: acks.frontend,
+                prefill: acks.prefill,
+                decode: acks.decode,
+            },
         },
         // Unknown while etcd is away: keep what was last seen.
         Err(_) => old.router.clone(),
     };
 
-    let (degraded, degraded_reason, degraded_message) = match &etcd {
-        Ok(_) => (
-            false,
-            "AsExpected",
-            "etcd reachable, router settings applied".to_string(),
-        ),
-        Err(e) => (true, "EtcdUnavailable", e.to_string()),
-    };
+    let (degraded, degraded_reason, degraded_message) = degraded_condition(
+        etcd.as_ref().err().map(ToString::to_string),
+        pod_problem.as_ref(),
+    );
     let lagging: Vec<String> = [
         ("frontend", &frontend),
         ("prefill", &prefill),
@@ -492,7 +502,11 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
     .map(|(n, s)| format!("{n} {}/{} ready, {} updated", s.ready, s.desired, s.updated))
     .collect();
     let (ready, ready_reason, ready_message) = if !pods_ready {
-        (false, "ReplicasNotReady", lagging.join("; "))
+        let mut message = lagging.join("; ");
+        if let Some(problem) = &pod_problem {
+            message = format!("{message}; {}", problem.message);
+        }
+        (false, "ReplicasNotReady", message)
     } else if degraded {
         (
             false,
@@ -583,7 +597,19 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
-    let was_degraded = is_true(&old.conditions, "Degraded");
+    // Events on transitions of the reason, not on every reconcile.
+    let etcd_was_down = is_reason(&old.conditions, "Degraded", "EtcdUnavailable");
+    if let Some(problem) = &pod_problem
+        && !is_reason(&old.conditions, "Degraded", problem.reason)
+    {
+        ctx.publish(
+            dd,
+            EventType::Warning,
+            problem.reason,
+            problem.message.clone(),
+        )
+        .await;
+    }
     match &etcd {
         Ok((stored, true, _)) => {
             ctx.publish(
@@ -597,7 +623,7 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
             )
             .await;
         }
-        Ok(_) if was_degraded => {
+        Ok(_) if etcd_was_down => {
             ctx.publish(
                 dd,
                 EventType::Normal,
@@ -606,7 +632,7 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
             )
             .await;
         }
-        Err(e) if !was_degraded => {
+        Err(e) if !etcd_was_down => {
             ctx.publish(dd, EventType::Warning, "EtcdUnavailable", e.to_string())
                 .await;
         }
@@ -622,8 +648,47 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
         Ok(_) if status.router.acknowledged < status.frontend.ready => {
             Ok(Action::requeue(ACK_POLL))
         }
+        Ok(_) if !pods_ready => Ok(Action::requeue(POD_POLL)),
         Ok(_) => Ok(Action::requeue(RESYNC)),
     }
+}
+
+/// The deployment's pods' most pressing problem; a failed list is logged
+/// and reported as none (status then shows what it can).
+async fn observe_pods(ctx: &Context, owner: &Owner) -> Option<PodProblem> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let selector = format!("{DEPLOYMENT_LABEL}={}", owner.name);
+    match pods.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => pod_status::pod_problem(&list.items),
+        Err(e) => {
+            tracing::warn!(error = %e, name = %owner.name, "listing pods");
+            None
+        }
+    }
+}
+
+/// `Degraded` from what is wrong: etcd (the operator's own path) first,
+/// then the pods; every problem's message is kept.
+fn degraded_condition(
+    etcd_error: Option<String>,
+    pods: Option<&PodProblem>,
+) -> (bool, &'static str, String) {
+    match (etcd_error, pods) {
+        (None, None) => (
+            false,
+            "AsExpected",
+            "etcd reachable, router settings applied".to_string(),
+        ),
+        (Some(e), None) => (true, "EtcdUnavailable", e),
+        (None, Some(p)) => (true, p.reason, p.message.clone()),
+        (Some(e), Some(p)) => (true, "EtcdUnavailable", format!("{e}; {}", p.message)),
+    }
+}
+
+fn is_reason(conditions: &[Condition], type_: &str, reason: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True" && c.reason == reason)
 }
 
 async fn cleanup(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
@@ -684,6 +749,31 @@ mod tests {
             replicas: 3,
             ..done
         }));
+    }
+
+    #[test]
+    fn degraded_names_every_problem_etcd_first() {
+        let pull = PodProblem {
+            reason: pod_status::IMAGE_PULL_FAILED,
+            message: "pod a: image x cannot be pulled".into(),
+        };
+        assert!(!degraded_condition(None, None).0);
+        assert_eq!(
+            degraded_condition(None, Some(&pull)),
+            (
+                true,
+                "ImagePullFailed",
+                "pod a: image x cannot be pulled".into()
+            )
+        );
+        assert_eq!(
+            degraded_condition(Some("etcd down".into()), Some(&pull)),
+            (
+                true,
+                "EtcdUnavailable",
+                "etcd down; pod a: image x cannot be pulled".into()
+            )
+        );
     }
 
     #[test]

@@ -8,7 +8,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, ResourceRequirements, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -85,7 +88,13 @@ pub const GROUP: &str = "xpyd.dev";
         .field_path(".frontend.ingress.host"),
     validation = Rule::new("self.router.strategy != 'session' || self.router.sessionHeader != ''")
         .message("router.sessionHeader must be set when router.strategy is session")
-        .field_path(".router.sessionHeader")
+        .field_path(".router.sessionHeader"),
+    validation = Rule::new("!has(self.engine.kvCacheBlocks) || self.engine.kvCacheBlocks * self.engine.blockSize >= self.engine.maxModelLen")
+        .message("engine.kvCacheBlocks x engine.blockSize must hold one engine.maxModelLen sequence: raise engine.kvCacheBlocks or lower engine.maxModelLen")
+        .field_path(".engine.kvCacheBlocks"),
+    validation = Rule::new("self.frontend.port != 9090")
+        .message("frontend.port must not be 9090: every agent serves /health, /ready and /metrics on that port")
+        .field_path(".frontend.port")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DisaggDeploymentSpec {
@@ -120,29 +129,157 @@ pub struct DisaggDeploymentSpec {
     pub etcd: EtcdSpec,
     /// The NATS server that carries requests, the prefill queue and KV events.
     pub nats: NatsSpec,
+    /// Seconds a pod has to shut down after SIGTERM. The agent drains
+    /// in-flight work for 10 s less than this (at least 1 s; its
+    /// `XPYD_GRACE_SECONDS`), so it exits before the kubelet kills it.
+    #[serde(default = "default_termination_grace_period_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub termination_grace_period_seconds: i32,
 }
 
-/// What to serve.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Seconds between the end of the agent's drain and the pod's grace period.
+pub const DRAIN_MARGIN_SECONDS: i32 = 10;
+
+fn default_termination_grace_period_seconds() -> i32 {
+    60
+}
+
+impl DisaggDeploymentSpec {
+    /// The agent's drain grace (`XPYD_GRACE_SECONDS`): the pod's grace
+    /// period less [`DRAIN_MARGIN_SECONDS`], at least 1 s.
+    pub fn drain_grace_seconds(&self) -> i32 {
+        (self.termination_grace_period_seconds - DRAIN_MARGIN_SECONDS).max(1)
+    }
+}
+
+/// What to serve, and where the pods get it from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.hfTokenSecret) || self.source.startsWith('hf://')")
+        .message("model.hfTokenSecret is only used with an hf:// model.source")
+        .field_path(".hfTokenSecret")
+)]
 pub struct ModelSpec {
     /// The model's name, e.g. `SmolLM2-135M-Instruct`.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-    /// Where the agent loads the weights from: a path inside the pod or an
-    /// `http(s)://` URL.
+    /// Where the weights (one GGUF file) come from:
+    /// `https://host/path/file.gguf` or `http://…` (downloaded by an init
+    /// container into the model cache);
+    /// `hf://<org>/<repo>[@<revision>]/<file>` (the Hugging Face hub, or the
+    /// mirror the operator is configured with; downloaded likewise);
+    /// `pvc://<claim>/<path>` (a file on an existing PersistentVolumeClaim,
+    /// mounted read-only); or an absolute path inside the pod (in the image,
+    /// or in a volume added through the roles' `volumes`/`volumeMounts`).
     #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(
+        validation = Rule::new("self.startsWith('/') || self.startsWith('https://') || self.startsWith('http://') || self.startsWith('hf://') || self.startsWith('pvc://')")
+            .message("model.source must be an absolute path or start with https://, http://, hf:// or pvc://"),
+        validation = Rule::new("!(self.startsWith('https://') || self.startsWith('http://')) || self.matches('^https?://[^/?#]+/([^?#]*/)?[^/?#]+([?#].*)?$')")
+            .message("model.source: an http(s):// URL must name a host and a file"),
+        validation = Rule::new("!self.startsWith('hf://') || self.matches('^hf://[^/@]+/[^/@]+(@[^/@]+)?/([^/]+/)*[^/]+$')")
+            .message("model.source: an hf:// source must be hf://<org>/<repo>[@<revision>]/<file>"),
+        validation = Rule::new("!self.startsWith('pvc://') || self.matches('^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/([^/]+/)*[^/]+$')")
+            .message("model.source: a pvc:// source must be pvc://<claim>/<path>, naming both the claim and a file in it"),
+        validation = Rule::new("!(self.startsWith('hf://') || self.startsWith('pvc://')) || !self.matches('/[.][.](/|$)')")
+            .message("model.source: the file's path may not contain '..'")
+    )]
     pub source: String,
+    /// SHA-256 of the file, 64 lowercase hex digits. A download that does
+    /// not match is refused (and not kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+    /// Secret holding a Hugging Face token for an `hf://` source; it reaches
+    /// the pods as `HF_TOKEN` and nothing else (never status or logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf_token_secret: Option<SecretKeySpec>,
+    /// Where downloads are kept. Unset: an `emptyDir` per pod (each pod
+    /// downloads once per start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<ModelCacheSpec>,
+    /// Overall deadline of a download in seconds, waiting for another
+    /// pod's download on a shared cache included. Unset: the agent's
+    /// default (3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub fetch_timeout_seconds: Option<i32>,
     /// The name clients pass as `model`; defaults to `name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub served_model_name: Option<String>,
 }
 
+/// A key of a Secret in the deployment's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeySpec {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key within it.
+    #[serde(default = "default_token_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_token_key() -> String {
+    "token".to_string()
+}
+
+/// The model cache volume.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!(has(self.claimName) && has(self.sizeLimit))")
+        .message("model.cache: sizeLimit applies to the default emptyDir, not to a claimName")
+        .field_path(".sizeLimit")
+)]
+pub struct ModelCacheSpec {
+    /// A PersistentVolumeClaim (ReadWriteMany) shared by every pod of the
+    /// deployment: one download serves scale-ups and restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: Option<String>,
+    /// Size limit of the default `emptyDir`, e.g. `20Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<Quantity>,
+}
+
+/// What kind of place `spec.model.source` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource<'a> {
+    /// `http(s)://` or `hf://`: fetched into the model cache by an init
+    /// container.
+    Download,
+    /// `pvc://<claim>/<path>`: read from a read-only mount of `claim`.
+    Pvc {
+        /// The claim's name.
+        claim: &'a str,
+    },
+    /// Anything else (an absolute path; the schema admits nothing more).
+    Path,
+}
+
 impl ModelSpec {
     /// The name the frontend answers to.
     pub fn served_name(&self) -> &str {
         self.served_model_name.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Which kind of source this is (the schema has checked its shape).
+    pub fn source_kind(&self) -> ModelSource<'_> {
+        let s = self.source.as_str();
+        if s.starts_with("https://") || s.starts_with("http://") || s.starts_with("hf://") {
+            ModelSource::Download
+        } else if let Some(rest) = s.strip_prefix("pvc://") {
+            ModelSource::Pvc {
+                claim: rest.split('/').next().unwrap_or_default(),
+            }
+        } else {
+            ModelSource::Path
+        }
     }
 }
 
@@ -200,6 +337,32 @@ pub struct WorkerSpec {
     /// Pod affinity and anti-affinity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// Environment variables added to the agent container, after the ones
+    /// the operator sets (a later entry wins for the same name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Volumes added to the pods (Kubernetes `Volume` objects; checked by
+    /// the API server when the operator writes the Deployment). Names
+    /// `model-cache` and `model-pvc` are the operator's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "preserved_objects")]
+    pub volumes: Vec<Volume>,
+    /// Mounts added to the agent container, e.g. a `/dev/shm` for UCX.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// A list of objects the API server keeps as written: the full `Volume`
+/// schema would add hundreds of kilobytes to the CRD per role; the
+/// Deployment the operator writes is validated in full.
+fn preserved_objects(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": true,
+        },
+    })
 }
 
 /// Engine settings.
@@ -219,11 +382,27 @@ pub struct EngineSpec {
     #[serde(default = "default_max_model_len")]
     #[schemars(range(min = 1))]
     pub max_model_len: i32,
-    /// KV cache size in blocks per worker; unset lets the engine size it from
-    /// free memory.
+    /// KV cache size in blocks per worker. Unset: the agent sizes it from
+    /// the memory left after the weights, within the container's memory
+    /// limit. Set, it must hold one `maxModelLen` sequence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
-    pub kv_cache_blocks: Option<i64>,
+    #[schemars(range(min = 1, max = 16777216))]
+    pub kv_cache_blocks: Option<i32>,
+    /// Where the engine computes: `auto` (a GPU when the engine can use it,
+    /// else the CPU), `cpu`, `cuda` or `cuda:<N>`. The CUDA engine is not
+    /// enabled in this release: `cuda` makes the workers refuse to start.
+    #[serde(default = "default_device")]
+    #[schemars(length(max = 16), regex(pattern = r"^(auto|cpu|cuda(:[0-9]{1,3})?)$"))]
+    pub device: String,
+    /// Most sequences in one engine step.
+    #[serde(default = "default_max_seqs")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_seqs: i32,
+    /// Seconds a decode worker waits for a remote prefill's KV before it
+    /// prefills the prompt itself.
+    #[serde(default = "default_remote_prefill_timeout_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub remote_prefill_timeout_seconds: i32,
 }
 
 fn default_block_size() -> i32 {
@@ -235,6 +414,15 @@ fn default_max_batch_tokens() -> i32 {
 fn default_max_model_len() -> i32 {
     8192
 }
+fn default_device() -> String {
+    "auto".to_string()
+}
+fn default_max_seqs() -> i32 {
+    16
+}
+fn default_remote_prefill_timeout_seconds() -> i32 {
+    30
+}
 
 impl Default for EngineSpec {
     fn default() -> Self {
@@ -243,6 +431,9 @@ impl Default for EngineSpec {
             max_batch_tokens: default_max_batch_tokens(),
             max_model_len: default_max_model_len(),
             kv_cache_blocks: None,
+            device: default_device(),
+            max_seqs: default_max_seqs(),
+            remote_prefill_timeout_seconds: default_remote_prefill_timeout_seconds(),
         }
     }
 }
@@ -480,9 +671,30 @@ pub struct RouterStatus {
     /// The CR generation of the settings now in etcd (0: not written yet).
     #[serde(default)]
     pub settings_generation: i64,
-    /// Routers that acknowledged running that generation (or a later one).
+    /// Routers (frontend instances) that acknowledged running that
+    /// generation or a later one.
     #[serde(default)]
     pub acknowledged: i32,
+    /// Acknowledgements of that generation by role. Workers acknowledge too
+    /// (they read the threshold); an ack whose instance has no record in
+    /// etcd is counted nowhere.
+    #[serde(default)]
+    pub acknowledged_by_role: RoleAcks,
+}
+
+/// Instances of each role that acknowledged the router settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleAcks {
+    /// Frontends (routers).
+    #[serde(default)]
+    pub frontend: i32,
+    /// Prefill workers.
+    #[serde(default)]
+    pub prefill: i32,
+    /// Decode workers.
+    #[serde(default)]
+    pub decode: i32,
 }
 
 /// The CRD as YAML, the form checked in under `crds/`.

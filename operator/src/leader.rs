@@ -6,14 +6,19 @@
 //! Conflicts are settled by the API server's optimistic concurrency
 //! (`resourceVersion` on replace). Not a general-purpose lock: a leader that
 //! cannot renew must stop reconciling (the caller does, by exiting).
+//!
+//! Nothing is left behind: on shutdown the leader deletes the Lease (a
+//! standby creates a new one), and in a pod the Lease names the leading pod
+//! as its owner, so garbage collection removes it even when the leader
+//! could not (`helm uninstall` may remove the RBAC before the pod stops).
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, Preconditions};
 
 /// A candidate for one Lease.
 #[derive(Clone, Debug)]
@@ -25,6 +30,7 @@ pub struct LeaderElection {
     pub lease_duration: Duration,
     /// How often the leader renews.
     pub renew_every: Duration,
+    owner: Option<OwnerReference>,
 }
 
 impl LeaderElection {
@@ -36,7 +42,25 @@ impl LeaderElection {
             identity: identity.to_string(),
             lease_duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(5),
+            owner: None,
         }
+    }
+
+    /// Makes the pod this process runs in (same namespace as the Lease) the
+    /// Lease's owner while it leads.
+    pub fn owned_by_pod(mut self, name: &str, uid: &str) -> LeaderElection {
+        self.owner = Some(OwnerReference {
+            api_version: "v1".to_string(),
+            kind: "Pod".to_string(),
+            name: name.to_string(),
+            uid: uid.to_string(),
+            ..OwnerReference::default()
+        });
+        self
+    }
+
+    fn owners(&self) -> Option<Vec<OwnerReference>> {
+        self.owner.clone().map(|o| vec![o])
     }
 
     fn spec(&self, now: Timestamp, acquire: Option<MicroTime>, transitions: i32) -> LeaseSpec {
@@ -59,6 +83,7 @@ impl LeaderElection {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
+                    owner_references: self.owners(),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.spec(now, None, 0)),
@@ -88,6 +113,7 @@ impl LeaderElection {
             None
         };
         lease.spec = Some(self.spec(now, acquire, transitions));
+        lease.metadata.owner_references = self.owners();
         match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
@@ -128,22 +154,32 @@ impl LeaderElection {
         }
     }
 
-    /// Gives the Lease up so a standby takes over at once.
+    /// Gives the Lease up so a standby takes over at once: deletes it, if
+    /// this process still holds it (a standby then creates a new one).
     pub async fn release(&self) -> Result<(), kube::Error> {
-        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+        let Some(lease) = self.api.get_opt(&self.name).await? else {
             return Ok(());
         };
-        let Some(spec) = lease.spec.as_mut() else {
-            return Ok(());
-        };
-        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref());
+        if holder != Some(self.identity.as_str()) {
             return Ok(());
         }
-        spec.holder_identity = None;
-        spec.renew_time = None;
-        self.api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-            .map(|_| ())
+        // Only the version we read: a standby that took over meanwhile
+        // keeps its Lease.
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: lease.metadata.resource_version.clone(),
+                uid: lease.metadata.uid.clone(),
+            }),
+            ..DeleteParams::default()
+        };
+        match self.api.delete(&self.name, &params).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }

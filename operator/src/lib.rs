@@ -2,13 +2,15 @@
 //! that reconciles it into prefill, decode and frontend workloads.
 //!
 //! [`crd`] holds the API types, [`resources`] the pure builders of child
-//! objects, [`router_settings`] the etcd key layout, [`controller`] the
-//! reconciler, [`metrics`] and [`leader`] what the binary adds around it.
+//! objects, [`router_settings`] the etcd key layout, [`pod_status`] what the
+//! pods' statuses say, [`controller`] the reconciler, [`metrics`] and
+//! [`leader`] what the binary adds around it.
 //! The binary (`xpyd-operator run | crd`) lives in `main.rs`.
 
 pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod pod_status;
 pub mod resources;
 pub mod router_settings;

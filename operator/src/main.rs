@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use xpyd_operator::controller::{self, Config};
 use xpyd_operator::leader::LeaderElection;
 use xpyd_operator::metrics::{self, Health, Metrics};
+use xpyd_operator::resources::ClusterSettings;
 
 #[derive(Parser, Debug)]
 #[command(name = "xpyd-operator", version, about)]
@@ -51,9 +52,26 @@ struct RunArgs {
     /// This replica's identity in the Lease and in events.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// UID of the operator's own pod: while it leads, the Lease names the
+    /// pod as its owner, so the Lease goes with the pod.
+    #[arg(long, env = "POD_UID")]
+    pod_uid: Option<String>,
+    /// Hugging Face hub (or mirror) URL given to every pod as `HF_ENDPOINT`
+    /// for `hf://` model sources; unset, the agent uses huggingface.co.
+    #[arg(long, env = "XPYD_HF_ENDPOINT", value_parser = parse_endpoint)]
+    hf_endpoint: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "XPYD_LOG_JSON")]
     log_json: bool,
+}
+
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('/');
+    if (s.starts_with("https://") || s.starts_with("http://")) && s.len() > "https://".len() {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not an http(s):// URL"))
+    }
 }
 
 async fn shutdown_signal() {
@@ -126,13 +144,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     ready.store(true, Ordering::Relaxed);
 
+    // The pod owns the Lease only where both live in one namespace (an
+    // owner in another namespace would make the garbage collector delete it).
+    let pod_namespace = std::env::var("POD_NAMESPACE").ok();
     let election = (!args.no_leader_election).then(|| {
-        LeaderElection::new(
+        let election = LeaderElection::new(
             client.clone(),
             &args.lease_namespace,
             &args.lease_name,
             &identity,
-        )
+        );
+        match (&args.identity, &args.pod_uid) {
+            (Some(pod), Some(uid)) if pod_namespace.as_deref() == Some(&args.lease_namespace) => {
+                election.owned_by_pod(pod, uid)
+            }
+            _ => election,
+        }
     });
     if let Some(election) = &election {
         tracing::info!(lease = %args.lease_name, %identity, "waiting for leadership");
@@ -148,6 +175,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         instance: identity,
         metrics,
+        cluster: ClusterSettings {
+            hf_endpoint: args.hf_endpoint.clone(),
+        },
     };
     let (lost_tx, lost_rx) = watch::channel(false);
     let controller_stop = {

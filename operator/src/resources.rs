@@ -1,20 +1,25 @@
 //! Pure builders of the objects a `DisaggDeployment` owns: one Deployment
-//! and one Service per role, the agent ConfigMap and an optional Ingress.
+//! and one Service per role, and an optional Ingress.
 //!
 //! Nothing here talks to the API server; the controller applies what these
-//! return with server-side apply. The agent contract lives here too: every
-//! pod runs `xpyd-agent <role>`, reads its settings from `XPYD_*` variables
-//! and the mounted ConfigMap, and serves `/health` (liveness), `/ready`
-//! (readiness) and `/metrics` on [`METRICS_PORT`]; the frontend also serves
-//! the OpenAI API on `spec.frontend.port`.
+//! return with server-side apply. The operator's half of the agent contract
+//! lives here too (the agent's half is its flags and their `XPYD_*`
+//! variables): every pod runs `xpyd-agent <role>` and reads its settings
+//! from the environment only; it serves `/health` (liveness), `/ready`
+//! (readiness) and `/metrics` on [`METRICS_PORT`], the frontend also the
+//! OpenAI API on `spec.frontend.port`. The model reaches the pod by
+//! [`ModelSource`]: a download source gets a [`FETCH_CONTAINER`] init
+//! container filling the [`MODEL_CACHE_VOLUME`]; a `pvc://` source a
+//! read-only mount of its claim under [`PVC_ROOT`]; a path nothing.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, LocalObjectReference, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Probe, SecretKeySelector, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
@@ -23,10 +28,9 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{DisaggDeployment, DisaggDeploymentSpec, WorkerSpec};
+use crate::crd::{DisaggDeployment, DisaggDeploymentSpec, ModelSource, WorkerSpec};
 use crate::router_settings::settings_key;
 
 /// Label naming the `DisaggDeployment` an object belongs to.
@@ -35,15 +39,34 @@ pub const DEPLOYMENT_LABEL: &str = "xpyd.dev/deployment";
 pub const ROLE_LABEL: &str = "xpyd.dev/role";
 /// `app.kubernetes.io/managed-by` value on everything the operator owns.
 pub const MANAGED_BY: &str = "xpyd-operator";
-/// Pod annotation with the hash of the agent configuration, so a change to
-/// it rolls the pods.
+/// Pod annotation with a hash of the model, engine and installation
+/// settings the pods get, so a change to any of them visibly rolls the pods
+/// (the template changes anyway; the hash makes it one field to compare).
 pub const CONFIG_HASH_ANNOTATION: &str = "xpyd.dev/config-hash";
 /// Port of `/health`, `/ready` and `/metrics` in every agent.
 pub const METRICS_PORT: i32 = 9090;
-/// Key of the agent configuration in the ConfigMap.
-pub const CONFIG_FILE: &str = "agent.json";
-/// Where the ConfigMap is mounted in the pods.
-pub const CONFIG_DIR: &str = "/etc/xpyd";
+/// Name of the main container.
+pub const AGENT_CONTAINER: &str = "agent";
+/// Name of the init container that downloads the model.
+pub const FETCH_CONTAINER: &str = "fetch-model";
+/// Volume the model is downloaded into.
+pub const MODEL_CACHE_VOLUME: &str = "model-cache";
+/// Where [`MODEL_CACHE_VOLUME`] is mounted (`XPYD_MODEL_CACHE`).
+pub const MODEL_CACHE_DIR: &str = "/var/cache/xpyd/models";
+/// Volume of a `pvc://` source's claim.
+pub const MODEL_PVC_VOLUME: &str = "model-pvc";
+/// Where claims of `pvc://` sources are mounted: `<PVC_ROOT>/<claim>`
+/// (the agent's default `XPYD_PVC_ROOT`).
+pub const PVC_ROOT: &str = "/var/lib/xpyd/pvc";
+
+/// What the operator's installation adds to every pod it writes (from its
+/// flags, set by the chart's values).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// `HF_ENDPOINT` for `hf://` sources: a hub mirror; unset, the agent
+    /// uses `https://huggingface.co`.
+    pub hf_endpoint: Option<String>,
+}
 
 /// The three kinds of pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -110,11 +133,6 @@ impl Owner {
         format!("{}-{}", self.name, role.as_str())
     }
 
-    /// Name of the agent ConfigMap.
-    pub fn config_map_name(&self) -> String {
-        format!("{}-agent", self.name)
-    }
-
     /// Labels selecting a role's pods.
     pub fn selector_labels(&self, role: Role) -> BTreeMap<String, String> {
         BTreeMap::from([
@@ -175,37 +193,27 @@ pub fn desired_replicas(spec: &DisaggDeploymentSpec, role: Role) -> i32 {
     }
 }
 
-/// The agent configuration file's contents (model and engine; router
-/// settings are not here, they live in etcd and change without a restart).
-pub fn agent_config(spec: &DisaggDeploymentSpec) -> String {
-    let config = json!({
-        "model": {
-            "name": spec.model.name,
-            "source": spec.model.source,
-            "servedModelName": spec.model.served_name(),
-        },
-        "engine": spec.engine,
-        "frontend": { "port": spec.frontend.port },
-    });
-    // A `Value` always serializes.
-    serde_json::to_string_pretty(&config).unwrap_or_default()
-}
-
-/// The ConfigMap holding [`agent_config`].
-pub fn config_map(owner: &Owner, spec: &DisaggDeploymentSpec) -> ConfigMap {
-    ConfigMap {
-        metadata: owner.meta(owner.config_map_name(), None),
-        data: Some(BTreeMap::from([(
-            CONFIG_FILE.to_string(),
-            agent_config(spec),
-        )])),
-        ..ConfigMap::default()
+/// A short hash of everything a pod template is built from except the
+/// replica count and the router settings (which reach running routers
+/// through etcd without a restart).
+fn config_hash(spec: &DisaggDeploymentSpec, cluster: &ClusterSettings) -> String {
+    let mut hasher = Sha256::new();
+    // Serializing these types cannot fail (no maps with non-string keys).
+    for part in [
+        serde_json::to_vec(&spec.model).unwrap_or_default(),
+        serde_json::to_vec(&spec.engine).unwrap_or_default(),
+        serde_json::to_vec(&spec.image).unwrap_or_default(),
+        spec.frontend.port.to_be_bytes().to_vec(),
+        spec.termination_grace_period_seconds.to_be_bytes().to_vec(),
+        cluster.hf_endpoint.clone().unwrap_or_default().into_bytes(),
+    ] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(&part);
     }
-}
-
-fn config_hash(spec: &DisaggDeploymentSpec) -> String {
-    let digest = Sha256::digest(agent_config(spec).as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    hasher.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -252,8 +260,106 @@ fn worker_spec(spec: &DisaggDeploymentSpec, role: Role) -> &WorkerSpec {
     }
 }
 
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_string(),
+                key: key.to_string(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// The model variables every container that touches the model gets (the
+/// agent and `fetch-model` alike).
+fn model_env(spec: &DisaggDeploymentSpec, cluster: &ClusterSettings) -> Vec<EnvVar> {
+    let model = &spec.model;
+    let mut vars = vec![env("XPYD_MODEL", model.source.clone())];
+    if let Some(sha) = &model.sha256 {
+        vars.push(env("XPYD_MODEL_SHA256", sha.clone()));
+    }
+    match model.source_kind() {
+        ModelSource::Download => {
+            vars.push(env("XPYD_MODEL_CACHE", MODEL_CACHE_DIR));
+            if let Some(secs) = model.fetch_timeout_seconds {
+                vars.push(env("XPYD_MODEL_FETCH_TIMEOUT_SECONDS", secs.to_string()));
+            }
+        }
+        ModelSource::Pvc { .. } => vars.push(env("XPYD_PVC_ROOT", PVC_ROOT)),
+        ModelSource::Path => {}
+    }
+    if let Some(endpoint) = &cluster.hf_endpoint {
+        vars.push(env("HF_ENDPOINT", endpoint.clone()));
+    }
+    if let Some(secret) = &model.hf_token_secret {
+        vars.push(secret_env("HF_TOKEN", &secret.name, &secret.key));
+    }
+    vars
+}
+
+/// The volumes the model needs, and where the agent mounts them.
+fn model_volumes(spec: &DisaggDeploymentSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
+    match spec.model.source_kind() {
+        ModelSource::Download => {
+            let cache = spec.model.cache.clone().unwrap_or_default();
+            let volume = match cache.claim_name {
+                Some(claim) => Volume {
+                    name: MODEL_CACHE_VOLUME.to_string(),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: claim,
+                        read_only: None,
+                    }),
+                    ..Volume::default()
+                },
+                None => Volume {
+                    name: MODEL_CACHE_VOLUME.to_string(),
+                    empty_dir: Some(EmptyDirVolumeSource {
+                        size_limit: cache.size_limit,
+                        ..EmptyDirVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+            };
+            let mount = VolumeMount {
+                name: MODEL_CACHE_VOLUME.to_string(),
+                mount_path: MODEL_CACHE_DIR.to_string(),
+                ..VolumeMount::default()
+            };
+            (vec![volume], vec![mount])
+        }
+        ModelSource::Pvc { claim } => {
+            let volume = Volume {
+                name: MODEL_PVC_VOLUME.to_string(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.to_string(),
+                    read_only: Some(true),
+                }),
+                ..Volume::default()
+            };
+            let mount = VolumeMount {
+                name: MODEL_PVC_VOLUME.to_string(),
+                mount_path: format!("{PVC_ROOT}/{claim}"),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            };
+            (vec![volume], vec![mount])
+        }
+        ModelSource::Path => (Vec::new(), Vec::new()),
+    }
+}
+
 /// The Deployment of one role.
-pub fn deployment(owner: &Owner, spec: &DisaggDeploymentSpec, role: Role) -> Deployment {
+pub fn deployment(
+    owner: &Owner,
+    spec: &DisaggDeploymentSpec,
+    role: Role,
+    cluster: &ClusterSettings,
+) -> Deployment {
     let worker = worker_spec(spec, role);
     let mut ports = vec![ContainerPort {
         name: Some("metrics".to_string()),
@@ -272,10 +378,9 @@ pub fn deployment(owner: &Owner, spec: &DisaggDeploymentSpec, role: Role) -> Dep
             "XPYD_ROUTER_SETTINGS_KEY",
             settings_key(&owner.namespace, &owner.name),
         ),
-        env("XPYD_CONFIG", format!("{CONFIG_DIR}/{CONFIG_FILE}")),
-        env("XPYD_MODEL", spec.model.source.clone()),
         env("XPYD_SERVED_MODEL_NAME", spec.model.served_name()),
         env("XPYD_METRICS_PORT", METRICS_PORT.to_string()),
+        env("XPYD_GRACE_SECONDS", spec.drain_grace_seconds().to_string()),
         // The engine settings as the agent's flags' variables (the
         // frontend needs the block size for prefix hashes).
         env("XPYD_BLOCK_SIZE", spec.engine.block_size.to_string()),
@@ -284,10 +389,17 @@ pub fn deployment(owner: &Owner, spec: &DisaggDeploymentSpec, role: Role) -> Dep
             spec.engine.max_batch_tokens.to_string(),
         ),
         env("XPYD_MAX_MODEL_LEN", spec.engine.max_model_len.to_string()),
+        env("XPYD_MAX_SEQS", spec.engine.max_seqs.to_string()),
+        env("XPYD_DEVICE", spec.engine.device.clone()),
+        env(
+            "XPYD_REMOTE_PREFILL_TIMEOUT_MS",
+            (i64::from(spec.engine.remote_prefill_timeout_seconds) * 1000).to_string(),
+        ),
     ];
     if let Some(blocks) = spec.engine.kv_cache_blocks {
         env.push(self::env("XPYD_NUM_BLOCKS", blocks.to_string()));
     }
+    env.extend(model_env(spec, cluster));
     if role == Role::Frontend {
         ports.insert(
             0,
@@ -299,10 +411,37 @@ pub fn deployment(owner: &Owner, spec: &DisaggDeploymentSpec, role: Role) -> Dep
         );
         env.push(self::env("XPYD_HTTP_PORT", spec.frontend.port.to_string()));
     }
+    // The user's additions come last: for a repeated name the later entry
+    // wins, as in any pod spec.
+    env.extend(worker.env.iter().cloned());
+    let (mut volumes, model_mounts) = model_volumes(spec);
+    let mut mounts = model_mounts.clone();
+    mounts.extend(worker.volume_mounts.iter().cloned());
+    volumes.extend(worker.volumes.iter().cloned());
+    let image = Some(spec.image.name.clone());
+    let pull_policy = Some(spec.image.pull_policy.as_str().to_string());
+    let init_containers = (spec.model.source_kind() == ModelSource::Download).then(|| {
+        vec![Container {
+            name: FETCH_CONTAINER.to_string(),
+            image: image.clone(),
+            image_pull_policy: pull_policy.clone(),
+            command: Some(vec!["xpyd-agent".to_string(), "fetch-model".to_string()]),
+            env: Some(model_env(spec, cluster)),
+            volume_mounts: Some(model_mounts),
+            // The role's own: a namespace whose quota wants limits accepts
+            // the pod, and the pod's request (the larger of init and main)
+            // does not grow.
+            resources: worker.resources.clone(),
+            // The agent writes its last error to /dev/termination-log; the
+            // log's tail stands in when it could not.
+            termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+            ..Container::default()
+        }]
+    });
     let container = Container {
-        name: "agent".to_string(),
-        image: Some(spec.image.name.clone()),
-        image_pull_policy: Some(spec.image.pull_policy.as_str().to_string()),
+        name: AGENT_CONTAINER.to_string(),
+        image,
+        image_pull_policy: pull_policy,
         command: Some(vec!["xpyd-agent".to_string()]),
         args: Some(vec![role.as_str().to_string()]),
         env: Some(env),
@@ -312,19 +451,18 @@ pub fn deployment(owner: &Owner, spec: &DisaggDeploymentSpec, role: Role) -> Dep
         startup_probe: Some(http_probe("/health", 10, 60)),
         liveness_probe: Some(http_probe("/health", 10, 3)),
         readiness_probe: Some(http_probe("/ready", 5, 2)),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "agent-config".to_string(),
-            mount_path: CONFIG_DIR.to_string(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
         ..Container::default()
     };
     let annotations = BTreeMap::from([
         ("prometheus.io/scrape".to_string(), "true".to_string()),
         ("prometheus.io/port".to_string(), METRICS_PORT.to_string()),
         ("prometheus.io/path".to_string(), "/metrics".to_string()),
-        (CONFIG_HASH_ANNOTATION.to_string(), config_hash(spec)),
+        (
+            CONFIG_HASH_ANNOTATION.to_string(),
+            config_hash(spec, cluster),
+        ),
     ]);
     let pull_secrets = (!spec.image.pull_secrets.is_empty()).then(|| {
         spec.image
@@ -348,21 +486,18 @@ pub fn deployment(owner: &Owner, spec: &DisaggDeploymentSpec, role: Role) -> Dep
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
+                    init_containers,
                     containers: vec![container],
                     node_selector: worker.node_selector.clone(),
                     tolerations: worker.tolerations.clone(),
                     affinity: worker.affinity.clone(),
                     image_pull_secrets: pull_secrets,
-                    // Time to drain in-flight requests on shutdown.
-                    termination_grace_period_seconds: Some(60),
-                    volumes: Some(vec![Volume {
-                        name: "agent-config".to_string(),
-                        config_map: Some(ConfigMapVolumeSource {
-                            name: owner.config_map_name(),
-                            ..ConfigMapVolumeSource::default()
-                        }),
-                        ..Volume::default()
-                    }]),
+                    // Time to drain in-flight requests on shutdown; the
+                    // agent's own grace (XPYD_GRACE_SECONDS) ends earlier.
+                    termination_grace_period_seconds: Some(i64::from(
+                        spec.termination_grace_period_seconds,
+                    )),
+                    volumes: (!volumes.is_empty()).then_some(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -457,6 +592,7 @@ pub fn ingress(owner: &Owner, spec: &DisaggDeploymentSpec) -> Option<Ingress> {
 mod tests {
     use super::*;
     use crate::crd::DisaggDeployment;
+    use serde_json::json;
 
     fn sample() -> DisaggDeployment {
         let mut dd: DisaggDeployment = serde_json::from_value(json!({
@@ -502,7 +638,7 @@ mod tests {
         let dd = sample();
         let owner = Owner::of(&dd).unwrap();
         for (role, replicas) in [(Role::Frontend, 1), (Role::Prefill, 2), (Role::Decode, 3)] {
-            let d = deployment(&owner, &dd.spec, role);
+            let d = deployment(&owner, &dd.spec, role, &ClusterSettings::default());
             assert_eq!(
                 d.metadata.name.as_deref(),
                 Some(&*format!("llama-{}", role.as_str()))
@@ -551,10 +687,217 @@ mod tests {
                 .unwrap();
             assert_eq!(annotations["prometheus.io/scrape"], "true");
         }
-        let decode = deployment(&owner, &dd.spec, Role::Decode);
+        let decode = deployment(&owner, &dd.spec, Role::Decode, &ClusterSettings::default());
         let c = &decode.spec.unwrap().template.spec.unwrap().containers[0];
         let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert_eq!(limits["nvidia.com/gpu"].0, "1");
+    }
+
+    fn pod_spec(d: &Deployment) -> &PodSpec {
+        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    fn with_model(model: serde_json::Value) -> DisaggDeployment {
+        let mut dd = sample();
+        dd.spec.model = serde_json::from_value(model).unwrap();
+        dd
+    }
+
+    fn build(dd: &DisaggDeployment, role: Role, cluster: &ClusterSettings) -> Deployment {
+        deployment(&Owner::of(dd).unwrap(), &dd.spec, role, cluster)
+    }
+
+    #[test]
+    fn a_download_source_gets_an_init_container_filling_the_cache() {
+        let dd = with_model(json!({
+            "name": "m",
+            "source": "hf://org/repo@v1/m.gguf",
+            "sha256": "ab".repeat(32),
+            "hfTokenSecret": {"name": "hf", "key": "token"},
+            "fetchTimeoutSeconds": 7200,
+        }));
+        let mirror = ClusterSettings {
+            hf_endpoint: Some("http://mirror:8080".into()),
+        };
+        for role in Role::ALL {
+            let d = build(&dd, role, &mirror);
+            let pod = pod_spec(&d);
+            let init = pod.init_containers.as_ref().expect("init container");
+            assert_eq!(init.len(), 1);
+            let fetch = &init[0];
+            assert_eq!(fetch.name, FETCH_CONTAINER);
+            assert_eq!(fetch.image.as_deref(), Some("xpyd/agent:1"));
+            assert_eq!(
+                fetch.command.as_deref(),
+                Some(&["xpyd-agent".to_string(), "fetch-model".to_string()][..])
+            );
+            assert_eq!(
+                fetch.termination_message_policy.as_deref(),
+                Some("FallbackToLogsOnError")
+            );
+            let agent = &pod.containers[0];
+            assert_eq!(fetch.resources, agent.resources, "{role:?}");
+            for c in [fetch, agent] {
+                let vars = c.env.as_ref().unwrap();
+                let value = |n: &str| {
+                    vars.iter()
+                        .find(|e| e.name == n)
+                        .and_then(|e| e.value.clone())
+                };
+                assert_eq!(
+                    value("XPYD_MODEL").as_deref(),
+                    Some("hf://org/repo@v1/m.gguf")
+                );
+                assert_eq!(value("XPYD_MODEL_SHA256"), Some("ab".repeat(32)));
+                assert_eq!(value("XPYD_MODEL_CACHE").as_deref(), Some(MODEL_CACHE_DIR));
+                assert_eq!(
+                    value("XPYD_MODEL_FETCH_TIMEOUT_SECONDS").as_deref(),
+                    Some("7200")
+                );
+                assert_eq!(value("HF_ENDPOINT").as_deref(), Some("http://mirror:8080"));
+                let token = vars.iter().find(|e| e.name == "HF_TOKEN").unwrap();
+                assert_eq!(token.value, None, "the token is never inlined");
+                let secret = token
+                    .value_from
+                    .as_ref()
+                    .and_then(|v| v.secret_key_ref.as_ref())
+                    .unwrap();
+                assert_eq!((secret.name.as_str(), secret.key.as_str()), ("hf", "token"));
+                let mount = &c.volume_mounts.as_ref().unwrap()[0];
+                assert_eq!(
+                    (mount.name.as_str(), mount.mount_path.as_str()),
+                    (MODEL_CACHE_VOLUME, MODEL_CACHE_DIR)
+                );
+            }
+            let volumes = pod.volumes.as_ref().unwrap();
+            assert_eq!(volumes.len(), 1);
+            assert_eq!(volumes[0].name, MODEL_CACHE_VOLUME);
+            assert!(volumes[0].empty_dir.is_some());
+        }
+    }
+
+    #[test]
+    fn a_cache_claim_replaces_the_empty_dir() {
+        let dd = with_model(json!({
+            "name": "m",
+            "source": "https://models.example.com/m.gguf",
+            "cache": {"claimName": "shared-models"},
+        }));
+        let d = build(&dd, Role::Decode, &ClusterSettings::default());
+        let volume = &pod_spec(&d).volumes.as_ref().unwrap()[0];
+        assert_eq!(volume.name, MODEL_CACHE_VOLUME);
+        assert_eq!(
+            volume.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "shared-models"
+        );
+        assert!(volume.empty_dir.is_none());
+        // No mirror configured: no HF_ENDPOINT, the agent's default applies.
+        let agent = &pod_spec(&d).containers[0];
+        assert!(
+            !agent
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|e| e.name == "HF_ENDPOINT")
+        );
+    }
+
+    #[test]
+    fn a_pvc_source_mounts_its_claim_read_only_without_an_init_container() {
+        let dd = with_model(json!({"name": "m", "source": "pvc://weights/smol/m.gguf"}));
+        let d = build(&dd, Role::Prefill, &ClusterSettings::default());
+        let pod = pod_spec(&d);
+        assert!(pod.init_containers.is_none());
+        let volume = &pod.volumes.as_ref().unwrap()[0];
+        assert_eq!(volume.name, MODEL_PVC_VOLUME);
+        let claim = volume.persistent_volume_claim.as_ref().unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("weights", Some(true))
+        );
+        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(mount.mount_path, format!("{PVC_ROOT}/weights"));
+        assert_eq!(mount.read_only, Some(true));
+    }
+
+    #[test]
+    fn a_path_source_adds_nothing_but_the_users_volumes_come_after_the_operators() {
+        let mut dd = sample();
+        dd.spec.decode = serde_json::from_value(json!({
+            "env": [{"name": "UCX_TLS", "value": "tcp"}],
+            "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}],
+            "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+        }))
+        .unwrap();
+        let d = build(&dd, Role::Decode, &ClusterSettings::default());
+        let pod = pod_spec(&d);
+        assert!(pod.init_containers.is_none());
+        let names: Vec<_> = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(names, ["shm"]);
+        let agent = &pod.containers[0];
+        assert_eq!(
+            agent.volume_mounts.as_ref().unwrap()[0].mount_path,
+            "/dev/shm"
+        );
+        assert_eq!(agent.env.as_ref().unwrap().last().unwrap().name, "UCX_TLS");
+        // Other roles do not get the decode workers' additions.
+        let p = build(&dd, Role::Prefill, &ClusterSettings::default());
+        assert!(pod_spec(&p).volumes.is_none());
+    }
+
+    #[test]
+    fn engine_and_grace_settings_reach_the_agent() {
+        let mut dd = sample();
+        dd.spec.engine.device = "cpu".into();
+        dd.spec.engine.max_seqs = 8;
+        dd.spec.engine.remote_prefill_timeout_seconds = 12;
+        dd.spec.termination_grace_period_seconds = 45;
+        let d = build(&dd, Role::Decode, &ClusterSettings::default());
+        let env = env_of(&d);
+        assert_eq!(env["XPYD_DEVICE"], "cpu");
+        assert_eq!(env["XPYD_MAX_SEQS"], "8");
+        assert_eq!(env["XPYD_REMOTE_PREFILL_TIMEOUT_MS"], "12000");
+        assert_eq!(env["XPYD_GRACE_SECONDS"], "35");
+        assert!(!env.contains_key("XPYD_CONFIG"));
+        assert_eq!(pod_spec(&d).termination_grace_period_seconds, Some(45));
+        // A grace shorter than the margin still leaves the agent a second.
+        dd.spec.termination_grace_period_seconds = 5;
+        let d = build(&dd, Role::Decode, &ClusterSettings::default());
+        assert_eq!(env_of(&d)["XPYD_GRACE_SECONDS"], "1");
+    }
+
+    #[test]
+    fn a_new_mirror_rolls_the_pods() {
+        let dd = sample();
+        let a = build(&dd, Role::Decode, &ClusterSettings::default());
+        let b = build(
+            &dd,
+            Role::Decode,
+            &ClusterSettings {
+                hf_endpoint: Some("http://mirror".into()),
+            },
+        );
+        let hash = |d: &Deployment| {
+            d.spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()[CONFIG_HASH_ANNOTATION]
+                .clone()
+        };
+        assert_ne!(hash(&a), hash(&b));
     }
 
     #[test]
@@ -572,12 +915,18 @@ mod tests {
     fn router_settings_do_not_change_the_pod_template_but_engine_settings_do() {
         let dd = sample();
         let owner = Owner::of(&dd).unwrap();
-        let before = deployment(&owner, &dd.spec, Role::Decode);
+        let before = deployment(&owner, &dd.spec, Role::Decode, &ClusterSettings::default());
         let mut spec = dd.spec.clone();
         spec.router.max_local_prefill_length = 1;
-        assert_eq!(before, deployment(&owner, &spec, Role::Decode));
+        assert_eq!(
+            before,
+            deployment(&owner, &spec, Role::Decode, &ClusterSettings::default())
+        );
         spec.engine.max_batch_tokens = 1024;
-        assert_ne!(before, deployment(&owner, &spec, Role::Decode));
+        assert_ne!(
+            before,
+            deployment(&owner, &spec, Role::Decode, &ClusterSettings::default())
+        );
     }
 
     #[test]

@@ -6,12 +6,15 @@
 //! | key | written by | value |
 //! |---|---|---|
 //! | `/xpyd/<namespace>/<name>/router` | operator | JSON [`RouterSettings`] |
-//! | `/xpyd/<namespace>/<name>/router-acks/<instance>` | each router (frontend pod) | JSON [`RouterAck`] |
+//! | `/xpyd/<namespace>/<name>/router-acks/<instance>` | each agent (every role) | JSON [`RouterAck`] |
+//! | `/xpyd/<namespace>/<name>/instances/<role>/<instance>` | each agent (runtime discovery) | read here for its key only |
 //!
 //! `generation` in the settings is the CR `metadata.generation` at which the
-//! settings last changed (an image bump does not make routers re-ack). A
-//! router writes an ack, under its own lease, once it runs that generation;
-//! the operator counts acks whose generation is at least the current one.
+//! settings last changed (an image bump does not make routers re-ack). Every
+//! agent writes an ack, under its own lease, once it runs that generation;
+//! the ack names no role, so the operator finds it from the instance's
+//! discovery key and counts acks of at least the current generation per
+//! role ([`AckCounts`]); routers are the frontends.
 //! The finalizer deletes the settings key and the ack prefix. Every call has
 //! a deadline ([`ETCD_TIMEOUT`]) so a dead etcd fails a reconcile quickly.
 //! Not here: instance discovery records (the runtime's `discovery` owns them).
@@ -36,6 +39,59 @@ pub fn settings_key(namespace: &str, name: &str) -> String {
 /// The prefix under which routers acknowledge settings.
 pub fn acks_prefix(namespace: &str, name: &str) -> String {
     format!("/xpyd/{namespace}/{name}/router-acks/")
+}
+
+/// The prefix of the instance records (keys `<prefix><role>/<instance>`).
+pub fn instances_prefix(namespace: &str, name: &str) -> String {
+    format!("/xpyd/{namespace}/{name}/instances/")
+}
+
+/// Acknowledgements of a settings generation, by the role of the instance
+/// that wrote them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AckCounts {
+    /// Frontends: the routers.
+    pub frontend: i32,
+    /// Prefill workers.
+    pub prefill: i32,
+    /// Decode workers.
+    pub decode: i32,
+    /// Acks whose instance has no record (it is going, or not this
+    /// deployment's kind of process).
+    pub unknown: i32,
+}
+
+/// Counts acks of `generation` or later by role. `acks` are (key, value)
+/// under `acks_prefix`; `instances` the keys under `instances_prefix`.
+pub fn tally_acks<'a>(
+    acks_prefix: &str,
+    acks: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    instances_prefix: &str,
+    instances: impl IntoIterator<Item = &'a str>,
+    generation: i64,
+) -> AckCounts {
+    let roles: HashMap<&str, &str> = instances
+        .into_iter()
+        .filter_map(|key| key.strip_prefix(instances_prefix)?.split_once('/'))
+        .map(|(role, id)| (id, role))
+        .collect();
+    let mut counts = AckCounts::default();
+    for (key, value) in acks {
+        let Some(id) = key.strip_prefix(acks_prefix) else {
+            continue;
+        };
+        if parse_ack(value).is_none_or(|acked| acked < generation) {
+            continue;
+        }
+        let slot = match roles.get(id) {
+            Some(&"frontend") => &mut counts.frontend,
+            Some(&"prefill") => &mut counts.prefill,
+            Some(&"decode") => &mut counts.decode,
+            _ => &mut counts.unknown,
+        };
+        *slot = slot.saturating_add(1);
+    }
+    counts
 }
 
 /// The value stored at [`settings_key`].
@@ -210,28 +266,43 @@ impl EtcdClients {
         Ok((want.clone(), true))
     }
 
-    /// Counts acks under `prefix` for `generation` or later. Values that are
-    /// not a [`RouterAck`] (or a bare integer) are ignored.
+    /// Counts the acks of one deployment for `generation` or later, by
+    /// role. Values that are not a [`RouterAck`] (or a bare integer) are
+    /// ignored.
     pub async fn count_acks(
         &self,
         endpoints: &[String],
-        prefix: &str,
+        namespace: &str,
+        name: &str,
         generation: i64,
-    ) -> Result<i32, EtcdError> {
+    ) -> Result<AckCounts, EtcdError> {
         let mut client = self.client(endpoints).await?;
-        let got = deadline(
+        let acks_prefix = acks_prefix(namespace, name);
+        let instances_prefix = instances_prefix(namespace, name);
+        let acks = deadline(
             endpoints,
             "list router acks",
-            client.get(prefix, Some(GetOptions::new().with_prefix())),
+            client.get(acks_prefix.as_str(), Some(GetOptions::new().with_prefix())),
         )
         .await?;
-        let count = got
-            .kvs()
-            .iter()
-            .filter_map(|kv| parse_ack(kv.value()))
-            .filter(|acked| *acked >= generation)
-            .count();
-        Ok(i32::try_from(count).unwrap_or(i32::MAX))
+        let instances = deadline(
+            endpoints,
+            "list instances",
+            client.get(
+                instances_prefix.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
+        )
+        .await?;
+        Ok(tally_acks(
+            &acks_prefix,
+            acks.kvs()
+                .iter()
+                .filter_map(|kv| Some((kv.key_str().ok()?, kv.value()))),
+            &instances_prefix,
+            instances.kvs().iter().filter_map(|kv| kv.key_str().ok()),
+            generation,
+        ))
     }
 
     /// Deletes the settings key and every ack of one deployment.
@@ -303,6 +374,50 @@ mod tests {
         assert_eq!(v["maxLocalPrefillLength"], 512);
         assert_eq!(v["strategy"], "kv");
         assert_eq!(v["disaggregated"], true);
+    }
+
+    #[test]
+    fn acks_count_by_the_role_of_their_instance() {
+        let acks = acks_prefix("ns", "d");
+        let instances = instances_prefix("ns", "d");
+        let ack_keys: Vec<String> = ["fe-1", "fe-2", "pre-1", "dec-1", "dec-2", "gone"]
+            .iter()
+            .map(|id| format!("{acks}{id}"))
+            .collect();
+        let values: [&[u8]; 6] = [
+            br#"{"generation":3}"#,
+            br#"{"generation":2}"#, // an older generation: not counted
+            br#"{"generation":3}"#,
+            br#"{"generation":4}"#,
+            b"junk",
+            br#"{"generation":3}"#,
+        ];
+        let instance_keys: Vec<String> = [
+            "frontend/fe-1",
+            "frontend/fe-2",
+            "prefill/pre-1",
+            "decode/dec-1",
+            "decode/dec-2",
+        ]
+        .iter()
+        .map(|k| format!("{instances}{k}"))
+        .collect();
+        let counts = tally_acks(
+            &acks,
+            ack_keys.iter().map(String::as_str).zip(values),
+            &instances,
+            instance_keys.iter().map(String::as_str),
+            3,
+        );
+        assert_eq!(
+            counts,
+            AckCounts {
+                frontend: 1,
+                prefill: 1,
+                decode: 1,
+                unknown: 1
+            }
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use xpyd_e2e::{ControlPlane, Etcd, Tools, Workdir, wait_until};
 use xpyd_operator::crd::DisaggDeployment;
@@ -62,6 +63,8 @@ fn start_with(
         .args(extra)
         .env("KUBECONFIG", plane.kubeconfig())
         .env("XPYD_LOG", "info")
+        // As in the chart's pod: the Lease lives in the pod's namespace.
+        .env("POD_NAMESPACE", ns)
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log))
         .spawn()
@@ -132,7 +135,7 @@ async fn two_replicas_elect_one_leader_which_hands_over_on_sigterm() {
     })
     .await
     .unwrap();
-    let b = start(plane, ns, "replica-b", dir.path());
+    let mut b = start(plane, ns, "replica-b", dir.path());
 
     let dds: Api<DisaggDeployment> = Api::namespaced(client.clone(), ns);
     let obj = object("bin", spec(&etcd.endpoint(), 1, 1));
@@ -200,7 +203,71 @@ async fn two_replicas_elect_one_leader_which_hands_over_on_sigterm() {
     let first = log.lines().next().expect("replica-a logged something");
     let line: serde_json::Value = serde_json::from_str(first).expect("a JSON log line");
     assert!(line.get("level").is_some(), "{first}");
-    drop(b);
+
+    // The last replica leaves no Lease behind.
+    terminate(&mut b).await;
+    assert!(
+        leases
+            .get_opt("xpyd-operator-leader")
+            .await
+            .unwrap()
+            .is_none(),
+        "the Lease outlived the operator"
+    );
+}
+
+#[tokio::test]
+async fn the_lease_goes_with_the_leading_pod_even_when_the_operator_cannot_release_it() {
+    let (plane, client) = plane_with_crd().await;
+    let ns = "operator-binary-lease-owner";
+    namespace(&client, ns).await;
+    let dir = Workdir::new("operator-binary-lease-owner").unwrap();
+    // The pod the operator would run in (never scheduled: nothing runs it).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "operator-pod"},
+        "spec": {
+            "nodeSelector": {"xpyd.test/nowhere": "true"},
+            "containers": [{"name": "operator", "image": "xpyd/operator:test"}],
+        },
+    }))
+    .unwrap();
+    let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
+    let uid = pod.metadata.uid.clone().unwrap();
+    let mut op = start_with(plane, ns, "operator-pod", dir.path(), &["--pod-uid", &uid]);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    wait_until("a Lease owned by the pod", TIMEOUT, || async {
+        let lease = leases.get_opt("xpyd-operator-leader").await?;
+        Ok::<_, kube::Error>(lease.is_some_and(|l| {
+            l.metadata
+                .owner_references
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o.kind == "Pod" && o.uid == uid)
+        }))
+    })
+    .await
+    .unwrap();
+    // Killed without a chance to release (as when helm uninstall removed
+    // the RBAC first), then the pod goes: the garbage collector takes the
+    // Lease.
+    op.child.kill().unwrap();
+    op.child.wait().unwrap();
+    assert!(
+        leases
+            .get_opt("xpyd-operator-leader")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    pods.delete("operator-pod", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait_until("the Lease to be garbage-collected", TIMEOUT, || async {
+        Ok::<_, kube::Error>(leases.get_opt("xpyd-operator-leader").await?.is_none())
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

@@ -116,8 +116,8 @@ async fn a_deployment_becomes_ready_scales_follows_settings_and_is_cleaned_up() 
         let headless = s.spec.unwrap().cluster_ip.as_deref() == Some("None");
         assert_eq!(headless, role != "frontend", "{name} headless");
     }
-    let cm = config_maps.get("llama-agent").await.unwrap();
-    assert!(cm.owner_references().iter().any(|o| o.uid == uid));
+    // The agent reads env only: no configuration file is written or mounted.
+    assert!(config_maps.get_opt("llama-agent").await.unwrap().is_none());
 
     // kwok runs the pods, labelled by deployment and role.
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -261,22 +261,44 @@ async fn a_deployment_becomes_ready_scales_follows_settings_and_is_cleaned_up() 
         "decode Deployment was changed"
     );
 
-    // A router acknowledges; the status counts it.
+    // A router and a decode worker acknowledge; the status counts the
+    // router as a router and says which roles acked. (Agents publish their
+    // instance record and their ack under their lease; plain puts here.)
     let mut etcd_client = etcd.client().await.unwrap();
-    etcd_client
-        .put(
-            format!("/xpyd/{ns}/llama/router-acks/frontend-0"),
-            json!({"generation": generation}).to_string(),
-            None,
-        )
-        .await
-        .unwrap();
-    wait_for_dd(&api, "llama", "one router ack", |dd| {
+    for (role, id) in [("frontend", "frontend-0"), ("decode", "decode-0")] {
+        etcd_client
+            .put(
+                format!("/xpyd/{ns}/llama/instances/{role}/{id}"),
+                json!({"instance_id": id, "role": role}).to_string(),
+                None,
+            )
+            .await
+            .unwrap();
+        etcd_client
+            .put(
+                format!("/xpyd/{ns}/llama/router-acks/{id}"),
+                json!({"generation": generation}).to_string(),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let dd = wait_for_dd(&api, "llama", "one router ack", |dd| {
         dd.status
             .as_ref()
-            .is_some_and(|s| s.router.acknowledged == 1)
+            .is_some_and(|s| s.router.acknowledged_by_role.decode == 1)
     })
     .await;
+    let router = dd.status.unwrap().router;
+    assert_eq!(router.acknowledged, 1, "only the frontend is a router");
+    assert_eq!(
+        (
+            router.acknowledged_by_role.frontend,
+            router.acknowledged_by_role.prefill,
+            router.acknowledged_by_role.decode
+        ),
+        (1, 0, 1)
+    );
 
     // A new image rolls the workers.
     api.patch(
@@ -339,8 +361,7 @@ async fn a_deployment_becomes_ready_scales_follows_settings_and_is_cleaned_up() 
             .await?
             .items
             .len();
-        let c = config_maps.get_opt("llama-agent").await?.is_some();
-        Ok::<_, kube::Error>(d == 0 && s == 0 && !c)
+        Ok::<_, kube::Error>(d == 0 && s == 0)
     })
     .await
     .unwrap();

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use xpyd_e2e::{ControlPlane, shared_control_plane, wait_until};
 use xpyd_operator::controller::{self, Config};
 use xpyd_operator::crd::DisaggDeployment;
+use xpyd_operator::resources::ClusterSettings;
 
 pub const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -73,9 +74,20 @@ impl Drop for RunningController {
 }
 
 pub fn spawn_controller(client: &Client, ns: &str) -> RunningController {
+    spawn_controller_with(client, ns, ClusterSettings::default())
+}
+
+/// [`spawn_controller`] with the installation's pod settings (the chart's
+/// `agents.*` values).
+pub fn spawn_controller_with(
+    client: &Client,
+    ns: &str,
+    cluster: ClusterSettings,
+) -> RunningController {
     let config = Config {
         namespace: Some(ns.to_string()),
         instance: format!("test-{ns}"),
+        cluster,
         ..Config::default()
     };
     RunningController(tokio::spawn(controller::run(
