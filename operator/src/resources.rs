@@ -396,9 +396,14 @@ pub fn deployment(
             (i64::from(spec.engine.remote_prefill_timeout_seconds) * 1000).to_string(),
         ),
     ];
-    if let Some(blocks) = spec.engine.kv_cache_blocks {
-        env.push(self::env("XPYD_NUM_BLOCKS", blocks.to_string()));
-    }
+    // Unset: the agent sizes the cache from the memory the container has
+    // left after the weights (`--num-blocks auto`).
+    env.push(self::env(
+        "XPYD_NUM_BLOCKS",
+        spec.engine
+            .kv_cache_blocks
+            .map_or_else(|| "auto".to_string(), |blocks| blocks.to_string()),
+    ));
     env.extend(model_env(spec, cluster));
     if role == Role::Frontend {
         ports.insert(
@@ -677,6 +682,8 @@ mod tests {
             );
             assert_eq!(env["XPYD_DEPLOYMENT"], "llama");
             assert_eq!(env["XPYD_NAMESPACE"], "ml");
+            // No kvCacheBlocks: the agent sizes the KV cache from free memory.
+            assert_eq!(env["XPYD_NUM_BLOCKS"], "auto");
             let annotations = spec
                 .template
                 .metadata
