@@ -15,6 +15,12 @@
 //! one through [`shared_control_plane`]; etcd and NATS start in well under a
 //! second, so each test starts its own and may stop or restart it freely.
 //!
+//! A real node ([`RealNode`]: kubelet, containerd, runc, CNI, kube-proxy and
+//! CoreDNS) joins a control plane from
+//! [`ControlPlane::start_for_real_node`], so pods really run, from images
+//! built here ([`images`]) and pulled from a local registry. It changes
+//! host-global state, so one runs per host at a time ([`host`]).
+//!
 //! [`bench`] is the load generator behind the `xpyd-bench` binary; it talks
 //! to any OpenAI-compatible server and starts nothing itself.
 
@@ -23,7 +29,10 @@ mod certs;
 mod control_plane;
 mod error;
 mod etcd;
+pub mod host;
+pub mod images;
 mod nats;
+mod node;
 pub mod process;
 mod tools;
 mod wait;
@@ -32,7 +41,9 @@ mod workdir;
 pub use control_plane::{ControlPlane, ControlPlaneOptions, GPU_RESOURCE, shared_control_plane};
 pub use error::HarnessError;
 pub use etcd::Etcd;
+pub use images::{ImageRef, ImageRegistry, ImageSpec, RegistryClient};
 pub use nats::Nats;
-pub use tools::Tools;
+pub use node::{NODE_LABEL, NODE_NAME, RealNode};
+pub use tools::{NodeTools, Tools};
 pub use wait::wait_until;
 pub use workdir::Workdir;
