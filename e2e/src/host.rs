@@ -47,12 +47,15 @@ pub const LOCK_FILE: &str = "/run/xpyd-e2e/real-node.lock";
 /// What the host looked like before the claim, and the node folders to clean.
 pub const STATE_FILE: &str = "/run/xpyd-e2e/real-node.json";
 
-/// Folders a node may create outside its own, removed when they were absent.
-const HOST_DIRS: [&str; 4] = [
+/// Folders a node may create outside its own, removed when they were absent
+/// (containerd's shims put their sockets under /run/containerd/s whatever
+/// its state dir).
+const HOST_DIRS: [&str; 5] = [
     "/var/lib/kubelet",
     "/var/lib/cni",
     "/var/log/containers",
     "/var/log/pods",
+    "/run/containerd",
 ];
 /// cgroups kubelet and containerd make at each controller's root.
 const CGROUPS: [&str; 2] = ["kubepods", "k8s.io"];

@@ -162,7 +162,7 @@ impl ImageSpec {
         args.extend(
             self.exposed_ports
                 .iter()
-                .map(|p| format!("--exposed-ports={p}")),
+                .map(|p| format!("--exposed-ports={p}/tcp")),
         );
         args
     }
@@ -661,7 +661,7 @@ mod tests {
             "--cmd=run",
             "--env=A=b",
             "--user=65532:65532",
-            "--exposed-ports=8080",
+            "--exposed-ports=8080/tcp",
             "--set-platform=linux/amd64",
         ] {
             assert!(

@@ -55,8 +55,9 @@ spec:
     )
 }
 
-/// A toolbox pod that resolves the Service by name and asks it for /health.
-fn client_pod(image: &str) -> String {
+/// A toolbox pod that resolves the Service by name and asks it for /health,
+/// by ClusterIP and by name.
+fn client_pod(image: &str, ip: Ipv4Addr) -> String {
     format!(
         r#"apiVersion: v1
 kind: Pod
@@ -66,7 +67,8 @@ spec:
   containers:
     - name: client
       image: {image}
-      command: [sh, -c, "nslookup etcd.{NS}.svc.cluster.local && wget -q -T 5 -O - http://etcd.{NS}:2379/health"]
+      # (no `wget -T`: Debian's static busybox 1.35 segfaults with it)
+      command: [sh, -c, "nslookup etcd.{NS}.svc.cluster.local && wget -O - http://{ip}:2379/health && wget -O - http://etcd.{NS}:2379/health"]
 "#
     )
 }
@@ -176,7 +178,7 @@ async fn a_pod_runs_and_its_service_answers_by_ip_and_by_name() {
     // From a pod, by name.
     node.kubectl(
         &["apply", "-f", "-"],
-        Some(&client_pod(&node.toolbox_image().reference())),
+        Some(&client_pod(&node.toolbox_image().reference(), cluster_ip)),
     )
     .unwrap();
     let pods: Api<Pod> = Api::namespaced(client, NS);
