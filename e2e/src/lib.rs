@@ -43,7 +43,7 @@ pub use error::HarnessError;
 pub use etcd::Etcd;
 pub use images::{ImageRef, ImageRegistry, ImageSpec, RegistryClient};
 pub use nats::Nats;
-pub use node::{NODE_LABEL, NODE_NAME, RealNode};
+pub use node::{NODE_LABEL, NODE_NAME, RealNode, XpydImages};
 pub use tools::{NodeTools, Tools};
 pub use wait::wait_until;
 pub use workdir::Workdir;

@@ -30,7 +30,7 @@ use kube::api::Api;
 use crate::control_plane::{ControlPlane, node_schedulable};
 use crate::error::{HarnessError, Result};
 use crate::host::{self, HostClaim, run_with_timeout};
-use crate::images::{ImageRef, ImageRegistry, ImageSpec, RegistryClient, system};
+use crate::images::{ImageRef, ImageRegistry, ImageSpec, RegistryClient, system, workload};
 use crate::process::{ServerProcess, free_port};
 use crate::tools::NodeTools;
 use crate::wait::wait_until;
@@ -230,6 +230,43 @@ impl RealNode {
             .map_err(HarnessError::other)?
     }
 
+    /// Pushes the images of xpyd's chart and workloads: the agent and
+    /// operator from the release binaries in `release_dir` (`cargo build
+    /// --release -p xpyd-agent -p xpyd-operator`), with the NIXL libraries
+    /// setup unpacked, and the optional etcd and NATS. Tag
+    /// [`XpydImages::TAG`] for the agent and operator.
+    pub async fn push_xpyd_images(&self, release_dir: &Path) -> Result<XpydImages> {
+        let tools = crate::Tools::locate()?;
+        let (agent_bin, operator_bin) = (
+            release_dir.join("xpyd-agent"),
+            release_dir.join("xpyd-operator"),
+        );
+        for bin in [&agent_bin, &operator_bin] {
+            if !bin.is_file() {
+                return Err(HarnessError::Tool(format!(
+                    "{} not found: cargo build --release -p xpyd-agent -p xpyd-operator",
+                    bin.display()
+                )));
+            }
+        }
+        let nixl =
+            xpyd_runtime::assets::nixl_lib_dir().map_err(|e| HarnessError::Tool(e.to_string()))?;
+        Ok(XpydImages {
+            agent: self
+                .push_image(workload::agent(&agent_bin, &nixl, XpydImages::TAG))
+                .await?,
+            operator: self
+                .push_image(workload::operator(&operator_bin, XpydImages::TAG))
+                .await?,
+            etcd: self
+                .push_image(workload::etcd(&tools.etcd, XpydImages::ETCD_TAG))
+                .await?,
+            nats: self
+                .push_image(workload::nats(&tools.nats, XpydImages::NATS_TAG))
+                .await?,
+        })
+    }
+
     /// busybox (sh, wget, nslookup, nc, httpd), for pods that poke at things.
     pub fn toolbox_image(&self) -> &ImageRef {
         &self.toolbox
@@ -335,6 +372,38 @@ impl RealNode {
         )
         .await;
         resolved.map_err(|e| self.kube_proxy.error(e.to_string()))
+    }
+}
+
+/// The images of xpyd's chart and workloads in a node's registry.
+#[derive(Debug, Clone)]
+pub struct XpydImages {
+    /// For a DisaggDeployment's `spec.image.name`.
+    pub agent: ImageRef,
+    pub operator: ImageRef,
+    pub etcd: ImageRef,
+    pub nats: ImageRef,
+}
+
+impl XpydImages {
+    /// The tag of the agent and operator images built from a workspace.
+    pub const TAG: &str = "dev";
+    const ETCD_TAG: &str = "v3.6.16";
+    const NATS_TAG: &str = "debian";
+
+    /// `helm --set` values (`key=value`) that install the chart with these
+    /// images, its etcd and its NATS.
+    pub fn helm_values(&self) -> Vec<String> {
+        vec![
+            format!("operator.image.repository={}", self.operator.repository),
+            format!("operator.image.tag={}", self.operator.tag),
+            "etcd.enabled=true".to_string(),
+            format!("etcd.image.repository={}", self.etcd.repository),
+            format!("etcd.image.tag={}", self.etcd.tag),
+            "nats.enabled=true".to_string(),
+            format!("nats.image.repository={}", self.nats.repository),
+            format!("nats.image.tag={}", self.nats.tag),
+        ]
     }
 }
 

@@ -15,13 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
-use xpyd_e2e::images::workload;
-use xpyd_e2e::{ControlPlane, ControlPlaneOptions, ImageRef, RealNode, host};
+use xpyd_e2e::{ControlPlane, ControlPlaneOptions, RealNode, host};
 
-const ETCD_TAG: &str = "v3.6.16";
-const NATS_TAG: &str = "debian";
-/// The tag of the agent and operator images built from the release binaries.
-const DEV_TAG: &str = "dev";
 const RELEASE: &str = "xpyd";
 const NAMESPACE: &str = "xpyd-system";
 
@@ -86,47 +81,29 @@ async fn up(state_dir: &Path, release_dir: Option<&Path>, chart: bool) -> anyhow
         .context("start the real node")?;
     println!("real node up in {:.1}s", node.started_in().as_secs_f64());
 
-    let tools = plane.tools().clone();
-    let etcd = node
-        .push_image(workload::etcd(&tools.etcd, ETCD_TAG))
-        .await?;
-    let nats = node
-        .push_image(workload::nats(&tools.nats, NATS_TAG))
-        .await?;
-    let mut images = vec![
-        ("XPYD_ETCD_IMAGE", etcd.clone()),
-        ("XPYD_NATS_IMAGE", nats.clone()),
-    ];
-    let mut operator = None;
-    if let Some(release) = release_dir {
-        let (agent_bin, operator_bin) = (release.join("xpyd-agent"), release.join("xpyd-operator"));
-        if agent_bin.is_file() && operator_bin.is_file() {
-            let nixl = xpyd_runtime::assets::nixl_lib_dir()?;
-            let agent = node
-                .push_image(workload::agent(&agent_bin, &nixl, DEV_TAG))
-                .await?;
-            let op = node
-                .push_image(workload::operator(&operator_bin, DEV_TAG))
-                .await?;
-            images.push(("XPYD_AGENT_IMAGE", agent));
-            images.push(("XPYD_OPERATOR_IMAGE", op.clone()));
-            operator = Some(op);
-        } else {
-            println!(
-                "no release binaries in {}: agent and operator images skipped",
-                release.display()
-            );
+    let mut images = vec![("XPYD_TOOLBOX_IMAGE", node.toolbox_image().clone())];
+    let mut helm_values = None;
+    match release_dir {
+        Some(release) if release.join("xpyd-operator").is_file() => {
+            let xpyd = node.push_xpyd_images(release).await?;
+            images.extend([
+                ("XPYD_AGENT_IMAGE", xpyd.agent.clone()),
+                ("XPYD_OPERATOR_IMAGE", xpyd.operator.clone()),
+                ("XPYD_ETCD_IMAGE", xpyd.etcd.clone()),
+                ("XPYD_NATS_IMAGE", xpyd.nats.clone()),
+            ]);
+            helm_values = Some(xpyd.helm_values());
         }
+        _ => println!("no release binaries (--release-dir): xpyd images skipped"),
     }
-    images.push(("XPYD_TOOLBOX_IMAGE", node.toolbox_image().clone()));
 
     let kubeconfig = state_dir.join("kubeconfig");
     std::fs::copy(plane.kubeconfig(), &kubeconfig)?;
     if chart {
-        let Some(operator) = &operator else {
-            bail!("--chart needs the operator image: pass --release-dir with release builds");
+        let Some(values) = &helm_values else {
+            bail!("--chart needs the xpyd images: pass --release-dir with release builds");
         };
-        install_chart(&tools.helm, &kubeconfig, state_dir, operator, &etcd, &nats)?;
+        install_chart(&plane.tools().helm, &kubeconfig, state_dir, values)?;
     }
 
     let mut env = format!(
@@ -173,12 +150,9 @@ fn install_chart(
     helm: &Path,
     kubeconfig: &Path,
     state_dir: &Path,
-    operator: &ImageRef,
-    etcd: &ImageRef,
-    nats: &ImageRef,
+    values: &[String],
 ) -> anyhow::Result<()> {
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/xpyd");
-    let set = |k: &str, v: &str| format!("--set={k}={v}");
     let out = std::process::Command::new(helm)
         .args(["upgrade", "--install", RELEASE])
         .arg(&chart)
@@ -190,14 +164,7 @@ fn install_chart(
             "--timeout=5m",
         ])
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .arg(set("operator.image.repository", &operator.repository))
-        .arg(set("operator.image.tag", &operator.tag))
-        .arg(set("etcd.enabled", "true"))
-        .arg(set("etcd.image.repository", &etcd.repository))
-        .arg(set("etcd.image.tag", &etcd.tag))
-        .arg(set("nats.enabled", "true"))
-        .arg(set("nats.image.repository", &nats.repository))
-        .arg(set("nats.image.tag", &nats.tag))
+        .args(values.iter().map(|v| format!("--set={v}")))
         .env("HELM_CONFIG_HOME", state_dir.join("helm/config"))
         .env("HELM_CACHE_HOME", state_dir.join("helm/cache"))
         .env("HELM_DATA_HOME", state_dir.join("helm/data"))
