@@ -1,6 +1,7 @@
 //! The real node as a user's cluster would behave: a pod from an image built
 //! here runs, its ClusterIP Service (and NodePort) answers from the host and
-//! from another pod, and the Service's name resolves through CoreDNS.
+//! from another pod, and the Service's name resolves through CoreDNS. Once
+//! it is dropped, the host is as it was.
 //!
 //! Needs root and `scripts/setup node`. One real node runs per host; a
 //! second test binary that wants one waits for the first (see
@@ -88,6 +89,7 @@ async fn http_get(url: &str) -> Result<String, reqwest::Error> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_and_its_service_answers_by_ip_and_by_name() {
+    let before = host_state();
     let t0 = Instant::now();
     let plane = ControlPlane::start_for_real_node(ControlPlaneOptions {
         nodes: 0,
@@ -203,8 +205,42 @@ async fn a_pod_runs_and_its_service_answers_by_ip_and_by_name() {
         logs.contains(&cluster_ip.to_string()),
         "nslookup's answer: {logs}"
     );
+
+    // Teardown leaves nothing behind.
+    let node_dir = node.dir().to_path_buf();
+    let t3 = Instant::now();
+    drop(node);
+    eprintln!("real node stopped in {:.1}s", t3.elapsed().as_secs_f64());
+    drop(plane);
+    let after = host_state();
+    assert_eq!(after, before, "the host after the node is not as before");
+    assert!(!node_dir.exists(), "{} left behind", node_dir.display());
     eprintln!(
         "real-node smoke test done in {:.1}s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// What a real node changes on the host: nft tables, links, addresses on
+/// `lo`, the pods' cgroups, mounts under the harness' folders, kubelet's and
+/// containerd's folders, IPv4 forwarding.
+fn host_state() -> Vec<String> {
+    let sh = |cmd: &str| {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .output()
+            .expect("sh runs");
+        format!("{cmd}: {}", String::from_utf8_lossy(&out.stdout))
+    };
+    vec![
+        sh("nft list tables"),
+        sh("ip -o link show | cut -d: -f2"),
+        sh("ip -o addr show dev lo"),
+        sh("ls -d /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io 2>/dev/null"),
+        sh("grep -c xpyd-e2e /proc/self/mountinfo"),
+        sh(
+            "ls -d /var/lib/kubelet /var/lib/cni /var/log/pods /var/log/containers /run/containerd 2>/dev/null",
+        ),
+        sh("cat /proc/sys/net/ipv4/ip_forward"),
+    ]
 }
