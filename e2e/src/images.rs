@@ -327,10 +327,31 @@ impl RegistryClient {
                 &partial.to_string_lossy(),
             ])?;
             std::fs::rename(&partial, &tarball)
-                .map_err(HarnessError::io(format!("rename to {}", tarball.display())))
+                .map_err(HarnessError::io(format!("rename to {}", tarball.display())))?;
+            // One cached image per repository: a new build replaces the old.
+            prune(&self.cache, &format!("{name}-"), &tarball);
+            Ok(())
         })();
         let _ = std::fs::remove_dir_all(&work);
         result.map(|_| tarball)
+    }
+}
+
+/// Removes `<prefix><16 hex digits>.tar` files in `dir` other than `keep`.
+fn prune(dir: &Path, prefix: &str, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let key = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(".tar"));
+        if key.is_some_and(|k| k.len() == 16 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+            && entry.path() != keep
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -673,6 +694,29 @@ mod tests {
             args.iter().any(|a| a.starts_with("--env=PATH=")),
             "{args:?}"
         );
+    }
+
+    #[test]
+    fn a_new_build_replaces_the_cached_image_of_its_repository_only() {
+        let dir = crate::Workdir::new("image-prune").unwrap();
+        let file = |n: &str| dir.path().join(n);
+        for n in [
+            "xpyd-agent-0123456789abcdef.tar",
+            "xpyd-agent-fedcba9876543210.tar",
+            "xpyd-agent-extra-0123456789abcdef.tar",
+            "xpyd-operator-0123456789abcdef.tar",
+        ] {
+            std::fs::write(file(n), b"x").unwrap();
+        }
+        prune(
+            dir.path(),
+            "xpyd-agent-",
+            &file("xpyd-agent-fedcba9876543210.tar"),
+        );
+        assert!(!file("xpyd-agent-0123456789abcdef.tar").exists());
+        assert!(file("xpyd-agent-fedcba9876543210.tar").exists());
+        assert!(file("xpyd-agent-extra-0123456789abcdef.tar").exists());
+        assert!(file("xpyd-operator-0123456789abcdef.tar").exists());
     }
 
     #[test]
