@@ -5,6 +5,12 @@
 //! settings in, so a test can stop xpyd's etcd without taking Kubernetes down.
 //! kwok plays the kubelets: it marks the nodes Ready and drives bound pods to
 //! Running, so Deployments get Running pods without containers or GPUs.
+//!
+//! [`ControlPlane::start_for_real_node`] starts one that a [`crate::RealNode`]
+//! can join: it claims the host (see [`crate::host`]), binds the API server to
+//! the node address rather than loopback (pods reach it through the
+//! `kubernetes` Service), authorizes kubelets with the Node authorizer, and
+//! lets the controller-manager give nodes their pod CIDR.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,9 +21,12 @@ use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::OnceCell;
 
+use std::sync::Arc;
+
 use crate::certs::Pki;
 use crate::error::{HarnessError, Result};
 use crate::etcd::Etcd;
+use crate::host::{self, HostClaim};
 use crate::process::{ServerProcess, free_port, retry_on_port_clash};
 use crate::tools::Tools;
 use crate::wait::wait_until;
@@ -57,8 +66,10 @@ impl Default for ControlPlaneOptions {
 pub struct ControlPlane {
     tools: Tools,
     kubeconfig: PathBuf,
+    api_host: String,
     api_port: u16,
     node_names: Vec<String>,
+    pki: Pki,
     // Field order is drop order: kwok and the controllers before the API
     // server, the API server before its etcd, the folder last.
     kwok: ServerProcess,
@@ -67,44 +78,87 @@ pub struct ControlPlane {
     apiserver: ServerProcess,
     etcd: Etcd,
     dir: Workdir,
+    // Last: the host is put back once every process is gone.
+    host: Option<Arc<HostClaim>>,
 }
 
 impl ControlPlane {
     /// Starts everything and returns once the nodes are Ready and the
     /// `default` ServiceAccount exists (pods can be created and scheduled).
     pub async fn start(options: ControlPlaneOptions) -> Result<ControlPlane> {
-        retry_on_port_clash(|| Self::start_once(&options)).await
+        retry_on_port_clash(|| Self::start_once(&options, None)).await
     }
 
-    async fn start_once(options: &ControlPlaneOptions) -> Result<ControlPlane> {
+    /// Like [`start`](Self::start), ready for a [`crate::RealNode`] to join
+    /// (`options.nodes` kwok nodes may run beside it). Claims the host: only
+    /// one such control plane runs on a machine at a time, and a second one
+    /// waits for the first (up to two minutes) and then fails naming it.
+    pub async fn start_for_real_node(options: ControlPlaneOptions) -> Result<ControlPlane> {
+        // Before any Workdir: the claim cleans up after a killed run's node,
+        // whose folder the Workdir sweep would otherwise delete with its
+        // mounts still in place.
+        let claim = tokio::task::spawn_blocking(HostClaim::acquire)
+            .await
+            .map_err(HarnessError::other)??;
+        let claim = Arc::new(claim);
+        retry_on_port_clash(|| Self::start_once(&options, Some(claim.clone()))).await
+    }
+
+    async fn start_once(
+        options: &ControlPlaneOptions,
+        host: Option<Arc<HostClaim>>,
+    ) -> Result<ControlPlane> {
         let tools = Tools::locate()?;
         let dir = Workdir::new("control-plane")?;
         let root = dir.path().to_path_buf();
-        let pki = Pki::generate(&root)?;
+        let real = host.is_some();
+        let extra_sans = if real {
+            vec![host::NODE_IP.to_string(), host::API_SERVICE_IP.to_string()]
+        } else {
+            Vec::new()
+        };
+        let pki = Pki::generate(&root, &extra_sans)?;
         let etcd = Etcd::start(&tools, &dir.subdir("etcd")?).await?;
 
+        let api_host = if real {
+            host::NODE_IP.to_string()
+        } else {
+            "127.0.0.1".to_string()
+        };
         let api_port = free_port();
-        let mut apiserver = start_apiserver(&tools, &root, &pki, &etcd, api_port)?;
-        let kubeconfig = write_kubeconfig(&root, &pki, api_port)?;
+        let mut apiserver = start_apiserver(&tools, &root, &pki, &etcd, &api_host, api_port, real)?;
+        let kubeconfig = write_kubeconfig(&root, &pki, &api_host, api_port)?;
         wait_api_ready(&mut apiserver, &kubeconfig).await?;
 
+        let mut cm_args = vec![
+            format!(
+                "--service-account-private-key-file={}",
+                pki.sa_key.display()
+            ),
+            format!("--root-ca-file={}", pki.ca_cert.display()),
+            "--use-service-account-credentials=false".to_string(),
+            "--cluster-name=xpyd-e2e".to_string(),
+            // Fake nodes never fail; quick node-lifecycle turns keep tests short.
+            "--node-monitor-period=2s".to_string(),
+        ];
+        if real {
+            // nodeipam on: a real node gets its pod CIDR from here.
+            cm_args.extend([
+                "--controllers=*".to_string(),
+                "--allocate-node-cidrs=true".to_string(),
+                format!("--cluster-cidr={}", host::CLUSTER_CIDR),
+                format!("--service-cluster-ip-range={}", host::SERVICE_CIDR),
+                "--node-cidr-mask-size=24".to_string(),
+            ]);
+        } else {
+            cm_args.push("--controllers=*,-nodeipam".to_string());
+        }
         let (mut controller_manager, cm_port) = start_component(
             &tools,
             &root,
             "kube-controller-manager",
             &kubeconfig,
-            &[
-                "--controllers=*,-nodeipam".to_string(),
-                format!(
-                    "--service-account-private-key-file={}",
-                    pki.sa_key.display()
-                ),
-                format!("--root-ca-file={}", pki.ca_cert.display()),
-                "--use-service-account-credentials=false".to_string(),
-                "--cluster-name=xpyd-e2e".to_string(),
-                // Fake nodes never fail; quick node-lifecycle turns keep tests short.
-                "--node-monitor-period=2s".to_string(),
-            ],
+            &cm_args,
         )?;
         let (mut scheduler, scheduler_port) =
             start_component(&tools, &root, "kube-scheduler", &kubeconfig, &[])?;
@@ -132,14 +186,17 @@ impl ControlPlane {
         let mut plane = ControlPlane {
             tools,
             kubeconfig,
+            api_host,
             api_port,
             node_names: Vec::new(),
+            pki,
             kwok,
             scheduler,
             controller_manager,
             apiserver,
             etcd,
             dir,
+            host,
         };
         plane.wait_default_service_account().await?;
         plane.add_nodes(options).await?;
@@ -157,9 +214,20 @@ impl ControlPlane {
         &self.kubeconfig
     }
 
-    /// The API server's URL.
+    /// The API server's URL (on loopback, or on the node address when
+    /// started for a real node).
     pub fn server_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.api_port)
+        format!("https://{}:{}", self.api_host, self.api_port)
+    }
+
+    /// The host claim, when started for a real node.
+    pub(crate) fn host(&self) -> Option<&Arc<HostClaim>> {
+        self.host.as_ref()
+    }
+
+    /// The CA and certificates, for a real node's clients.
+    pub(crate) fn pki(&self) -> &Pki {
+        &self.pki
     }
 
     /// The kube-apiserver's process id (for benchmarks that compare CPU use).
@@ -249,7 +317,7 @@ impl ControlPlane {
 
 /// Ready, and without the `node.kubernetes.io/not-ready` taint that the node
 /// lifecycle controller removes once it has seen the node Ready.
-fn node_schedulable(node: &Node) -> bool {
+pub(crate) fn node_schedulable(node: &Node) -> bool {
     let ready = node
         .status
         .as_ref()
@@ -299,30 +367,46 @@ fn start_apiserver(
     root: &Path,
     pki: &Pki,
     etcd: &Etcd,
+    host: &str,
     port: u16,
+    real_node: bool,
 ) -> Result<ServerProcess> {
-    let args = [
+    let mut args = vec![
         format!("--etcd-servers={}", etcd.endpoint()),
         format!("--cert-dir={}", root.join("apiserver-certs").display()),
         format!("--tls-cert-file={}", pki.serving_cert.display()),
         format!("--tls-private-key-file={}", pki.serving_key.display()),
         format!("--client-ca-file={}", pki.ca_cert.display()),
         format!("--secure-port={port}"),
-        "--bind-address=127.0.0.1".to_string(),
-        "--advertise-address=127.0.0.1".to_string(),
-        "--authorization-mode=RBAC".to_string(),
+        format!("--bind-address={host}"),
+        format!("--advertise-address={host}"),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_string(),
         format!("--service-account-key-file={}", pki.sa_pub.display()),
         format!(
             "--service-account-signing-key-file={}",
             pki.sa_key.display()
         ),
-        "--service-cluster-ip-range=10.96.0.0/16".to_string(),
+        format!("--service-cluster-ip-range={}", host::SERVICE_CIDR),
         "--allow-privileged=true".to_string(),
-        // The "kubernetes" Service endpoint would be a loopback address, which
-        // the reconciler rejects every 10 s; nothing in the tests needs it.
-        "--endpoint-reconciler-type=none".to_string(),
     ];
+    if real_node {
+        args.extend([
+            // Kubelets authenticate as system:node:<name>.
+            "--authorization-mode=Node,RBAC".to_string(),
+            // For `kubectl logs` and `exec`: the API server's client
+            // certificate towards the kubelet.
+            format!("--kubelet-client-certificate={}", pki.admin_cert.display()),
+            format!("--kubelet-client-key={}", pki.admin_key.display()),
+            "--kubelet-preferred-address-types=InternalIP".to_string(),
+        ]);
+    } else {
+        args.extend([
+            "--authorization-mode=RBAC".to_string(),
+            // The "kubernetes" Service endpoint would be a loopback address,
+            // which the reconciler rejects every 10 s; nothing needs it.
+            "--endpoint-reconciler-type=none".to_string(),
+        ]);
+    }
     ServerProcess::start(
         "kube-apiserver",
         &tools.kube_bin.join("kube-apiserver"),
@@ -393,7 +477,7 @@ async fn wait_healthz(component: &mut ServerProcess, port: u16) -> Result<()> {
         .await
 }
 
-fn write_kubeconfig(root: &Path, pki: &Pki, port: u16) -> Result<PathBuf> {
+fn write_kubeconfig(root: &Path, pki: &Pki, host: &str, port: u16) -> Result<PathBuf> {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     // JSON is YAML, and kubectl, helm and kube-rs all read it.
     let config = serde_json::json!({
@@ -402,7 +486,7 @@ fn write_kubeconfig(root: &Path, pki: &Pki, port: u16) -> Result<PathBuf> {
         "clusters": [{
             "name": "xpyd-e2e",
             "cluster": {
-                "server": format!("https://127.0.0.1:{port}"),
+                "server": format!("https://{host}:{port}"),
                 "certificate-authority-data": b64(&pki.ca_pem),
             },
         }],

@@ -18,6 +18,12 @@
 //! [`ModelMirror`] serves model files over HTTP (a stand-in for a model host
 //! or the Hugging Face hub, with Range, tokens and injected faults).
 //!
+//! A real node ([`RealNode`]: kubelet, containerd, runc, CNI, kube-proxy and
+//! CoreDNS) joins a control plane from
+//! [`ControlPlane::start_for_real_node`], so pods really run, from images
+//! built here ([`images`]) and pulled from a local registry. It changes
+//! host-global state, so one runs per host at a time ([`host`]).
+//!
 //! [`bench`] is the load generator behind the `xpyd-bench` binary; it talks
 //! to any OpenAI-compatible server and starts nothing itself.
 
@@ -26,8 +32,11 @@ mod certs;
 mod control_plane;
 mod error;
 mod etcd;
+pub mod host;
+pub mod images;
 pub mod mirror;
 mod nats;
+mod node;
 pub mod process;
 mod tools;
 mod wait;
@@ -37,7 +46,9 @@ pub use control_plane::{ControlPlane, ControlPlaneOptions, GPU_RESOURCE, shared_
 pub use error::HarnessError;
 pub use etcd::Etcd;
 pub use mirror::{Fault, ModelMirror};
+pub use images::{ImageRef, ImageRegistry, ImageSpec, RegistryClient};
 pub use nats::Nats;
-pub use tools::Tools;
+pub use node::{NODE_LABEL, NODE_NAME, RealNode, XpydImages};
+pub use tools::{NodeTools, Tools};
 pub use wait::wait_until;
 pub use workdir::Workdir;

@@ -267,6 +267,7 @@ impl Drop for ServerProcess {
 struct Registry {
     groups: Vec<i32>,
     dirs: Vec<PathBuf>,
+    hooks: Vec<(&'static str, fn())>,
 }
 
 fn registry() -> &'static Mutex<Registry> {
@@ -283,6 +284,16 @@ pub(crate) fn remove_at_exit(dir: &Path) {
     registry().lock().unwrap().dirs.push(dir.to_path_buf());
 }
 
+/// Runs `hook` at process exit, after the process groups are killed and
+/// before the folders are removed (a real node's mounts must go first).
+/// A hook registered twice under one name runs once.
+pub(crate) fn run_at_exit(name: &'static str, hook: fn()) {
+    let mut reg = registry().lock().unwrap();
+    if !reg.hooks.iter().any(|(n, _)| *n == name) {
+        reg.hooks.push((name, hook));
+    }
+}
+
 /// Forgets a folder its owner already removed.
 pub(crate) fn forget_dir(dir: &Path) {
     registry().lock().unwrap().dirs.retain(|d| d != dir);
@@ -296,6 +307,9 @@ extern "C" fn cleanup_at_exit() {
     for pgid in &reg.groups {
         // SAFETY: signalling process groups we created.
         unsafe { libc::kill(-*pgid, libc::SIGKILL) };
+    }
+    for (_, hook) in &reg.hooks {
+        hook();
     }
     for dir in &reg.dirs {
         let _ = std::fs::remove_dir_all(dir);

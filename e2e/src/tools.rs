@@ -48,3 +48,42 @@ impl Tools {
         tool("XPYD_PROMTOOL_BIN")
     }
 }
+
+/// The real node's tools (`scripts/setup node`), looked up apart from
+/// [`Tools`] so that the kwok-only tests do not need them.
+#[derive(Debug, Clone)]
+pub struct NodeTools {
+    /// Folder with kubelet and kube-proxy.
+    pub kubenode_bin: PathBuf,
+    /// Folder with containerd, ctr and containerd-shim-runc-v2.
+    pub containerd_bin: PathBuf,
+    pub runc: PathBuf,
+    /// Folder with the CNI plugins (bridge, loopback, host-local, portmap).
+    pub cni_bin: PathBuf,
+    pub coredns: PathBuf,
+    /// go-containerregistry's crane (also the local registry: `crane registry serve`).
+    pub crane: PathBuf,
+    /// The pod sandboxes' pause program.
+    pub pause: PathBuf,
+    /// A static busybox, the toolbox image's shell, wget and nslookup.
+    pub busybox: PathBuf,
+}
+
+impl NodeTools {
+    /// Finds every tool, or says which one is missing and how to install it.
+    pub fn locate() -> Result<NodeTools> {
+        let node_tool = |var: &'static str| {
+            tool(var).map_err(|e| HarnessError::Tool(format!("{e} (scripts/setup node)")))
+        };
+        Ok(NodeTools {
+            kubenode_bin: node_tool("XPYD_KUBENODE_BIN")?,
+            containerd_bin: node_tool("XPYD_CONTAINERD_BIN")?,
+            runc: node_tool("XPYD_RUNC_BIN")?,
+            cni_bin: node_tool("XPYD_CNI_BIN")?,
+            coredns: node_tool("XPYD_COREDNS_BIN")?,
+            crane: node_tool("XPYD_CRANE_BIN")?,
+            pause: node_tool("XPYD_PAUSE_BIN")?,
+            busybox: node_tool("XPYD_BUSYBOX_BIN")?,
+        })
+    }
+}

@@ -67,7 +67,9 @@ fn sweep_dead_runs() {
         // SAFETY: signal 0 only checks for existence.
         let alive = unsafe { libc::kill(pid, 0) == 0 }
             || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        if !alive {
+        // A real node's folder with mounts still in it (its run was killed)
+        // is left to the host sweep, which unmounts first (crate::host).
+        if !alive && crate::host::mounts_under(&entry.path()).is_empty() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
