@@ -80,7 +80,10 @@ impl Deployment {
         for i in 0..prefill {
             d.spawn("prefill", &format!("prefill-{i}"), &[]).await;
         }
-        d.spawn("frontend", "frontend-0", &[]).await;
+        // Bound to every interface, as in a pod: it must still register
+        // an address others can reach.
+        d.spawn("frontend", "frontend-0", &["--bind-host", "0.0.0.0"])
+            .await;
         let api = d.api.clone();
         let http = d.http.clone();
         wait_until(
@@ -124,7 +127,8 @@ impl Deployment {
         .unwrap();
     }
 
-    /// Start one agent and wait until it is ready.
+    /// Start one agent and wait until it is ready; `extra` flags replace
+    /// the defaults of the same name (`--bind-host`, `--grace-seconds`).
     async fn spawn(&mut self, role: &str, name: &str, extra: &[&str]) {
         let metrics_port = free_port();
         let mut args: Vec<String> = [
@@ -139,16 +143,17 @@ impl Deployment {
             &self.name,
             "--instance",
             name,
-            "--bind-host",
-            "127.0.0.1",
             "--metrics-port",
             &metrics_port.to_string(),
-            "--grace-seconds",
-            "5",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        for (flag, value) in [("--bind-host", "127.0.0.1"), ("--grace-seconds", "5")] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
         if role == "frontend" {
             let port = free_port();
             args.extend(["--http-port".to_string(), port.to_string()]);
@@ -184,6 +189,51 @@ impl Deployment {
             process,
             metrics_port,
         });
+    }
+
+    /// Send `signal` to agent `name`'s process.
+    fn signal(&self, name: &str, signal: i32) {
+        let pid = self
+            .agents
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| a.process.pid())
+            .unwrap_or_else(|| panic!("{name} is not running"));
+        // SAFETY: signalling a process this test started.
+        unsafe { libc::kill(pid as i32, signal) };
+    }
+
+    /// Wait until agent `name` has exited, at the latest `by`; its exit
+    /// status as the harness words it.
+    async fn wait_exit(&mut self, name: &str, by: Instant) -> String {
+        loop {
+            if let Err(e) = self.agent(name).process.check_running() {
+                return e.to_string();
+            }
+            assert!(Instant::now() < by, "{name} did not exit in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The KV blocks of agent `name`'s engine, and how many are free.
+    async fn blocks(&self, name: &str) -> Result<(f64, f64), reqwest::Error> {
+        let port = self
+            .agents
+            .iter()
+            .find(|a| a.name == name)
+            .unwrap()
+            .metrics_port;
+        let text = self
+            .http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok((
+            sum_samples(&text, "xpyd_engine_kv_blocks", ""),
+            sum_samples(&text, "xpyd_engine_kv_blocks_free", ""),
+        ))
     }
 
     fn agent(&mut self, name: &str) -> &mut Agent {
@@ -309,6 +359,27 @@ async fn one_prefill_one_decode_long_prompts_go_remote_short_ones_stay_local() {
     assert_eq!(status, 200, "{body}");
     let remote_text = answer(&body);
     assert!(remote_text.contains("Paris"), "{remote_text:?}");
+    // The frontend binds 0.0.0.0 but registers the address peers reach it
+    // at (its advertise host, here the default 127.0.0.1).
+    let mut etcd = d.etcd.client().await.unwrap();
+    let records = etcd
+        .get(
+            format!("/xpyd/{NAMESPACE}/disagg-1p1d/instances/frontend/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let addresses: Vec<String> = records
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Value>(kv.value()).ok())
+        .filter_map(|r| r["http_address"].as_str().map(String::from))
+        .collect();
+    assert_eq!(
+        addresses,
+        [d.api.trim_start_matches("http://").to_string()],
+        "the frontend's registered address"
+    );
     assert_eq!(
         d.metric(
             "decode-0",
@@ -692,4 +763,177 @@ async fn served(d: &Deployment) -> Vec<f64> {
         counts.push(d.metric(w, "xpyd_decode_prefills_total", "").await);
     }
     counts
+}
+
+/// A system prompt of about 400 tokens: several seconds of prefill on
+/// these CPUs, long enough to signal a worker in the middle of it.
+fn long_prompt(tag: &str) -> String {
+    format!("{tag}. {LONG_SYSTEM} {LONG_SYSTEM} {LONG_SYSTEM} {LONG_SYSTEM}")
+}
+
+#[tokio::test]
+async fn a_decode_worker_sigtermed_during_a_remote_prefill_answers_it_within_its_grace() {
+    let grace = Duration::from_secs(15);
+    let mut d = Deployment::start(
+        "drain-decode",
+        1,
+        1,
+        32,
+        &["--grace-seconds", &grace.as_secs().to_string()],
+    )
+    .await;
+    // Hold the prefill worker, so the job waits unclaimed on the queue
+    // while the decode worker is told to stop.
+    d.signal("prefill-0", libc::SIGSTOP);
+    let request = async {
+        let result = d.chat(LONG_SYSTEM, "Name the capital of France.", 12).await;
+        (result, Instant::now())
+    };
+    let drive = async {
+        wait_until(
+            "decode-0 reserves blocks for the remote prefill",
+            Duration::from_secs(30),
+            || async {
+                let (total, free) = d.blocks("decode-0").await?;
+                Ok::<_, reqwest::Error>(total > 0.0 && free < total)
+            },
+        )
+        .await
+        .unwrap();
+        d.signal("decode-0", libc::SIGTERM);
+        let sigterm = Instant::now();
+        // The prefill worker claims the job once the decode worker drains.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        d.signal("prefill-0", libc::SIGCONT);
+        sigterm
+    };
+    let (((status, body), answered), sigterm) = tokio::join!(request, drive);
+    let answered_after = answered.duration_since(sigterm);
+    eprintln!("decode-0 answered {answered_after:?} after SIGTERM");
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
+    assert!(
+        answered_after < grace,
+        "answered {answered_after:?} after SIGTERM"
+    );
+    // The KV was computed remotely: the draining decode worker still took
+    // the prefill worker's claim and its write.
+    assert_eq!(
+        d.metric("prefill-0", "xpyd_prefill_jobs_total", "result=\"ok\"")
+            .await,
+        1.0
+    );
+    assert!(
+        d.metric(
+            "prefill-0",
+            "xpyd_transfer_bytes_total",
+            "direction=\"sent\""
+        )
+        .await
+            > 0.0
+    );
+    let exit = d.wait_exit("decode-0", sigterm + grace).await;
+    eprintln!("decode-0 exited {:?} after SIGTERM", sigterm.elapsed());
+    assert!(exit.contains("exit status: 0"), "{exit}");
+}
+
+/// Run one long-prompt request, SIGTERM the prefill worker computing it,
+/// and return the answer, how long it took, and the worker signalled.
+async fn sigterm_the_prefill_worker_mid_job(d: &Deployment) -> ((u16, Value), Duration, String) {
+    let started = Instant::now();
+    let system = long_prompt("Drain");
+    let request = d.chat(&system, "Name the capital of France.", 8);
+    let drive = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut busy = None;
+        while busy.is_none() {
+            assert!(Instant::now() < deadline, "no prefill worker took the job");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for name in ["prefill-0", "prefill-1"] {
+                if d.metric(name, "xpyd_engine_running_requests", "").await > 0.0 {
+                    busy = Some(name.to_string());
+                }
+            }
+        }
+        let busy = busy.expect("a busy worker");
+        d.signal(&busy, libc::SIGTERM);
+        busy
+    };
+    let (result, busy) = tokio::join!(request, drive);
+    (result, started.elapsed(), busy)
+}
+
+/// The decode worker got the KV remotely, without waiting out its 30 s
+/// remote-prefill deadline, and the answer is right.
+async fn assert_answered_remotely(d: &Deployment, result: &(u16, Value), took: Duration) {
+    let (status, body) = result;
+    assert_eq!(*status, 200, "{body}");
+    assert!(answer(body).contains("Paris"), "{body}");
+    assert!(took < Duration::from_secs(25), "the request took {took:?}");
+    assert_eq!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"remote\""
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        d.metric("decode-0", "xpyd_decode_remote_prefill_fallbacks_total", "")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_prefill_worker_sigtermed_mid_job_finishes_it_within_its_grace() {
+    let mut d = Deployment::start("drain-prefill-finish", 0, 1, 32, &[]).await;
+    for name in ["prefill-0", "prefill-1"] {
+        d.spawn("prefill", name, &["--grace-seconds", "30"]).await;
+    }
+    let (result, took, busy) = sigterm_the_prefill_worker_mid_job(&d).await;
+    eprintln!("request answered in {took:?}; {busy} was SIGTERMed mid-job");
+    assert_answered_remotely(&d, &result, took).await;
+    let other = if busy == "prefill-0" {
+        "prefill-1"
+    } else {
+        "prefill-0"
+    };
+    assert_eq!(
+        d.metric(other, "xpyd_prefill_jobs_total", "").await,
+        0.0,
+        "the SIGTERMed worker finished its job itself"
+    );
+    let exit = d
+        .wait_exit(&busy, Instant::now() + Duration::from_secs(10))
+        .await;
+    assert!(exit.contains("exit status: 0"), "{exit}");
+}
+
+#[tokio::test]
+async fn a_prefill_worker_that_cannot_finish_within_its_grace_hands_the_job_back() {
+    let mut d = Deployment::start("drain-prefill-handback", 0, 1, 32, &[]).await;
+    // A grace far shorter than the prompt's prefill.
+    for name in ["prefill-0", "prefill-1"] {
+        d.spawn("prefill", name, &["--grace-seconds", "2"]).await;
+    }
+    let (result, took, busy) = sigterm_the_prefill_worker_mid_job(&d).await;
+    eprintln!("request answered in {took:?}; {busy} was SIGTERMed mid-job");
+    assert_answered_remotely(&d, &result, took).await;
+    let other = if busy == "prefill-0" {
+        "prefill-1"
+    } else {
+        "prefill-0"
+    };
+    assert_eq!(
+        d.metric(other, "xpyd_prefill_jobs_total", "result=\"ok\"")
+            .await,
+        1.0,
+        "the job was redelivered to {other}"
+    );
+    let exit = d
+        .wait_exit(&busy, Instant::now() + Duration::from_secs(5))
+        .await;
+    assert!(exit.contains("exit status: 0"), "{exit}");
 }

@@ -41,7 +41,7 @@ use super::{InFlight, WorkerParts};
 use crate::bus::{BusError, IncomingRequest, RequestStream, Responder};
 use crate::discovery::{Role, RouterSettings};
 use crate::engine::runner::{EngineError, OutputItem, Request};
-use crate::transfer::ReceivedNotification;
+use crate::transfer::{PeerInfo, ReceivedNotification};
 
 /// Settings of a decode worker that are not the deployment's.
 #[derive(Debug, Clone)]
@@ -92,6 +92,8 @@ struct Inner {
     drain: watch::Sender<Option<tokio::time::Instant>>,
     /// Bytes of one block of KV (all layers, K and V).
     block_bytes: u64,
+    /// What a prefill worker needs to write into our KV memory.
+    transfer: PeerInfo,
 }
 
 /// A decode worker. Cheap to clone.
@@ -105,6 +107,7 @@ impl DecodeWorker {
         let hub = NotificationHub::start(parts.agent.clone())?;
         let layout = *parts.agent.layout();
         let block_bytes = layout.block_region_bytes * 2 * u64::from(layout.n_layers);
+        let transfer = parts.agent.metadata();
         Ok(DecodeWorker {
             inner: Arc::new(Inner {
                 parts,
@@ -113,6 +116,7 @@ impl DecodeWorker {
                 pending: Mutex::default(),
                 drain: watch::Sender::new(None),
                 block_bytes,
+                transfer,
             }),
         })
     }
@@ -361,6 +365,7 @@ impl DecodeWorker {
             dst_blocks: reservation.block_ids.clone(),
             first_block: (reservation.cached_tokens / block_size) as u32,
             deadline_unix_ms,
+            decode_transfer: Some(self.inner.transfer.clone()),
         };
         let notified = self.inner.hub.expect(&id);
         let (cancel_tx, cancel_rx) = oneshot::channel();

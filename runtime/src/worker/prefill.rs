@@ -126,9 +126,13 @@ impl PrefillWorker {
                         _ = registered.wait_for(|r| *r) => {}
                     }
                 }
-                let job = tokio::select! {
-                    _ = &mut shutdown => break 'outer,
-                    job = jobs.next() => job,
+                // (The job stream is cancel safe: a tick loses no job.)
+                let job = loop {
+                    tokio::select! {
+                        _ = &mut shutdown => break 'outer,
+                        _ = observe.tick() => self.parts.observe(),
+                        job = jobs.next() => break job,
+                    }
                 };
                 let Some(job) = job else {
                     tracing::warn!("prefill queue subscription ended; re-subscribing");
@@ -186,7 +190,10 @@ impl PrefillWorker {
                 "failed"
             }
             JobEnd::HandedBack(reason) => {
-                tracing::info!(delivered = job.delivered, "handing a prefill job back: {reason}");
+                tracing::info!(
+                    delivered = job.delivered,
+                    "handing a prefill job back: {reason}"
+                );
                 "handed_back"
             }
         };
@@ -233,12 +240,16 @@ impl PrefillWorker {
             Ok(ClaimReply::Refuse) => return JobEnd::Refused,
             Err(reason) => return JobEnd::Failed(format!("claiming {id}: {reason}")),
         }
-        let peer = parts
-            .discovery
-            .instances()
-            .borrow()
-            .get(&request.decode_instance)
-            .and_then(|r| r.transfer.clone());
+        // The job's copy first: a draining decode worker has deregistered
+        // (and the claim just proved it alive and waiting).
+        let peer = request.decode_transfer.clone().or_else(|| {
+            parts
+                .discovery
+                .instances()
+                .borrow()
+                .get(&request.decode_instance)
+                .and_then(|r| r.transfer.clone())
+        });
         let Some(peer) = peer else {
             parts
                 .metrics
@@ -246,7 +257,7 @@ impl PrefillWorker {
                 .with_label_values(&["peer"])
                 .inc();
             return JobEnd::Failed(format!(
-                "decode instance {} has no transfer record",
+                "decode instance {} sent no NIXL metadata and has no transfer record",
                 request.decode_instance
             ));
         };
@@ -363,8 +374,9 @@ impl PrefillWorker {
         match tokio::time::timeout(limit, collect).await {
             Err(_) => Err(JobEnd::Expired),
             Ok(Err(end)) => Err(end),
-            Ok(Ok(())) => first
-                .ok_or_else(|| JobEnd::Failed("the prefill produced no token".to_string())),
+            Ok(Ok(())) => {
+                first.ok_or_else(|| JobEnd::Failed("the prefill produced no token".to_string()))
+            }
         }
     }
 
