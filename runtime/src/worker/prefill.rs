@@ -236,7 +236,7 @@ impl PrefillWorker {
             reason = self.handed_back() => return JobEnd::HandedBack(reason),
         };
         match claim {
-            Ok(ClaimReply::Proceed) => {}
+            Ok(ClaimReply::Proceed) => tracing::debug!(request_id = %id, "claimed; computing"),
             Ok(ClaimReply::Refuse) => return JobEnd::Refused,
             Err(reason) => return JobEnd::Failed(format!("claiming {id}: {reason}")),
         }
