@@ -1041,3 +1041,71 @@ async fn a_prefill_worker_that_cannot_finish_within_its_grace_hands_the_job_back
         .await;
     assert!(exit.contains("exit status: 0"), "{exit}");
 }
+
+#[tokio::test]
+async fn a_decode_worker_added_under_kv_routing_gets_a_share_of_short_chats() {
+    const TEMPLATE: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+    let mut d = Deployment::start("route-scale-out", 0, 1, 100_000, &[]).await;
+    d.set_settings("kv", 100_000, 2).await;
+    d.wait_frontend_ack(2).await;
+    // decode-0 serves a chat, so it caches the chat template's first block.
+    let (status, body) = d.chat(TEMPLATE, "Hello!", 2).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Scale out: the frontend's router must know decode-1 before the burst.
+    d.spawn("decode", "decode-1", &[]).await;
+    let frontend_port = d
+        .agents
+        .iter()
+        .find(|a| a.name == "frontend-0")
+        .unwrap()
+        .metrics_port;
+    let http = d.http.clone();
+    wait_until(
+        "the frontend routes to decode-1",
+        Duration::from_secs(30),
+        || {
+            let req = http
+                .get(format!("http://127.0.0.1:{frontend_port}/metrics"))
+                .send();
+            async move {
+                let text = req.await?.text().await?;
+                Ok::<_, reqwest::Error>(text.lines().any(|l| {
+                    l.starts_with("xpyd_router_worker_waiting_requests") && l.contains("decode-1")
+                }))
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // Six short chats at once, each sharing only the template's first
+    // block with what decode-0 caches.
+    let before = served(&d).await;
+    let chats = join_all((0..6).map(|i| {
+        let d = &d;
+        async move {
+            d.chat(
+                TEMPLATE,
+                &format!("Tell me a fact about the number {i}."),
+                24,
+            )
+            .await
+        }
+    }))
+    .await;
+    for (status, body) in &chats {
+        assert_eq!(*status, 200, "{body}");
+    }
+    let after = served(&d).await;
+    let gained: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    eprintln!(
+        "six short chats after scale-out: decode-0 {}, decode-1 {}",
+        gained[0], gained[1]
+    );
+    assert!(
+        gained[1] >= 2.0,
+        "the new decode worker got {} of 6 short chats",
+        gained[1]
+    );
+}
