@@ -1109,3 +1109,55 @@ async fn a_decode_worker_added_under_kv_routing_gets_a_share_of_short_chats() {
         gained[1]
     );
 }
+
+#[tokio::test]
+async fn a_draining_decode_worker_whose_remote_prefill_nobody_claims_prefills_it_locally_in_time() {
+    let grace = Duration::from_secs(15);
+    let mut d = Deployment::start(
+        "drain-decode-unclaimed",
+        1,
+        1,
+        32,
+        &["--grace-seconds", &grace.as_secs().to_string()],
+    )
+    .await;
+    // The prefill worker hangs for good: nobody will claim the job.
+    d.signal("prefill-0", libc::SIGSTOP);
+    let request = async {
+        let result = d.chat(LONG_SYSTEM, "Name the capital of France.", 12).await;
+        (result, Instant::now())
+    };
+    let drive = async {
+        wait_until(
+            "decode-0 reserves blocks for the remote prefill",
+            Duration::from_secs(30),
+            || async {
+                let (total, free) = d.blocks("decode-0").await?;
+                Ok::<_, reqwest::Error>(total > 0.0 && free < total)
+            },
+        )
+        .await
+        .unwrap();
+        d.signal("decode-0", libc::SIGTERM);
+        let sigterm = Instant::now();
+        let exit_after = d.time_exit("decode-0", sigterm, grace * 2).await;
+        (sigterm, exit_after)
+    };
+    let (((status, body), answered), (sigterm, exit_after)) = tokio::join!(request, drive);
+    d.signal("prefill-0", libc::SIGCONT);
+    let answered_after = answered.duration_since(sigterm);
+    eprintln!("decode-0 answered {answered_after:?} and exited {exit_after:?} after SIGTERM");
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
+    // Withdrawn 5 s into the drain and prefilled locally, well before the
+    // 30 s remote-prefill deadline and within the grace period.
+    assert!(
+        answered_after < grace,
+        "answered {answered_after:?} after SIGTERM"
+    );
+    assert!(exit_after < grace, "exited {exit_after:?} after SIGTERM");
+    let exit = d
+        .wait_exit("decode-0", Instant::now() + Duration::from_secs(5))
+        .await;
+    assert!(exit.contains("exit status: 0"), "{exit}");
+}
