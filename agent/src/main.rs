@@ -309,6 +309,7 @@ async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         model_path,
         model_name: pod.model.served_model_name.clone(),
         block_size: args.block_size,
+        advertise_host: Some(pod.advertise_host.clone()),
         grace: Duration::from_secs(pod.grace_seconds),
     };
     roles::run_frontend(spec, cluster, registry, listener, ready_tx, stop).await

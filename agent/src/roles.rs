@@ -3,6 +3,7 @@
 //! work in flight finish within the grace period) and stop. `up` runs the
 //! same functions side by side in one process.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -228,7 +229,24 @@ pub struct FrontendSpec {
     pub model_name: String,
     /// Tokens per KV block of the decode workers.
     pub block_size: usize,
+    /// Host peers reach this frontend at (the pod IP, `--advertise-host`);
+    /// the record pairs it with the API listener's port. `None`: the
+    /// listener's own address (right when it binds one address, as `up`).
+    pub advertise_host: Option<String>,
     pub grace: Duration,
+}
+
+/// The API address to register: `advertise_host` (or the bound IP) with
+/// the bound port. A wildcard bind (`0.0.0.0`) is never an address anyone
+/// can reach us at.
+fn advertised_address(bound: SocketAddr, advertise_host: Option<&str>) -> String {
+    match advertise_host {
+        None => bound.to_string(),
+        Some(host) => match host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, bound.port()).to_string(),
+            Err(_) => format!("{host}:{}", bound.port()),
+        },
+    }
 }
 
 /// Run the frontend (HTTP API, router) on `listener` until `stop`.
@@ -257,7 +275,7 @@ pub async fn run_frontend(
         ClusterOptions::default(),
     );
     let app = frontend::router(Arc::new(backend), registry.clone())?;
-    let address = listener.local_addr()?.to_string();
+    let address = advertised_address(listener.local_addr()?, spec.advertise_host.as_deref());
     let record = InstanceRecord {
         instance_id: spec.instance_id.clone(),
         role: Role::Frontend,
@@ -293,4 +311,25 @@ pub async fn run_frontend(
         } => tracing::warn!("grace period over; closing streams still open"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frontend_registers_its_pod_address_not_its_bind_address() {
+        let bound: SocketAddr = "0.0.0.0:8000".parse().unwrap();
+        assert_eq!(
+            advertised_address(bound, Some("10.244.0.7")),
+            "10.244.0.7:8000"
+        );
+        assert_eq!(advertised_address(bound, Some("fd00::7")), "[fd00::7]:8000");
+        assert_eq!(
+            advertised_address(bound, Some("frontend.example")),
+            "frontend.example:8000"
+        );
+        let local: SocketAddr = "127.0.0.1:41234".parse().unwrap();
+        assert_eq!(advertised_address(local, None), "127.0.0.1:41234");
+    }
 }

@@ -163,6 +163,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             model_path,
             model_name: args.model.served_model_name.clone(),
             block_size: args.engine.block_size,
+            advertise_host: None,
             grace: SHUTDOWN_GRACE,
         },
         cluster.clone(),

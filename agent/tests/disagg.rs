@@ -80,7 +80,10 @@ impl Deployment {
         for i in 0..prefill {
             d.spawn("prefill", &format!("prefill-{i}"), &[]).await;
         }
-        d.spawn("frontend", "frontend-0", &[]).await;
+        // Bound to every interface, as in a pod: it must still register
+        // an address others can reach.
+        d.spawn("frontend", "frontend-0", &["--bind-host", "0.0.0.0"])
+            .await;
         let api = d.api.clone();
         let http = d.http.clone();
         wait_until(
@@ -124,7 +127,8 @@ impl Deployment {
         .unwrap();
     }
 
-    /// Start one agent and wait until it is ready.
+    /// Start one agent and wait until it is ready; `extra` flags replace
+    /// the defaults of the same name (`--bind-host`, `--grace-seconds`).
     async fn spawn(&mut self, role: &str, name: &str, extra: &[&str]) {
         let metrics_port = free_port();
         let mut args: Vec<String> = [
@@ -139,16 +143,17 @@ impl Deployment {
             &self.name,
             "--instance",
             name,
-            "--bind-host",
-            "127.0.0.1",
             "--metrics-port",
             &metrics_port.to_string(),
-            "--grace-seconds",
-            "5",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        for (flag, value) in [("--bind-host", "127.0.0.1"), ("--grace-seconds", "5")] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
         if role == "frontend" {
             let port = free_port();
             args.extend(["--http-port".to_string(), port.to_string()]);
@@ -168,8 +173,15 @@ impl Deployment {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = self.dir.path().join(format!("{name}.log"));
-        let mut process =
-            ServerProcess::start(name, &agent_binary(), args, [("XPYD_LOG", "info")], log).unwrap();
+        let mut process = ServerProcess::start(
+            name,
+            &agent_binary(),
+            args,
+            // Debug for the workers: a prefill worker logs each claim.
+            [("XPYD_LOG", "info,xpyd_runtime::worker=debug")],
+            log,
+        )
+        .unwrap();
         process
             .wait_http_ready(
                 &format!("http://127.0.0.1:{metrics_port}/ready"),
@@ -184,6 +196,90 @@ impl Deployment {
             process,
             metrics_port,
         });
+    }
+
+    /// Send `signal` to agent `name`'s process.
+    fn signal(&self, name: &str, signal: i32) {
+        let pid = self
+            .agents
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| a.process.pid())
+            .unwrap_or_else(|| panic!("{name} is not running"));
+        // SAFETY: signalling a process this test started.
+        unsafe { libc::kill(pid as i32, signal) };
+    }
+
+    /// Whether agent `name`'s process has ended (exited, not yet reaped:
+    /// the harness reaps it).
+    fn exited(&self, name: &str) -> bool {
+        let pid = self
+            .agents
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| a.process.pid())
+            .unwrap_or_else(|| panic!("{name} was not started"));
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the command name in parentheses.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => true,
+        }
+    }
+
+    /// How long after `since` agent `name` ends; fails after `limit`.
+    async fn time_exit(&self, name: &str, since: Instant, limit: Duration) -> Duration {
+        while !self.exited(name) {
+            assert!(
+                since.elapsed() < limit,
+                "{name} still running {limit:?} after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        since.elapsed()
+    }
+
+    /// Wait until agent `name` has exited, at the latest `by`; its exit
+    /// status as the harness words it.
+    async fn wait_exit(&mut self, name: &str, by: Instant) -> String {
+        loop {
+            if let Err(e) = self.agent(name).process.check_running() {
+                return e.to_string();
+            }
+            assert!(Instant::now() < by, "{name} did not exit in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The KV blocks of agent `name`'s engine, and how many are free.
+    async fn blocks(&self, name: &str) -> Result<(f64, f64), reqwest::Error> {
+        let port = self
+            .agents
+            .iter()
+            .find(|a| a.name == name)
+            .unwrap()
+            .metrics_port;
+        let text = self
+            .http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok((
+            sum_samples(&text, "xpyd_engine_kv_blocks", ""),
+            sum_samples(&text, "xpyd_engine_kv_blocks_free", ""),
+        ))
+    }
+
+    /// The last lines of every agent's log, for a failure message.
+    fn log_tails(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| format!("--- {}\n{}", a.name, a.process.log_tail(15)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn agent(&mut self, name: &str) -> &mut Agent {
@@ -309,6 +405,27 @@ async fn one_prefill_one_decode_long_prompts_go_remote_short_ones_stay_local() {
     assert_eq!(status, 200, "{body}");
     let remote_text = answer(&body);
     assert!(remote_text.contains("Paris"), "{remote_text:?}");
+    // The frontend binds 0.0.0.0 but registers the address peers reach it
+    // at (its advertise host, here the default 127.0.0.1).
+    let mut etcd = d.etcd.client().await.unwrap();
+    let records = etcd
+        .get(
+            format!("/xpyd/{NAMESPACE}/disagg-1p1d/instances/frontend/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let addresses: Vec<String> = records
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Value>(kv.value()).ok())
+        .filter_map(|r| r["http_address"].as_str().map(String::from))
+        .collect();
+    assert_eq!(
+        addresses,
+        [d.api.trim_start_matches("http://").to_string()],
+        "the frontend's registered address"
+    );
     assert_eq!(
         d.metric(
             "decode-0",
@@ -692,4 +809,355 @@ async fn served(d: &Deployment) -> Vec<f64> {
         counts.push(d.metric(w, "xpyd_decode_prefills_total", "").await);
     }
     counts
+}
+
+/// A system prompt of about 400 tokens: seconds of prefill on these
+/// CPUs, long enough to signal a worker in the middle of it.
+fn long_prompt(tag: &str) -> String {
+    format!("{tag}.{}", format!(" {LONG_SYSTEM}").repeat(5))
+}
+
+#[tokio::test]
+async fn a_decode_worker_sigtermed_during_a_remote_prefill_answers_it_within_its_grace() {
+    let grace = Duration::from_secs(15);
+    let mut d = Deployment::start(
+        "drain-decode",
+        1,
+        1,
+        32,
+        &["--grace-seconds", &grace.as_secs().to_string()],
+    )
+    .await;
+    // Hold the prefill worker, so the job waits unclaimed on the queue
+    // while the decode worker is told to stop.
+    d.signal("prefill-0", libc::SIGSTOP);
+    let request = async {
+        let result = d.chat(LONG_SYSTEM, "Name the capital of France.", 12).await;
+        (result, Instant::now())
+    };
+    let drive = async {
+        wait_until(
+            "decode-0 reserves blocks for the remote prefill",
+            Duration::from_secs(30),
+            || async {
+                let (total, free) = d.blocks("decode-0").await?;
+                Ok::<_, reqwest::Error>(total > 0.0 && free < total)
+            },
+        )
+        .await
+        .unwrap();
+        d.signal("decode-0", libc::SIGTERM);
+        let sigterm = Instant::now();
+        // The prefill worker claims the job once the decode worker drains.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        d.signal("prefill-0", libc::SIGCONT);
+        let exit_after = d.time_exit("decode-0", sigterm, grace * 2).await;
+        (sigterm, exit_after)
+    };
+    let (((status, body), answered), (sigterm, exit_after)) = tokio::join!(request, drive);
+    let answered_after = answered.duration_since(sigterm);
+    eprintln!("decode-0 answered {answered_after:?} after SIGTERM");
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
+    assert!(
+        answered_after < grace,
+        "answered {answered_after:?} after SIGTERM"
+    );
+    // The KV was computed remotely: the draining decode worker still took
+    // the prefill worker's claim and its write.
+    assert_eq!(
+        d.metric("prefill-0", "xpyd_prefill_jobs_total", "result=\"ok\"")
+            .await,
+        1.0
+    );
+    assert!(
+        d.metric(
+            "prefill-0",
+            "xpyd_transfer_bytes_total",
+            "direction=\"sent\""
+        )
+        .await
+            > 0.0
+    );
+    eprintln!("decode-0 exited {exit_after:?} after SIGTERM");
+    assert!(
+        exit_after < grace,
+        "decode-0 exited {exit_after:?} after SIGTERM"
+    );
+    let exit = d
+        .wait_exit("decode-0", Instant::now() + Duration::from_secs(5))
+        .await;
+    assert!(exit.contains("exit status: 0"), "{exit}");
+}
+
+/// What [`sigterm_the_prefill_worker_mid_job`] saw.
+struct MidJob {
+    result: (u16, Value),
+    /// From the request to its answer.
+    took: Duration,
+    /// The prefill worker signalled, and when.
+    busy: String,
+    /// From SIGTERM to the worker's exit.
+    exit_after: Duration,
+}
+
+/// Run one long-prompt request and SIGTERM the prefill worker computing it.
+async fn sigterm_the_prefill_worker_mid_job(d: &Deployment) -> MidJob {
+    let started = Instant::now();
+    let system = long_prompt("Drain");
+    let request = async {
+        let result = d.chat(&system, "Name the capital of France.", 8).await;
+        (result, started.elapsed())
+    };
+    let drive = async {
+        // A prefill worker logs the claim, then computes for seconds.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut busy = None;
+        while busy.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "no prefill worker took the job; logs:\n{}",
+                d.log_tails()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for a in d.agents.iter().filter(|a| a.name.starts_with("prefill")) {
+                let log = std::fs::read_to_string(a.process.log_path()).unwrap_or_default();
+                if log.contains("claimed; computing") {
+                    busy = Some(a.name.clone());
+                }
+            }
+        }
+        let busy = busy.expect("a busy worker");
+        d.signal(&busy, libc::SIGTERM);
+        let exit_after = d
+            .time_exit(&busy, Instant::now(), Duration::from_secs(60))
+            .await;
+        (busy, exit_after)
+    };
+    let ((result, took), (busy, exit_after)) = tokio::join!(request, drive);
+    MidJob {
+        result,
+        took,
+        busy,
+        exit_after,
+    }
+}
+
+/// The decode worker got the KV remotely, without waiting out its 30 s
+/// remote-prefill deadline (no fallback), and the answer is right.
+async fn assert_answered_remotely(d: &Deployment, result: &(u16, Value), took: Duration) {
+    let (status, body) = result;
+    assert_eq!(*status, 200, "{body}");
+    assert!(answer(body).contains("Paris"), "{body}");
+    assert!(took < Duration::from_secs(30), "the request took {took:?}");
+    assert_eq!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"remote\""
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        d.metric("decode-0", "xpyd_decode_remote_prefill_fallbacks_total", "")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_prefill_worker_sigtermed_mid_job_finishes_it_within_its_grace() {
+    let mut d = Deployment::start("drain-prefill-finish", 0, 1, 32, &[]).await;
+    for name in ["prefill-0", "prefill-1"] {
+        d.spawn("prefill", name, &["--grace-seconds", "30"]).await;
+    }
+    let job = sigterm_the_prefill_worker_mid_job(&d).await;
+    let busy = job.busy.as_str();
+    eprintln!(
+        "request answered in {:?}; {busy} SIGTERMed mid-job",
+        job.took
+    );
+    assert_answered_remotely(&d, &job.result, job.took).await;
+    let other = if busy == "prefill-0" {
+        "prefill-1"
+    } else {
+        "prefill-0"
+    };
+    assert_eq!(
+        d.metric(other, "xpyd_prefill_jobs_total", "").await,
+        0.0,
+        "the SIGTERMed worker finished its job itself"
+    );
+    eprintln!("{busy} exited {:?} after SIGTERM", job.exit_after);
+    assert!(
+        job.exit_after < Duration::from_secs(30),
+        "{busy} overran its grace"
+    );
+    let exit = d
+        .wait_exit(busy, Instant::now() + Duration::from_secs(5))
+        .await;
+    assert!(exit.contains("exit status: 0"), "{exit}");
+}
+
+#[tokio::test]
+async fn a_prefill_worker_that_cannot_finish_within_its_grace_hands_the_job_back() {
+    let grace = Duration::from_secs(2);
+    let mut d = Deployment::start("drain-prefill-handback", 0, 1, 32, &[]).await;
+    // A grace far shorter than the prompt's prefill, which runs in short
+    // steps: a CPU engine gives up a request only between two steps.
+    for name in ["prefill-0", "prefill-1"] {
+        let grace = grace.as_secs().to_string();
+        let flags = ["--grace-seconds", &grace, "--max-batch-tokens", "64"];
+        d.spawn("prefill", name, &flags).await;
+    }
+    let job = sigterm_the_prefill_worker_mid_job(&d).await;
+    let busy = job.busy.as_str();
+    eprintln!(
+        "request answered in {:?}; {busy} SIGTERMed mid-job",
+        job.took
+    );
+    assert_answered_remotely(&d, &job.result, job.took).await;
+    let other = if busy == "prefill-0" {
+        "prefill-1"
+    } else {
+        "prefill-0"
+    };
+    assert_eq!(
+        d.metric(other, "xpyd_prefill_jobs_total", "result=\"ok\"")
+            .await,
+        1.0,
+        "the job was redelivered to {other}"
+    );
+    // Out within its grace, plus one engine step to stop computing.
+    eprintln!("{busy} exited {:?} after SIGTERM", job.exit_after);
+    assert!(
+        job.exit_after < grace + Duration::from_secs(3),
+        "{busy} exited {:?} after SIGTERM",
+        job.exit_after
+    );
+    let exit = d
+        .wait_exit(busy, Instant::now() + Duration::from_secs(5))
+        .await;
+    assert!(exit.contains("exit status: 0"), "{exit}");
+}
+
+#[tokio::test]
+async fn a_decode_worker_added_under_kv_routing_gets_a_share_of_short_chats() {
+    const TEMPLATE: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+    let mut d = Deployment::start("route-scale-out", 0, 1, 100_000, &[]).await;
+    d.set_settings("kv", 100_000, 2).await;
+    d.wait_frontend_ack(2).await;
+    // decode-0 serves a chat, so it caches the chat template's first block.
+    let (status, body) = d.chat(TEMPLATE, "Hello!", 2).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Scale out: the frontend's router must know decode-1 before the burst.
+    d.spawn("decode", "decode-1", &[]).await;
+    let frontend_port = d
+        .agents
+        .iter()
+        .find(|a| a.name == "frontend-0")
+        .unwrap()
+        .metrics_port;
+    let http = d.http.clone();
+    wait_until(
+        "the frontend routes to decode-1",
+        Duration::from_secs(30),
+        || {
+            let req = http
+                .get(format!("http://127.0.0.1:{frontend_port}/metrics"))
+                .send();
+            async move {
+                let text = req.await?.text().await?;
+                Ok::<_, reqwest::Error>(text.lines().any(|l| {
+                    l.starts_with("xpyd_router_worker_waiting_requests") && l.contains("decode-1")
+                }))
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // Six short chats at once, each sharing only the template's first
+    // block with what decode-0 caches.
+    let before = served(&d).await;
+    let chats = join_all((0..6).map(|i| {
+        let d = &d;
+        async move {
+            d.chat(
+                TEMPLATE,
+                &format!("Tell me a fact about the number {i}."),
+                24,
+            )
+            .await
+        }
+    }))
+    .await;
+    for (status, body) in &chats {
+        assert_eq!(*status, 200, "{body}");
+    }
+    let after = served(&d).await;
+    let gained: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    eprintln!(
+        "six short chats after scale-out: decode-0 {}, decode-1 {}",
+        gained[0], gained[1]
+    );
+    assert!(
+        gained[1] >= 2.0,
+        "the new decode worker got {} of 6 short chats",
+        gained[1]
+    );
+}
+
+#[tokio::test]
+async fn a_draining_decode_worker_whose_remote_prefill_nobody_claims_prefills_it_locally_in_time() {
+    let grace = Duration::from_secs(15);
+    let mut d = Deployment::start(
+        "drain-decode-unclaimed",
+        1,
+        1,
+        32,
+        &["--grace-seconds", &grace.as_secs().to_string()],
+    )
+    .await;
+    // The prefill worker hangs for good: nobody will claim the job.
+    d.signal("prefill-0", libc::SIGSTOP);
+    let request = async {
+        let result = d.chat(LONG_SYSTEM, "Name the capital of France.", 12).await;
+        (result, Instant::now())
+    };
+    let drive = async {
+        wait_until(
+            "decode-0 reserves blocks for the remote prefill",
+            Duration::from_secs(30),
+            || async {
+                let (total, free) = d.blocks("decode-0").await?;
+                Ok::<_, reqwest::Error>(total > 0.0 && free < total)
+            },
+        )
+        .await
+        .unwrap();
+        d.signal("decode-0", libc::SIGTERM);
+        let sigterm = Instant::now();
+        let exit_after = d.time_exit("decode-0", sigterm, grace * 2).await;
+        (sigterm, exit_after)
+    };
+    let (((status, body), answered), (sigterm, exit_after)) = tokio::join!(request, drive);
+    d.signal("prefill-0", libc::SIGCONT);
+    let answered_after = answered.duration_since(sigterm);
+    eprintln!("decode-0 answered {answered_after:?} and exited {exit_after:?} after SIGTERM");
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
+    // Withdrawn 5 s into the drain and prefilled locally, well before the
+    // 30 s remote-prefill deadline and within the grace period.
+    assert!(
+        answered_after < grace,
+        "answered {answered_after:?} after SIGTERM"
+    );
+    assert!(exit_after < grace, "exited {exit_after:?} after SIGTERM");
+    let exit = d
+        .wait_exit("decode-0", Instant::now() + Duration::from_secs(5))
+        .await;
+    assert!(exit.contains("exit status: 0"), "{exit}");
 }

@@ -29,9 +29,10 @@ pub const FALLBACK_REASONS: &[&str] = &[
     "timeout",
     "transfer_failed",
     "cancelled",
+    "draining",
 ];
 /// Outcomes of a prefill worker's job.
-pub const PREFILL_JOB_RESULTS: &[&str] = &["ok", "expired", "refused", "failed"];
+pub const PREFILL_JOB_RESULTS: &[&str] = &["ok", "expired", "refused", "failed", "handed_back"];
 /// Why a KV transfer failed.
 pub const TRANSFER_FAILURE_REASONS: &[&str] = &["peer", "write", "deadline", "notification"];
 

@@ -5,21 +5,26 @@
 //!
 //! # The `kv` cost
 //!
-//! For a request of `n` full blocks (`n ≥ 1` in the divisions) and a worker
-//! holding its first `overlap` blocks:
+//! For a request of `n` full blocks and a worker holding its first
+//! `overlap` of them, with `active_blocks` of its cache held by requests it
+//! is running or has queued:
 //!
 //! ```text
-//! new     = n - overlap                        blocks this request would add
-//! load    = (active_blocks + new) / total_blocks
-//! cost    = kv_load_weight * load - kv_overlap_weight * overlap / n
+//! new  = n - overlap                  blocks this request would add (and prefill)
+//! cost = kv_load_weight * (active_blocks + new) - kv_overlap_weight * overlap
 //! ```
 //!
-//! The worker of least cost wins. Both terms are fractions (of the worker's
-//! cache, of the prompt), so the weights compare like with like: with both
-//! at 1.0, a full prefix hit is worth filling a whole cache. A worker that
-//! has not reported its size is measured against the largest size reported
-//! (or, when none is known, the largest `active + new`). Costs within 1e-9
-//! tie; ties go to the worker with fewer queued requests, then at random.
+//! The worker of least cost wins. Every term is a count of KV blocks, so
+//! the weights compare like with like: with both at 1.0, one cached block
+//! of the prompt is worth two blocks of load (the block it saves adding,
+//! and the block it saves prefilling). A long shared prefix keeps its
+//! requests on the worker holding it until that worker is busier than the
+//! others by twice the prefix; a short one (a chat template's first block)
+//! stops counting as soon as its worker runs a request or two more than
+//! another, so a newly added worker gets its share of short requests.
+//! Cache size does not enter the cost: blocks held are work in progress
+//! whatever the size of the cache holding them. Costs within 1e-9 tie;
+//! ties go to the worker with fewer queued requests, then at random.
 //!
 //! # Load between reports
 //!
@@ -174,6 +179,13 @@ impl Knobs {
     }
 }
 
+/// The `kv` cost of a worker holding `active_blocks` and the first
+/// `overlap` of the request's `request_blocks` (see the module doc).
+fn kv_cost(knobs: Knobs, active_blocks: u64, request_blocks: u32, overlap: u32) -> f64 {
+    let new = u64::from(request_blocks.saturating_sub(overlap));
+    knobs.load_weight * (active_blocks + new) as f64 - knobs.overlap_weight * f64::from(overlap)
+}
+
 #[derive(Debug)]
 struct State {
     knobs: Knobs,
@@ -206,31 +218,11 @@ impl State {
 
     /// The position of the least-cost worker (see the module doc).
     fn pick_kv(&mut self, overlaps: &[u32], request_blocks: u32) -> usize {
-        let n = f64::from(request_blocks.max(1));
-        let known = self.workers.iter().map(|w| w.reported.total_blocks).max();
-        let fallback = match known {
-            Some(total) if total > 0 => total,
-            _ => self
-                .workers
-                .iter()
-                .zip(overlaps)
-                .map(|(w, &o)| w.active_blocks() + u64::from(request_blocks - o))
-                .max()
-                .unwrap_or(1)
-                .max(1),
-        } as f64;
         let mut best: Vec<usize> = Vec::new();
         let mut best_cost = f64::INFINITY;
         let mut best_queued = u64::MAX;
         for (pos, (worker, &overlap)) in self.workers.iter().zip(overlaps).enumerate() {
-            let new = u64::from(request_blocks - overlap);
-            let capacity = match worker.reported.total_blocks {
-                0 => fallback,
-                total => total as f64,
-            };
-            let load = (worker.active_blocks() + new) as f64 / capacity;
-            let cost =
-                self.knobs.load_weight * load - self.knobs.overlap_weight * f64::from(overlap) / n;
+            let cost = kv_cost(self.knobs, worker.active_blocks(), request_blocks, overlap);
             let queued = worker.queued_requests();
             if cost < best_cost - COST_EPSILON
                 || (cost <= best_cost + COST_EPSILON && queued < best_queued)
@@ -744,6 +736,85 @@ mod tests {
         });
         let d = router.select_tokens("r2", &prompt, None).expect("workers");
         assert_eq!((d.instance_id.as_str(), d.overlap_blocks), ("b", 1));
+    }
+
+    /// A scale-out: the old worker caches only the chat template's first
+    /// block and runs `running` requests; the new one is idle. Short chats
+    /// sent at once (none finished) must reach the new worker too.
+    fn short_chats_to_the_new_worker(running: u64, chats: usize) -> usize {
+        let router = Router::new(BS, &settings(RouterStrategy::Kv));
+        router.set_workers(["new", "old"]);
+        let template = tokens(1, 1);
+        store(
+            &router,
+            &mut KvEventPublisher::new("old"),
+            &template,
+            WorkerLoad {
+                // Each running chat holds its three blocks.
+                active_blocks: 3 * running,
+                total_blocks: 512,
+                running,
+                waiting: 0,
+            },
+        );
+        store(
+            &router,
+            &mut KvEventPublisher::new("new"),
+            &tokens(99, 1),
+            idle(512),
+        );
+        (0..chats)
+            .filter(|&i| {
+                // Template block, then two blocks of the user's own turn.
+                let mut prompt = template.clone();
+                prompt.extend(tokens(100 + i as u32, 2));
+                let d = router
+                    .select_tokens(&format!("chat{i}"), &prompt, None)
+                    .expect("workers");
+                d.instance_id == "new"
+            })
+            .count()
+    }
+
+    #[test]
+    fn kv_load_outweighs_a_one_block_prefix_hit_after_scale_out() {
+        // The old worker runs three chats: the idle one takes the next
+        // ones until it is as busy, then they alternate.
+        let to_new = short_chats_to_the_new_worker(3, 12);
+        eprintln!("busy old worker: {to_new} of 12 short chats went to the new one");
+        assert!(to_new >= 6, "{to_new} of 12 short chats to the idle worker");
+        // Both idle, six chats at once (the scale-out of issue 16): the
+        // one-block hit buys the old worker a head start, not all of them.
+        let to_new = short_chats_to_the_new_worker(0, 6);
+        eprintln!("idle old worker: {to_new} of 6 short chats went to the new one");
+        assert!(to_new >= 2, "{to_new} of 6 short chats to the new worker");
+    }
+
+    #[test]
+    fn kv_keeps_a_long_shared_prefix_on_a_busy_worker() {
+        let router = Router::new(BS, &settings(RouterStrategy::Kv));
+        router.set_workers(["a", "b"]);
+        // b caches 12 of the prompt's 14 blocks and runs three requests.
+        let prompt = tokens(1, 14);
+        store(
+            &router,
+            &mut KvEventPublisher::new("b"),
+            &prompt[..12 * BS],
+            WorkerLoad {
+                active_blocks: 12,
+                total_blocks: 512,
+                running: 3,
+                waiting: 0,
+            },
+        );
+        store(
+            &router,
+            &mut KvEventPublisher::new("a"),
+            &tokens(2, 1),
+            idle(512),
+        );
+        let d = router.select_tokens("r", &prompt, None).expect("workers");
+        assert_eq!((d.instance_id.as_str(), d.overlap_blocks), ("b", 12));
     }
 
     #[test]

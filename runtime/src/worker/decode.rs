@@ -14,6 +14,15 @@
 //! once the deadline is near, and a claimed request's blocks are reused
 //! only a grace period after the deadline (the writer never posts after the
 //! deadline and its transfer expires with it).
+//!
+//! Drain (after `shutdown`, which deregisters the worker first): new
+//! generate requests are turned away as unavailable (the frontend tries
+//! another worker), but the request subscription stays open, since it also
+//! carries the claims of the prefill workers computing our pending remote
+//! prefills, and NIXL notifications keep arriving. A remote prefill no
+//! prefill worker has claimed by [`DecodeConfig::drain_claim_wait`] into
+//! the drain is withdrawn and prefilled locally, so every request can end
+//! within the grace period; then the worker returns.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::notifications::NotificationHub;
 use super::protocol::{
@@ -29,10 +38,10 @@ use super::protocol::{
     WireErrorKind,
 };
 use super::{InFlight, WorkerParts};
-use crate::bus::{IncomingRequest, Responder};
+use crate::bus::{BusError, IncomingRequest, RequestStream, Responder};
 use crate::discovery::{Role, RouterSettings};
 use crate::engine::runner::{EngineError, OutputItem, Request};
-use crate::transfer::ReceivedNotification;
+use crate::transfer::{PeerInfo, ReceivedNotification};
 
 /// Settings of a decode worker that are not the deployment's.
 #[derive(Debug, Clone)]
@@ -49,6 +58,9 @@ pub struct DecodeConfig {
     pub queue_query_timeout: Duration,
     /// Overrides the settings' threshold when set (flag of `xpyd-agent`).
     pub max_local_prefill_length: Option<u32>,
+    /// While draining, a remote prefill still unclaimed this long into the
+    /// drain (at most half the grace period) is prefilled locally instead.
+    pub drain_claim_wait: Duration,
 }
 
 impl Default for DecodeConfig {
@@ -59,6 +71,7 @@ impl Default for DecodeConfig {
             claim_margin: Duration::from_millis(500),
             queue_query_timeout: Duration::from_secs(1),
             max_local_prefill_length: None,
+            drain_claim_wait: Duration::from_secs(5),
         }
     }
 }
@@ -74,8 +87,13 @@ struct Inner {
     config: DecodeConfig,
     hub: NotificationHub,
     pending: Mutex<HashMap<String, Pending>>,
+    /// `None` while serving; once draining, when unclaimed remote prefills
+    /// are withdrawn.
+    drain: watch::Sender<Option<tokio::time::Instant>>,
     /// Bytes of one block of KV (all layers, K and V).
     block_bytes: u64,
+    /// What a prefill worker needs to write into our KV memory.
+    transfer: PeerInfo,
 }
 
 /// A decode worker. Cheap to clone.
@@ -89,24 +107,27 @@ impl DecodeWorker {
         let hub = NotificationHub::start(parts.agent.clone())?;
         let layout = *parts.agent.layout();
         let block_bytes = layout.block_region_bytes * 2 * u64::from(layout.n_layers);
+        let transfer = parts.agent.metadata();
         Ok(DecodeWorker {
             inner: Arc::new(Inner {
                 parts,
                 config,
                 hub,
                 pending: Mutex::default(),
+                drain: watch::Sender::new(None),
                 block_bytes,
+                transfer,
             }),
         })
     }
 
-    /// Serve requests until `shutdown` resolves, then stop taking new ones
-    /// and wait up to `grace` for those in flight.
+    /// Serve requests until `shutdown` resolves, then drain (see the module
+    /// doc) for at most `grace`.
     pub async fn run(
         &self,
         shutdown: impl Future<Output = ()>,
         grace: Duration,
-    ) -> Result<(), crate::bus::BusError> {
+    ) -> Result<(), BusError> {
         let parts = &self.inner.parts;
         let mut requests = parts.bus.serve(&parts.instance_id).await?;
         let in_flight = InFlight::default();
@@ -117,25 +138,54 @@ impl DecodeWorker {
                 _ = &mut shutdown => break,
                 _ = observe.tick() => self.observe(),
                 next = requests.next() => match next {
-                    Some(request) => {
-                        let worker = self.clone();
-                        let busy = in_flight.enter();
-                        tokio::spawn(async move {
-                            worker.handle(request).await;
-                            drop(busy);
-                        });
-                    }
-                    None => {
-                        tracing::warn!("request subscription ended; re-subscribing");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        requests = parts.bus.serve(&parts.instance_id).await?;
-                    }
+                    Some(request) => self.spawn_handle(request, &in_flight),
+                    None => requests = self.resubscribe().await?,
                 },
             }
         }
-        drop(requests);
-        in_flight.wait_idle(grace).await;
+        let started = Instant::now();
+        let claim_wait = self.inner.config.drain_claim_wait.min(grace / 2);
+        self.inner
+            .drain
+            .send_replace(Some(tokio::time::Instant::now() + claim_wait));
+        tracing::info!(in_flight = in_flight.count(), "draining");
+        let idle = in_flight.wait_idle(grace);
+        tokio::pin!(idle);
+        let drained = loop {
+            tokio::select! {
+                idle = &mut idle => break idle,
+                // Claims for our pending remote prefills (and requests to
+                // turn away).
+                next = requests.next() => match next {
+                    Some(request) => self.spawn_handle(request, &in_flight),
+                    None => requests = self.resubscribe().await?,
+                },
+            }
+        };
+        if drained {
+            tracing::info!(elapsed = ?started.elapsed(), "drained");
+        }
         Ok(())
+    }
+
+    fn spawn_handle(&self, request: IncomingRequest, in_flight: &InFlight) {
+        let worker = self.clone();
+        let busy = in_flight.enter();
+        tokio::spawn(async move {
+            worker.handle(request).await;
+            drop(busy);
+        });
+    }
+
+    async fn resubscribe(&self) -> Result<RequestStream, BusError> {
+        tracing::warn!("request subscription ended; re-subscribing");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let parts = &self.inner.parts;
+        parts.bus.serve(&parts.instance_id).await
+    }
+
+    fn draining(&self) -> bool {
+        self.inner.drain.borrow().is_some()
     }
 
     fn observe(&self) {
@@ -218,6 +268,10 @@ impl DecodeWorker {
         }
         if !*parts.registered.borrow() {
             let message = "this worker is not registered; try another".to_string();
+            return fail(responder, WireErrorKind::Unavailable, message).await;
+        }
+        if self.draining() {
+            let message = "this worker is shutting down; try another".to_string();
             return fail(responder, WireErrorKind::Unavailable, message).await;
         }
         let id = work.request_id.clone();
@@ -311,6 +365,7 @@ impl DecodeWorker {
             dst_blocks: reservation.block_ids.clone(),
             first_block: (reservation.cached_tokens / block_size) as u32,
             deadline_unix_ms,
+            decode_transfer: Some(self.inner.transfer.clone()),
         };
         let notified = self.inner.hub.expect(&id);
         let (cancel_tx, cancel_rx) = oneshot::channel();
@@ -357,31 +412,38 @@ impl DecodeWorker {
         let parts = &self.inner.parts;
         let metrics = &parts.metrics;
         let deadline = tokio::time::Instant::from_std(deadline);
+        let by_time = || {
+            if tokio::time::Instant::now() >= deadline {
+                "timeout"
+            } else {
+                "cancelled"
+            }
+        };
         let mut notified = notified;
+        let withdrawn = self.withdraw_when_draining(&id);
+        tokio::pin!(withdrawn);
         let outcome = tokio::select! {
-            n = &mut notified => n.ok(),
-            _ = tokio::time::sleep_until(deadline) => None,
+            n = &mut notified => n.map_err(|_| by_time()),
+            _ = tokio::time::sleep_until(deadline) => Err("timeout"),
+            () = &mut withdrawn => Err("draining"),
             Ok(()) = cancelled => {
                 // The client left. An unclaimed request can go at once; a
                 // claimed one may be receiving bytes: wait for them or the
                 // deadline.
-                let claimed = lock(&self.inner.pending)
-                    .get(&id)
-                    .is_some_and(|p| p.claimed_by.is_some());
-                if claimed {
-                    tokio::select! {
-                        n = &mut notified => n.ok(),
-                        _ = tokio::time::sleep_until(deadline) => None,
-                    }
+                if self.withdraw_unclaimed(&id) {
+                    Err("cancelled")
                 } else {
-                    None
+                    tokio::select! {
+                        n = &mut notified => n.map_err(|_| by_time()),
+                        _ = tokio::time::sleep_until(deadline) => Err("timeout"),
+                    }
                 }
             }
         };
         let pending = lock(&self.inner.pending).remove(&id);
         self.inner.hub.forget(&id);
         match outcome {
-            Some(n) => {
+            Ok(n) => {
                 metrics
                     .remote_prefill_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -399,15 +461,10 @@ impl DecodeWorker {
                     let _ = parts.engine.cancel_remote_prefill_async(&id).await;
                 }
             }
-            None => {
+            Err(reason) => {
                 if pending.as_ref().is_some_and(|p| p.claimed_by.is_some()) {
                     tokio::time::sleep(self.inner.config.transfer_grace).await;
                 }
-                let reason = if tokio::time::Instant::now() >= deadline {
-                    "timeout"
-                } else {
-                    "cancelled"
-                };
                 tracing::info!(request_id = %id, reason, "no remote KV; prefilling locally");
                 metrics.fallbacks.with_label_values(&[reason]).inc();
                 metrics.prefills.with_label_values(&["local"]).inc();
@@ -416,6 +473,36 @@ impl DecodeWorker {
                 }
             }
         }
+    }
+
+    /// Resolves once the worker is draining and, at the drain's withdrawal
+    /// time, remote prefill `id` is still unclaimed: it is then withdrawn.
+    /// Never resolves for a claimed request (its claimant may be writing).
+    async fn withdraw_when_draining(&self, id: &str) {
+        let mut drain = self.inner.drain.subscribe();
+        let at = match drain.wait_for(Option::is_some).await {
+            Ok(at) => *at,
+            Err(_) => None,
+        };
+        let Some(at) = at else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(at).await;
+        if !self.withdraw_unclaimed(id) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Take remote prefill `id` out of the pending ones if no prefill
+    /// worker has claimed it; from then on every claim of it is refused, so
+    /// nobody writes into its blocks. Says whether it did.
+    fn withdraw_unclaimed(&self, id: &str) -> bool {
+        let mut pending = lock(&self.inner.pending);
+        let unclaimed = pending.get(id).is_some_and(|p| p.claimed_by.is_none());
+        if unclaimed {
+            pending.remove(id);
+        }
+        unclaimed
     }
 }
 

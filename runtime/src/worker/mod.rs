@@ -98,18 +98,20 @@ impl InFlight {
         self.0.0.load(Ordering::SeqCst)
     }
 
+    /// Resolves once nothing is in flight.
+    pub(crate) async fn idle(&self) {
+        loop {
+            let notified = self.0.1.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Wait until nothing is in flight, or `grace` passed; says which.
     pub(crate) async fn wait_idle(&self, grace: Duration) -> bool {
-        let wait = async {
-            loop {
-                let notified = self.0.1.notified();
-                if self.count() == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        let idle = tokio::time::timeout(grace, wait).await.is_ok();
+        let idle = tokio::time::timeout(grace, self.idle()).await.is_ok();
         if !idle {
             tracing::warn!(
                 in_flight = self.count(),

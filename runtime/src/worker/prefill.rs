@@ -4,22 +4,32 @@
 //! the completion notification.
 //!
 //! A job is acknowledged once its outcome is final (written, expired,
-//! refused, failed); a worker that dies mid-job leaves it unacknowledged and
-//! the queue redelivers it to another worker. Before computing, the worker
-//! claims the request from its decode worker, so a job that was already
-//! answered (or given up) is never computed or written twice.
+//! refused, failed: a failed job is not retried, the decode worker falls
+//! back to a local prefill); a worker that dies mid-job leaves it
+//! unacknowledged and the queue redelivers it to another worker. Before
+//! computing, the worker claims the request from its decode worker, so a
+//! job that was already answered (or given up) is never computed or
+//! written twice.
+//!
+//! Drain (after `shutdown`, which deregisters the worker first): no new
+//! job is taken; the jobs in progress get the grace period less
+//! [`HANDBACK_MARGIN`] to finish. Those still computing then are handed
+//! back (`nak`: redelivered at once to another worker, and at most the
+//! queue's `max_deliver` times in all), as are jobs whose engine shut down
+//! under them. A job whose write is posted is never handed back: the write
+//! ends by its deadline, and a second writer could race it.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use super::protocol::{self, ClaimReply, DecodeMessage, RemotePrefillRequest};
 use super::{InFlight, WorkerParts};
 use crate::bus::PrefillJob;
-use crate::engine::runner::Request;
+use crate::engine::runner::{EngineError, Request};
 use crate::engine::sampling::SamplingParams;
 use crate::transfer::TransferNotification;
 
@@ -44,6 +54,10 @@ impl Default for PrefillConfig {
     }
 }
 
+/// Before the grace period ends, how long a draining worker keeps to hand
+/// back the jobs it could not finish (at most half the grace period).
+pub const HANDBACK_MARGIN: Duration = Duration::from_secs(1);
+
 /// How a job ended (the `result` label of `xpyd_prefill_jobs_total`).
 #[derive(Debug)]
 enum JobEnd {
@@ -53,6 +67,8 @@ enum JobEnd {
     /// The decode worker no longer wants it (or another worker has it).
     Refused,
     Failed(String),
+    /// Not finished because this worker is shutting down: redeliver it.
+    HandedBack(String),
 }
 
 /// A prefill worker. Cheap to clone.
@@ -60,15 +76,21 @@ enum JobEnd {
 pub struct PrefillWorker {
     parts: WorkerParts,
     config: PrefillConfig,
+    /// Turns true when jobs still computing must be handed back.
+    handback: Arc<watch::Sender<bool>>,
 }
 
 impl PrefillWorker {
     pub fn new(parts: WorkerParts, config: PrefillConfig) -> PrefillWorker {
-        PrefillWorker { parts, config }
+        PrefillWorker {
+            parts,
+            config,
+            handback: Arc::new(watch::Sender::new(false)),
+        }
     }
 
-    /// Take jobs until `shutdown` resolves, then wait up to `grace` for the
-    /// ones in progress (jobs not finished by then are redelivered).
+    /// Take jobs until `shutdown` resolves, then drain (see the module doc)
+    /// for at most `grace`.
     pub async fn run(&self, shutdown: impl Future<Output = ()>, grace: Duration) {
         let slots = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
         let in_flight = InFlight::default();
@@ -104,9 +126,13 @@ impl PrefillWorker {
                         _ = registered.wait_for(|r| *r) => {}
                     }
                 }
-                let job = tokio::select! {
-                    _ = &mut shutdown => break 'outer,
-                    job = jobs.next() => job,
+                // (The job stream is cancel safe: a tick loses no job.)
+                let job = loop {
+                    tokio::select! {
+                        _ = &mut shutdown => break 'outer,
+                        _ = observe.tick() => self.parts.observe(),
+                        job = jobs.next() => break job,
+                    }
                 };
                 let Some(job) = job else {
                     tracing::warn!("prefill queue subscription ended; re-subscribing");
@@ -120,7 +146,19 @@ impl PrefillWorker {
                 });
             }
         }
-        in_flight.wait_idle(grace).await;
+        let margin = HANDBACK_MARGIN.min(grace / 2);
+        tracing::info!(jobs = in_flight.count(), "draining");
+        let finished = tokio::time::timeout(grace - margin, in_flight.idle())
+            .await
+            .is_ok();
+        if !finished {
+            tracing::warn!(
+                jobs = in_flight.count(),
+                "grace period nearly over; handing back the jobs still computing"
+            );
+            self.handback.send_replace(true);
+            in_flight.wait_idle(margin).await;
+        }
     }
 
     async fn process(&self, mut job: PrefillJob) {
@@ -151,12 +189,27 @@ impl PrefillWorker {
                 tracing::warn!(delivered = job.delivered, "prefill job failed: {reason}");
                 "failed"
             }
+            JobEnd::HandedBack(reason) => {
+                tracing::info!(
+                    delivered = job.delivered,
+                    "handing a prefill job back: {reason}"
+                );
+                "handed_back"
+            }
         };
         self.parts
             .metrics
             .prefill_jobs
             .with_label_values(&[result])
             .inc();
+        if let JobEnd::HandedBack(_) = end {
+            // Another worker can still make the deadline; the queue's
+            // `max_deliver` bounds how often this happens to one job.
+            if let Err(e) = job.nak().await {
+                tracing::warn!("handing back a prefill job failed: {e}");
+            }
+            return;
+        }
         // A failed job is not retried here: the decode worker's deadline
         // turns it into a local prefill, which is faster than a second try.
         if let Err(e) = job.ack().await {
@@ -178,17 +231,25 @@ impl PrefillWorker {
             return JobEnd::Expired;
         };
         let deadline = Instant::now() + remaining;
-        match self.claim(request).await {
-            Ok(ClaimReply::Proceed) => {}
+        let claim = tokio::select! {
+            claim = self.claim(request) => claim,
+            reason = self.handed_back() => return JobEnd::HandedBack(reason),
+        };
+        match claim {
+            Ok(ClaimReply::Proceed) => tracing::debug!(request_id = %id, "claimed; computing"),
             Ok(ClaimReply::Refuse) => return JobEnd::Refused,
             Err(reason) => return JobEnd::Failed(format!("claiming {id}: {reason}")),
         }
-        let peer = parts
-            .discovery
-            .instances()
-            .borrow()
-            .get(&request.decode_instance)
-            .and_then(|r| r.transfer.clone());
+        // The job's copy first: a draining decode worker has deregistered
+        // (and the claim just proved it alive and waiting).
+        let peer = request.decode_transfer.clone().or_else(|| {
+            parts
+                .discovery
+                .instances()
+                .borrow()
+                .get(&request.decode_instance)
+                .and_then(|r| r.transfer.clone())
+        });
         let Some(peer) = peer else {
             parts
                 .metrics
@@ -196,7 +257,7 @@ impl PrefillWorker {
                 .with_label_values(&["peer"])
                 .inc();
             return JobEnd::Failed(format!(
-                "decode instance {} has no transfer record",
+                "decode instance {} sent no NIXL metadata and has no transfer record",
                 request.decode_instance
             ));
         };
@@ -213,11 +274,17 @@ impl PrefillWorker {
         // Our engine ids must not clash with a decode worker's in `up`,
         // where engines share nothing but a process.
         let engine_id = format!("{id}@prefill");
-        let first = match self.first_token(&engine_id, request).await {
+        // Computing is what a draining worker may give up (nothing is
+        // written yet); once the write is posted, it runs to its end.
+        let first = tokio::select! {
+            first = self.first_token(&engine_id, request) => first,
+            reason = self.handed_back() => Err(JobEnd::HandedBack(reason)),
+        };
+        let first = match first {
             Ok(first) => first,
-            Err(e) => {
+            Err(end) => {
                 let _ = parts.engine.cancel(&engine_id);
-                return JobEnd::Failed(e);
+                return end;
             }
         };
         let end = self
@@ -226,6 +293,15 @@ impl PrefillWorker {
         // Release the held KV (its blocks stay in our prefix cache).
         let _ = parts.engine.cancel(&engine_id);
         end
+    }
+
+    /// Resolves when the drain hands back the jobs still computing.
+    async fn handed_back(&self) -> String {
+        let mut handback = self.handback.subscribe();
+        if handback.wait_for(|h| *h).await.is_err() {
+            return std::future::pending().await;
+        }
+        "the worker is shutting down and the grace period is nearly over".to_string()
     }
 
     async fn claim(&self, request: &RemotePrefillRequest) -> Result<ClaimReply, String> {
@@ -262,7 +338,13 @@ impl PrefillWorker {
         &self,
         engine_id: &str,
         request: &RemotePrefillRequest,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, JobEnd> {
+        // The engine going away is this worker's shutdown, not the job's
+        // fault: another worker may still do it.
+        let engine_failed = |e: EngineError| match e {
+            EngineError::ShutDown => JobEnd::HandedBack(e.to_string()),
+            e => JobEnd::Failed(e.to_string()),
+        };
         let sampling = SamplingParams {
             max_tokens: Some(1),
             min_tokens: request.sampling.min_tokens.min(1),
@@ -277,22 +359,24 @@ impl PrefillWorker {
                 prompt_token_ids: request.token_ids.clone(),
                 sampling,
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(engine_failed)?;
         let limit = remaining(request.deadline_unix_ms).unwrap_or_default();
         let mut first = None;
         let collect = async {
             while let Some(item) = outputs.recv().await {
                 match item {
                     Ok(o) => first = first.or(Some(o.token_id)),
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(engine_failed(e)),
                 }
             }
             Ok(())
         };
         match tokio::time::timeout(limit, collect).await {
-            Err(_) => Err("prefill missed the deadline".to_string()),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(())) => first.ok_or_else(|| "the prefill produced no token".to_string()),
+            Err(_) => Err(JobEnd::Expired),
+            Ok(Err(end)) => Err(end),
+            Ok(Ok(())) => {
+                first.ok_or_else(|| JobEnd::Failed("the prefill produced no token".to_string()))
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::engine::runner::{Output, Usage};
 use crate::engine::sampling::{FinishReason, SamplingParams};
+use crate::transfer::PeerInfo;
 
 /// Messages addressed to a decode instance on the request plane.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,6 +141,11 @@ pub struct RemotePrefillRequest {
     /// Milliseconds since the Unix epoch after which the decode worker no
     /// longer waits: nothing may be written after it.
     pub deadline_unix_ms: u64,
+    /// The decode worker's NIXL metadata (as in its discovery record). A
+    /// draining decode worker has removed its record but still takes the
+    /// writes it waits for. `None` from decode workers that predate it.
+    #[serde(default)]
+    pub decode_transfer: Option<PeerInfo>,
 }
 
 /// Why a wire message could not be read.
