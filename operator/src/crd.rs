@@ -474,13 +474,14 @@ pub struct RouterSpec {
     #[serde(default = "default_max_prefill_queue_depth")]
     #[schemars(range(min = 1))]
     pub max_prefill_queue_depth: i32,
-    /// `strategy: kv`: weight of the prefix overlap (the fraction of the
-    /// prompt's blocks a worker already caches) in a worker's cost.
+    /// `strategy: kv`: weight of the prefix overlap (the prompt's blocks a
+    /// worker already caches, in blocks) in a worker's cost
+    /// `loadWeight * (activeBlocks + newBlocks) - overlapWeight * overlap`.
     #[serde(default = "default_kv_weight")]
     #[schemars(range(min = 0.0))]
     pub kv_overlap_weight: f64,
-    /// `strategy: kv`: weight of the load (the fraction of a worker's KV
-    /// cache in use, counting this request's new blocks) in a worker's cost.
+    /// `strategy: kv`: weight of the load (the KV blocks a worker's requests
+    /// hold, plus the blocks this request would add) in a worker's cost.
     #[serde(default = "default_kv_weight")]
     #[schemars(range(min = 0.0))]
     pub kv_load_weight: f64,
