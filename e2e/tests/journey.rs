@@ -223,6 +223,39 @@ impl Cluster {
         .await;
     }
 
+    /// Waits until every role of `name` runs its current pod template only
+    /// (updated = ready = replicas = desired) for generation `generation`.
+    async fn wait_rolled(&self, name: &str, generation: i64) {
+        let api = Api::<DisaggDeployment>::namespaced(self.client.clone(), NS);
+        self.wait(
+            &format!("{name} rolled to generation {generation}"),
+            STEP,
+            || {
+                let api = api.clone();
+                async move {
+                    let dd = api.get(name).await.map_err(|e| e.to_string())?;
+                    let s = dd.status.unwrap_or_default();
+                    let done = |r: &xpyd_operator::crd::RoleStatus| {
+                        r.updated == r.desired && r.ready == r.desired && r.replicas == r.desired
+                    };
+                    if s.observed_generation >= Some(generation)
+                        && done(&s.prefill)
+                        && done(&s.decode)
+                        && done(&s.frontend)
+                    {
+                        Ok(true)
+                    } else {
+                        Err(format!(
+                            "observed {:?}: prefill {:?} decode {:?} frontend {:?}",
+                            s.observed_generation, s.prefill, s.decode, s.frontend
+                        ))
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
     /// Waits until `name`'s `Degraded` condition has `reason` and a message
     /// containing `needle`; returns the message.
     async fn wait_degraded(&self, name: &str, reason: &str, needle: &str) -> String {
@@ -369,14 +402,18 @@ fn breakdown(pod: &Pod) -> String {
 }
 
 fn sample(image: &str, name: &str) -> String {
-    let text = std::fs::read_to_string(repo_root().join("config/samples/1p1d.yaml"))
-        .expect("the 1p1d sample");
+    sample_file("1p1d.yaml", image).replace(&format!("name: {DD}"), &format!("name: {name}"))
+}
+
+/// A file of `config/samples/` as written, but for its image.
+fn sample_file(file: &str, image: &str) -> String {
+    let text = std::fs::read_to_string(repo_root().join("config/samples").join(file))
+        .unwrap_or_else(|e| panic!("config/samples/{file}: {e}"));
     assert!(
         text.contains("ghcr.io/xpyd/agent:0.1.0"),
         "the sample's image"
     );
     text.replace("ghcr.io/xpyd/agent:0.1.0", image)
-        .replace(&format!("name: {DD}"), &format!("name: {name}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -617,6 +654,84 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
     );
     assert!(after - before >= 1.0, "the new decode pod got no traffic");
 
+    // 4. Rolling updates under steady load: an engine setting, then the
+    // image tag. No request fails and every answer is right.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let steady = {
+        let (http, base, stop) = (http.clone(), base.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match chat(&http, &base, None).await {
+                    Ok(t) if t == FRANCE => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let t_roll = Instant::now();
+    c.kubectl(&[
+        "patch",
+        "dd",
+        DD,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"engine":{"maxBatchTokens":256}}}"#,
+    ]);
+    c.wait_rolled(DD, c.dd(DD).await.metadata.generation.unwrap_or_default())
+        .await;
+    let nixl = xpyd_runtime::assets::nixl_lib_dir().expect("NIXL");
+    let retagged = c
+        .node
+        .push_image(xpyd_e2e::images::workload::agent(
+            &bins.join("xpyd-agent"),
+            &nixl,
+            "dev-b",
+        ))
+        .await
+        .expect("the agent image under a new tag");
+    c.kubectl(&[
+        "patch",
+        "dd",
+        DD,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        &format!(
+            r#"{{"spec":{{"image":{{"name":"{}"}}}}}}"#,
+            retagged.reference()
+        ),
+    ]);
+    c.wait_rolled(DD, c.dd(DD).await.metadata.generation.unwrap_or_default())
+        .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = steady.await.unwrap();
+    eprintln!(
+        "journey: two rolling updates (engine setting, image tag) under steady load in {:.1}s: {ok} answered, {} failed",
+        t_roll.elapsed().as_secs_f64(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during the rolling updates: {failed:?}"
+    );
+    assert!(ok > 0, "the steady load sent nothing");
+    for role in ["frontend", "prefill", "decode"] {
+        for p in c.role_pods(role).await {
+            let image = p.spec.as_ref().map(|s| s.containers[0].image.clone());
+            assert_eq!(
+                image,
+                Some(Some(retagged.reference())),
+                "{} runs the new tag",
+                pod_name(&p)
+            );
+        }
+    }
+
     // 5. Force-delete the prefill pod under load: every request answers, or
     // fails clearly, within its deadline; the replacement is used.
     let victim = pod_name(&c.role_pods("prefill").await[0]);
@@ -823,6 +938,69 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
             .collect();
     }
     assert!(left.is_empty(), "etcd keys left: {left:?}");
+
+    // The pvc:// sample: the model from a PersistentVolume the user filled
+    // (a hostPath PV on the node), mounted read-only, nothing downloaded.
+    let volume = c.node.host_path("models").expect("a host folder");
+    std::fs::copy(&model, volume.join(HF_FILE)).expect("the model onto the volume");
+    c.kubectl_stdin(
+        &["apply", "-n", NS, "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: journey-models}}\nspec:\n  capacity: {{storage: 1Gi}}\n  accessModes: [ReadOnlyMany]\n  storageClassName: ''\n  hostPath: {{path: {}}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: models}}\nspec:\n  accessModes: [ReadOnlyMany]\n  storageClassName: ''\n  volumeName: journey-models\n  resources: {{requests: {{storage: 1Gi}}}}\n",
+            volume.display()
+        ),
+    );
+    let before = mirror.requests();
+    c.kubectl_stdin(
+        &["apply", "-n", NS, "-f", "-"],
+        &sample_file("pvc.yaml", &images.agent.reference()),
+    );
+    let api = Api::<DisaggDeployment>::namespaced(c.client.clone(), NS);
+    c.wait("smollm-pvc Ready", STEP, || async {
+        let dd = api.get("smollm-pvc").await.map_err(|e| e.to_string())?;
+        let s = dd.status.unwrap_or_default();
+        if s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+        {
+            Ok(true)
+        } else {
+            Err(format!(
+                "{:?}",
+                s.conditions
+                    .iter()
+                    .map(|c| (&c.type_, &c.status, &c.message))
+                    .collect::<Vec<_>>()
+            ))
+        }
+    })
+    .await;
+    let pvc_fe: Service = Api::namespaced(c.client.clone(), NS)
+        .get("smollm-pvc-frontend")
+        .await
+        .unwrap();
+    let pvc_base = format!("http://{}:8000", pvc_fe.spec.unwrap().cluster_ip.unwrap());
+    let mut answer = chat(&http, &pvc_base, None).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answer.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        answer = chat(&http, &pvc_base, None).await;
+    }
+    assert_eq!(answer.as_deref(), Ok(FRANCE), "the pvc:// sample serves");
+    assert_eq!(
+        mirror.requests(),
+        before,
+        "a pvc:// model is not downloaded"
+    );
+    c.kubectl(&[
+        "delete",
+        "dd",
+        "smollm-pvc",
+        "-n",
+        NS,
+        "--wait=true",
+        "--timeout=120s",
+    ]);
 
     // Bad input, each reported in the DD within a minute.
     let bad_image = sample(

@@ -144,7 +144,22 @@ fn default_termination_grace_period_seconds() -> i32 {
     60
 }
 
+/// Seconds a terminating pod keeps serving before it gets SIGTERM (a
+/// `preStop` sleep), so that Services and kube-proxy stop sending it new
+/// connections first; inside [`DRAIN_MARGIN_SECONDS`].
+pub const PRE_STOP_SECONDS: i32 = 5;
+
 impl DisaggDeploymentSpec {
+    /// The `preStop` sleep: [`PRE_STOP_SECONDS`] when the grace period
+    /// leaves room for it and the drain, else none.
+    pub fn pre_stop_seconds(&self) -> i32 {
+        if self.termination_grace_period_seconds > DRAIN_MARGIN_SECONDS {
+            PRE_STOP_SECONDS
+        } else {
+            0
+        }
+    }
+
     /// The agent's drain grace (`XPYD_GRACE_SECONDS`): the pod's grace
     /// period less [`DRAIN_MARGIN_SECONDS`], at least 1 s.
     pub fn drain_grace_seconds(&self) -> i32 {

@@ -16,10 +16,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, Probe, SecretKeySelector, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle,
+    LifecycleHandler, LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
+    PodSpec, PodTemplateSpec, Probe, SecretKeySelector, Service, ServicePort, ServiceSpec,
+    SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
@@ -456,6 +456,17 @@ pub fn deployment(
         startup_probe: Some(http_probe("/health", 10, 60)),
         liveness_probe: Some(http_probe("/health", 10, 3)),
         readiness_probe: Some(http_probe("/ready", 5, 2)),
+        // Keep serving while the pod leaves the Services' endpoints, then
+        // drain on SIGTERM: a rolling update loses no new connection.
+        lifecycle: (spec.pre_stop_seconds() > 0).then(|| Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: i64::from(spec.pre_stop_seconds()),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
         termination_message_policy: Some("FallbackToLogsOnError".to_string()),
         ..Container::default()
@@ -874,6 +885,13 @@ mod tests {
         assert_eq!(env["XPYD_GRACE_SECONDS"], "35");
         assert!(!env.contains_key("XPYD_CONFIG"));
         assert_eq!(pod_spec(&d).termination_grace_period_seconds, Some(45));
+        let pre_stop = pod_spec(&d).containers[0]
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.sleep.as_ref())
+            .map(|s| s.seconds);
+        assert_eq!(pre_stop, Some(5), "a preStop sleep before SIGTERM");
         // A grace shorter than the margin still leaves the agent a second.
         dd.spec.termination_grace_period_seconds = 5;
         let d = build(&dd, Role::Decode, &ClusterSettings::default());
