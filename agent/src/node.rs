@@ -85,15 +85,17 @@ impl ModelArgs {
             read_timeout: Duration::from_secs(self.fetch_read_timeout_seconds.max(1)),
         };
         let resolved = model_source::resolve(&source, &options).await?;
-        if let Some(report) = &resolved.fetch {
-            tracing::info!(
-                source = %source,
-                path = %resolved.path.display(),
-                cached = report.cached,
-                bytes_downloaded = report.bytes_downloaded,
-                "model ready"
-            );
-        }
+        let (cached, downloaded) = resolved
+            .fetch
+            .as_ref()
+            .map_or((true, 0), |r| (r.cached, r.bytes_downloaded));
+        tracing::info!(
+            source = %source,
+            path = %resolved.path.display(),
+            cached,
+            bytes_downloaded = downloaded,
+            "model ready"
+        );
         Ok(resolved)
     }
 

@@ -53,3 +53,54 @@ fn a_missing_model_file_is_named() {
     assert!(!ok);
     assert!(err.contains("/nonexistent/model.gguf"), "{err}");
 }
+
+/// What `kubectl logs` shows: plain text without terminal colour codes when
+/// stderr is not a terminal, and one JSON object a line on request.
+#[test]
+fn logs_are_plain_off_a_terminal_and_json_on_request() {
+    let model = xpyd_runtime::assets::bundled_model().expect("scripts/setup installed the model");
+    let run = |format: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-agent"));
+        cmd.args(["fetch-model", "--model"])
+            .arg(&model)
+            .env("XPYD_LOG", "info")
+            .env_remove("XPYD_MODEL_SHA256");
+        match format {
+            Some(f) => cmd.env("XPYD_LOG_FORMAT", f),
+            None => cmd.env_remove("XPYD_LOG_FORMAT"),
+        };
+        let out = cmd.output().expect("xpyd-agent runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, text) = run(None);
+    assert!(ok, "{text}");
+    assert!(text.contains("model ready"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI escape codes in a pipe: {text:?}"
+    );
+
+    let (ok, json) = run(Some("json"));
+    assert!(ok, "{json}");
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "model ready" && l["level"] == "INFO"),
+        "{json}"
+    );
+
+    let (ok, err) = run(Some("yaml"));
+    assert!(!ok);
+    assert!(
+        err.contains("XPYD_LOG_FORMAT") && err.contains("text or json"),
+        "{err}"
+    );
+}

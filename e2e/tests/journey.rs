@@ -732,6 +732,56 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
         }
     }
 
+    // numPrefill 1 -> 2 -> 1 under load: the prefill pod that goes
+    // finishes (or hands back) the jobs it claimed; every answer is right.
+    c.kubectl(&[
+        "patch",
+        "dd",
+        DD,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"numPrefill":2}}"#,
+    ]);
+    c.wait_ready(DD, 2, 2).await;
+    let t_scale_in = Instant::now();
+    let load = {
+        let (http, base, long_system) = (http.clone(), base.clone(), long_system.clone());
+        tokio::spawn(async move {
+            futures::future::join_all((0..6).map(|i| {
+                let (http, base) = (http.clone(), base.clone());
+                let system = format!("Scale {i}. {long_system}");
+                async move { chat(&http, &base, Some(&system)).await }
+            }))
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.kubectl(&[
+        "patch",
+        "dd",
+        DD,
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"numPrefill":1}}"#,
+    ]);
+    let results = load.await.unwrap();
+    c.wait_ready(DD, 1, 2).await;
+    for r in &results {
+        assert_eq!(
+            r.as_ref(),
+            Ok(&remote),
+            "an answer while a prefill pod was removed"
+        );
+    }
+    eprintln!(
+        "journey: numPrefill 2 -> 1 under 6 long prompts: all answered correctly in {:.1}s",
+        t_scale_in.elapsed().as_secs_f64()
+    );
+
     // 5. Force-delete the prefill pod under load: every request answers, or
     // fails clearly, within its deadline; the replacement is used.
     let victim = pod_name(&c.role_pods("prefill").await[0]);

@@ -337,9 +337,13 @@ async fn the_sample_crs_apply_with_kubectl() {
         let dd: DisaggDeployment =
             serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let source = &dd.spec.model.source;
+        // A pvc:// sample reads a claim the user filled (its comment says
+        // with what); every other sample names a public download.
         assert!(
-            source.starts_with("hf://") || source.starts_with("https://"),
-            "{}: {source} is not a public location",
+            source.starts_with("hf://")
+                || source.starts_with("https://")
+                || source.starts_with("pvc://"),
+            "{}: {source} is not a public location or a claim",
             path.display()
         );
         assert!(
