@@ -785,11 +785,20 @@ spec:
           ports:
             - {{name: dns, containerPort: 53, protocol: UDP}}
             - {{name: dns-tcp, containerPort: 53, protocol: TCP}}
+          # As upstream's manifest: a CPU share of its own and a patient
+          # liveness probe. On a 2-core node busy loading models, a 1 s
+          # probe timeout restarted CoreDNS over and over, and pods then
+          # failed to resolve Service names for minutes.
+          resources:
+            requests: {{cpu: 100m, memory: 70Mi}}
           readinessProbe:
             httpGet: {{path: /ready, port: 8181}}
             periodSeconds: 1
           livenessProbe:
             httpGet: {{path: /health, port: 8080}}
+            initialDelaySeconds: 60
+            timeoutSeconds: 5
+            failureThreshold: 5
           volumeMounts: [{{name: config, mountPath: /etc/coredns}}]
       volumes: [{{name: config, configMap: {{name: coredns}}}}]
 ---
