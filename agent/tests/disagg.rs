@@ -252,6 +252,21 @@ impl Deployment {
         }
     }
 
+    /// Waits (30 s at most) until agent `name` holds KV blocks: a request
+    /// it admitted, e.g. one awaiting a remote prefill.
+    async fn await_reserved_blocks(&self, name: &str) {
+        wait_until(
+            &format!("{name} reserves blocks for the remote prefill"),
+            Duration::from_secs(30),
+            || async {
+                let (total, free) = self.blocks(name).await?;
+                Ok::<_, reqwest::Error>(total > 0.0 && free < total)
+            },
+        )
+        .await
+        .unwrap();
+    }
+
     /// The KV blocks of agent `name`'s engine, and how many are free.
     async fn blocks(&self, name: &str) -> Result<(f64, f64), reqwest::Error> {
         let port = self
@@ -836,16 +851,7 @@ async fn a_decode_worker_sigtermed_during_a_remote_prefill_answers_it_within_its
         (result, Instant::now())
     };
     let drive = async {
-        wait_until(
-            "decode-0 reserves blocks for the remote prefill",
-            Duration::from_secs(30),
-            || async {
-                let (total, free) = d.blocks("decode-0").await?;
-                Ok::<_, reqwest::Error>(total > 0.0 && free < total)
-            },
-        )
-        .await
-        .unwrap();
+        d.await_reserved_blocks("decode-0").await;
         d.signal("decode-0", libc::SIGTERM);
         let sigterm = Instant::now();
         // The prefill worker claims the job once the decode worker drains.
@@ -1128,16 +1134,7 @@ async fn a_draining_decode_worker_whose_remote_prefill_nobody_claims_prefills_it
         (result, Instant::now())
     };
     let drive = async {
-        wait_until(
-            "decode-0 reserves blocks for the remote prefill",
-            Duration::from_secs(30),
-            || async {
-                let (total, free) = d.blocks("decode-0").await?;
-                Ok::<_, reqwest::Error>(total > 0.0 && free < total)
-            },
-        )
-        .await
-        .unwrap();
+        d.await_reserved_blocks("decode-0").await;
         d.signal("decode-0", libc::SIGTERM);
         let sigterm = Instant::now();
         let exit_after = d.time_exit("decode-0", sigterm, grace * 2).await;

@@ -121,6 +121,11 @@ impl Cluster {
         .await
     }
 
+    /// `kubectl patch dd <DD> --type=merge -p <patch>`, as a user retunes it.
+    fn patch_dd(&self, patch: &str) {
+        self.kubectl(&["patch", "dd", DD, "-n", NS, "--type=merge", "-p", patch]);
+    }
+
     fn pods(&self, ns: &str) -> Api<Pod> {
         Api::namespaced(self.client.clone(), ns)
     }
@@ -292,6 +297,19 @@ impl Cluster {
     }
 }
 
+/// The France question, retried for up to 30 s while a new Service or
+/// endpoint is not yet routed by kube-proxy.
+async fn chat_when_routed(http: &reqwest::Client, base: &str) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = chat(http, base, None).await;
+        if answer.is_ok() || Instant::now() >= deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 async fn chat(http: &reqwest::Client, base: &str, system: Option<&str>) -> Result<String, String> {
     ask(http, base, system, "Name the capital of France.").await
 }
@@ -347,6 +365,20 @@ async fn scrape(http: &reqwest::Client, pod: &Pod) -> String {
         .text()
         .await
         .expect("metrics text")
+}
+
+/// The keys under `prefix` in etcd.
+async fn keys_under(etcd: &mut etcd_client::Client, prefix: &str) -> Vec<String> {
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only();
+    etcd.get(prefix, Some(options))
+        .await
+        .expect("etcd answers")
+        .kvs()
+        .iter()
+        .map(|k| String::from_utf8_lossy(k.key()).into_owned())
+        .collect()
 }
 
 fn pod_name(p: &Pod) -> String {
@@ -502,13 +534,7 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap();
-    let mut first = chat(&http, &base, None).await;
-    // The Service may need a moment after Ready to route (kube-proxy).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while first.is_err() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        first = chat(&http, &base, None).await;
-    }
+    let first = chat_when_routed(&http, &base).await;
     assert_eq!(first.as_deref(), Ok(FRANCE), "through the ClusterIP");
     let to_answer = t_apply.elapsed();
     let decode = c.role_pods("decode").await;
@@ -531,12 +557,7 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
         .unwrap();
     let node_port = np.spec.unwrap().ports.unwrap()[0].node_port.unwrap();
     let node_base = format!("http://{}:{node_port}", c.node.ip());
-    let mut via_np = chat(&http, &node_base, None).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while via_np.is_err() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        via_np = chat(&http, &node_base, None).await;
-    }
+    let via_np = chat_when_routed(&http, &node_base).await;
     assert_eq!(via_np.as_deref(), Ok(FRANCE), "through the NodePort");
 
     // A prompt over maxLocalPrefillLength (512) is prefilled remotely: the
@@ -571,16 +592,7 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
         received > 0.0 && sent > 0.0,
         "NIXL bytes: received {received}, sent {sent}"
     );
-    c.kubectl(&[
-        "patch",
-        "dd",
-        DD,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"router":{"maxLocalPrefillLength":2048}}}"#,
-    ]);
+    c.patch_dd(r#"{"spec":{"router":{"maxLocalPrefillLength":2048}}}"#);
     let threshold_applied = || async {
         let text = scrape(&http, &c.role_pods("decode").await[0]).await;
         let v = metric(&text, "xpyd_decode_max_local_prefill_length", "");
@@ -603,16 +615,7 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
         remote, local,
         "remote and local prefill give the same greedy answer"
     );
-    c.kubectl(&[
-        "patch",
-        "dd",
-        DD,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"router":{"maxLocalPrefillLength":512}}}"#,
-    ]);
+    c.patch_dd(r#"{"spec":{"router":{"maxLocalPrefillLength":512}}}"#);
 
     // 3. Scale decode to 2: the new pod registers and takes new traffic.
     let old_decode = pod_name(&decode[0]);
@@ -671,16 +674,7 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
         })
     };
     let t_roll = Instant::now();
-    c.kubectl(&[
-        "patch",
-        "dd",
-        DD,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"engine":{"maxBatchTokens":256}}}"#,
-    ]);
+    c.patch_dd(r#"{"spec":{"engine":{"maxBatchTokens":256}}}"#);
     c.wait_rolled(DD, c.dd(DD).await.metadata.generation.unwrap_or_default())
         .await;
     let nixl = xpyd_runtime::assets::nixl_lib_dir().expect("NIXL");
@@ -693,19 +687,10 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
         ))
         .await
         .expect("the agent image under a new tag");
-    c.kubectl(&[
-        "patch",
-        "dd",
-        DD,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        &format!(
-            r#"{{"spec":{{"image":{{"name":"{}"}}}}}}"#,
-            retagged.reference()
-        ),
-    ]);
+    c.patch_dd(&format!(
+        r#"{{"spec":{{"image":{{"name":"{}"}}}}}}"#,
+        retagged.reference()
+    ));
     c.wait_rolled(DD, c.dd(DD).await.metadata.generation.unwrap_or_default())
         .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -734,16 +719,7 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
 
     // numPrefill 1 -> 2 -> 1 under load: the prefill pod that goes
     // finishes (or hands back) the jobs it claimed; every answer is right.
-    c.kubectl(&[
-        "patch",
-        "dd",
-        DD,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"numPrefill":2}}"#,
-    ]);
+    c.patch_dd(r#"{"spec":{"numPrefill":2}}"#);
     c.wait_ready(DD, 2, 2).await;
     let t_scale_in = Instant::now();
     let load = {
@@ -758,16 +734,7 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
         })
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    c.kubectl(&[
-        "patch",
-        "dd",
-        DD,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"numPrefill":1}}"#,
-    ]);
+    c.patch_dd(r#"{"spec":{"numPrefill":1}}"#);
     let results = load.await.unwrap();
     c.wait_ready(DD, 1, 2).await;
     for r in &results {
@@ -875,16 +842,7 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
         }
     })
     .await;
-    c.kubectl(&[
-        "patch",
-        "dd",
-        DD,
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"router":{"maxLocalPrefillLength":600}}}"#,
-    ]);
+    c.patch_dd(r#"{"spec":{"router":{"maxLocalPrefillLength":600}}}"#);
     let generation = c.dd(DD).await.metadata.generation.unwrap_or_default();
     c.wait(
         "the new operator to report the new settings",
@@ -949,43 +907,13 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
     let mut etcd = etcd_client::Client::connect([format!("http://{etcd_ip}:2379")], None)
         .await
         .expect("the chart's etcd through its Service");
-    let keys = etcd
-        .get(
-            format!("/xpyd/{NS}/{DD}/"),
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only(),
-            ),
-        )
-        .await
-        .unwrap();
-    let left: Vec<String> = keys
-        .kvs()
-        .iter()
-        .map(|k| String::from_utf8_lossy(k.key()).into_owned())
-        .collect();
-    // Instance keys go with their leases (the pods are gone); the operator's go by its finalizer.
+    // Instance keys go with their leases (the pods are gone); the
+    // operator's go by its finalizer.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut left = left;
+    let mut left = keys_under(&mut etcd, &format!("/xpyd/{NS}/{DD}/")).await;
     while !left.is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let keys = etcd
-            .get(
-                format!("/xpyd/{NS}/{DD}/"),
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only(),
-                ),
-            )
-            .await
-            .unwrap();
-        left = keys
-            .kvs()
-            .iter()
-            .map(|k| String::from_utf8_lossy(k.key()).into_owned())
-            .collect();
+        left = keys_under(&mut etcd, &format!("/xpyd/{NS}/{DD}/")).await;
     }
     assert!(left.is_empty(), "etcd keys left: {left:?}");
 
@@ -1030,12 +958,7 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
         .await
         .unwrap();
     let pvc_base = format!("http://{}:8000", pvc_fe.spec.unwrap().cluster_ip.unwrap());
-    let mut answer = chat(&http, &pvc_base, None).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while answer.is_err() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        answer = chat(&http, &pvc_base, None).await;
-    }
+    let answer = chat_when_routed(&http, &pvc_base).await;
     assert_eq!(answer.as_deref(), Ok(FRANCE), "the pvc:// sample serves");
     assert_eq!(
         mirror.requests(),

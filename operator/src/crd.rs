@@ -588,6 +588,13 @@ pub struct IngressSpec {
     /// Secret with the TLS certificate for `host`; unset means plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_secret_name: Option<String>,
+    /// Annotations of the Ingress, for the controller's settings. Streamed
+    /// answers (SSE) must not be buffered: with ingress-nginx set
+    /// `nginx.ingress.kubernetes.io/proxy-buffering: "off"` and raise
+    /// `nginx.ingress.kubernetes.io/proxy-read-timeout` (seconds) above the
+    /// longest generation (see docs/ingress.md).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 fn default_ingress_path() -> String {
@@ -602,6 +609,7 @@ impl Default for IngressSpec {
             host: None,
             path: default_ingress_path(),
             tls_secret_name: None,
+            annotations: BTreeMap::new(),
         }
     }
 }

@@ -583,8 +583,10 @@ pub fn ingress(owner: &Owner, spec: &DisaggDeploymentSpec) -> Option<Ingress> {
             secret_name: Some(secret.clone()),
         }]
     });
+    let mut metadata = owner.meta(owner.name.clone(), Some(Role::Frontend));
+    metadata.annotations = (!settings.annotations.is_empty()).then(|| settings.annotations.clone());
     Some(Ingress {
-        metadata: owner.meta(owner.name.clone(), Some(Role::Frontend)),
+        metadata,
         spec: Some(K8sIngressSpec {
             ingress_class_name: settings.class_name.clone(),
             rules: Some(vec![IngressRule {
@@ -964,6 +966,28 @@ mod tests {
             Some("llm.example.com")
         );
         assert_eq!(ing.tls.unwrap()[0].secret_name.as_deref(), Some("tls"));
+        // The controller's settings pass through, e.g. unbuffered SSE.
+        let mut with = dd.spec.clone();
+        with.frontend.ingress.annotations.insert(
+            "nginx.ingress.kubernetes.io/proxy-buffering".to_string(),
+            "off".to_string(),
+        );
+        let annotations = ingress(&owner, &with)
+            .unwrap()
+            .metadata
+            .annotations
+            .unwrap();
+        assert_eq!(
+            annotations["nginx.ingress.kubernetes.io/proxy-buffering"],
+            "off"
+        );
+        assert!(
+            ingress(&owner, &dd.spec)
+                .unwrap()
+                .metadata
+                .annotations
+                .is_none()
+        );
         dd.spec.frontend.ingress.enabled = false;
         assert!(ingress(&owner, &dd.spec).is_none());
     }
