@@ -27,6 +27,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE};
 use sha2::{Digest, Sha256};
 
 use super::{redact, url_file_name};
+use crate::assets::sha256_hex;
 
 /// How one fetch behaves.
 #[derive(Clone, Debug)]
@@ -187,11 +188,6 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Lowercase hex sha256 of a file.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    crate::assets::sha256_hex(path)
-}
-
 /// Downloads `url` into the cache (or finds it there) and returns the file.
 pub async fn fetch(url: &str, options: &FetchOptions) -> Result<Fetched, FetchError> {
     let shown = redact(url);
@@ -329,7 +325,7 @@ async fn fetch_locked(
 
     let size = std::fs::metadata(&partial).map_err(io(&partial))?.len();
     let hashed = partial.clone();
-    let got = tokio::task::spawn_blocking(move || sha256_file(&hashed))
+    let got = tokio::task::spawn_blocking(move || sha256_hex(&hashed))
         .await
         .map_err(|e| FetchError::Io {
             path: partial.clone(),
@@ -367,7 +363,7 @@ fn cached(dest: &Path, options: &FetchOptions) -> Result<Option<(String, u64)>, 
         Ok(s) => s.trim().to_string(),
         // A file someone put there by hand: hash it once.
         Err(_) => {
-            let got = sha256_file(dest).map_err(|source| FetchError::Io {
+            let got = sha256_hex(dest).map_err(|source| FetchError::Io {
                 path: dest.to_path_buf(),
                 source,
             })?;

@@ -17,7 +17,7 @@
 pub mod fetch;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use fetch::{FetchError, FetchOptions, FetchReport, Fetched};
@@ -326,7 +326,7 @@ async fn check_local(
         // Reading the file also warms the page cache the engine's mmap
         // then uses, so the check costs little more than the load.
         let p = path.clone();
-        let got = tokio::task::spawn_blocking(move || fetch::sha256_file(&p))
+        let got = tokio::task::spawn_blocking(move || crate::assets::sha256_hex(&p))
             .await
             .map_err(|e| ResolveError::Io {
                 path: path.clone(),
@@ -345,11 +345,6 @@ async fn check_local(
         }
     }
     Ok(Resolved { path, fetch: None })
-}
-
-/// The cache file a URL downloads to (whether or not it is there yet).
-pub fn cache_path(cache_dir: &Path, url: &str) -> PathBuf {
-    fetch::cache_path(cache_dir, url)
 }
 
 #[cfg(test)]
