@@ -179,8 +179,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
         println!(
             "try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' \
-             -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'",
+             -d '{{\"model\": \"{}\", \"temperature\": 0, \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'",
             args.model.served_model_name
+        );
+        println!(
+            "(temperature 0 picks the likeliest token each step; this 135M model rambles when it samples at the default 1.0)"
         );
         println!("Ctrl-C stops it.");
     }

@@ -337,11 +337,23 @@ impl PullPolicy {
 }
 
 /// Resources and placement of one role's pods.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerSpec {
-    /// Container resources, e.g. `limits: {nvidia.com/gpu: 1}`.
+    /// Container resources, e.g. `limits: {nvidia.com/gpu: 1}`. Every
+    /// quantity must be a non-negative Kubernetes quantity (checked by the
+    /// API server, so a typo fails at `kubectl apply` rather than when the
+    /// operator writes the Deployment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(
+        validation = Rule::new("!has(self.limits) || self.limits.all(k, isQuantity(string(self.limits[k])) && quantity(string(self.limits[k])).compareTo(quantity('0')) >= 0)")
+            .message("resources.limits must be non-negative quantities, e.g. nvidia.com/gpu: 1")
+            .field_path(".limits"),
+        validation = Rule::new("!has(self.requests) || self.requests.all(k, isQuantity(string(self.requests[k])) && quantity(string(self.requests[k])).compareTo(quantity('0')) >= 0)")
+            .message("resources.requests must be non-negative quantities, e.g. cpu: 500m")
+            .field_path(".requests")
+    )]
+    #[schemars(schema_with = "bounded_resources")]
     pub resources: Option<ResourceRequirements>,
     /// Node labels the pods must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -365,6 +377,32 @@ pub struct WorkerSpec {
     /// Mounts added to the agent container, e.g. a `/dev/shm` for UCX.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// Most resource names a role's `limits` or `requests` may list, and the
+/// longest quantity: bounds that let the API server afford the CEL rules
+/// checking each quantity.
+const MAX_RESOURCE_NAMES: u32 = 16;
+const MAX_QUANTITY_LEN: u32 = 64;
+
+/// Kubernetes' `ResourceRequirements` schema, with `limits` and `requests`
+/// bounded (see [`MAX_RESOURCE_NAMES`]).
+fn bounded_resources(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Option<ResourceRequirements>>();
+    if let Some(props) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) {
+        for name in ["limits", "requests"] {
+            if let Some(map) = props.get_mut(name).and_then(|m| m.as_object_mut()) {
+                map.insert("maxProperties".into(), MAX_RESOURCE_NAMES.into());
+                if let Some(value) = map
+                    .get_mut("additionalProperties")
+                    .and_then(|v| v.as_object_mut())
+                {
+                    value.insert("maxLength".into(), MAX_QUANTITY_LEN.into());
+                }
+            }
+        }
+    }
+    schema
 }
 
 /// A list of objects the API server keeps as written: the full `Volume`

@@ -89,6 +89,25 @@ async fn invalid_specs_are_rejected_with_a_message_naming_the_problem() {
             "router.maxLocalPrefillLength must not exceed engine.maxModelLen",
         ),
         (
+            "negative-gpu",
+            Box::new(|o| {
+                o["spec"]["prefill"] = json!({"resources": {"limits": {"nvidia.com/gpu": -1}}})
+            }),
+            "spec.prefill.resources.limits: Invalid value: resources.limits must be non-negative quantities",
+        ),
+        (
+            "negative-memory-request",
+            Box::new(|o| {
+                o["spec"]["decode"] = json!({"resources": {"requests": {"memory": "-2Gi"}}})
+            }),
+            "spec.decode.resources.requests",
+        ),
+        (
+            "not-a-quantity",
+            Box::new(|o| o["spec"]["decode"] = json!({"resources": {"limits": {"cpu": "two"}}})),
+            "resources.limits must be non-negative quantities",
+        ),
+        (
             "no-etcd",
             Box::new(|o| o["spec"]["etcd"] = json!({"endpoints": []})),
             "spec.etcd.endpoints",
