@@ -4,11 +4,21 @@
 //!
 //! Parsing never panics on any input (a property test holds it to that).
 //! Checks of values (ranges, supported options) are not made here.
+//!
+//! A body over [`BODY_LIMIT`] gets 413, but only after the rest of it has
+//! been read and thrown away (up to [`DRAIN_LIMIT`] bytes, within
+//! [`DRAIN_DEADLINE`]): a client still sending when the connection closed
+//! would see "broken pipe" or a reset instead of the status. nginx's
+//! lingering close does the same. A client that sent `Expect:
+//! 100-continue` gets the 413 before it sends the body at all.
 
-use axum::body::Bytes;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
+use bytes::BytesMut;
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -16,6 +26,10 @@ use super::protocol::{ChatCompletionRequest, CommonParams, CompletionRequest};
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 4 * 1024 * 1024;
+/// Most bytes of an oversized body read (and discarded) before the 413.
+pub const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+/// Longest time spent draining an oversized body before the 413.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A request type whose sampling fields are parsed separately, so that
 /// errors in them name their field.
@@ -42,7 +56,7 @@ pub struct OpenAiJson<T>(pub T);
 impl<S: Send + Sync, T: ApiRequest> FromRequest<S> for OpenAiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
         let content_type = req
             .headers()
             .get(CONTENT_TYPE)
@@ -50,18 +64,53 @@ impl<S: Send + Sync, T: ApiRequest> FromRequest<S> for OpenAiJson<T> {
         if !content_type.as_deref().is_some_and(is_json) {
             return Err(ApiError::unsupported_media_type(content_type.as_deref()));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::payload_too_large(BODY_LIMIT)
-            } else {
-                ApiError::invalid_request(
-                    format!("cannot read the request body: {}", rejection.body_text()),
-                    None,
-                )
-            }
-        })?;
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let expects_continue = req
+            .headers()
+            .get(EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if declared.is_some_and(|n| n > BODY_LIMIT)
+            && (expects_continue || declared.is_some_and(|n| n > DRAIN_LIMIT))
+        {
+            // The client waits for us, or the body is past what we drain:
+            // answer now, unread.
+            return Err(ApiError::payload_too_large(BODY_LIMIT));
+        }
+        let bytes = read_body(req.into_body()).await?;
         parse_request(&bytes).map(OpenAiJson)
     }
+}
+
+/// The body, or 413 once it passes [`BODY_LIMIT`] (after draining the rest;
+/// see the module doc).
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::invalid_request(format!("cannot read the request body: {e}"), None)
+        })?;
+        if buf.len() + chunk.len() > BODY_LIMIT {
+            let mut seen = buf.len() + chunk.len();
+            drop(buf);
+            let drain = async {
+                while seen <= DRAIN_LIMIT {
+                    match stream.next().await {
+                        Some(Ok(chunk)) => seen += chunk.len(),
+                        _ => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_DEADLINE, drain).await;
+            return Err(ApiError::payload_too_large(BODY_LIMIT));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }
 
 /// `application/json`, with or without parameters (`; charset=utf-8`).
@@ -112,6 +161,64 @@ fn missing_field(message: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A real HTTP server whose one route takes a chat request.
+    async fn server() -> std::net::SocketAddr {
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(|OpenAiJson(_): OpenAiJson<ChatCompletionRequest>| async { "ok" }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// Sends `len` bytes of body after the headers (all of them, as
+    /// Python's `requests` does), then reads the whole answer.
+    async fn post_oversized(addr: std::net::SocketAddr, len: usize, extra: &str) -> String {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {len}\r\n{extra}Connection: close\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        if extra.is_empty() {
+            let chunk = vec![b' '; 1 << 20];
+            let mut sent = 0;
+            while sent < len {
+                let n = chunk.len().min(len - sent);
+                conn.write_all(&chunk[..n]).await.unwrap_or_else(|e| {
+                    panic!("the server stopped reading at {sent} of {len} bytes: {e}")
+                });
+                sent += n;
+            }
+        }
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_read_to_its_end_and_answered_413() {
+        let addr = server().await;
+        let answer = post_oversized(addr, 20 * 1024 * 1024, "").await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(
+            answer.contains("\"type\":\"invalid_request_error\""),
+            "{answer}"
+        );
+        assert!(answer.contains("4194304"), "names the limit: {answer}");
+    }
+
+    #[tokio::test]
+    async fn a_client_expecting_100_continue_gets_413_before_sending() {
+        let addr = server().await;
+        let answer = post_oversized(addr, 20 * 1024 * 1024, "Expect: 100-continue\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
 
     #[test]
     fn errors_name_the_field() {
