@@ -565,7 +565,7 @@ fn tar(root: &Path, layer: &Path) -> Result<()> {
 }
 
 /// The images a real node needs for itself: the pod sandbox's pause, CoreDNS,
-/// and a toolbox (busybox: sh, wget, nslookup, httpd) for tests to poke with.
+/// Traefik (the ingress controller, pushed on demand) and a toolbox (busybox: sh, wget, nslookup, httpd) for tests to poke with.
 pub mod system {
     use super::*;
     use crate::tools::NodeTools;
@@ -581,6 +581,15 @@ pub mod system {
             .file(&tools.coredns, "/coredns")
             .entrypoint(&["/coredns"])
             .expose(&[53])
+    }
+
+    /// Traefik, run as the nonroot user (it listens above 1024).
+    pub fn traefik(tools: &NodeTools) -> ImageSpec {
+        ImageSpec::new("xpyd-e2e/traefik", "v3")
+            .file(&tools.traefik, "/traefik")
+            .entrypoint(&["/traefik"])
+            .user(&format!("{NONROOT_UID}:{NONROOT_UID}"))
+            .expose(&[8000, 9000])
     }
 
     /// busybox with its applets linked on PATH.

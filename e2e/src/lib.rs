@@ -22,7 +22,8 @@
 //! CoreDNS) joins a control plane from
 //! [`ControlPlane::start_for_real_node`], so pods really run, from images
 //! built here ([`images`]) and pulled from a local registry. It changes
-//! host-global state, so one runs per host at a time ([`host`]).
+//! host-global state, so one runs per host at a time ([`host`]). Traefik
+//! runs on it as a real ingress controller on demand ([`ingress`]).
 //!
 //! [`bench`] is the load generator behind the `xpyd-bench` binary; it talks
 //! to any OpenAI-compatible server and starts nothing itself.
@@ -34,6 +35,7 @@ mod error;
 mod etcd;
 pub mod host;
 pub mod images;
+pub mod ingress;
 pub mod mirror;
 mod nats;
 mod node;
@@ -46,6 +48,7 @@ pub use control_plane::{ControlPlane, ControlPlaneOptions, GPU_RESOURCE, shared_
 pub use error::HarnessError;
 pub use etcd::Etcd;
 pub use images::{ImageRef, ImageRegistry, ImageSpec, RegistryClient};
+pub use ingress::Traefik;
 pub use mirror::{Fault, ModelMirror};
 pub use nats::Nats;
 pub use node::{NODE_LABEL, NODE_NAME, RealNode, XpydImages};

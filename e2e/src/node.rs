@@ -302,14 +302,25 @@ impl RealNode {
     /// The logs kubelet keeps of a pod's containers (all of them, oldest
     /// first), read from disk: works when the API cannot help.
     pub fn pod_logs(&self, namespace: &str, pod: &str) -> String {
+        self.logs_of_pods(&format!("{namespace}_{pod}_"))
+    }
+
+    /// The logs of a Deployment's pods (names `<deployment>-<hash>-<id>`),
+    /// as [`pod_logs`](Self::pod_logs) reads them.
+    pub fn deployment_logs(&self, namespace: &str, deployment: &str) -> String {
+        self.logs_of_pods(&format!("{namespace}_{deployment}-"))
+    }
+
+    /// The logs of every pod whose kubelet log folder (`<ns>_<pod>_<uid>`)
+    /// starts with `prefix`.
+    fn logs_of_pods(&self, prefix: &str) -> String {
         let dir = self.dir.path().join("pod-logs");
-        let prefix = format!("{namespace}_{pod}_");
         let mut out = String::new();
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return out;
         };
         for entry in entries.flatten() {
-            if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            if !entry.file_name().to_string_lossy().starts_with(prefix) {
                 continue;
             }
             let mut files: Vec<PathBuf> = walk_files(&entry.path());
@@ -339,28 +350,8 @@ impl RealNode {
 
     async fn start_dns(&mut self, plane: &ControlPlane, image: &ImageRef) -> Result<()> {
         self.kubectl(&["apply", "-f", "-"], Some(&coredns_manifest(image)))?;
-        let deployments: Api<Deployment> = Api::namespaced(plane.client().await?, "kube-system");
-        let waited = wait_until("CoreDNS to be ready", DNS_READY_TIMEOUT, || {
-            let deployments = deployments.clone();
-            async move {
-                let d = deployments.get("coredns").await?;
-                Ok::<_, kube::Error>(
-                    d.status
-                        .and_then(|s| s.ready_replicas)
-                        .is_some_and(|n| n >= 1),
-                )
-            }
-        })
-        .await;
-        if let Err(e) = waited {
-            let pods = self
-                .kubectl(&["get", "pods", "-A", "-o", "wide"], None)
-                .unwrap_or_default();
-            return Err(self.kubelet.error(format!(
-                "{e}\npods:\n{pods}\nCoreDNS logs:\n{}",
-                self.pod_logs("kube-system", "coredns")
-            )));
-        }
+        self.wait_deployment_ready(plane, "kube-system", "coredns", DNS_READY_TIMEOUT)
+            .await?;
         let resolved = wait_until(
             "CoreDNS to answer for kubernetes.default",
             DNS_READY_TIMEOUT,
@@ -372,6 +363,41 @@ impl RealNode {
         )
         .await;
         resolved.map_err(|e| self.kube_proxy.error(e.to_string()))
+    }
+}
+
+impl RealNode {
+    /// Waits for a Deployment of the node's add-ons to have a Ready pod;
+    /// on timeout the error carries the pods and the Deployment's logs.
+    pub(crate) async fn wait_deployment_ready(
+        &self,
+        plane: &ControlPlane,
+        namespace: &str,
+        name: &str,
+        within: Duration,
+    ) -> Result<()> {
+        let deployments: Api<Deployment> = Api::namespaced(plane.client().await?, namespace);
+        let waited = wait_until(&format!("{namespace}/{name} to be ready"), within, || {
+            let deployments = deployments.clone();
+            async move {
+                let d = deployments.get(name).await?;
+                Ok::<_, kube::Error>(
+                    d.status
+                        .and_then(|s| s.ready_replicas)
+                        .is_some_and(|n| n >= 1),
+                )
+            }
+        })
+        .await;
+        waited.map_err(|e| {
+            let pods = self
+                .kubectl(&["get", "pods", "-A", "-o", "wide"], None)
+                .unwrap_or_default();
+            self.kubelet.error(format!(
+                "{e}\npods:\n{pods}\n{name} logs:\n{}",
+                self.deployment_logs(namespace, name)
+            ))
+        })
     }
 }
 

@@ -61,6 +61,8 @@ pub struct NodeTools {
     /// Folder with the CNI plugins (bridge, loopback, host-local, portmap).
     pub cni_bin: PathBuf,
     pub coredns: PathBuf,
+    /// Traefik, the ingress controller ([`crate::RealNode::start_traefik`]).
+    pub traefik: PathBuf,
     /// go-containerregistry's crane (also the local registry: `crane registry serve`).
     pub crane: PathBuf,
     /// The pod sandboxes' pause program.
@@ -81,6 +83,7 @@ impl NodeTools {
             runc: node_tool("XPYD_RUNC_BIN")?,
             cni_bin: node_tool("XPYD_CNI_BIN")?,
             coredns: node_tool("XPYD_COREDNS_BIN")?,
+            traefik: node_tool("XPYD_TRAEFIK_BIN")?,
             crane: node_tool("XPYD_CRANE_BIN")?,
             pause: node_tool("XPYD_PAUSE_BIN")?,
             busybox: node_tool("XPYD_BUSYBOX_BIN")?,

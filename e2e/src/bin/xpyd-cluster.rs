@@ -4,8 +4,9 @@
 //! `up` starts a control plane and a real node, pushes the images (etcd,
 //! NATS, and the agent and operator when their release binaries exist) to
 //! the node's registry, optionally installs the chart with its etcd and
-//! NATS, writes `<state-dir>/env` (KUBECONFIG and the image references) and
-//! then holds everything until SIGINT or SIGTERM, when it stops it all and
+//! NATS (`--chart`) and Traefik as the ingress controller (`--ingress`),
+//! writes `<state-dir>/env` (KUBECONFIG and the image references) and then
+//! holds everything until SIGINT or SIGTERM, when it stops it all and
 //! puts the host back. `sweep` puts the host back after an `up` that was
 //! killed outright.
 
@@ -40,6 +41,10 @@ enum Command {
         /// Also `helm install` the chart (operator, etcd and NATS) into xpyd-system.
         #[arg(long)]
         chart: bool,
+        /// Also run Traefik as the ingress controller (IngressClass `traefik`,
+        /// plain HTTP on the node's NodePort 30080).
+        #[arg(long)]
+        ingress: bool,
     },
     /// Put the host back after a cluster that did not stop cleanly.
     Sweep,
@@ -52,7 +57,8 @@ async fn main() -> anyhow::Result<()> {
             state_dir,
             release_dir,
             chart,
-        } => up(&state_dir, release_dir.as_deref(), chart).await,
+            ingress,
+        } => up(&state_dir, release_dir.as_deref(), chart, ingress).await,
         Command::Sweep => {
             let swept = tokio::task::spawn_blocking(host::sweep).await??;
             println!(
@@ -68,7 +74,12 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn up(state_dir: &Path, release_dir: Option<&Path>, chart: bool) -> anyhow::Result<()> {
+async fn up(
+    state_dir: &Path,
+    release_dir: Option<&Path>,
+    chart: bool,
+    ingress: bool,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(state_dir)?;
     let plane = ControlPlane::start_for_real_node(ControlPlaneOptions {
         nodes: 0,
@@ -115,6 +126,14 @@ async fn up(state_dir: &Path, release_dir: Option<&Path>, chart: bool) -> anyhow
         env.push_str(&format!("export {var}={}\n", image.reference()));
     }
     env.push_str(&format!("export XPYD_NODE_DIR={}\n", node.dir().display()));
+    if ingress {
+        let traefik = node.start_traefik(&plane).await.context("start Traefik")?;
+        env.push_str(&format!(
+            "# Ingresses of class {} answer here, for their host (curl -H 'Host: ...').\nexport XPYD_INGRESS=http://{}\n",
+            traefik.class(),
+            traefik.http()
+        ));
+    }
     let env_file = state_dir.join("env");
     std::fs::write(state_dir.join("env.partial"), &env)?;
     std::fs::rename(state_dir.join("env.partial"), &env_file)?;
