@@ -30,6 +30,10 @@ pub const FALLBACK_REASONS: &[&str] = &[
     "transfer_failed",
     "cancelled",
     "draining",
+    // The claimant said it gave the job up (an engine or transfer error).
+    "prefill_failed",
+    // The claimant is gone (nobody serves its subject on the bus).
+    "prefill_gone",
 ];
 /// Outcomes of a prefill worker's job.
 pub const PREFILL_JOB_RESULTS: &[&str] = &["ok", "expired", "refused", "failed", "handed_back"];

@@ -12,8 +12,15 @@
 //! Block safety: only the prefill worker that claimed a request
 //! ([`DecodeMessage::Claim`]) may write into its blocks, claims are refused
 //! once the deadline is near, and a claimed request's blocks are reused
-//! only a grace period after the deadline (the writer never posts after the
-//! deadline and its transfer expires with it).
+//! only once one of these holds: its KV arrived (the notification); the
+//! claimant said it gives the job up ([`DecodeMessage::Abandon`]: it
+//! failed, and wrote nothing more); the claimant is gone (the bus finds
+//! nobody serving its subject when asked for [`PrefillMessage::Status`],
+//! every [`DecodeConfig::claimant_check_interval`]); or a grace period
+//! after the deadline passed (the claimant's time was counted from its
+//! claim on its own clock, so it never posts after our deadline, and its
+//! transfer expires with it). A claimant that fails or dies thus costs the
+//! request the detection time and a local prefill, not the deadline.
 //!
 //! Drain (after `shutdown`, which deregisters the worker first): new
 //! generate requests are turned away as unavailable (the frontend tries
@@ -34,8 +41,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::notifications::NotificationHub;
 use super::protocol::{
-    self, ClaimReply, DecodeMessage, GenerateEvent, GenerateWork, RemotePrefillRequest,
-    WireErrorKind,
+    self, ClaimReply, DecodeMessage, GenerateEvent, GenerateWork, JobStatus, PrefillMessage,
+    RemotePrefillRequest, WireErrorKind,
 };
 use super::{InFlight, WorkerParts};
 use crate::bus::{BusError, IncomingRequest, RequestStream, Responder};
@@ -61,6 +68,9 @@ pub struct DecodeConfig {
     /// While draining, a remote prefill still unclaimed this long into the
     /// drain (at most half the grace period) is prefilled locally instead.
     pub drain_claim_wait: Duration,
+    /// How often the claimant of a remote prefill we wait for is asked
+    /// whether it still works on it (a gone one is noticed within this).
+    pub claimant_check_interval: Duration,
 }
 
 impl Default for DecodeConfig {
@@ -72,14 +82,17 @@ impl Default for DecodeConfig {
             queue_query_timeout: Duration::from_secs(1),
             max_local_prefill_length: None,
             drain_claim_wait: Duration::from_secs(5),
+            claimant_check_interval: Duration::from_secs(1),
         }
     }
 }
 
 /// A remote prefill the worker waits for.
 struct Pending {
-    deadline_unix_ms: u64,
+    deadline: Instant,
     claimed_by: Option<String>,
+    /// Told why, when the prefill worker gives the job up.
+    abandoned: Option<oneshot::Sender<String>>,
 }
 
 struct Inner {
@@ -228,6 +241,15 @@ impl DecodeWorker {
                     let _ = responder.end().await;
                 }
             }
+            Ok(DecodeMessage::Abandon {
+                request_id,
+                prefill_instance,
+                reason,
+                handed_back,
+            }) => {
+                self.abandon(&request_id, &prefill_instance, reason, handed_back);
+                let _ = responder.end().await;
+            }
             Err(e) => {
                 tracing::warn!("{e}");
                 fail(responder, WireErrorKind::InvalidRequest, e.to_string()).await;
@@ -238,12 +260,12 @@ impl DecodeWorker {
     /// Decide whether prefill worker `prefill_instance` may write the KV of
     /// `request_id` now.
     fn claim(&self, request_id: &str, prefill_instance: &str) -> ClaimReply {
-        let margin = self.inner.config.claim_margin.as_millis() as u64;
         let mut pending = lock(&self.inner.pending);
         let Some(p) = pending.get_mut(request_id) else {
             return ClaimReply::Refuse;
         };
-        if protocol::unix_ms_now() + margin >= p.deadline_unix_ms {
+        let remaining = p.deadline.saturating_duration_since(Instant::now());
+        if remaining <= self.inner.config.claim_margin {
             return ClaimReply::Refuse;
         }
         let may = match &p.claimed_by {
@@ -254,9 +276,34 @@ impl DecodeWorker {
         };
         if may {
             p.claimed_by = Some(prefill_instance.to_string());
-            ClaimReply::Proceed
+            ClaimReply::Proceed {
+                remaining_ms: remaining.as_millis() as u64,
+            }
         } else {
             ClaimReply::Refuse
+        }
+    }
+
+    /// Prefill worker `prefill_instance` gives up `request_id` (see
+    /// [`DecodeMessage::Abandon`]). Only its claimant, or any worker while
+    /// nobody has claimed it, may.
+    fn abandon(&self, request_id: &str, prefill_instance: &str, reason: String, handed_back: bool) {
+        let mut pending = lock(&self.inner.pending);
+        let Some(p) = pending.get_mut(request_id) else {
+            return;
+        };
+        match p.claimed_by.as_deref() {
+            Some(owner) if owner != prefill_instance => return,
+            Some(_) if handed_back => {
+                // Redelivered: the next worker may claim it.
+                p.claimed_by = None;
+                return;
+            }
+            None if handed_back => return,
+            _ => {}
+        }
+        if let Some(tell) = p.abandoned.take() {
+            let _ = tell.send(reason);
         }
     }
 
@@ -353,9 +400,8 @@ impl DecodeWorker {
             return Ok((outputs, None));
         }
         let block_size = parts.engine.config().block_size;
-        let deadline = Instant::now() + self.inner.config.remote_prefill_timeout;
-        let deadline_unix_ms =
-            protocol::unix_ms_now() + self.inner.config.remote_prefill_timeout.as_millis() as u64;
+        let timeout = self.inner.config.remote_prefill_timeout;
+        let deadline = Instant::now() + timeout;
         let job = RemotePrefillRequest {
             request_id: id.clone(),
             model: parts.model.clone(),
@@ -364,16 +410,18 @@ impl DecodeWorker {
             decode_instance: parts.instance_id.clone(),
             dst_blocks: reservation.block_ids.clone(),
             first_block: (reservation.cached_tokens / block_size) as u32,
-            deadline_unix_ms,
+            timeout_ms: timeout.as_millis() as u64,
             decode_transfer: Some(self.inner.transfer.clone()),
         };
         let notified = self.inner.hub.expect(&id);
         let (cancel_tx, cancel_rx) = oneshot::channel();
+        let (abandoned_tx, abandoned_rx) = oneshot::channel();
         lock(&self.inner.pending).insert(
             id.clone(),
             Pending {
-                deadline_unix_ms,
+                deadline,
                 claimed_by: None,
+                abandoned: Some(abandoned_tx),
             },
         );
         let enqueued = tokio::time::timeout(
@@ -393,7 +441,7 @@ impl DecodeWorker {
         let started = Instant::now();
         tokio::spawn(async move {
             worker
-                .await_remote(id, notified, cancel_rx, deadline, started)
+                .await_remote(id, notified, abandoned_rx, cancel_rx, deadline, started)
                 .await
         });
         Ok((outputs, Some(cancel_tx)))
@@ -405,6 +453,7 @@ impl DecodeWorker {
         &self,
         id: String,
         notified: oneshot::Receiver<ReceivedNotification>,
+        abandoned: oneshot::Receiver<String>,
         cancelled: oneshot::Receiver<()>,
         deadline: Instant,
         started: Instant,
@@ -422,20 +471,36 @@ impl DecodeWorker {
         let mut notified = notified;
         let withdrawn = self.withdraw_when_draining(&id);
         tokio::pin!(withdrawn);
+        let claimant_gone = self.claimant_gone(&id);
+        tokio::pin!(claimant_gone);
+        let abandoned = async {
+            match abandoned.await {
+                Ok(reason) => reason,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::pin!(abandoned);
         let outcome = tokio::select! {
             n = &mut notified => n.map_err(|_| by_time()),
             _ = tokio::time::sleep_until(deadline) => Err("timeout"),
             () = &mut withdrawn => Err("draining"),
+            reason = &mut abandoned => {
+                tracing::info!(request_id = %id, %reason, "the prefill worker gave the job up");
+                Err("prefill_failed")
+            }
+            () = &mut claimant_gone => Err("prefill_gone"),
             Ok(()) = cancelled => {
                 // The client left. An unclaimed request can go at once; a
-                // claimed one may be receiving bytes: wait for them or the
-                // deadline.
+                // claimed one may be receiving bytes: wait for them, the
+                // claimant's word, or the deadline.
                 if self.withdraw_unclaimed(&id) {
                     Err("cancelled")
                 } else {
                     tokio::select! {
                         n = &mut notified => n.map_err(|_| by_time()),
                         _ = tokio::time::sleep_until(deadline) => Err("timeout"),
+                        _ = &mut abandoned => Err("prefill_failed"),
+                        () = &mut claimant_gone => Err("prefill_gone"),
                     }
                 }
             }
@@ -462,7 +527,10 @@ impl DecodeWorker {
                 }
             }
             Err(reason) => {
-                if pending.as_ref().is_some_and(|p| p.claimed_by.is_some()) {
+                // A claimant that gave up or is gone writes nothing more;
+                // one that may still be writing has until the deadline.
+                let may_write = !matches!(reason, "prefill_failed" | "prefill_gone");
+                if may_write && pending.as_ref().is_some_and(|p| p.claimed_by.is_some()) {
                     tokio::time::sleep(self.inner.config.transfer_grace).await;
                 }
                 tracing::info!(request_id = %id, reason, "no remote KV; prefilling locally");
@@ -473,6 +541,69 @@ impl DecodeWorker {
                 }
             }
         }
+    }
+
+    /// Resolves once the claimant of remote prefill `id` is gone: the bus
+    /// finds nobody serving its subject, or it twice in a row does not know
+    /// the job. Asked every [`DecodeConfig::claimant_check_interval`] while
+    /// the job is claimed; an answer that does not come in time proves
+    /// nothing (a busy or stopped worker), so only the deadline ends that.
+    async fn claimant_gone(&self, id: &str) {
+        let interval = self.inner.config.claimant_check_interval;
+        let mut unknown = 0;
+        loop {
+            tokio::time::sleep(interval).await;
+            let owner = lock(&self.inner.pending)
+                .get(id)
+                .and_then(|p| p.claimed_by.clone());
+            let Some(owner) = owner else {
+                unknown = 0;
+                continue;
+            };
+            match self.job_status(&owner, id, interval).await {
+                Err(BusError::NoResponders(_)) => {
+                    tracing::info!(request_id = %id, prefill = %owner, "the claimant is gone");
+                    return;
+                }
+                Ok(JobStatus::Unknown) => {
+                    unknown += 1;
+                    if unknown >= 2 {
+                        tracing::info!(request_id = %id, prefill = %owner, "the claimant does not know the job");
+                        return;
+                    }
+                }
+                Ok(JobStatus::Working | JobStatus::Finished) | Err(_) => unknown = 0,
+            }
+        }
+    }
+
+    /// Ask prefill worker `owner` about job `id`, within `limit`.
+    async fn job_status(
+        &self,
+        owner: &str,
+        id: &str,
+        limit: Duration,
+    ) -> Result<JobStatus, BusError> {
+        let message = PrefillMessage::Status {
+            request_id: id.to_string(),
+        };
+        let ask = async {
+            let mut replies = self
+                .inner
+                .parts
+                .bus
+                .request(owner, protocol::encode(&message), limit)
+                .await?;
+            match replies.next().await {
+                Some(Ok(bytes)) => Ok(protocol::decode::<JobStatus>("job status", &bytes)
+                    .unwrap_or(JobStatus::Working)),
+                Some(Err(e)) => Err(e),
+                None => Ok(JobStatus::Working),
+            }
+        };
+        tokio::time::timeout(limit, ask)
+            .await
+            .unwrap_or(Ok(JobStatus::Working))
     }
 
     /// Resolves once the worker is draining and, at the drain's withdrawal

@@ -4,12 +4,20 @@
 //! the completion notification.
 //!
 //! A job is acknowledged once its outcome is final (written, expired,
-//! refused, failed: a failed job is not retried, the decode worker falls
-//! back to a local prefill); a worker that dies mid-job leaves it
+//! refused, failed: a failed job is not retried, and the decode worker is
+//! told at once ([`DecodeMessage::Abandon`]) so it prefills locally without
+//! waiting out its deadline); a worker that dies mid-job leaves it
 //! unacknowledged and the queue redelivers it to another worker. Before
 //! computing, the worker claims the request from its decode worker, so a
 //! job that was already answered (or given up) is never computed or
-//! written twice.
+//! written twice. The claim's reply says how long the worker may take,
+//! counted from when it sent the claim, so no deadline is compared across
+//! two hosts' clocks.
+//!
+//! The worker answers [`PrefillMessage::Status`] on its own subject for as
+//! long as it runs: a decode worker waiting for a claimed job asks it, and
+//! when the bus finds nobody serving the subject (the process is gone) the
+//! decode worker prefills locally at once.
 //!
 //! Drain (after `shutdown`, which deregisters the worker first): no new
 //! job is taken; the jobs in progress get the grace period less
@@ -19,16 +27,19 @@
 //! under them. A job whose write is posted is never handed back: the write
 //! ends by its deadline, and a second writer could race it.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::sync::{Semaphore, watch};
 
-use super::protocol::{self, ClaimReply, DecodeMessage, RemotePrefillRequest};
+use super::protocol::{
+    self, ClaimReply, DecodeMessage, JobStatus, PrefillMessage, RemotePrefillRequest,
+};
 use super::{InFlight, WorkerParts};
-use crate::bus::PrefillJob;
+use crate::bus::{IncomingRequest, PrefillJob};
 use crate::engine::runner::{EngineError, Request};
 use crate::engine::sampling::SamplingParams;
 use crate::transfer::TransferNotification;
@@ -58,6 +69,46 @@ impl Default for PrefillConfig {
 /// back the jobs it could not finish (at most half the grace period).
 pub const HANDBACK_MARGIN: Duration = Duration::from_secs(1);
 
+/// How long a finished job is still reported as [`JobStatus::Finished`]
+/// (its notification or abandonment is then long delivered).
+const FINISHED_MEMORY: Duration = Duration::from_secs(120);
+
+/// The jobs this worker holds, and those it finished lately, by request id.
+#[derive(Default)]
+struct JobBook {
+    working: HashMap<String, usize>,
+    finished: HashMap<String, Instant>,
+}
+
+impl JobBook {
+    fn start(&mut self, id: &str) {
+        *self.working.entry(id.to_string()).or_default() += 1;
+    }
+
+    fn finish(&mut self, id: &str) {
+        if let Some(n) = self.working.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                self.working.remove(id);
+            }
+        }
+        let now = Instant::now();
+        self.finished
+            .retain(|_, at| now.duration_since(*at) < FINISHED_MEMORY);
+        self.finished.insert(id.to_string(), now);
+    }
+
+    fn status(&self, id: &str) -> JobStatus {
+        if self.working.contains_key(id) {
+            JobStatus::Working
+        } else if self.finished.contains_key(id) {
+            JobStatus::Finished
+        } else {
+            JobStatus::Unknown
+        }
+    }
+}
+
 /// How a job ended (the `result` label of `xpyd_prefill_jobs_total`).
 #[derive(Debug)]
 enum JobEnd {
@@ -78,6 +129,7 @@ pub struct PrefillWorker {
     config: PrefillConfig,
     /// Turns true when jobs still computing must be handed back.
     handback: Arc<watch::Sender<bool>>,
+    jobs: Arc<Mutex<JobBook>>,
 }
 
 impl PrefillWorker {
@@ -86,6 +138,44 @@ impl PrefillWorker {
             parts,
             config,
             handback: Arc::new(watch::Sender::new(false)),
+            jobs: Arc::default(),
+        }
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, JobBook> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answer status queries on this worker's subject until dropped.
+    async fn answer_status(self) {
+        loop {
+            let parts = &self.parts;
+            let mut requests = match parts.bus.serve(&parts.instance_id).await {
+                Ok(requests) => requests,
+                Err(e) => {
+                    tracing::warn!("cannot serve status queries: {e}; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Some(IncomingRequest {
+                payload,
+                mut responder,
+            }) = requests.next().await
+            {
+                let status = match protocol::decode::<PrefillMessage>("prefill request", &payload) {
+                    Ok(PrefillMessage::Status { request_id }) => self.book().status(&request_id),
+                    Err(e) => {
+                        tracing::debug!("{e}");
+                        JobStatus::Unknown
+                    }
+                };
+                if responder.send(protocol::encode(&status)).await.is_ok() {
+                    let _ = responder.end().await;
+                }
+            }
+            tracing::warn!("status subscription ended; re-subscribing");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -96,6 +186,9 @@ impl PrefillWorker {
         let in_flight = InFlight::default();
         let mut observe = tokio::time::interval(Duration::from_secs(1));
         let mut registered = self.parts.registered.clone();
+        // Answered until this function returns, drain included.
+        let status = tokio::spawn(self.clone().answer_status());
+        let _stop_status = AbortOnDrop(status);
         tokio::pin!(shutdown);
         'outer: loop {
             let mut jobs = tokio::select! {
@@ -162,9 +255,12 @@ impl PrefillWorker {
     }
 
     async fn process(&self, mut job: PrefillJob) {
+        let mut claimed_from = None;
         let end = match protocol::decode::<RemotePrefillRequest>("prefill job", &job.payload) {
             Err(e) => JobEnd::Failed(e.to_string()),
             Ok(request) => {
+                self.book().start(&request.request_id);
+                claimed_from = Some(request.clone());
                 let work = self.serve(&request);
                 tokio::pin!(work);
                 let mut tick = tokio::time::interval(self.config.progress_interval);
@@ -181,6 +277,16 @@ impl PrefillWorker {
                 }
             }
         };
+        if let Some(request) = &claimed_from {
+            // Tell the decode worker before it can ask (or wait): a failed
+            // job falls back at once, a handed-back one frees its claim.
+            match &end {
+                JobEnd::Failed(reason) => self.abandon(request, reason, false).await,
+                JobEnd::HandedBack(reason) => self.abandon(request, reason, true).await,
+                JobEnd::Written | JobEnd::Expired | JobEnd::Refused => {}
+            }
+            self.book().finish(&request.request_id);
+        }
         let result = match &end {
             JobEnd::Written => "ok",
             JobEnd::Expired => "expired",
@@ -210,8 +316,8 @@ impl PrefillWorker {
             }
             return;
         }
-        // A failed job is not retried here: the decode worker's deadline
-        // turns it into a local prefill, which is faster than a second try.
+        // A failed job is not retried here: the decode worker, told above,
+        // prefills locally, which is faster than a second try.
         if let Err(e) = job.ack().await {
             tracing::warn!("acknowledging a prefill job failed: {e}");
         }
@@ -227,19 +333,18 @@ impl PrefillWorker {
                 request.model, parts.model
             ));
         }
-        let Some(remaining) = remaining(request.deadline_unix_ms) else {
-            return JobEnd::Expired;
-        };
-        let deadline = Instant::now() + remaining;
         let claim = tokio::select! {
             claim = self.claim(request) => claim,
             reason = self.handed_back() => return JobEnd::HandedBack(reason),
         };
-        match claim {
-            Ok(ClaimReply::Proceed) => tracing::debug!(request_id = %id, "claimed; computing"),
-            Ok(ClaimReply::Refuse) => return JobEnd::Refused,
+        let deadline = match claim {
+            Ok((ClaimReply::Proceed { remaining_ms }, sent)) => {
+                tracing::debug!(request_id = %id, remaining_ms, "claimed; computing");
+                sent + Duration::from_millis(remaining_ms)
+            }
+            Ok((ClaimReply::Refuse, _)) => return JobEnd::Refused,
             Err(reason) => return JobEnd::Failed(format!("claiming {id}: {reason}")),
-        }
+        };
         // The job's copy first: a draining decode worker has deregistered
         // (and the claim just proved it alive and waiting).
         let peer = request.decode_transfer.clone().or_else(|| {
@@ -277,7 +382,7 @@ impl PrefillWorker {
         // Computing is what a draining worker may give up (nothing is
         // written yet); once the write is posted, it runs to its end.
         let first = tokio::select! {
-            first = self.first_token(&engine_id, request) => first,
+            first = self.first_token(&engine_id, request, deadline) => first,
             reason = self.handed_back() => Err(JobEnd::HandedBack(reason)),
         };
         let first = match first {
@@ -304,7 +409,10 @@ impl PrefillWorker {
         "the worker is shutting down and the grace period is nearly over".to_string()
     }
 
-    async fn claim(&self, request: &RemotePrefillRequest) -> Result<ClaimReply, String> {
+    /// Claim the job from its decode worker; the reply, and when the claim
+    /// was sent (the reply's time counts from then).
+    async fn claim(&self, request: &RemotePrefillRequest) -> Result<(ClaimReply, Instant), String> {
+        let sent = Instant::now();
         let message = DecodeMessage::Claim {
             request_id: request.request_id.clone(),
             prefill_instance: self.parts.instance_id.clone(),
@@ -331,6 +439,42 @@ impl PrefillWorker {
         tokio::time::timeout(self.config.claim_timeout, ask)
             .await
             .unwrap_or_else(|_| Err("claim timed out".to_string()))
+            .map(|reply| (reply, sent))
+    }
+
+    /// Tell the decode worker that this worker gives `request` up (see
+    /// [`DecodeMessage::Abandon`]); best effort, within the claim deadline.
+    async fn abandon(&self, request: &RemotePrefillRequest, reason: &str, handed_back: bool) {
+        let message = DecodeMessage::Abandon {
+            request_id: request.request_id.clone(),
+            prefill_instance: self.parts.instance_id.clone(),
+            reason: reason.to_string(),
+            handed_back,
+        };
+        let tell = async {
+            let mut replies = self
+                .parts
+                .bus
+                .request(
+                    &request.decode_instance,
+                    protocol::encode(&message),
+                    self.config.claim_timeout,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            // One (empty) reply, or the end: either way it arrived.
+            let _ = replies.next().await;
+            Ok::<(), String>(())
+        };
+        match tokio::time::timeout(self.config.claim_timeout, tell).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(request_id = %request.request_id, "telling the decode worker failed: {e}")
+            }
+            Err(_) => {
+                tracing::debug!(request_id = %request.request_id, "telling the decode worker timed out")
+            }
+        }
     }
 
     /// Prefill the prompt and sample its first token; the KV stays held.
@@ -338,6 +482,7 @@ impl PrefillWorker {
         &self,
         engine_id: &str,
         request: &RemotePrefillRequest,
+        deadline: Instant,
     ) -> Result<u32, JobEnd> {
         // The engine going away is this worker's shutdown, not the job's
         // fault: another worker may still do it.
@@ -360,7 +505,7 @@ impl PrefillWorker {
                 sampling,
             })
             .map_err(engine_failed)?;
-        let limit = remaining(request.deadline_unix_ms).unwrap_or_default();
+        let limit = deadline.saturating_duration_since(Instant::now());
         let mut first = None;
         let collect = async {
             while let Some(item) = outputs.recv().await {
@@ -450,8 +595,11 @@ impl PrefillWorker {
     }
 }
 
-/// Time left until `deadline_unix_ms`; `None` once it passed.
-fn remaining(deadline_unix_ms: u64) -> Option<Duration> {
-    let now = protocol::unix_ms_now();
-    (deadline_unix_ms > now).then(|| Duration::from_millis(deadline_unix_ms - now))
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -25,6 +25,41 @@ pub enum DecodeMessage {
         request_id: String,
         prefill_instance: String,
     },
+    /// A prefill worker gives up `request_id`'s job and will write nothing
+    /// (more) into its blocks: it failed (`handed_back` false: the decode
+    /// worker prefills locally at once), or it is shutting down and handed
+    /// the job back to the queue (`handed_back` true: its claim is released
+    /// so that the worker the job goes to next may claim it). Answered by
+    /// one empty message.
+    Abandon {
+        request_id: String,
+        prefill_instance: String,
+        reason: String,
+        handed_back: bool,
+    },
+}
+
+/// Messages addressed to a prefill instance on the request plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PrefillMessage {
+    /// A decode worker waiting for `request_id`'s KV asks whether its
+    /// claimant still works on it; answered by one [`JobStatus`]. A worker
+    /// that is gone does not answer at all (the bus says "no responders").
+    Status { request_id: String },
+}
+
+/// The answer to [`PrefillMessage::Status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Claimed and not finished: computing, or writing.
+    Working,
+    /// Finished lately (written, or abandoned): its notification or its
+    /// [`DecodeMessage::Abandon`] is on the way.
+    Finished,
+    /// Not a job this worker holds or held lately.
+    Unknown,
 }
 
 /// One generation request.
@@ -38,10 +73,12 @@ pub struct GenerateWork {
 
 /// The answer to [`DecodeMessage::Claim`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(tag = "reply", rename_all = "snake_case")]
 pub enum ClaimReply {
-    /// Compute and write; the blocks wait until the request's deadline.
-    Proceed,
+    /// Compute and write within `remaining_ms`, counted by the claimant
+    /// from when it sent the claim: the time is measured on one clock (each
+    /// side's own monotonic clock), so no clock skew between hosts matters.
+    Proceed { remaining_ms: u64 },
     /// Do not write: the request is gone, done elsewhere or past its deadline.
     Refuse,
 }
@@ -138,9 +175,9 @@ pub struct RemotePrefillRequest {
     /// Leading blocks the decode worker already has (its prefix-cache hit):
     /// `dst_blocks[0]` receives prompt block `first_block`.
     pub first_block: u32,
-    /// Milliseconds since the Unix epoch after which the decode worker no
-    /// longer waits: nothing may be written after it.
-    pub deadline_unix_ms: u64,
+    /// How long the decode worker waits for the KV, from when it enqueued
+    /// the job (for information: the claim reply gives the time that binds).
+    pub timeout_ms: u64,
     /// The decode worker's NIXL metadata (as in its discovery record). A
     /// draining decode worker has removed its record but still takes the
     /// writes it waits for. `None` from decode workers that predate it.
@@ -167,14 +204,6 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
     serde_json::from_slice(bytes).map_err(|source| WireError { what, source })
 }
 
-/// Milliseconds since the Unix epoch, now.
-pub fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +215,28 @@ mod tests {
             prefill_instance: "p".into(),
         };
         assert_eq!(decode::<DecodeMessage>("m", &encode(&m)).unwrap(), m);
+        let reply = ClaimReply::Proceed { remaining_ms: 1500 };
+        assert_eq!(
+            String::from_utf8_lossy(&encode(&reply)),
+            r#"{"reply":"proceed","remaining_ms":1500}"#
+        );
+        let abandon = DecodeMessage::Abandon {
+            request_id: "r".into(),
+            prefill_instance: "p".into(),
+            reason: "engine error".into(),
+            handed_back: false,
+        };
+        assert_eq!(
+            decode::<DecodeMessage>("m", &encode(&abandon)).unwrap(),
+            abandon
+        );
+        let status = PrefillMessage::Status {
+            request_id: "r".into(),
+        };
+        assert_eq!(
+            decode::<PrefillMessage>("m", &encode(&status)).unwrap(),
+            status
+        );
         let e = GenerateEvent::Token {
             token_id: 5,
             text: "x".into(),
