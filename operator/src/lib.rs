@@ -3,7 +3,7 @@
 //!
 //! [`crd`] holds the API types, [`resources`] the pure builders of child
 //! objects, [`router_settings`] the etcd key layout, [`pod_status`] what the
-//! pods' statuses say, [`controller`] the reconciler, [`metrics`] and
+//! pods' statuses say, [`planner`] the SLO planner's decision, [`controller`] the reconciler, [`metrics`] and
 //! [`leader`] what the binary adds around it.
 //! The binary (`xpyd-operator run | crd`) lives in `main.rs`.
 
@@ -11,6 +11,7 @@ pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod planner;
 pub mod pod_status;
 pub mod resources;
 pub mod router_settings;
