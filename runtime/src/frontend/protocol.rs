@@ -217,6 +217,11 @@ pub struct ChatMessageIn {
 }
 
 /// `POST /v1/chat/completions`.
+///
+/// Every field of OpenAI's chat request is either honoured or refused with
+/// a 400 naming it (see [`ChatCompletionRequest::refused_field`] and the
+/// table in `docs/api.md`); fields OpenAI does not know are ignored, as
+/// OpenAI does.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: String,
@@ -226,6 +231,96 @@ pub struct ChatCompletionRequest {
     /// Parsed separately (see `extract`), so that its errors name the field.
     #[serde(skip)]
     pub common: CommonParams,
+    /// Fields not served yet: present only to be refused by name.
+    #[serde(flatten)]
+    pub unserved: UnservedChatFields,
+}
+
+/// OpenAI chat fields xpyd does not serve yet, kept as written so that a
+/// request using them is refused rather than silently answered without
+/// them (a client asking for JSON must not get prose under HTTP 200).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct UnservedChatFields {
+    pub response_format: Option<serde_json::Value>,
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub functions: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
+    pub logprobs: Option<serde_json::Value>,
+    pub top_logprobs: Option<serde_json::Value>,
+    pub logit_bias: Option<serde_json::Value>,
+    pub modalities: Option<serde_json::Value>,
+    pub audio: Option<serde_json::Value>,
+    pub prediction: Option<serde_json::Value>,
+    pub web_search_options: Option<serde_json::Value>,
+    pub store: Option<serde_json::Value>,
+}
+
+impl UnservedChatFields {
+    /// The first field whose value asks for something not served, with why.
+    /// Values that ask for nothing (`logprobs: false`, `tools: []`,
+    /// `response_format: {"type": "text"}`, `store: false`, ...) pass.
+    fn refused(&self) -> Option<RequestFault> {
+        use serde_json::Value;
+        let is_null_or = |v: &Option<Value>, ok: &dyn Fn(&Value) -> bool| {
+            v.as_ref().is_none_or(|v| v.is_null() || ok(v))
+        };
+        let empty = |v: &Value| {
+            v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty())
+        };
+        let not_yet = |field: &str, what: &str| {
+            Some(RequestFault::new(
+                format!("{field} is not supported yet ({what}); omit it"),
+                field,
+            ))
+        };
+        let u = self;
+        if !is_null_or(&u.response_format, &|v| v["type"] == "text") {
+            return not_yet(
+                "response_format",
+                "structured output: json_object and json_schema are not served",
+            );
+        }
+        if !is_null_or(&u.tools, &empty) {
+            return not_yet("tools", "tool calling is not served");
+        }
+        if !is_null_or(&u.tool_choice, &|v| v == "none" || v == "auto") {
+            return not_yet("tool_choice", "tool calling is not served");
+        }
+        if !is_null_or(&u.functions, &empty) {
+            return not_yet("functions", "function calling is not served");
+        }
+        if !is_null_or(&u.function_call, &|v| v == "none" || v == "auto") {
+            return not_yet("function_call", "function calling is not served");
+        }
+        if !is_null_or(&u.logprobs, &|v| v == false) {
+            return not_yet("logprobs", "log probabilities are not returned");
+        }
+        if !is_null_or(&u.top_logprobs, &|v| v == 0) {
+            return not_yet("top_logprobs", "log probabilities are not returned");
+        }
+        if !is_null_or(&u.logit_bias, &empty) {
+            return not_yet("logit_bias", "the sampler takes no token biases");
+        }
+        if !is_null_or(&u.modalities, &|v| {
+            v.as_array().is_some_and(|m| m.iter().all(|x| x == "text"))
+        }) {
+            return not_yet("modalities", "only text is served");
+        }
+        if !is_null_or(&u.audio, &|_| false) {
+            return not_yet("audio", "only text is served");
+        }
+        if !is_null_or(&u.prediction, &|_| false) {
+            return not_yet("prediction", "predicted outputs are not served");
+        }
+        if !is_null_or(&u.web_search_options, &|_| false) {
+            return not_yet("web_search_options", "there is no web search");
+        }
+        if !is_null_or(&u.store, &|v| v == false) {
+            return not_yet("store", "completions are not stored");
+        }
+        None
+    }
 }
 
 impl ChatCompletionRequest {
@@ -236,8 +331,17 @@ impl ChatCompletionRequest {
                 "messages",
             ));
         }
+        if let Some(fault) = self.refused_field() {
+            return Err(fault);
+        }
         self.common
             .sampling(self.max_completion_tokens.or(self.common.max_tokens))
+    }
+
+    /// A field of OpenAI's request this server does not serve yet, set to
+    /// a value that asks for it.
+    pub fn refused_field(&self) -> Option<RequestFault> {
+        self.unserved.refused()
     }
 }
 
@@ -476,6 +580,65 @@ mod tests {
             five.sampling(None).unwrap_err().param.as_deref(),
             Some("stop")
         );
+    }
+
+    #[test]
+    fn unserved_fields_are_refused_by_name_and_harmless_values_pass() {
+        let base = r#""model":"m","messages":[{"role":"user","content":"hi"}]"#;
+        let refused = [
+            (
+                r#""response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{}}}"#,
+                "response_format",
+            ),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+                "tools",
+            ),
+            (r#""tool_choice":"required""#, "tool_choice"),
+            (r#""functions":[{"name":"f"}]"#, "functions"),
+            (r#""logprobs":true"#, "logprobs"),
+            (r#""top_logprobs":5"#, "top_logprobs"),
+            (r#""logit_bias":{"50256":-100}"#, "logit_bias"),
+            (r#""modalities":["text","audio"]"#, "modalities"),
+            (r#""audio":{"voice":"alloy","format":"wav"}"#, "audio"),
+            (
+                r#""prediction":{"type":"content","content":"x"}"#,
+                "prediction",
+            ),
+            (r#""web_search_options":{}"#, "web_search_options"),
+            (r#""store":true"#, "store"),
+        ];
+        for (field, name) in refused {
+            let r: ChatCompletionRequest =
+                serde_json::from_str(&format!("{{{base},{field}}}")).unwrap();
+            let fault = r.sampling().unwrap_err();
+            assert_eq!(fault.param.as_deref(), Some(name), "{field}");
+            assert!(fault.message.contains(name), "{}", fault.message);
+        }
+        let harmless = [
+            r#""response_format":{"type":"text"}"#,
+            r#""tools":[]"#,
+            r#""tool_choice":"none""#,
+            r#""logprobs":false"#,
+            r#""top_logprobs":0"#,
+            r#""logit_bias":{}"#,
+            r#""modalities":["text"]"#,
+            r#""store":false"#,
+            r#""metadata":{"k":"v"}"#,
+            r#""service_tier":"auto""#,
+            r#""parallel_tool_calls":true"#,
+            r#""response_format":null"#,
+            r#""made_up_field":{"x":1}"#,
+        ];
+        for field in harmless {
+            let r: ChatCompletionRequest =
+                serde_json::from_str(&format!("{{{base},{field}}}")).unwrap();
+            assert!(r.sampling().is_ok(), "{field}");
+        }
     }
 
     #[test]
