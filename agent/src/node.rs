@@ -373,7 +373,7 @@ impl Node {
             role,
             model: model.to_string(),
             http_address,
-            transfer: Some(self.agent.metadata()),
+            transfer: Some(self.agent.metadata().to_metadata()),
             capacity: Some(Capacity {
                 num_blocks: config.num_blocks,
                 block_size: config.block_size as u32,

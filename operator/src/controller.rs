@@ -34,6 +34,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use xpyd_api::Scope;
 
 use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, RoleAcks, RoleStatus, RouterStatus};
 use crate::metrics::Metrics;
@@ -41,7 +42,7 @@ use crate::pod_status::{self, PodProblem};
 use crate::resources::{
     self, BuildError, ClusterSettings, DEPLOYMENT_LABEL, MANAGED_BY, Owner, Role,
 };
-use crate::router_settings::{EtcdClients, EtcdError, RouterSettings, settings_key};
+use crate::router_settings::{EtcdClients, EtcdError, router_settings};
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "xpyd-operator";
@@ -449,10 +450,10 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
 
     // Router settings into etcd.
     let generation = dd.metadata.generation.unwrap_or(0);
-    let key = settings_key(ns, &owner.name);
-    let want = RouterSettings::new(&spec.router, spec.num_prefill, generation);
+    let key = Scope::new(ns, &owner.name).settings_key();
     let endpoints = &spec.etcd.endpoints;
     let etcd = async {
+        let want = router_settings(&spec.router, spec.num_prefill, generation)?;
         let (stored, wrote) = ctx.etcd.ensure_settings(endpoints, &key, &want).await?;
         let acks = ctx
             .etcd

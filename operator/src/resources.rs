@@ -29,9 +29,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
+use xpyd_api::Scope;
 
 use crate::crd::{DisaggDeployment, DisaggDeploymentSpec, ModelSource, WorkerSpec};
-use crate::router_settings::settings_key;
 
 /// Label naming the `DisaggDeployment` an object belongs to.
 pub const DEPLOYMENT_LABEL: &str = "xpyd.dev/deployment";
@@ -68,30 +68,9 @@ pub struct ClusterSettings {
     pub hf_endpoint: Option<String>,
 }
 
-/// The three kinds of pod.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// HTTP API, tokenizer and router.
-    Frontend,
-    /// Computes KV caches of long prompts.
-    Prefill,
-    /// Decodes, prefilling short prompts locally.
-    Decode,
-}
-
-impl Role {
-    /// All roles.
-    pub const ALL: [Role; 3] = [Role::Frontend, Role::Prefill, Role::Decode];
-
-    /// The name used in labels, object names and the agent's argument.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Frontend => "frontend",
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-        }
-    }
-}
+/// The three kinds of pod: a contract with the agent (its argument, its
+/// instance keys), so it lives in `xpyd-api`.
+pub use xpyd_api::Role;
 
 /// Why an object cannot be built.
 #[derive(Debug, thiserror::Error)]
@@ -376,7 +355,7 @@ pub fn deployment(
         env("XPYD_NATS_URL", spec.nats.url.clone()),
         env(
             "XPYD_ROUTER_SETTINGS_KEY",
-            settings_key(&owner.namespace, &owner.name),
+            Scope::new(&owner.namespace, &owner.name).settings_key(),
         ),
         env("XPYD_SERVED_MODEL_NAME", spec.model.served_name()),
         env("XPYD_METRICS_PORT", METRICS_PORT.to_string()),

@@ -1,13 +1,12 @@
-//! Router settings in etcd: the key layout the operator writes and routers
-//! read, and the small etcd client the controller uses for it.
+//! Router settings in etcd, the operator's side: the [`RouterSettings`] a
+//! spec asks for ([`router_settings`]), and the small etcd client the
+//! controller writes them and counts acks with.
 //!
-//! Layout, per `DisaggDeployment` `<name>` in namespace `<namespace>`:
-//!
-//! | key | written by | value |
-//! |---|---|---|
-//! | `/xpyd/<namespace>/<name>/router` | operator | JSON [`RouterSettings`] |
-//! | `/xpyd/<namespace>/<name>/router-acks/<instance>` | each agent (every role) | JSON [`RouterAck`] |
-//! | `/xpyd/<namespace>/<name>/instances/<role>/<instance>` | each agent (runtime discovery) | read here for its key only |
+//! The key layout, the settings and the acks are contracts with the agents
+//! and live in `xpyd-api` ([`xpyd_api::keys`], [`xpyd_api::settings`]).
+//! Per `DisaggDeployment`, the operator writes the settings key, each agent
+//! (every role) writes an ack, and the instance keys are read here for their
+//! role only.
 //!
 //! `generation` in the settings is the CR `metadata.generation` at which the
 //! settings last changed (an image bump does not make routers re-ack). Every
@@ -24,27 +23,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, DeleteOptions, GetOptions};
-use serde::{Deserialize, Serialize};
+use xpyd_api::{RouterAck, RouterSettings, RouterStrategy, Scope};
 
-use crate::crd::{RouterSpec, RouterStrategy};
+use crate::crd::{self, RouterSpec};
 
 /// Deadline of every etcd call the operator makes.
 pub const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The etcd key of a deployment's router settings.
-pub fn settings_key(namespace: &str, name: &str) -> String {
-    format!("/xpyd/{namespace}/{name}/router")
-}
-
-/// The prefix under which routers acknowledge settings.
-pub fn acks_prefix(namespace: &str, name: &str) -> String {
-    format!("/xpyd/{namespace}/{name}/router-acks/")
-}
-
-/// The prefix of the instance records (keys `<prefix><role>/<instance>`).
-pub fn instances_prefix(namespace: &str, name: &str) -> String {
-    format!("/xpyd/{namespace}/{name}/instances/")
-}
 
 /// Acknowledgements of a settings generation, by the role of the instance
 /// that wrote them.
@@ -62,7 +46,8 @@ pub struct AckCounts {
 }
 
 /// Counts acks of `generation` or later by role. `acks` are (key, value)
-/// under `acks_prefix`; `instances` the keys under `instances_prefix`.
+/// under [`Scope::acks_prefix`]; `instances` the keys under
+/// [`Scope::instances_prefix`].
 pub fn tally_acks<'a>(
     acks_prefix: &str,
     acks: impl IntoIterator<Item = (&'a str, &'a [u8])>,
@@ -80,7 +65,7 @@ pub fn tally_acks<'a>(
         let Some(id) = key.strip_prefix(acks_prefix) else {
             continue;
         };
-        if parse_ack(value).is_none_or(|acked| acked < generation) {
+        if RouterAck::parse_generation(value).is_none_or(|acked| acked < generation) {
             continue;
         }
         let slot = match roles.get(id) {
@@ -94,57 +79,41 @@ pub fn tally_acks<'a>(
     counts
 }
 
-/// The value stored at [`settings_key`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct RouterSettings {
-    /// CR generation at which these settings last changed.
-    pub generation: i64,
-    /// Decode-worker selection.
-    pub strategy: RouterStrategy,
-    /// Remote-prefill threshold, in uncached prompt tokens.
-    pub max_local_prefill_length: i32,
-    /// Session-affinity header.
-    pub session_header: String,
-    /// Prefill queue depth above which decode workers prefill locally.
-    pub max_prefill_queue_depth: i32,
-    /// Whether prefill workers exist (`numPrefill > 0`).
-    pub disaggregated: bool,
-    /// KV strategy: weight of the prefix overlap in a worker's cost.
-    pub kv_overlap_weight: f64,
-    /// KV strategy: weight of the load in a worker's cost.
-    pub kv_load_weight: f64,
-}
-
-impl RouterSettings {
-    /// Settings for a spec, stamped with `generation`.
-    pub fn new(router: &RouterSpec, num_prefill: i32, generation: i64) -> RouterSettings {
-        RouterSettings {
-            generation,
-            strategy: router.strategy,
-            max_local_prefill_length: router.max_local_prefill_length,
-            session_header: router.session_header.clone(),
-            max_prefill_queue_depth: router.max_prefill_queue_depth,
-            disaggregated: num_prefill > 0,
-            kv_overlap_weight: router.kv_overlap_weight,
-            kv_load_weight: router.kv_load_weight,
+impl From<crd::RouterStrategy> for RouterStrategy {
+    fn from(strategy: crd::RouterStrategy) -> RouterStrategy {
+        match strategy {
+            crd::RouterStrategy::Kv => RouterStrategy::Kv,
+            crd::RouterStrategy::RoundRobin => RouterStrategy::RoundRobin,
+            crd::RouterStrategy::Random => RouterStrategy::Random,
+            crd::RouterStrategy::Session => RouterStrategy::Session,
         }
     }
-
-    /// Whether two settings differ in anything but the generation.
-    pub fn same_settings(&self, other: &RouterSettings) -> bool {
-        RouterSettings {
-            generation: other.generation,
-            ..self.clone()
-        } == *other
-    }
 }
 
-/// The value a router writes under [`acks_prefix`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct RouterAck {
-    /// The settings generation the router runs.
-    pub generation: i64,
+/// The settings a spec asks for, stamped with `generation`. The CRD's
+/// integers are signed (its schema keeps them non-negative); one below zero
+/// is refused rather than wrapped.
+pub fn router_settings(
+    router: &RouterSpec,
+    num_prefill: i32,
+    generation: i64,
+) -> Result<RouterSettings, EtcdError> {
+    let unsigned = |field: &'static str, value: i32| {
+        u32::try_from(value).map_err(|_| EtcdError::OutOfRange { field, value })
+    };
+    Ok(RouterSettings {
+        generation,
+        strategy: router.strategy.into(),
+        max_local_prefill_length: unsigned(
+            "maxLocalPrefillLength",
+            router.max_local_prefill_length,
+        )?,
+        session_header: router.session_header.clone(),
+        max_prefill_queue_depth: unsigned("maxPrefillQueueDepth", router.max_prefill_queue_depth)?,
+        disaggregated: num_prefill > 0,
+        kv_overlap_weight: router.kv_overlap_weight,
+        kv_load_weight: router.kv_load_weight,
+    })
 }
 
 /// Errors talking to etcd.
@@ -172,6 +141,14 @@ pub enum EtcdError {
     /// The stored settings could not be encoded.
     #[error("encoding router settings: {0}")]
     Encode(#[from] serde_json::Error),
+    /// A spec value the settings cannot carry (the CRD schema forbids it).
+    #[error("router settings: spec.router.{field} is {value}, below 0")]
+    OutOfRange {
+        /// The CRD field.
+        field: &'static str,
+        /// Its value.
+        value: i32,
+    },
 }
 
 /// etcd clients, one per endpoint set, shared by all reconciles.
@@ -277,8 +254,9 @@ impl EtcdClients {
         generation: i64,
     ) -> Result<AckCounts, EtcdError> {
         let mut client = self.client(endpoints).await?;
-        let acks_prefix = acks_prefix(namespace, name);
-        let instances_prefix = instances_prefix(namespace, name);
+        let scope = Scope::new(namespace, name);
+        let acks_prefix = scope.acks_prefix();
+        let instances_prefix = scope.instances_prefix();
         let acks = deadline(
             endpoints,
             "list router acks",
@@ -313,17 +291,18 @@ impl EtcdClients {
         name: &str,
     ) -> Result<(), EtcdError> {
         let mut client = self.client(endpoints).await?;
+        let scope = Scope::new(namespace, name);
         deadline(
             endpoints,
             "delete router settings",
-            client.delete(settings_key(namespace, name), None),
+            client.delete(scope.settings_key(), None),
         )
         .await?;
         deadline(
             endpoints,
             "delete router acks",
             client.delete(
-                acks_prefix(namespace, name),
+                scope.acks_prefix(),
                 Some(DeleteOptions::new().with_prefix()),
             ),
         )
@@ -332,43 +311,31 @@ impl EtcdClients {
     }
 }
 
-fn parse_ack(value: &[u8]) -> Option<i64> {
-    if let Ok(ack) = serde_json::from_slice::<RouterAck>(value) {
-        return Some(ack.generation);
-    }
-    std::str::from_utf8(value).ok()?.trim().parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn keys_follow_the_documented_layout() {
-        assert_eq!(settings_key("ns", "llama"), "/xpyd/ns/llama/router");
-        assert_eq!(acks_prefix("ns", "llama"), "/xpyd/ns/llama/router-acks/");
-    }
-
-    #[test]
     fn settings_compare_without_their_generation() {
         let spec = RouterSpec::default();
-        let a = RouterSettings::new(&spec, 1, 3);
-        let b = RouterSettings::new(&spec, 1, 7);
+        let a = router_settings(&spec, 1, 3).unwrap();
+        let b = router_settings(&spec, 1, 7).unwrap();
         assert!(a.same_settings(&b));
-        let c = RouterSettings::new(
+        let c = router_settings(
             &RouterSpec {
                 max_local_prefill_length: 1,
                 ..spec
             },
             1,
             3,
-        );
+        )
+        .unwrap();
         assert!(!a.same_settings(&c));
     }
 
     #[test]
     fn settings_serialize_in_camel_case() {
-        let s = RouterSettings::new(&RouterSpec::default(), 2, 5);
+        let s = router_settings(&RouterSpec::default(), 2, 5).unwrap();
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["generation"], 5);
         assert_eq!(v["maxLocalPrefillLength"], 512);
@@ -377,9 +344,75 @@ mod tests {
     }
 
     #[test]
+    fn settings_carry_every_value_of_the_spec() {
+        let spec = RouterSpec {
+            strategy: crd::RouterStrategy::Session,
+            max_local_prefill_length: 300,
+            session_header: "x-user".to_string(),
+            max_prefill_queue_depth: 7,
+            kv_overlap_weight: 2.5,
+            kv_load_weight: 0.25,
+        };
+        assert_eq!(
+            router_settings(&spec, 2, 11).unwrap(),
+            RouterSettings {
+                generation: 11,
+                strategy: RouterStrategy::Session,
+                max_local_prefill_length: 300,
+                session_header: "x-user".to_string(),
+                max_prefill_queue_depth: 7,
+                disaggregated: true,
+                kv_overlap_weight: 2.5,
+                kv_load_weight: 0.25,
+            }
+        );
+        let negative = RouterSpec {
+            max_prefill_queue_depth: -1,
+            ..spec
+        };
+        assert_eq!(
+            router_settings(&negative, 2, 11).unwrap_err().to_string(),
+            "router settings: spec.router.maxPrefillQueueDepth is -1, below 0"
+        );
+    }
+
+    #[test]
+    fn crd_defaults_are_the_settings_defaults() {
+        assert_eq!(
+            router_settings(&RouterSpec::default(), 1, 0).unwrap(),
+            RouterSettings::default()
+        );
+        for (crd, agent) in [
+            (crd::RouterStrategy::Kv, RouterStrategy::Kv),
+            (crd::RouterStrategy::RoundRobin, RouterStrategy::RoundRobin),
+            (crd::RouterStrategy::Random, RouterStrategy::Random),
+            (crd::RouterStrategy::Session, RouterStrategy::Session),
+        ] {
+            let spec = RouterSpec {
+                strategy: crd,
+                ..RouterSpec::default()
+            };
+            assert_eq!(router_settings(&spec, 0, 1).unwrap().strategy, agent);
+            // The same word on both sides of the wire.
+            assert_eq!(
+                serde_json::to_value(crd).unwrap(),
+                serde_json::to_value(agent).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_spec_without_the_new_fields_gets_the_defaults() {
+        let spec: RouterSpec = serde_json::from_str(r#"{"strategy":"kv"}"#).expect("parses");
+        assert_eq!(spec.session_header, "session-id");
+        assert_eq!((spec.kv_overlap_weight, spec.kv_load_weight), (1.0, 1.0));
+    }
+
+    #[test]
     fn acks_count_by_the_role_of_their_instance() {
-        let acks = acks_prefix("ns", "d");
-        let instances = instances_prefix("ns", "d");
+        let scope = Scope::new("ns", "d");
+        let acks = scope.acks_prefix();
+        let instances = scope.instances_prefix();
         let ack_keys: Vec<String> = ["fe-1", "fe-2", "pre-1", "dec-1", "dec-2", "gone"]
             .iter()
             .map(|id| format!("{acks}{id}"))
@@ -418,12 +451,5 @@ mod tests {
                 unknown: 1
             }
         );
-    }
-
-    #[test]
-    fn acks_parse_from_json_or_a_bare_integer() {
-        assert_eq!(parse_ack(br#"{"generation":4}"#), Some(4));
-        assert_eq!(parse_ack(b"9"), Some(9));
-        assert_eq!(parse_ack(b"nonsense"), None);
     }
 }

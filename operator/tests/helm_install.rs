@@ -21,8 +21,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{Api, ListParams};
 use serde_json::Value;
+use xpyd_api::Scope;
 use xpyd_e2e::{ControlPlane, Etcd, Workdir, shared_control_plane, wait_until};
-use xpyd_operator::router_settings::settings_key;
 
 use common::TIMEOUT;
 
@@ -381,7 +381,7 @@ async fn helm_install_serve_scale_retune_and_uninstall() {
     assert_eq!(decode.lines().count(), 3, "{decode}");
 
     // A new threshold reaches etcd, where the routers watch it.
-    let key = settings_key(NS, DD);
+    let key = Scope::new(NS, DD).settings_key();
     assert_eq!(
         etcd_json(&etcd, &key).await.unwrap()["maxLocalPrefillLength"],
         512

@@ -51,7 +51,7 @@ use super::{
     Bus, BusError, IncomingRequest, JobControl, KvEventStream, PrefillJob, PrefillJobs,
     RequestStream, Responder, ResponderSink, ResponseStream,
 };
-use crate::discovery::Scope;
+use xpyd_api::Scope;
 
 /// Settings of a [`NatsBus`]; `Default` holds the production values.
 #[derive(Debug, Clone)]

@@ -852,7 +852,7 @@ impl LeaseKeeper {
 }
 
 fn ack_value(generation: i64) -> String {
-    serde_json::json!({ "generation": generation }).to_string()
+    xpyd_api::RouterAck { generation }.encode()
 }
 
 #[cfg(test)]

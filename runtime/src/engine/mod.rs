@@ -29,3 +29,4 @@ pub mod safetensors;
 pub mod sampling;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod wire;

@@ -11,15 +11,16 @@
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use serde::{Deserialize, Serialize};
 
 use super::block_pool::TokenId;
+/// Why generation ended; a wire type (it is streamed back to frontends).
+pub use xpyd_api::FinishReason;
 
 /// What the user asked for, in OpenAI's vocabulary (plus vLLM's `top_k`,
 /// `min_tokens` and `ignore_eos`). Call [`SamplingParams::validate`] (or
-/// build a [`Sampler`], which does) before trusting the values.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+/// build a [`Sampler`], which does) before trusting the values. Not a wire
+/// type: on the bus it travels as `xpyd_api::WireSamplingParams`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 picks the most likely token; higher flattens the distribution.
     pub temperature: f32,
@@ -121,25 +122,6 @@ impl SamplingParams {
             return Err(SamplingParamsError::EmptyStop(index));
         }
         Ok(())
-    }
-}
-
-/// Why generation ended, as OpenAI's `finish_reason` spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    /// EOS, a stop token or a stop string.
-    Stop,
-    /// `max_tokens` (or the context window) was reached.
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
     }
 }
 
@@ -553,8 +535,12 @@ mod tests {
 
     #[test]
     fn params_deserialize_with_defaults() {
-        let parsed: SamplingParams =
-            serde_json::from_str(r#"{"temperature":0.5,"stop":["\n"]}"#).expect("json");
+        // As they arrive from the bus: missing fields take the defaults.
+        let parsed: SamplingParams = serde_json::from_str::<xpyd_api::WireSamplingParams>(
+            r#"{"temperature":0.5,"stop":["\n"]}"#,
+        )
+        .expect("json")
+        .into();
         assert_eq!(
             parsed,
             SamplingParams {

@@ -19,7 +19,10 @@ use crate::bus::{Bus, BusError, ResponseStream};
 use crate::discovery::{Discovery, InstanceRecord, Role};
 use crate::engine::chat_template::ChatMessage;
 use crate::engine::runner::Output;
-use crate::worker::protocol::{self, DecodeMessage, GenerateEvent, GenerateWork, WireErrorKind};
+use crate::engine::wire::output_of;
+use xpyd_api::messages::{
+    self as protocol, DecodeMessage, GenerateEvent, GenerateWork, WireErrorKind,
+};
 
 /// Chooses the decode worker of each request (the router implements it).
 pub trait WorkerPicker: Send + Sync + 'static {
@@ -97,13 +100,13 @@ impl ClusterBackend {
             request_id: request.request_id.clone(),
             model: request.model.clone(),
             prompt_token_ids: request.prompt_token_ids.clone(),
-            sampling: request.sampling.clone(),
+            sampling: request.sampling.clone().into(),
         });
         let mut responses = self
             .bus
             .request(
                 worker,
-                protocol::encode(&message),
+                protocol::encode(&message).into(),
                 self.options.idle_timeout,
             )
             .await
@@ -145,9 +148,7 @@ fn event(bytes: &[u8]) -> Result<Output, BackendError> {
             WireErrorKind::Unavailable => BackendError::Unavailable(message),
             WireErrorKind::Internal => BackendError::Internal(message),
         }),
-        token => token
-            .into_output()
-            .ok_or_else(|| BackendError::Internal("unexpected event".into())),
+        token => output_of(token).ok_or_else(|| BackendError::Internal("unexpected event".into())),
     }
 }
 

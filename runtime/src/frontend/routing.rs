@@ -17,8 +17,8 @@ use super::backend::GenerateRequest;
 use super::cluster::WorkerPicker;
 use crate::bus::Bus;
 use crate::discovery::Discovery;
-use crate::engine::block_pool::prefix_hashes;
 use crate::router::{RouteRequest, Router, RouterError, RouterMetrics};
+use xpyd_api::kv::prefix_hashes;
 
 impl WorkerPicker for Router {
     fn pick(&self, request: &GenerateRequest, candidates: &[String]) -> Option<String> {

@@ -5,7 +5,7 @@
 //! # Why a map and not a pointer tree
 //!
 //! A [`PrefixHash`] is chained: block `i`'s hash covers every token of
-//! blocks `0..=i` (see `engine::block_pool`). One hash therefore names one
+//! blocks `0..=i` (see [`xpyd_api::kv`]). One hash therefore names one
 //! node of the radix tree of all cached prefixes, and the tree needs no
 //! pointers: the index is a map *block hash → workers holding it* plus, per
 //! worker, the set of hashes it holds (to apply `Removed`/`Cleared` and to
@@ -39,12 +39,12 @@
 //!   it (it under-reports that worker's cache until blocks are re-stored).
 //!
 //! Not here: worker identities, loads and the choice of a worker (the
-//! `scheduler`), and the wire encoding (`protocol`).
+//! `scheduler`), and the wire encoding (`xpyd-api`).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::engine::block_pool::{KvEvent, KvEventData, PrefixHash};
+use xpyd_api::kv::{KvEvent, KvEventData, PrefixHash};
 
 /// The router's short name for a worker. The router never reuses one, so a
 /// stale id can only miss, never point at a different worker.
@@ -465,7 +465,7 @@ impl KvIndexer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::block_pool::prefix_hashes;
+    use xpyd_api::kv::prefix_hashes;
 
     const A: WorkerId = WorkerId(1);
     const B: WorkerId = WorkerId(2);

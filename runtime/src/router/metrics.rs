@@ -8,7 +8,7 @@
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::discovery::RouterStrategy;
+use xpyd_api::RouterStrategy;
 
 /// Label value of a strategy in `xpyd_router_decisions_total`.
 pub fn strategy_label(strategy: RouterStrategy) -> &'static str {

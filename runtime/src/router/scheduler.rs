@@ -41,19 +41,19 @@
 //! `Mutex` held for a few hundred nanoseconds per select. Locks are always
 //! taken index first, then state.
 //!
-//! Not here: the index structure (`indexer`), wire types (`protocol`), the
+//! Not here: the index structure (`indexer`), wire types (`xpyd-api`), the
 //! disaggregation decision (the decode worker makes it).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use crate::discovery::{InstanceSet, Role, RouterSettings, RouterStrategy};
-use crate::engine::block_pool::{PrefixHash, TokenId, prefix_hashes};
+use xpyd_api::kv::{PrefixHash, TokenId, prefix_hashes};
+use xpyd_api::kv_events::{DecodeError, KvEventBatch, WorkerLoad};
+use xpyd_api::{InstanceSet, Role, RouterSettings, RouterStrategy};
 
 use super::indexer::{BatchOutcome, KvIndexer, OverlapScores, WorkerId};
 use super::metrics::{RouterMetrics, WorkerGauges};
-use super::protocol::{DecodeError, KvEventBatch, WorkerLoad};
 
 /// Sessions remembered before idle ones are forgotten.
 const MAX_SESSIONS: usize = 100_000;
@@ -625,8 +625,8 @@ pub type SharedRouter = Arc<Router>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::block_pool::{KvEvent, KvEventData};
-    use crate::router::protocol::KvEventPublisher;
+    use xpyd_api::kv::{KvEvent, KvEventData};
+    use xpyd_api::kv_events::KvEventPublisher;
 
     const BS: usize = 4;
 

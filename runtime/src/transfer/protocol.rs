@@ -5,6 +5,7 @@
 //! Not for: moving bytes or deciding when to transfer (see `agent`).
 
 use serde::{Deserialize, Serialize};
+use xpyd_api::TransferMetadata;
 
 use super::layout::KvLayout;
 
@@ -21,6 +22,18 @@ pub struct PeerInfo {
     /// layer; `2 * layout.n_layers` entries. Blocks follow at
     /// `layout.block_region_bytes` strides.
     pub region_addrs: Vec<u64>,
+}
+
+impl PeerInfo {
+    /// The opaque form discovery records and prefill jobs carry.
+    pub fn to_metadata(&self) -> TransferMetadata {
+        TransferMetadata::encode(self)
+    }
+
+    /// Back from the opaque form; an error for metadata that is not ours.
+    pub fn from_metadata(metadata: &TransferMetadata) -> Result<PeerInfo, serde_json::Error> {
+        metadata.decode()
+    }
 }
 
 /// Sent with a WRITE and delivered to the receiver only after all its bytes
@@ -58,5 +71,25 @@ mod tests {
         };
         assert_eq!(TransferNotification::decode(&n.encode()).unwrap(), n);
         assert!(TransferNotification::decode(b"\xff not json").is_err());
+    }
+
+    #[test]
+    fn peer_info_travels_as_the_same_json_in_its_opaque_form() {
+        let peer = PeerInfo {
+            agent_name: "decode-1".into(),
+            nixl_metadata: vec![0, 1, 255],
+            layout: KvLayout {
+                n_layers: 2,
+                block_size: 16,
+                block_region_bytes: 4096,
+                dtype: crate::transfer::KvDtype::F32,
+                num_blocks: 8,
+            },
+            region_addrs: vec![0x1000, 0x2000, 0x3000, 0x4000],
+        };
+        let metadata = peer.to_metadata();
+        // What records written before the opaque form held, byte for byte.
+        assert_eq!(metadata.json(), serde_json::to_string(&peer).unwrap());
+        assert_eq!(PeerInfo::from_metadata(&metadata).unwrap(), peer);
     }
 }

@@ -40,15 +40,16 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::notifications::NotificationHub;
-use super::protocol::{
-    self, ClaimReply, DecodeMessage, GenerateEvent, GenerateWork, JobStatus, PrefillMessage,
-    RemotePrefillRequest, WireErrorKind,
-};
 use super::{InFlight, WorkerParts};
 use crate::bus::{BusError, IncomingRequest, RequestStream, Responder};
 use crate::discovery::{Role, RouterSettings};
 use crate::engine::runner::{EngineError, OutputItem, Request};
-use crate::transfer::{PeerInfo, ReceivedNotification};
+use crate::transfer::ReceivedNotification;
+use xpyd_api::TransferMetadata;
+use xpyd_api::messages::{
+    self as protocol, ClaimReply, DecodeMessage, GenerateEvent, GenerateWork, JobStatus,
+    PrefillMessage, RemotePrefillRequest, WireErrorKind,
+};
 
 /// Settings of a decode worker that are not the deployment's.
 #[derive(Debug, Clone)]
@@ -106,7 +107,7 @@ struct Inner {
     /// Bytes of one block of KV (all layers, K and V).
     block_bytes: u64,
     /// What a prefill worker needs to write into our KV memory.
-    transfer: PeerInfo,
+    transfer: TransferMetadata,
 }
 
 /// A decode worker. Cheap to clone.
@@ -120,7 +121,7 @@ impl DecodeWorker {
         let hub = NotificationHub::start(parts.agent.clone())?;
         let layout = *parts.agent.layout();
         let block_bytes = layout.block_region_bytes * 2 * u64::from(layout.n_layers);
-        let transfer = parts.agent.metadata();
+        let transfer = parts.agent.metadata().to_metadata();
         Ok(DecodeWorker {
             inner: Arc::new(Inner {
                 parts,
@@ -237,7 +238,11 @@ impl DecodeWorker {
             }) => {
                 let reply = self.claim(&request_id, &prefill_instance);
                 let mut responder = responder;
-                if responder.send(protocol::encode(&reply)).await.is_ok() {
+                if responder
+                    .send(protocol::encode(&reply).into())
+                    .await
+                    .is_ok()
+                {
                     let _ = responder.end().await;
                 }
             }
@@ -325,7 +330,7 @@ impl DecodeWorker {
         let request = Request {
             id: id.clone(),
             prompt_token_ids: work.prompt_token_ids,
-            sampling: work.sampling,
+            sampling: work.sampling.into(),
         };
         let (outputs, cancel_remote) = match self.admit(request).await {
             Ok(admitted) => admitted,
@@ -406,7 +411,7 @@ impl DecodeWorker {
             request_id: id.clone(),
             model: parts.model.clone(),
             token_ids: request.prompt_token_ids,
-            sampling: request.sampling,
+            sampling: request.sampling.into(),
             decode_instance: parts.instance_id.clone(),
             dst_blocks: reservation.block_ids.clone(),
             first_block: (reservation.cached_tokens / block_size) as u32,
@@ -426,7 +431,7 @@ impl DecodeWorker {
         );
         let enqueued = tokio::time::timeout(
             self.inner.config.queue_query_timeout * 5,
-            parts.bus.enqueue_prefill(protocol::encode(&job)),
+            parts.bus.enqueue_prefill(protocol::encode(&job).into()),
         )
         .await;
         if !matches!(enqueued, Ok(Ok(()))) {
@@ -592,7 +597,7 @@ impl DecodeWorker {
                 .inner
                 .parts
                 .bus
-                .request(owner, protocol::encode(&message), limit)
+                .request(owner, protocol::encode(&message).into(), limit)
                 .await?;
             match replies.next().await {
                 Some(Ok(bytes)) => Ok(protocol::decode::<JobStatus>("job status", &bytes)
@@ -678,7 +683,11 @@ async fn stream_outputs(
                 param: None,
             },
         };
-        if responder.send(protocol::encode(&event)).await.is_err() {
+        if responder
+            .send(protocol::encode(&event).into())
+            .await
+            .is_err()
+        {
             if let Some(tx) = cancel_remote.take() {
                 let _ = tx.send(());
             }
@@ -695,7 +704,11 @@ async fn fail(mut responder: Responder, kind: WireErrorKind, message: String) {
         message,
         param: None,
     };
-    if responder.send(protocol::encode(&event)).await.is_ok() {
+    if responder
+        .send(protocol::encode(&event).into())
+        .await
+        .is_ok()
+    {
         let _ = responder.end().await;
     }
 }

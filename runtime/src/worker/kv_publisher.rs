@@ -10,9 +10,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 
 use crate::bus::Bus;
-use crate::engine::block_pool::KvEvent;
 use crate::engine::runner::EngineHandle;
-use crate::router::protocol::{KvEventPublisher, WorkerLoad};
+use xpyd_api::kv::KvEvent;
+use xpyd_api::kv_events::{KvEventPublisher, WorkerLoad};
 
 /// Most events in one batch.
 const MAX_BATCH: usize = 1024;

@@ -3,7 +3,8 @@
 //! locally or hand it to the prefill queue; a prefill worker
 //! ([`PrefillWorker`]) takes jobs from that queue, computes the KV and
 //! NIXL-writes it into the decode worker's blocks. The protocol is in
-//! ARCHITECTURE.md; the wire types are in [`protocol`].
+//! `docs/architecture.md`; the wire types are in `xpyd-api`
+//! ([`xpyd_api::messages`]).
 //!
 //! A worker composes the rooms below it (engine, transfer, discovery, bus);
 //! process wiring (flags, HTTP probes, signals) is the agent's.
@@ -13,7 +14,6 @@ mod kv_publisher;
 
 mod notifications;
 pub mod prefill;
-pub mod protocol;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

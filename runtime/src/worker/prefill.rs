@@ -35,14 +35,14 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio::sync::{Semaphore, watch};
 
-use super::protocol::{
-    self, ClaimReply, DecodeMessage, JobStatus, PrefillMessage, RemotePrefillRequest,
-};
 use super::{InFlight, WorkerParts};
 use crate::bus::{IncomingRequest, PrefillJob};
 use crate::engine::runner::{EngineError, Request};
 use crate::engine::sampling::SamplingParams;
-use crate::transfer::TransferNotification;
+use crate::transfer::{PeerInfo, TransferNotification};
+use xpyd_api::messages::{
+    self as protocol, ClaimReply, DecodeMessage, JobStatus, PrefillMessage, RemotePrefillRequest,
+};
 
 /// Settings of a prefill worker.
 #[derive(Debug, Clone)]
@@ -170,7 +170,7 @@ impl PrefillWorker {
                         JobStatus::Unknown
                     }
                 };
-                if responder.send(protocol::encode(&status)).await.is_ok() {
+                if responder.send(protocol::encode(&status).into()).await.is_ok() {
                     let _ = responder.end().await;
                 }
             }
@@ -366,6 +366,20 @@ impl PrefillWorker {
                 request.decode_instance
             ));
         };
+        let peer = match PeerInfo::from_metadata(&peer) {
+            Ok(peer) => peer,
+            Err(e) => {
+                parts
+                    .metrics
+                    .transfer_failures
+                    .with_label_values(&["peer"])
+                    .inc();
+                return JobEnd::Failed(format!(
+                    "decode instance {}: unreadable NIXL metadata: {e}",
+                    request.decode_instance
+                ));
+            }
+        };
         let peer_name = peer.agent_name.clone();
         if let Err(e) = parts.agent.load_peer(peer) {
             parts
@@ -423,7 +437,7 @@ impl PrefillWorker {
                 .bus
                 .request(
                     &request.decode_instance,
-                    protocol::encode(&message),
+                    protocol::encode(&message).into(),
                     self.config.claim_timeout,
                 )
                 .await
@@ -457,7 +471,7 @@ impl PrefillWorker {
                 .bus
                 .request(
                     &request.decode_instance,
-                    protocol::encode(&message),
+                    protocol::encode(&message).into(),
                     self.config.claim_timeout,
                 )
                 .await
@@ -494,7 +508,7 @@ impl PrefillWorker {
             max_tokens: Some(1),
             min_tokens: request.sampling.min_tokens.min(1),
             stop: Vec::new(),
-            ..request.sampling.clone()
+            ..SamplingParams::from(request.sampling.clone())
         };
         let mut outputs = self
             .parts

@@ -1,15 +1,69 @@
-//! Wire types the workers speak over the bus: what a frontend sends a decode
+//! The messages workers speak over the bus: what a frontend sends a decode
 //! worker, what streams back, and the remote-prefill job a decode worker puts
-//! on the prefill queue (ARCHITECTURE.md, "the remote-prefill protocol").
+//! on the prefill queue (`docs/architecture.md`, "the remote-prefill
+//! protocol").
 //!
-//! JSON, versioned by adding fields (unknown fields are ignored).
+//! JSON, versioned by adding fields (unknown fields are ignored). The
+//! sampling parameters and usage here are wire-only mirrors of the engine's:
+//! the runtime converts at the edge, so an engine refactor cannot change
+//! the wire format. Not here: the bus transport, the engine.
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::engine::runner::{Output, Usage};
-use crate::engine::sampling::{FinishReason, SamplingParams};
-use crate::transfer::PeerInfo;
+use crate::instance::TransferMetadata;
+use crate::kv::TokenId;
+
+/// What the user asked for, as it travels on the bus (the engine's
+/// `SamplingParams` field by field; same JSON names, same defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WireSamplingParams {
+    pub temperature: f32,
+    pub top_k: Option<u32>,
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    pub max_tokens: Option<u32>,
+    pub min_tokens: u32,
+    pub stop_token_ids: Vec<TokenId>,
+    pub ignore_eos: bool,
+    pub stop: Vec<String>,
+}
+
+impl Default for WireSamplingParams {
+    /// OpenAI's defaults: temperature 1, no top-k, top-p 1, no limits.
+    fn default() -> Self {
+        WireSamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: 1.0,
+            seed: None,
+            max_tokens: None,
+            min_tokens: 0,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why generation ended, as OpenAI's `finish_reason` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// EOS, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` (or the context window) was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
 
 /// Messages addressed to a decode instance on the request plane.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,7 +122,7 @@ pub struct GenerateWork {
     pub request_id: String,
     pub model: String,
     pub prompt_token_ids: Vec<u32>,
-    pub sampling: SamplingParams,
+    pub sampling: WireSamplingParams,
 }
 
 /// The answer to [`DecodeMessage::Claim`].
@@ -121,45 +175,6 @@ pub enum GenerateEvent {
     },
 }
 
-impl From<Output> for GenerateEvent {
-    fn from(o: Output) -> Self {
-        GenerateEvent::Token {
-            token_id: o.token_id,
-            text: o.text,
-            finish: o.finish,
-            usage: o.usage.map(|u| WireUsage {
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-                cached_tokens: u.cached_tokens,
-            }),
-        }
-    }
-}
-
-impl GenerateEvent {
-    /// The engine output a `Token` event carries (`None` for errors).
-    pub fn into_output(self) -> Option<Output> {
-        match self {
-            GenerateEvent::Token {
-                token_id,
-                text,
-                finish,
-                usage,
-            } => Some(Output {
-                token_id,
-                text,
-                finish,
-                usage: usage.map(|u| Usage {
-                    prompt_tokens: u.prompt_tokens,
-                    completion_tokens: u.completion_tokens,
-                    cached_tokens: u.cached_tokens,
-                }),
-            }),
-            GenerateEvent::Error { .. } => None,
-        }
-    }
-}
-
 /// A job on the prefill queue: compute the KV of `token_ids` and write
 /// blocks `first_block..` of it into `dst_blocks` of `decode_instance`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,7 +183,7 @@ pub struct RemotePrefillRequest {
     pub model: String,
     pub token_ids: Vec<u32>,
     /// For the first token (the prefill side samples it).
-    pub sampling: SamplingParams,
+    pub sampling: WireSamplingParams,
     pub decode_instance: String,
     /// Blocks the decode worker reserved, in token order.
     pub dst_blocks: Vec<u32>,
@@ -182,21 +197,32 @@ pub struct RemotePrefillRequest {
     /// draining decode worker has removed its record but still takes the
     /// writes it waits for. `None` from decode workers that predate it.
     #[serde(default)]
-    pub decode_transfer: Option<PeerInfo>,
+    pub decode_transfer: Option<TransferMetadata>,
 }
 
 /// Why a wire message could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error("malformed {what}: {source}")]
+#[derive(Debug)]
 pub struct WireError {
     what: &'static str,
     source: serde_json::Error,
 }
 
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "malformed {}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for WireError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 /// Serialize a wire message.
-pub fn encode<T: Serialize>(message: &T) -> Bytes {
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     // Plain data structs (strings, numbers, vectors) always serialize.
-    Bytes::from(serde_json::to_vec(message).unwrap_or_default())
+    serde_json::to_vec(message).unwrap_or_default()
 }
 
 /// Parse a wire message; `what` names it in the error.
@@ -248,9 +274,35 @@ mod tests {
             }),
         };
         let back: GenerateEvent = decode("event", &encode(&e)).unwrap();
-        let out = back.into_output().unwrap();
-        assert_eq!(out.usage.unwrap().prompt_tokens, 3);
+        assert_eq!(back, e);
         let err = decode::<RemotePrefillRequest>("prefill job", b"{}").unwrap_err();
         assert!(err.to_string().contains("malformed prefill job"), "{err}");
+    }
+
+    #[test]
+    fn sampling_params_keep_their_field_names_and_defaults() {
+        let json = serde_json::to_value(WireSamplingParams {
+            top_k: Some(5),
+            max_tokens: Some(8),
+            stop: vec!["x".into()],
+            ..WireSamplingParams::default()
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "temperature": 1.0, "top_k": 5, "top_p": 1.0, "seed": null,
+                "max_tokens": 8, "min_tokens": 0, "stop_token_ids": [],
+                "ignore_eos": false, "stop": ["x"],
+            })
+        );
+        let sparse: WireSamplingParams = serde_json::from_str(r#"{"temperature":0.0}"#).unwrap();
+        assert_eq!(
+            sparse,
+            WireSamplingParams {
+                temperature: 0.0,
+                ..WireSamplingParams::default()
+            }
+        );
     }
 }

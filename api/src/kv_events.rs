@@ -1,5 +1,5 @@
-//! Wire types of the router: the KV event batch a decode worker publishes
-//! on the bus and the load report it carries.
+//! What a decode worker publishes for routers on the bus: a batch of
+//! [`KvEvent`]s and the load report it carries.
 //!
 //! Two encodings, both accepted by [`KvEventBatch::decode`] (it tells them
 //! apart by the first byte):
@@ -19,12 +19,11 @@
 //! - JSON (serde, [`KvEventBatch::encode_json`]): readable, for tools and
 //!   tests.
 //!
-//! Not here: what the router does with a batch (`indexer`, `scheduler`).
+//! Not here: what the router does with a batch (the runtime's `router`).
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::block_pool::{KvEvent, KvEventData, PrefixHash};
-use crate::engine::runner::EngineStats;
+use crate::kv::{KvEvent, KvEventData, PrefixHash};
 
 /// A worker's load as it reports it with each batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -41,18 +40,6 @@ pub struct WorkerLoad {
     pub waiting: u64,
 }
 
-impl From<&EngineStats> for WorkerLoad {
-    fn from(stats: &EngineStats) -> WorkerLoad {
-        let idle = stats.free_blocks + stats.cached_free_blocks;
-        WorkerLoad {
-            active_blocks: stats.total_blocks.saturating_sub(idle) as u64,
-            total_blocks: stats.total_blocks as u64,
-            running: stats.running as u64,
-            waiting: stats.waiting as u64,
-        }
-    }
-}
-
 /// What a decode worker publishes: the KV events since its last batch and
 /// its load now. `seq` counts this publisher's batches (0, 1, 2, …): a gap
 /// tells the router that events were lost.
@@ -67,12 +54,34 @@ pub struct KvEventBatch {
 }
 
 /// A payload that is not a [`KvEventBatch`].
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum DecodeError {
-    #[error("bad KV event batch (JSON): {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("bad KV event batch (binary): {0}")]
+    Json(serde_json::Error),
     Binary(&'static str),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Json(e) => write!(f, "bad KV event batch (JSON): {e}"),
+            DecodeError::Binary(e) => write!(f, "bad KV event batch (binary): {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DecodeError::Json(e) => Some(e),
+            DecodeError::Binary(_) => None,
+        }
+    }
+}
+
+impl From<serde_json::Error> for DecodeError {
+    fn from(e: serde_json::Error) -> Self {
+        DecodeError::Json(e)
+    }
 }
 
 /// First bytes of the binary layout, version 1.
@@ -309,7 +318,6 @@ impl KvEventPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::block_pool::{KvEventData, PrefixHash};
 
     #[test]
     fn batch_round_trips_and_numbers_increase() {
@@ -394,26 +402,5 @@ mod tests {
         assert_eq!(batch.load, WorkerLoad::default());
         let err = KvEventBatch::decode(b"{\"seq\":\"x\"}").unwrap_err();
         assert!(err.to_string().starts_with("bad KV event batch"), "{err}");
-    }
-
-    #[test]
-    fn load_from_engine_stats_counts_held_blocks_only() {
-        let stats = EngineStats {
-            total_blocks: 100,
-            free_blocks: 60,
-            cached_free_blocks: 30,
-            running: 2,
-            waiting: 1,
-            ..EngineStats::default()
-        };
-        assert_eq!(
-            WorkerLoad::from(&stats),
-            WorkerLoad {
-                active_blocks: 10,
-                total_blocks: 100,
-                running: 2,
-                waiting: 1
-            }
-        );
     }
 }
