@@ -657,22 +657,7 @@ async fn a_prefill_worker_killed_mid_run_loses_no_request_and_leaks_no_block() {
     d.agent("prefill-0").process.kill();
     // Every KV block of the decode worker is free again (cached blocks
     // count as free: nothing holds them).
-    let (http, port) = (d.http.clone(), d.agent("decode-0").metrics_port);
-    wait_until(
-        "the decode worker's blocks are all free",
-        Duration::from_secs(30),
-        || {
-            let req = http.get(format!("http://127.0.0.1:{port}/metrics")).send();
-            async move {
-                let text = req.await?.text().await?;
-                let total = sum_samples(&text, "xpyd_engine_kv_blocks", "");
-                let free = sum_samples(&text, "xpyd_engine_kv_blocks_free", "");
-                Ok::<_, reqwest::Error>(total > 0.0 && free == total)
-            }
-        },
-    )
-    .await
-    .unwrap();
+    assert_pool_full(&d, "decode-0").await;
     // And it still serves, through the surviving prefill worker.
     let (status, body) = d
         .chat(LONG_SYSTEM, "What is the capital of France?", 8)
@@ -744,29 +729,35 @@ async fn assert_pool_full(d: &Deployment, decode: &str) {
     .unwrap();
 }
 
-#[tokio::test]
-async fn a_prefill_worker_killed_after_claiming_costs_detection_time_not_the_deadline() {
-    let (d, (status, body), took) = claimant_fault("fault-kill", &[], |d| {
-        d.signal("prefill-0", libc::SIGKILL);
-    })
-    .await;
-    eprintln!("answered {took:?} after the request; prefill-0 SIGKILLed mid-job");
-    assert_eq!(status, 200, "{body}");
-    assert!(answer(&body).contains("Paris"), "{body}");
-    // Noticed through the bus (nobody serves the claimant's subject), not
-    // by waiting out the 60 s deadline.
-    assert_eq!(
-        fallbacks(&d, "prefill_gone").await,
-        1.0,
-        "{}",
-        d.log_tails()
-    );
-    assert_eq!(fallbacks(&d, "timeout").await, 0.0);
+/// The request was answered rightly by a local prefill that followed the
+/// fault's detection (fallback `reason`), not the 60 s deadline, and the
+/// decode worker's blocks are all free again.
+async fn assert_fell_back_at_once(
+    d: &Deployment,
+    (status, body): &(u16, Value),
+    took: Duration,
+    reason: &str,
+) {
+    assert_eq!(*status, 200, "{body}");
+    assert!(answer(body).contains("Paris"), "{body}");
+    assert_eq!(fallbacks(d, reason).await, 1.0, "{}", d.log_tails());
+    assert_eq!(fallbacks(d, "timeout").await, 0.0);
     assert!(
         took < Duration::from_secs(60),
         "ran to the deadline: {took:?}"
     );
-    assert_pool_full(&d, "decode-0").await;
+    assert_pool_full(d, "decode-0").await;
+}
+
+#[tokio::test]
+async fn a_prefill_worker_killed_after_claiming_costs_detection_time_not_the_deadline() {
+    let (d, result, took) = claimant_fault("fault-kill", &[], |d| {
+        d.signal("prefill-0", libc::SIGKILL);
+    })
+    .await;
+    eprintln!("answered {took:?} after the request; prefill-0 SIGKILLed mid-job");
+    // Noticed through the bus (nobody serves the claimant's subject).
+    assert_fell_back_at_once(&d, &result, took, "prefill_gone").await;
 }
 
 #[tokio::test]
@@ -774,27 +765,14 @@ async fn a_prefill_job_that_fails_is_reported_and_decode_falls_back_at_once() {
     // A prefill worker whose engine takes no prompt this long fails the
     // job after claiming it (a real engine error, as a misconfigured
     // worker would give), and says so.
-    let (d, (status, body), took) = claimant_fault(
+    let (d, result, took) = claimant_fault(
         "fault-fail",
         &["--max-model-len", "256", "--num-blocks", "64"],
         |_| {},
     )
     .await;
     eprintln!("answered {took:?} after the request; the prefill job failed");
-    assert_eq!(status, 200, "{body}");
-    assert!(answer(&body).contains("Paris"), "{body}");
-    assert_eq!(
-        fallbacks(&d, "prefill_failed").await,
-        1.0,
-        "{}",
-        d.log_tails()
-    );
-    assert_eq!(fallbacks(&d, "timeout").await, 0.0);
-    assert!(
-        took < Duration::from_secs(60),
-        "ran to the deadline: {took:?}"
-    );
-    assert_pool_full(&d, "decode-0").await;
+    assert_fell_back_at_once(&d, &result, took, "prefill_failed").await;
 }
 
 #[tokio::test]

@@ -224,23 +224,20 @@ impl Planner {
         if spec.move_threshold {
             let p_sat = prefill.saturated(cur_p);
             let d_sat = decode.saturated(cur_d);
-            if p_sat && !d_sat && decode.headroom() && s.threshold < spec.threshold_max {
-                let t = step_threshold(s.threshold, THRESHOLD_STEP, spec);
+            let step = if p_sat && !d_sat && decode.headroom() && s.threshold < spec.threshold_max {
+                Some((THRESHOLD_STEP, Reason::ThresholdRaised))
+            } else if d_sat && !p_sat && prefill.headroom() && s.threshold > spec.threshold_min {
+                Some((1.0 / THRESHOLD_STEP, Reason::ThresholdLowered))
+            } else {
+                None
+            };
+            if let Some((factor, reason)) = step {
+                let t = step_threshold(s.threshold, factor, spec);
                 return Decision {
                     num_prefill: cur_p,
                     num_decode: cur_d,
                     threshold: t,
-                    reason: Reason::ThresholdRaised,
-                    message: format!("{figures}; maxLocalPrefillLength {} -> {t}", s.threshold),
-                };
-            }
-            if d_sat && !p_sat && prefill.headroom() && s.threshold > spec.threshold_min {
-                let t = step_threshold(s.threshold, 1.0 / THRESHOLD_STEP, spec);
-                return Decision {
-                    num_prefill: cur_p,
-                    num_decode: cur_d,
-                    threshold: t,
-                    reason: Reason::ThresholdLowered,
+                    reason,
                     message: format!("{figures}; maxLocalPrefillLength {} -> {t}", s.threshold),
                 };
             }

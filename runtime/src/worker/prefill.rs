@@ -170,7 +170,11 @@ impl PrefillWorker {
                         JobStatus::Unknown
                     }
                 };
-                if responder.send(protocol::encode(&status).into()).await.is_ok() {
+                if responder
+                    .send(protocol::encode(&status).into())
+                    .await
+                    .is_ok()
+                {
                     let _ = responder.end().await;
                 }
             }
@@ -423,6 +427,31 @@ impl PrefillWorker {
         "the worker is shutting down and the grace period is nearly over".to_string()
     }
 
+    /// Send `message` to `request`'s decode worker and take its first reply
+    /// (`None`: it ended the answer without one), within the claim deadline.
+    async fn ask_decode(
+        &self,
+        request: &RemotePrefillRequest,
+        message: &DecodeMessage,
+    ) -> Result<Option<bytes::Bytes>, String> {
+        let ask = async {
+            let mut replies = self
+                .parts
+                .bus
+                .request(
+                    &request.decode_instance,
+                    protocol::encode(message).into(),
+                    self.config.claim_timeout,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            replies.next().await.transpose().map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(self.config.claim_timeout, ask)
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_string()))
+    }
+
     /// Claim the job from its decode worker; the reply, and when the claim
     /// was sent (the reply's time counts from then).
     async fn claim(&self, request: &RemotePrefillRequest) -> Result<(ClaimReply, Instant), String> {
@@ -431,29 +460,13 @@ impl PrefillWorker {
             request_id: request.request_id.clone(),
             prefill_instance: self.parts.instance_id.clone(),
         };
-        let ask = async {
-            let mut replies = self
-                .parts
-                .bus
-                .request(
-                    &request.decode_instance,
-                    protocol::encode(&message).into(),
-                    self.config.claim_timeout,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            match replies.next().await {
-                Some(Ok(bytes)) => {
-                    protocol::decode::<ClaimReply>("claim reply", &bytes).map_err(|e| e.to_string())
-                }
-                Some(Err(e)) => Err(e.to_string()),
-                None => Err("no claim reply".to_string()),
-            }
-        };
-        tokio::time::timeout(self.config.claim_timeout, ask)
-            .await
-            .unwrap_or_else(|_| Err("claim timed out".to_string()))
-            .map(|reply| (reply, sent))
+        let bytes = self
+            .ask_decode(request, &message)
+            .await?
+            .ok_or_else(|| "no claim reply".to_string())?;
+        let reply =
+            protocol::decode::<ClaimReply>("claim reply", &bytes).map_err(|e| e.to_string())?;
+        Ok((reply, sent))
     }
 
     /// Tell the decode worker that this worker gives `request` up (see
@@ -465,29 +478,9 @@ impl PrefillWorker {
             reason: reason.to_string(),
             handed_back,
         };
-        let tell = async {
-            let mut replies = self
-                .parts
-                .bus
-                .request(
-                    &request.decode_instance,
-                    protocol::encode(&message).into(),
-                    self.config.claim_timeout,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            // One (empty) reply, or the end: either way it arrived.
-            let _ = replies.next().await;
-            Ok::<(), String>(())
-        };
-        match tokio::time::timeout(self.config.claim_timeout, tell).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(request_id = %request.request_id, "telling the decode worker failed: {e}")
-            }
-            Err(_) => {
-                tracing::debug!(request_id = %request.request_id, "telling the decode worker timed out")
-            }
+        // One (empty) reply, or the end: either way it arrived.
+        if let Err(e) = self.ask_decode(request, &message).await {
+            tracing::debug!(request_id = %request.request_id, "telling the decode worker failed: {e}");
         }
     }
 
