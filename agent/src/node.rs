@@ -18,7 +18,7 @@ use xpyd_runtime::engine::model::Model;
 use xpyd_runtime::engine::runner::{Engine, EngineConfig, EngineHandle};
 use xpyd_runtime::engine::tokenizer::Tokenizer;
 use xpyd_runtime::model_source::{self, ModelSource, ResolveOptions, Resolved};
-use xpyd_runtime::transfer::{KvMemory, TransferAgent};
+use xpyd_runtime::transfer::{KvMemory, TransferAgent, weights_digest};
 
 /// Which model to serve and under what name.
 #[derive(Args, Debug, Clone)]
@@ -353,7 +353,9 @@ impl Node {
             // SAFETY: the engine keeps its KV memory in place until it shuts
             // down, and `Node::shutdown` drops every agent clone first.
             .with_kv_storage(|kv| unsafe { KvMemory::of_kv_storage(kv) })??;
-        let agent = TransferAgent::new(agent_name, memory)
+        let weights =
+            weights_digest(path).with_context(|| format!("reading {}", path.display()))?;
+        let agent = TransferAgent::for_weights(agent_name, memory, Some(weights))
             .with_context(|| format!("creating NIXL agent {agent_name}"))?;
         Ok(Node { engine, agent })
     }

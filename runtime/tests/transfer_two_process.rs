@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use xpyd_runtime::transfer::{
     KvDtype, KvLayout, KvMemory, PeerInfo, PeerLoad, TransferAgent, TransferError,
-    TransferNotification,
+    TransferNotification, WEIGHTS_DIGEST_BYTES, weights_digest,
 };
 
 const ROLE_ENV: &str = "XPYD_TRANSFER_CHILD";
@@ -480,6 +480,46 @@ fn a_peer_with_another_layout_is_refused_naming_the_field() {
         .unwrap_err();
     assert!(matches!(err, TransferError::UnknownPeer(_)), "{err}");
     drop(agent);
+}
+
+#[test]
+fn a_peer_whose_model_weights_differ_is_refused_before_any_write() {
+    let _serial = serial();
+    let mut kv = OwnedKv::new(layout(2, 2048, 8));
+    let agent = TransferAgent::for_weights("prefill-w", kv.memory(), Some("aaaa".into())).unwrap();
+    let mut other_kv = OwnedKv::new(layout(2, 2048, 8));
+    let other =
+        TransferAgent::for_weights("decode-w", other_kv.memory(), Some("bbbb".into())).unwrap();
+    let err = agent.load_peer(other.metadata()).unwrap_err();
+    assert!(
+        matches!(&err, TransferError::OtherWeights { ours, theirs, .. } if ours == "aaaa" && theirs == "bbbb"),
+        "{err}"
+    );
+    // The same weights (or a peer that does not say) load.
+    let mut same_kv = OwnedKv::new(layout(2, 2048, 8));
+    let same =
+        TransferAgent::for_weights("decode-w2", same_kv.memory(), Some("aaaa".into())).unwrap();
+    assert!(agent.load_peer(same.metadata()).is_ok());
+    let mut quiet_kv = OwnedKv::new(layout(2, 2048, 8));
+    let quiet = TransferAgent::new("decode-w3", quiet_kv.memory()).unwrap();
+    assert!(agent.load_peer(quiet.metadata()).is_ok());
+    drop((agent, other, same, quiet));
+}
+
+#[test]
+fn the_weights_digest_tells_model_files_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = xpyd_runtime::assets::bundled_model().expect("the bundled model");
+    let a = weights_digest(&model).unwrap();
+    assert_eq!(a.len(), 16);
+    assert_eq!(a, weights_digest(&model).unwrap(), "stable");
+    // The same file with one byte changed inside the digested head.
+    let mut bytes = std::fs::read(&model).unwrap();
+    let at = bytes.len().min(WEIGHTS_DIGEST_BYTES as usize) - 1;
+    bytes[at] ^= 1;
+    let changed = dir.path().join("changed.gguf");
+    std::fs::write(&changed, &bytes).unwrap();
+    assert_ne!(a, weights_digest(&changed).unwrap());
 }
 
 /// Throughput between two processes beside memcpy, default transports and

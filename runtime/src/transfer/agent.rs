@@ -41,6 +41,16 @@ pub enum TransferError {
         #[source]
         source: LayoutMismatch,
     },
+    /// The peer's model weights differ from ours: its KV would be computed
+    /// by another model, and an answer from it wrong under HTTP 200.
+    #[error(
+        "peer {peer} serves other model weights (digest {theirs}, ours {ours}): its KV cannot be used here"
+    )]
+    OtherWeights {
+        peer: String,
+        ours: String,
+        theirs: String,
+    },
     #[error("peer info is invalid: {0}")]
     BadPeerInfo(String),
     #[error("peer {0} is not loaded")]
@@ -224,6 +234,8 @@ struct State {
 struct Shared {
     name: String,
     memory: KvMemory,
+    /// Digest of the model weights whose KV this agent's memory holds.
+    weights: Option<String>,
     metadata: Vec<u8>,
     state: Mutex<State>,
 }
@@ -265,6 +277,17 @@ impl TransferAgent {
     /// Loads NIXL, creates agent `name` with the UCX backend and registers
     /// every (layer, K|V) region of `memory`.
     pub fn new(name: &str, memory: KvMemory) -> Result<TransferAgent, TransferError> {
+        Self::for_weights(name, memory, None)
+    }
+
+    /// As [`new`](Self::new), for KV computed by the model weights with
+    /// digest `weights` (see [`weights_digest`]): peers whose metadata name
+    /// other weights are refused before any write.
+    pub fn for_weights(
+        name: &str,
+        memory: KvMemory,
+        weights: Option<String>,
+    ) -> Result<TransferAgent, TransferError> {
         load_nixl()?;
         let config = AgentConfig {
             thread_sync: ThreadSync::Strict,
@@ -296,6 +319,7 @@ impl TransferAgent {
             shared: Arc::new(Shared {
                 name: name.to_string(),
                 memory,
+                weights,
                 metadata,
                 state: Mutex::new(State {
                     agent,
@@ -322,6 +346,7 @@ impl TransferAgent {
             agent_name: self.shared.name.clone(),
             nixl_metadata: self.shared.metadata.clone(),
             layout: self.shared.memory.layout,
+            weights: self.shared.weights.clone(),
             region_addrs: self
                 .shared
                 .memory
@@ -341,6 +366,15 @@ impl TransferAgent {
                 peer: peer.agent_name.clone(),
                 source,
             })?;
+        if let (Some(ours), Some(theirs)) = (&self.shared.weights, &peer.weights)
+            && ours != theirs
+        {
+            return Err(TransferError::OtherWeights {
+                peer: peer.agent_name.clone(),
+                ours: ours.clone(),
+                theirs: theirs.clone(),
+            });
+        }
         if peer.region_addrs.len() != peer.layout.region_count() {
             return Err(TransferError::BadPeerInfo(format!(
                 "{} lists {} regions for {} layers",
@@ -699,6 +733,30 @@ impl Drop for TransferHandle {
     fn drop(&mut self) {
         self.release();
     }
+}
+
+/// Bytes of a model file read into its [`weights_digest`].
+pub const WEIGHTS_DIGEST_BYTES: u64 = 16 << 20;
+
+/// A short digest that tells model files apart: sha256 over the file's
+/// length and its first [`WEIGHTS_DIGEST_BYTES`] (a GGUF's header, tensor
+/// table and the first tensors' data), 16 hex digits. Two workers whose
+/// KV layouts agree but whose weights differ (another fine-tune, another
+/// quantization) thus never exchange KV.
+pub fn weights_digest(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut hasher = Sha256::new();
+    hasher.update(len.to_le_bytes());
+    let mut head = Vec::new();
+    file.take(WEIGHTS_DIGEST_BYTES).read_to_end(&mut head)?;
+    hasher.update(&head);
+    Ok(hasher.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ mod protocol;
 
 pub use agent::{
     DescRange, KvMemory, PeerLoad, ReceivedNotification, TransferAgent, TransferError,
-    TransferHandle, TransferReport, block_runs, plan_descriptors,
+    TransferHandle, TransferReport, WEIGHTS_DIGEST_BYTES, block_runs, plan_descriptors,
+    weights_digest,
 };
 pub use layout::{KvDtype, KvLayout, LayoutMismatch};
 pub use library::{NixlLibrary, NixlLoadError, load_nixl};

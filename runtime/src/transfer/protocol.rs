@@ -18,6 +18,10 @@ pub struct PeerInfo {
     /// `get_local_md()` of the agent: connection info and registered memory.
     pub nixl_metadata: Vec<u8>,
     pub layout: KvLayout,
+    /// Digest of the model weights the KV comes from
+    /// ([`super::agent::weights_digest`]); `None` from agents that do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
     /// Address of block 0 of each (layer, K|V) region, K before V within a
     /// layer; `2 * layout.n_layers` entries. Blocks follow at
     /// `layout.block_region_bytes` strides.
