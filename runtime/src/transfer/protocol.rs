@@ -89,6 +89,7 @@ mod tests {
                 dtype: crate::transfer::KvDtype::F32,
                 num_blocks: 8,
             },
+            weights: Some("0123456789abcdef".into()),
             region_addrs: vec![0x1000, 0x2000, 0x3000, 0x4000],
         };
         let metadata = peer.to_metadata();
