@@ -165,6 +165,29 @@ impl EngineError {
             _ => false,
         }
     }
+
+    /// How an API reports this error: the one mapping the frontend and the
+    /// decode worker share.
+    pub fn kind(&self) -> EngineErrorKind {
+        if self.is_invalid_request() {
+            EngineErrorKind::InvalidRequest
+        } else if matches!(self, EngineError::ShutDown | EngineError::Timeout(_)) {
+            EngineErrorKind::Unavailable
+        } else {
+            EngineErrorKind::Internal
+        }
+    }
+}
+
+/// The HTTP-facing class of an [`EngineError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineErrorKind {
+    /// The caller's fault: HTTP 400.
+    InvalidRequest,
+    /// This engine cannot serve now (stopping, stalled); another may: HTTP 503.
+    Unavailable,
+    /// The engine failed: HTTP 500.
+    Internal,
 }
 
 impl From<SchedulerError> for EngineError {
@@ -1106,5 +1129,41 @@ mod tests {
             EngineError::from(SchedulerError::EmptyPrompt),
             EngineError::EmptyPrompt
         );
+    }
+
+    #[test]
+    fn each_error_has_one_api_kind() {
+        use EngineErrorKind::*;
+        let table = [
+            (EngineError::EmptyPrompt, InvalidRequest),
+            (EngineError::DuplicateId("a".into()), InvalidRequest),
+            (
+                EngineError::Sampling(SamplingParamsError::MaxTokensZero),
+                InvalidRequest,
+            ),
+            (
+                EngineError::from(SchedulerError::PromptTooLong {
+                    prompt_tokens: 9,
+                    max_model_len: 8,
+                }),
+                InvalidRequest,
+            ),
+            (EngineError::ShutDown, Unavailable),
+            (EngineError::Timeout(Duration::from_secs(1)), Unavailable),
+            (
+                EngineError::from(SchedulerError::Busy {
+                    needed: 2,
+                    available: 1,
+                }),
+                Internal,
+            ),
+            (EngineError::UnknownRequest("a".into()), Internal),
+            (EngineError::Config("x".into()), Internal),
+            (EngineError::Internal("x".into()), Internal),
+            (EngineError::Model("boom".into()), Internal),
+        ];
+        for (e, kind) in table {
+            assert_eq!(e.kind(), kind, "{e:?}");
+        }
     }
 }

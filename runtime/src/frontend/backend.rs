@@ -15,7 +15,9 @@ use futures::stream::{self, BoxStream};
 use tokio::sync::mpsc;
 
 use crate::engine::chat_template::{ChatMessage, ChatTemplate};
-use crate::engine::runner::{EngineError, EngineHandle, Output, OutputItem, Request};
+use crate::engine::runner::{
+    EngineError, EngineErrorKind, EngineHandle, Output, OutputItem, Request,
+};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::scheduler::SchedulerError;
 use crate::engine::tokenizer::Tokenizer;
@@ -73,14 +75,10 @@ impl From<EngineError> for BackendError {
             EngineError::Admission(_) => Some("prompt"),
             _ => None,
         };
-        if e.is_invalid_request() {
-            return BackendError::invalid(e.to_string(), param);
-        }
-        match e {
-            EngineError::ShutDown | EngineError::Timeout(_) => {
-                BackendError::Unavailable(e.to_string())
-            }
-            e => BackendError::Internal(e.to_string()),
+        match e.kind() {
+            EngineErrorKind::InvalidRequest => BackendError::invalid(e.to_string(), param),
+            EngineErrorKind::Unavailable => BackendError::Unavailable(e.to_string()),
+            EngineErrorKind::Internal => BackendError::Internal(e.to_string()),
         }
     }
 }

@@ -40,7 +40,7 @@ use super::protocol::{
 use super::{InFlight, WorkerParts};
 use crate::bus::{BusError, IncomingRequest, RequestStream, Responder};
 use crate::discovery::{Role, RouterSettings};
-use crate::engine::runner::{EngineError, OutputItem, Request};
+use crate::engine::runner::{EngineError, EngineErrorKind, OutputItem, Request};
 use crate::transfer::{PeerInfo, ReceivedNotification};
 
 /// Settings of a decode worker that are not the deployment's.
@@ -282,16 +282,7 @@ impl DecodeWorker {
         };
         let (outputs, cancel_remote) = match self.admit(request).await {
             Ok(admitted) => admitted,
-            Err(e) => {
-                let kind = if e.is_invalid_request() {
-                    WireErrorKind::InvalidRequest
-                } else if matches!(e, EngineError::ShutDown | EngineError::Timeout(_)) {
-                    WireErrorKind::Unavailable
-                } else {
-                    WireErrorKind::Internal
-                };
-                return fail(responder, kind, e.to_string()).await;
-            }
+            Err(e) => return fail(responder, wire_kind(&e), e.to_string()).await,
         };
         stream_outputs(&self.inner.parts, &id, outputs, responder, cancel_remote).await;
     }
@@ -538,11 +529,7 @@ async fn stream_outputs(
                 GenerateEvent::from(output)
             }
             Some(Err(e)) => GenerateEvent::Error {
-                kind: if e.is_invalid_request() {
-                    WireErrorKind::InvalidRequest
-                } else {
-                    WireErrorKind::Internal
-                },
+                kind: wire_kind(&e),
                 message: e.to_string(),
                 param: None,
             },
@@ -556,6 +543,15 @@ async fn stream_outputs(
         }
     }
     let _ = responder.end().await;
+}
+
+/// How an engine failure travels back to the frontend.
+fn wire_kind(e: &EngineError) -> WireErrorKind {
+    match e.kind() {
+        EngineErrorKind::InvalidRequest => WireErrorKind::InvalidRequest,
+        EngineErrorKind::Unavailable => WireErrorKind::Unavailable,
+        EngineErrorKind::Internal => WireErrorKind::Internal,
+    }
 }
 
 async fn fail(mut responder: Responder, kind: WireErrorKind, message: String) {
