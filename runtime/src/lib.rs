@@ -14,5 +14,6 @@ pub mod frontend;
 pub mod metrics;
 pub mod model_source;
 pub mod router;
+pub mod sync;
 pub mod transfer;
 pub mod worker;

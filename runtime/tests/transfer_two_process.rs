@@ -141,9 +141,7 @@ fn layout(n_layers: u32, block_region_bytes: u64, num_blocks: u32) -> KvLayout {
 /// passes under plain `cargo test`, not only with `--test-threads=1`.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    xpyd_runtime::sync::lock(&SERIAL)
 }
 
 #[test]

@@ -33,7 +33,7 @@
 //! 2000 tokens sent back to back arrive within about 20 ms.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -52,6 +52,7 @@ use super::{
     RequestStream, Responder, ResponderSink, ResponseStream,
 };
 use crate::discovery::Scope;
+use crate::sync::lock;
 
 /// Settings of a [`NatsBus`]; `Default` holds the production values.
 #[derive(Debug, Clone)]
@@ -155,11 +156,6 @@ impl Names {
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(format!("{what}: {e}"))
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain maps behind the lock stay consistent even if a holder panicked.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The NATS bus of one deployment.

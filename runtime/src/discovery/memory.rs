@@ -39,9 +39,7 @@ struct Shared {
 
 impl Shared {
     fn owners(&self) -> MutexGuard<'_, BTreeMap<String, u64>> {
-        // A panic while holding this lock cannot leave the map half-written
-        // (single inserts and removes), so a poisoned lock is still usable.
-        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.owners)
     }
 
     fn remove(&self, instance_id: &str, token: u64) {

@@ -271,7 +271,7 @@ impl Registration {
 
 impl Registration {
     fn take_stop(&self) -> Option<RegistrationStop> {
-        self.stop.lock().unwrap_or_else(|p| p.into_inner()).take()
+        crate::sync::lock(&self.stop).take()
     }
 }
 

@@ -32,6 +32,7 @@ use super::scheduler::{
     RemoteReservation, Scheduler, SchedulerConfig, SchedulerError, SeqState, admission_check,
 };
 use super::tokenizer::{StreamDecoder, Tokenizer};
+use crate::sync::lock;
 
 /// How long an idle engine thread sleeps between looks at its commands.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
@@ -644,11 +645,7 @@ impl EngineHandle {
 
     /// Counters as of the last step.
     pub fn stats(&self) -> EngineStats {
-        *self
-            .inner
-            .stats
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *lock(&self.inner.stats)
     }
 
     /// Stop the engine: live requests get [`EngineError::ShutDown`], and the
@@ -656,12 +653,7 @@ impl EngineHandle {
     /// in progress first).
     pub fn shutdown(&self, deadline: Duration) -> Result<(), EngineError> {
         let _ = self.inner.commands.send(Command::Shutdown);
-        let thread = self
-            .inner
-            .thread
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
+        let thread = lock(&self.inner.thread).take();
         let Some(thread) = thread else {
             return Ok(());
         };
@@ -669,11 +661,7 @@ impl EngineHandle {
         while !thread.is_finished() {
             if Instant::now() >= until {
                 // Put it back so a later call can wait again.
-                *self
-                    .inner
-                    .thread
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(thread);
+                *lock(&self.inner.thread) = Some(thread);
                 return Err(EngineError::Timeout(deadline));
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -779,10 +767,7 @@ impl Worker {
             preemptions: self.scheduler.num_preemptions(),
             steps: self.steps,
         };
-        *self
-            .stats
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = stats;
+        *lock(&self.stats) = stats;
     }
 
     /// Registers a new request; on failure its error is returned and

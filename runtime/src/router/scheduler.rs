@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 
 use crate::discovery::{InstanceSet, Role, RouterSettings, RouterStrategy};
 use crate::engine::block_pool::{PrefixHash, TokenId, prefix_hashes};
+use crate::sync;
 
 use super::indexer::{BatchOutcome, KvIndexer, OverlapScores, WorkerId};
 use super::metrics::{RouterMetrics, WorkerGauges};
@@ -607,15 +608,15 @@ impl Router {
     fn read_index(&self) -> RwLockReadGuard<'_, KvIndexer> {
         // A panic while holding the lock cannot leave the index half
         // updated in a way that matters more than a stale answer.
-        self.index.read().unwrap_or_else(|e| e.into_inner())
+        sync::read(&self.index)
     }
 
     fn write_index(&self) -> RwLockWriteGuard<'_, KvIndexer> {
-        self.index.write().unwrap_or_else(|e| e.into_inner())
+        sync::write(&self.index)
     }
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.state)
     }
 }
 

@@ -41,6 +41,7 @@ use super::{InFlight, WorkerParts};
 use crate::bus::{BusError, IncomingRequest, RequestStream, Responder};
 use crate::discovery::{Role, RouterSettings};
 use crate::engine::runner::{EngineError, EngineErrorKind, OutputItem, Request};
+use crate::sync::lock;
 use crate::transfer::{PeerInfo, ReceivedNotification};
 
 /// Settings of a decode worker that are not the deployment's.
@@ -563,10 +564,4 @@ async fn fail(mut responder: Responder, kind: WireErrorKind, message: String) {
     if responder.send(protocol::encode(&event)).await.is_ok() {
         let _ = responder.end().await;
     }
-}
-
-fn lock(
-    pending: &Mutex<HashMap<String, Pending>>,
-) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
-    pending.lock().unwrap_or_else(|p| p.into_inner())
 }
