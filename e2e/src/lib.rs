@@ -24,11 +24,14 @@
 //! built here ([`images`]) and pulled from a local registry. It changes
 //! host-global state, so one runs per host at a time ([`host`]).
 //!
+//! [`child`] starts the running test binary again as a separate process.
+//!
 //! [`bench`] is the load generator behind the `xpyd-bench` binary; it talks
 //! to any OpenAI-compatible server and starts nothing itself.
 
 pub mod bench;
 mod certs;
+pub mod child;
 mod control_plane;
 mod error;
 mod etcd;

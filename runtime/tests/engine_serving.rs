@@ -7,33 +7,22 @@
 //! below 1.25: this small quantized model is sensitive to arithmetic order,
 //! and batching or chunking legitimately changes that order.
 
+mod common;
+
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::Receiver;
-use xpyd_runtime::assets::bundled_model;
+use common::{Collected, collect, gguf, greedy};
 use xpyd_runtime::engine::block_pool::KvEventData;
 use xpyd_runtime::engine::chat_template::{ChatMessage, ChatTemplate};
-use xpyd_runtime::engine::gguf::GgufFile;
 use xpyd_runtime::engine::kv_storage::KvStorage;
 use xpyd_runtime::engine::model::{LogitsFor, Model, SequenceInput, argmax};
-use xpyd_runtime::engine::runner::{
-    Engine, EngineConfig, EngineError, EngineHandle, OutputItem, Request, Usage,
-};
-use xpyd_runtime::engine::sampling::{FinishReason, SamplingParams, SamplingParamsError};
+use xpyd_runtime::engine::runner::{Engine, EngineConfig, EngineError, EngineHandle, Request};
+use xpyd_runtime::engine::sampling::{FinishReason, SamplingParamsError};
 use xpyd_runtime::engine::tokenizer::Tokenizer;
 
 const BLOCK_SIZE: usize = 16;
-const DEADLINE: Duration = Duration::from_secs(300);
 const CLOSE_CALL: f32 = 1.25;
-
-fn gguf() -> &'static GgufFile {
-    static FILE: OnceLock<GgufFile> = OnceLock::new();
-    FILE.get_or_init(|| {
-        let path = bundled_model().expect("the bundled model (run scripts/setup)");
-        GgufFile::open(&path).expect("GGUF parses")
-    })
-}
 
 fn tokenizer() -> Tokenizer {
     Tokenizer::from_gguf(gguf()).expect("tokenizer loads")
@@ -65,54 +54,6 @@ fn start(config: EngineConfig) -> EngineHandle {
 
 fn encode(text: &str) -> Vec<u32> {
     tokenizer().encode(text).expect("encodes")
-}
-
-fn greedy(id: &str, prompt: &[u32], max_tokens: u32) -> Request {
-    Request {
-        id: id.to_string(),
-        prompt_token_ids: prompt.to_vec(),
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens: Some(max_tokens),
-            ignore_eos: true,
-            ..SamplingParams::default()
-        },
-    }
-}
-
-/// Everything a request streamed.
-#[derive(Debug, Default)]
-struct Collected {
-    tokens: Vec<u32>,
-    text: String,
-    finish: Option<FinishReason>,
-    usage: Option<Usage>,
-    error: Option<EngineError>,
-}
-
-/// Reads `rx` until the stream ends, failing the test after a deadline.
-fn collect(mut rx: Receiver<OutputItem>) -> Collected {
-    let until = Instant::now() + DEADLINE;
-    let mut out = Collected::default();
-    loop {
-        match rx.try_recv() {
-            Ok(Ok(o)) => {
-                out.tokens.push(o.token_id);
-                out.text.push_str(&o.text);
-                if o.finish.is_some() {
-                    assert!(out.finish.is_none(), "nothing follows the finish");
-                    out.finish = o.finish;
-                    out.usage = o.usage;
-                }
-            }
-            Ok(Err(e)) => out.error = Some(e),
-            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return out,
-            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                assert!(Instant::now() < until, "no end of stream by the deadline");
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-    }
 }
 
 /// Waits until `cond` holds for the engine's stats.
