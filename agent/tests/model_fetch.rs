@@ -350,22 +350,10 @@ fn serve_france(extra_env: &[(&str, String)], source: &str) {
         extra_env,
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let resp: serde_json::Value = rt.block_on(async {
-        reqwest::Client::new()
-            .post(format!("{}/v1/chat/completions", up.url))
-            .timeout(Duration::from_secs(120))
-            .json(&serde_json::json!({
-                "model": "SmolLM2-135M-Instruct",
-                "temperature": 0,
-                "messages": [{"role": "user", "content": "Name the capital of France."}],
-            }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
+    let resp = rt.block_on(common::chat(
+        &up.url,
+        &common::chat_request(&[("user", common::FRANCE)]),
+    ));
     assert_eq!(
         resp["choices"][0]["message"]["content"], "The capital of France is Paris.",
         "{resp}"
