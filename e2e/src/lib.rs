@@ -24,7 +24,8 @@
 //! built here ([`images`]) and pulled from a local registry. It changes
 //! host-global state, so one runs per host at a time ([`host`]).
 //!
-//! [`child`] starts the running test binary again as a separate process.
+//! [`child`] starts the running test binary again as a separate process;
+//! [`pod_spec`] reads the pod spec the operator writes.
 //!
 //! [`bench`] is the load generator behind the `xpyd-bench` binary; it talks
 //! to any OpenAI-compatible server and starts nothing itself.
@@ -40,6 +41,7 @@ pub mod images;
 pub mod mirror;
 mod nats;
 mod node;
+pub mod pod_spec;
 pub mod process;
 mod tools;
 mod wait;
