@@ -1,9 +1,9 @@
 //! `xpyd-runtime`: the library every xpyd process is built from.
 //!
-//! It holds what a worker or a router needs at run time. Rooms are added as
-//! the product grows (engine, transfer, discovery, bus, router, frontend; see
-//! `ARCHITECTURE.md`); data flows one way through them and a lower room never
-//! imports a higher one. Process wiring (flags, roles, signals) lives in the
+//! It holds what a worker or a router needs at run time, in rooms (engine,
+//! transfer, discovery, bus, router, worker, frontend; see
+//! `docs/architecture.md`); data flows one way through them and a lower room
+//! never imports a higher one. Process wiring (flags, roles, signals) lives in the
 //! `xpyd-agent` binary, not here.
 
 pub mod assets;

@@ -528,8 +528,6 @@ impl Discovery for EtcdDiscovery {
         registration: &'a Registration,
         generation: i64,
     ) -> BoxFuture<'a, Result<(), DiscoveryError>> {
-        // Read before the future: `Registration` is not `Sync`, so a
-        // future holding a reference to it would not be `Send`.
         let id = registration.instance_id().to_string();
         Box::pin(async move {
             let id = id.as_str();

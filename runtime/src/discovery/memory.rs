@@ -148,8 +148,7 @@ impl Discovery for MemoryDiscovery {
         registration: &'a Registration,
         generation: i64,
     ) -> BoxFuture<'a, Result<(), DiscoveryError>> {
-        // Read before the future: `Registration` is not `Sync`, so a
-        // future holding a reference to it would not be `Send`.
+        // The registration as of the call, not as of the first poll.
         let id = registration.instance_id().to_string();
         let registered = registration.is_registered();
         Box::pin(async move {

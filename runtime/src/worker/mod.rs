@@ -3,7 +3,8 @@
 //! locally or hand it to the prefill queue; a prefill worker
 //! ([`PrefillWorker`]) takes jobs from that queue, computes the KV and
 //! NIXL-writes it into the decode worker's blocks. The protocol is in
-//! ARCHITECTURE.md; the wire types are in [`protocol`].
+//! `docs/architecture.md` and [`decode`]'s module doc; the wire types are in
+//! [`protocol`].
 //!
 //! A worker composes the rooms below it (engine, transfer, discovery, bus);
 //! process wiring (flags, HTTP probes, signals) is the agent's.

@@ -1,6 +1,7 @@
 //! Wire types the workers speak over the bus: what a frontend sends a decode
 //! worker, what streams back, and the remote-prefill job a decode worker puts
-//! on the prefill queue (ARCHITECTURE.md, "the remote-prefill protocol").
+//! on the prefill queue (`docs/architecture.md`, "The remote-prefill
+//! protocol"; the decode side is [`super::decode`]).
 //!
 //! JSON, versioned by adding fields (unknown fields are ignored).
 
