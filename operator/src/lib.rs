@@ -3,7 +3,9 @@
 //!
 //! [`crd`] holds the API types, [`resources`] the pure builders of child
 //! objects, [`router_settings`] the etcd key layout, [`pod_status`] what the
-//! pods' statuses say, [`controller`] the reconciler, [`metrics`] and
+//! pods' statuses say, [`status`] the reconciler's decisions (status,
+//! conditions, events, requeue) as pure functions, [`controller`] the
+//! reconciler's I/O, [`metrics`] and
 //! [`leader`] what the binary adds around it.
 //! The binary (`xpyd-operator run | crd`) lives in `main.rs`.
 
@@ -14,3 +16,4 @@ pub mod metrics;
 pub mod pod_status;
 pub mod resources;
 pub mod router_settings;
+pub mod status;
