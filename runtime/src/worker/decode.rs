@@ -33,6 +33,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::notifications::NotificationHub;
+use super::plan::{Fallback, PrefillFacts, PrefillStep, prefill_step};
 use super::protocol::{
     self, ClaimReply, DecodeMessage, GenerateEvent, GenerateWork, RemotePrefillRequest,
     WireErrorKind,
@@ -299,38 +300,40 @@ impl DecodeWorker {
         let settings = self.settings();
         let threshold = self.threshold(&settings);
         metrics.max_local_prefill_length.set(i64::from(threshold));
-        let prompt_len = request.prompt_token_ids.len();
-        let local = |reason: Option<&str>| {
+        let local = |fallback: Option<Fallback>| {
             metrics.prefills.with_label_values(&["local"]).inc();
-            if let Some(reason) = reason {
-                metrics.fallbacks.with_label_values(&[reason]).inc();
+            if let Some(fallback) = fallback {
+                metrics
+                    .fallbacks
+                    .with_label_values(&[fallback.label()])
+                    .inc();
             }
         };
-        if prompt_len <= threshold as usize || !settings.disaggregated {
-            local(None);
-            return Ok((parts.engine.submit(request)?, None));
-        }
-        if !parts.any_alive(Role::Prefill) {
-            local(Some("no_prefill_worker"));
-            return Ok((parts.engine.submit(request)?, None));
-        }
-        let depth = tokio::time::timeout(
-            self.inner.config.queue_query_timeout,
-            parts.bus.prefill_queue_depth(),
-        )
-        .await;
-        match depth {
-            Ok(Ok(depth)) => {
-                metrics.prefill_queue_depth.set(depth as i64);
-                if depth > u64::from(settings.max_prefill_queue_depth) {
-                    local(Some("queue_full"));
-                    return Ok((parts.engine.submit(request)?, None));
+        let mut facts = PrefillFacts {
+            prompt_len: request.prompt_token_ids.len(),
+            threshold,
+            disaggregated: settings.disaggregated,
+            prefill_alive: parts.any_alive(Role::Prefill),
+            max_queue_depth: settings.max_prefill_queue_depth,
+            ..PrefillFacts::default()
+        };
+        if prefill_step(&facts) == PrefillStep::QueryQueueDepth {
+            let depth = tokio::time::timeout(
+                self.inner.config.queue_query_timeout,
+                parts.bus.prefill_queue_depth(),
+            )
+            .await;
+            facts.queue_depth = Some(match depth {
+                Ok(Ok(depth)) => {
+                    metrics.prefill_queue_depth.set(depth as i64);
+                    Some(depth)
                 }
-            }
-            _ => {
-                local(Some("enqueue_failed"));
-                return Ok((parts.engine.submit(request)?, None));
-            }
+                _ => None,
+            });
+        }
+        if let PrefillStep::Local(fallback) = prefill_step(&facts) {
+            local(fallback);
+            return Ok((parts.engine.submit(request)?, None));
         }
 
         let id = request.id.clone();
@@ -338,10 +341,10 @@ impl DecodeWorker {
             .engine
             .begin_remote_prefill_async(request.clone())
             .await?;
-        if prompt_len - reservation.cached_tokens <= threshold as usize {
-            // Our own prefix cache covers enough: the rest is cheap here.
+        facts.cached_tokens = Some(reservation.cached_tokens);
+        if let PrefillStep::Local(fallback) = prefill_step(&facts) {
             parts.engine.cancel_remote_prefill_async(&id).await?;
-            local(None);
+            local(fallback);
             return Ok((outputs, None));
         }
         let block_size = parts.engine.config().block_size;
@@ -373,12 +376,13 @@ impl DecodeWorker {
             parts.bus.enqueue_prefill(protocol::encode(&job)),
         )
         .await;
-        if !matches!(enqueued, Ok(Ok(()))) {
+        facts.enqueued = Some(matches!(enqueued, Ok(Ok(()))));
+        if let PrefillStep::Local(fallback) = prefill_step(&facts) {
             tracing::warn!(request_id = %id, ?enqueued, "enqueue failed; prefilling locally");
             lock(&self.inner.pending).remove(&id);
             self.inner.hub.forget(&id);
             parts.engine.cancel_remote_prefill_async(&id).await?;
-            local(Some("enqueue_failed"));
+            local(fallback);
             return Ok((outputs, None));
         }
         let worker = self.clone();

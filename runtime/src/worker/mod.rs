@@ -13,6 +13,7 @@ pub mod decode;
 mod kv_publisher;
 
 mod notifications;
+pub mod plan;
 pub mod prefill;
 pub mod protocol;
 
