@@ -27,9 +27,11 @@ use tokio::sync::watch;
 use crate::transfer::PeerInfo;
 
 mod etcd;
+pub mod lifecycle;
 mod memory;
 
 pub use etcd::{EtcdDiscovery, EtcdOptions};
+pub use lifecycle::Lifecycle;
 pub use memory::MemoryDiscovery;
 
 /// Which deployment a process belongs to: the key and subject prefix.
@@ -259,8 +261,9 @@ impl Registration {
         *self.state.borrow() == RegistrationState::Registered
     }
 
-    /// Remove the record now and stop the keep-alive.
-    pub async fn deregister(self) -> Result<(), DiscoveryError> {
+    /// Remove the record now and stop the keep-alive. Once is enough: a
+    /// second call does nothing.
+    pub async fn deregister(&self) -> Result<(), DiscoveryError> {
         let stop = self.take_stop();
         match stop {
             Some(stop) => stop().await,
