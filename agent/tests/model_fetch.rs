@@ -384,6 +384,7 @@ fn up_serves_france_from_an_https_style_url_and_from_an_hf_source() {
 #[test]
 fn a_full_disk_is_named_with_the_url() {
     // A 32 MiB tmpfs as the cache: the 98 MB model cannot fit.
+    // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: mounting a small tmpfs needs root");
         return;

@@ -93,6 +93,7 @@ impl HostClaim {
     /// up after a previous holder that died, records the host and prepares
     /// it: [`NODE_IP`] on `lo`, IPv4 forwarding on.
     pub fn acquire() -> Result<HostClaim> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             return Err(HarnessError::Tool(
                 "a real node needs root (it runs kubelet, containerd and kube-proxy)".into(),

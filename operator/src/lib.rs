@@ -9,6 +9,8 @@
 //! [`leader`] what the binary adds around it.
 //! The binary (`xpyd-operator run | crd`) lives in `main.rs`.
 
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod controller;
 pub mod crd;
 pub mod leader;

@@ -6,6 +6,8 @@
 //! never imports a higher one. Process wiring (flags, roles, signals) lives in the
 //! `xpyd-agent` binary, not here.
 
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod assets;
 pub mod bus;
 pub mod discovery;

@@ -344,6 +344,7 @@ fn a_receiver_killed_mid_transfer_is_an_error_before_the_deadline() {
     // SAFETY: no other thread reads the environment meanwhile (--test-threads=1).
     unsafe { std::env::set_var("UCX_TLS", "tcp") };
     let agent = TransferAgent::new("prefill-b", kv.memory());
+    // SAFETY: as for `set_var` above.
     unsafe { std::env::remove_var("UCX_TLS") };
     let agent = agent.unwrap();
     let mut receiver = Receiver::spawn_with("decode-b", &big, &[("UCX_TLS", "tcp")]);
@@ -471,6 +472,7 @@ fn throughput_between_two_processes() {
                 unsafe { std::env::set_var("UCX_TLS", tls) };
             }
             let agent = TransferAgent::new(&format!("{name}-tx"), kv.memory());
+            // SAFETY: as in the kill test.
             unsafe { std::env::remove_var("UCX_TLS") };
             let agent = agent.unwrap();
             let env: Vec<(&str, &str)> = tls.map(|t| ("UCX_TLS", t)).into_iter().collect();
