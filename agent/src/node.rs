@@ -352,7 +352,8 @@ impl Node {
         let memory = engine
             // SAFETY: the engine keeps its KV memory in place until it shuts
             // down, and `Node::shutdown` drops every agent clone first.
-            .with_kv_storage(|kv| unsafe { KvMemory::of_kv_storage(kv) })??;
+            .with_kv_storage(|kv| unsafe { KvMemory::of_kv_storage(kv) })
+            .wait()??;
         let agent = TransferAgent::new(agent_name, memory)
             .with_context(|| format!("creating NIXL agent {agent_name}"))?;
         Ok(Node { engine, agent })

@@ -385,11 +385,12 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
     let prefill = start(config(64));
     let first = collect(prefill.submit_prefill(greedy("p", &prompt, 1)).unwrap());
     let first_token = first.tokens[0];
-    let table = prefill.block_table("p").unwrap();
+    let table = prefill.block_table("p").wait().unwrap();
     wait_for(&prefill, "the prompt's KV held", |e| e.stats().held == 1);
     assert_eq!(table.len(), prompt.len().div_ceil(BLOCK_SIZE));
     let bytes: Vec<Vec<u8>> = prefill
         .with_kv_storage(move |kv| table.iter().map(|&b| kv.read_block(b).unwrap()).collect())
+        .wait()
         .unwrap();
     prefill.cancel("p").unwrap();
     wait_for(&prefill, "prefill blocks released", pool_is_whole);
@@ -398,6 +399,7 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
     let decode = start(config(64));
     let (rx, reservation) = decode
         .begin_remote_prefill(greedy("d", &prompt, max_new))
+        .wait()
         .unwrap();
     assert_eq!(reservation.cached_tokens, 0);
     assert_eq!(reservation.block_ids.len(), bytes.len());
@@ -411,8 +413,12 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
                 kv.write_block(*block, data).unwrap();
             }
         })
+        .wait()
         .unwrap();
-    decode.complete_remote_prefill("d", first_token).unwrap();
+    decode
+        .complete_remote_prefill("d", first_token)
+        .wait()
+        .unwrap();
     let remote = collect(rx);
     assert!(remote.error.is_none(), "{:?}", remote.error);
     assert_eq!(remote.tokens.len(), max_new as usize);
@@ -429,7 +435,7 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
         .unwrap();
     let rx = runtime.block_on(async {
         let (rx, reservation) = decode
-            .begin_remote_prefill_async(greedy("fallback", &prompt, max_new))
+            .begin_remote_prefill(greedy("fallback", &prompt, max_new))
             .await
             .unwrap();
         // The first engine's request left the prompt's full blocks cached.
@@ -437,10 +443,7 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
             reservation.cached_tokens,
             prompt.len() / BLOCK_SIZE * BLOCK_SIZE
         );
-        decode
-            .cancel_remote_prefill_async("fallback")
-            .await
-            .unwrap();
+        decode.cancel_remote_prefill("fallback").await.unwrap();
         rx
     });
     let local = collect(rx);
@@ -450,14 +453,15 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
     // transfer ends, so a late write cannot land in someone else's KV.
     let (rx, _) = decode
         .begin_remote_prefill(greedy("abandoned", &prompt, max_new))
+        .wait()
         .unwrap();
     decode.cancel("abandoned").unwrap();
     let abandoned = collect(rx);
     assert!(abandoned.tokens.is_empty());
     // Commands are handled in order, so this answer comes after the cancel.
-    let pinned = decode.block_table("abandoned").unwrap();
+    let pinned = decode.block_table("abandoned").wait().unwrap();
     assert_eq!(pinned.len(), prompt.len().div_ceil(BLOCK_SIZE));
-    decode.cancel_remote_prefill("abandoned").unwrap();
+    decode.cancel_remote_prefill("abandoned").wait().unwrap();
 
     let want = reference(&prompt, max_new as usize);
     let n = assert_follows("remote prefill", &remote.tokens, &want);

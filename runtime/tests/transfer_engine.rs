@@ -51,6 +51,7 @@ fn agent_over(engine: &EngineHandle, name: &str) -> TransferAgent {
     let memory = engine
         // SAFETY: see above.
         .with_kv_storage(|kv| unsafe { KvMemory::of_kv_storage(kv) })
+        .wait()
         .unwrap()
         .unwrap();
     TransferAgent::new(name, memory).unwrap()
@@ -63,7 +64,7 @@ fn decode_process_entry() {
         return;
     }
     let engine = start();
-    let (rx, reservation) = engine.begin_remote_prefill(greedy("d", 8)).unwrap();
+    let (rx, reservation) = engine.begin_remote_prefill(greedy("d", 8)).wait().unwrap();
     let agent = agent_over(&engine, "decode-engine");
     println!(
         "XPYD:PEER {}",
@@ -77,9 +78,10 @@ fn decode_process_entry() {
     match agent.wait_notification("d", deadline) {
         Ok(got) => engine
             .complete_remote_prefill("d", got.notification.first_token)
+            .wait()
             .unwrap(),
         Err(e) => {
-            engine.cancel_remote_prefill("d").unwrap();
+            engine.cancel_remote_prefill("d").wait().unwrap();
             panic!("{e}");
         }
     }
@@ -93,7 +95,7 @@ fn decode_process_entry() {
 fn a_prompt_prefilled_in_another_process_decodes_to_paris() {
     let prefill = start();
     let (first, _) = collect(prefill.submit_prefill(greedy("p", 1)).unwrap());
-    let table = prefill.block_table("p").unwrap();
+    let table = prefill.block_table("p").wait().unwrap();
     let agent = agent_over(&prefill, "prefill-engine");
 
     let mut child = ChildProcess::spawn("decode_process_entry", [(ROLE_ENV, "decode")]);

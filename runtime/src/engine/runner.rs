@@ -223,6 +223,61 @@ impl<T> Reply<T> {
     }
 }
 
+/// Builds the command of an [`EngineCall`] around the reply channel.
+type MakeCommand<R> = Box<dyn FnOnce(Reply<R>) -> Command + Send>;
+
+/// A call the engine thread answers within a step: `.await` it from async
+/// code, or [`EngineCall::wait`] for it on a thread that may block. The
+/// command is sent then, so a call neither awaited nor waited for does
+/// nothing. `R` is the engine thread's answer, `T` what the caller gets.
+#[must_use = "nothing reaches the engine until the call is awaited or waited for"]
+pub struct EngineCall<T, R = T> {
+    handle: EngineHandle,
+    /// The command, and what turns its answer into the caller's; or why
+    /// the call failed before reaching the engine.
+    call: Result<(MakeCommand<R>, Then<R, T>), EngineError>,
+}
+
+type Then<R, T> = Box<dyn FnOnce(R) -> T + Send>;
+
+impl<T: Send + 'static, R: Send + 'static> EngineCall<T, R> {
+    fn failed(handle: &EngineHandle, error: EngineError) -> EngineCall<T, R> {
+        EngineCall {
+            handle: handle.clone(),
+            call: Err(error),
+        }
+    }
+
+    fn then<U>(self, f: impl FnOnce(T) -> U + Send + 'static) -> EngineCall<U, R> {
+        EngineCall {
+            handle: self.handle,
+            call: self.call.map(|(make, then)| {
+                let then: Then<R, U> = Box::new(move |r| f(then(r)));
+                (make, then)
+            }),
+        }
+    }
+
+    /// Sends the command and blocks this thread for the answer (at most
+    /// 30 s). Not from async code: `.await` the call there.
+    pub fn wait(self) -> Result<T, EngineError> {
+        let (make, then) = self.call?;
+        Ok(then(self.handle.call(make)?))
+    }
+}
+
+impl<T: Send + 'static, R: Send + 'static> std::future::IntoFuture for EngineCall<T, R> {
+    type Output = Result<T, EngineError>;
+    type IntoFuture = futures::future::BoxFuture<'static, Result<T, EngineError>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let (make, then) = self.call?;
+            Ok(then(self.handle.call_async(make).await?))
+        })
+    }
+}
+
 enum Command {
     Submit {
         request: Request,
@@ -434,7 +489,7 @@ impl EngineHandle {
     }
 
     /// Sends a command and blocks until the engine thread answers.
-    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
+    fn call<T>(&self, make: MakeCommand<T>) -> Result<T, EngineError> {
         let (reply, answer) = std_mpsc::channel();
         self.send(make(Reply::Blocking(reply)))?;
         match answer.recv_timeout(REPLY_DEADLINE) {
@@ -445,10 +500,7 @@ impl EngineHandle {
     }
 
     /// Sends a command and awaits the engine thread's answer.
-    async fn call_async<T>(
-        &self,
-        make: impl FnOnce(Reply<T>) -> Command,
-    ) -> Result<T, EngineError> {
+    async fn call_async<T>(&self, make: MakeCommand<T>) -> Result<T, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.send(make(Reply::Async(reply)))?;
         match tokio::time::timeout(REPLY_DEADLINE, answer).await {
@@ -505,20 +557,22 @@ impl EngineHandle {
     /// [`EngineHandle::complete_remote_prefill`] or
     /// [`EngineHandle::cancel_remote_prefill`]. Fails with a
     /// [`SchedulerError::Busy`] admission error when the blocks are not free
-    /// now. Blocks until the engine thread answers (at most one step); async
-    /// callers use the `_async` twin.
+    /// now. The engine thread answers within a step.
     pub fn begin_remote_prefill(
         &self,
         request: Request,
-    ) -> Result<(mpsc::Receiver<OutputItem>, RemoteReservation), EngineError> {
-        let (sampler, tx, rx) = self.prepare(&request)?;
-        let reservation = self.call(|reply| Command::BeginRemote {
-            request,
-            sampler,
-            tx,
-            reply,
-        })?;
-        Ok((rx, reservation))
+    ) -> EngineCall<(mpsc::Receiver<OutputItem>, RemoteReservation), RemoteReservation> {
+        match self.prepare(&request) {
+            Ok((sampler, tx, rx)) => self
+                .call_with(move |reply| Command::BeginRemote {
+                    request,
+                    sampler,
+                    tx,
+                    reply,
+                })
+                .then(move |reservation| (rx, reservation)),
+            Err(e) => EngineCall::failed(self, e),
+        }
     }
 
     /// A remote prefill's first token must be in the model's vocabulary.
@@ -536,14 +590,13 @@ impl EngineHandle {
     /// The prompt KV of `id` is written and the prefill side sampled
     /// `first_token`: it is streamed as the first output and decoding goes
     /// on from there.
-    pub fn complete_remote_prefill(
-        &self,
-        id: &str,
-        first_token: TokenId,
-    ) -> Result<(), EngineError> {
-        self.check_first_token(first_token)?;
-        self.call(|reply| Command::CompleteRemote {
-            id: id.to_string(),
+    pub fn complete_remote_prefill(&self, id: &str, first_token: TokenId) -> EngineCall<()> {
+        if let Err(e) = self.check_first_token(first_token) {
+            return EngineCall::failed(self, e);
+        }
+        let id = id.to_string();
+        self.call_with(move |reply| Command::CompleteRemote {
+            id,
             first_token,
             reply,
         })
@@ -551,19 +604,15 @@ impl EngineHandle {
 
     /// The remote prefill of `id` failed and nothing more will be written:
     /// its blocks are released and it is prefilled locally instead.
-    pub fn cancel_remote_prefill(&self, id: &str) -> Result<(), EngineError> {
-        self.call(|reply| Command::CancelRemote {
-            id: id.to_string(),
-            reply,
-        })
+    pub fn cancel_remote_prefill(&self, id: &str) -> EngineCall<()> {
+        let id = id.to_string();
+        self.call_with(move |reply| Command::CancelRemote { id, reply })
     }
 
     /// The block ids of live or held request `id`, in token order.
-    pub fn block_table(&self, id: &str) -> Result<Vec<BlockId>, EngineError> {
-        self.call(|reply| Command::BlockTable {
-            id: id.to_string(),
-            reply,
-        })
+    pub fn block_table(&self, id: &str) -> EngineCall<Vec<BlockId>> {
+        let id = id.to_string();
+        self.call_with(move |reply| Command::BlockTable { id, reply })
     }
 
     /// Run `f` on the engine thread with the KV memory, between steps (for a
@@ -571,76 +620,22 @@ impl EngineHandle {
     pub fn with_kv_storage<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut KvStorage) -> T + Send + 'static,
-    ) -> Result<T, EngineError> {
-        self.call(|reply| {
+    ) -> EngineCall<T> {
+        self.call_with(move |reply| {
             Command::WithKv(Box::new(move |kv| {
                 reply.send(Ok(f(kv)));
             }))
         })
     }
 
-    /// [`EngineHandle::begin_remote_prefill`] for async callers: waits for
-    /// the engine thread without blocking the runtime.
-    pub async fn begin_remote_prefill_async(
+    fn call_with<R: Send + 'static>(
         &self,
-        request: Request,
-    ) -> Result<(mpsc::Receiver<OutputItem>, RemoteReservation), EngineError> {
-        let (sampler, tx, rx) = self.prepare(&request)?;
-        let reservation = self
-            .call_async(|reply| Command::BeginRemote {
-                request,
-                sampler,
-                tx,
-                reply,
-            })
-            .await?;
-        Ok((rx, reservation))
-    }
-
-    /// [`EngineHandle::complete_remote_prefill`] for async callers.
-    pub async fn complete_remote_prefill_async(
-        &self,
-        id: &str,
-        first_token: TokenId,
-    ) -> Result<(), EngineError> {
-        self.check_first_token(first_token)?;
-        self.call_async(|reply| Command::CompleteRemote {
-            id: id.to_string(),
-            first_token,
-            reply,
-        })
-        .await
-    }
-
-    /// [`EngineHandle::cancel_remote_prefill`] for async callers.
-    pub async fn cancel_remote_prefill_async(&self, id: &str) -> Result<(), EngineError> {
-        self.call_async(|reply| Command::CancelRemote {
-            id: id.to_string(),
-            reply,
-        })
-        .await
-    }
-
-    /// [`EngineHandle::block_table`] for async callers.
-    pub async fn block_table_async(&self, id: &str) -> Result<Vec<BlockId>, EngineError> {
-        self.call_async(|reply| Command::BlockTable {
-            id: id.to_string(),
-            reply,
-        })
-        .await
-    }
-
-    /// [`EngineHandle::with_kv_storage`] for async callers.
-    pub async fn with_kv_storage_async<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut KvStorage) -> T + Send + 'static,
-    ) -> Result<T, EngineError> {
-        self.call_async(|reply| {
-            Command::WithKv(Box::new(move |kv| {
-                reply.send(Ok(f(kv)));
-            }))
-        })
-        .await
+        make: impl FnOnce(Reply<R>) -> Command + Send + 'static,
+    ) -> EngineCall<R> {
+        EngineCall {
+            handle: self.clone(),
+            call: Ok((Box::new(make), Box::new(|r| r))),
+        }
     }
 
     /// Counters as of the last step.

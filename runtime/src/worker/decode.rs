@@ -337,13 +337,10 @@ impl DecodeWorker {
         }
 
         let id = request.id.clone();
-        let (outputs, reservation) = parts
-            .engine
-            .begin_remote_prefill_async(request.clone())
-            .await?;
+        let (outputs, reservation) = parts.engine.begin_remote_prefill(request.clone()).await?;
         facts.cached_tokens = Some(reservation.cached_tokens);
         if let PrefillStep::Local(fallback) = prefill_step(&facts) {
-            parts.engine.cancel_remote_prefill_async(&id).await?;
+            parts.engine.cancel_remote_prefill(&id).await?;
             local(fallback);
             return Ok((outputs, None));
         }
@@ -381,7 +378,7 @@ impl DecodeWorker {
             tracing::warn!(request_id = %id, ?enqueued, "enqueue failed; prefilling locally");
             lock(&self.inner.pending).remove(&id);
             self.inner.hub.forget(&id);
-            parts.engine.cancel_remote_prefill_async(&id).await?;
+            parts.engine.cancel_remote_prefill(&id).await?;
             local(fallback);
             return Ok((outputs, None));
         }
@@ -450,11 +447,11 @@ impl DecodeWorker {
                 metrics.prefills.with_label_values(&["remote"]).inc();
                 if let Err(e) = parts
                     .engine
-                    .complete_remote_prefill_async(&id, n.notification.first_token)
+                    .complete_remote_prefill(&id, n.notification.first_token)
                     .await
                 {
                     tracing::warn!(request_id = %id, "completing the remote prefill failed: {e}");
-                    let _ = parts.engine.cancel_remote_prefill_async(&id).await;
+                    let _ = parts.engine.cancel_remote_prefill(&id).await;
                 }
             }
             Err(reason) => {
@@ -464,7 +461,7 @@ impl DecodeWorker {
                 tracing::info!(request_id = %id, reason, "no remote KV; prefilling locally");
                 metrics.fallbacks.with_label_values(&[reason]).inc();
                 metrics.prefills.with_label_values(&["local"]).inc();
-                if let Err(e) = parts.engine.cancel_remote_prefill_async(&id).await {
+                if let Err(e) = parts.engine.cancel_remote_prefill(&id).await {
                     tracing::warn!(request_id = %id, "releasing the remote reservation failed: {e}");
                 }
             }

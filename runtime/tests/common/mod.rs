@@ -1,7 +1,10 @@
 //! Helpers shared by the runtime's integration tests: the bundled model,
-//! greedy requests, and reading a request's output stream to its end.
+//! greedy requests, reading a request's output stream to its end, and the
+//! frontend's backend over an in-process engine ([`local_backend`]).
 
 #![allow(dead_code)] // each test binary uses a different part
+
+pub mod local_backend;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
