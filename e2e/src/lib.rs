@@ -27,7 +27,7 @@
 //! [`child`] starts the running test binary again as a separate process;
 //! [`pod_spec`] reads the pod spec the operator writes.
 //!
-//! [`bench`] is the load generator behind the `xpyd-bench` binary; it talks
+//! [`bench`](mod@bench) is the load generator behind the `xpyd-bench` binary; it talks
 //! to any OpenAI-compatible server and starts nothing itself.
 
 pub mod bench;

@@ -273,7 +273,7 @@ impl EngineHandle {
     /// reserves (and pins) blocks and returns them. Then either
     /// [`EngineHandle::complete_remote_prefill`] or
     /// [`EngineHandle::cancel_remote_prefill`]. Fails with a
-    /// [`SchedulerError::Busy`] admission error when the blocks are not free
+    /// [`super::scheduler::SchedulerError::Busy`] admission error when the blocks are not free
     /// now. The engine thread answers within a step.
     pub fn begin_remote_prefill(
         &self,
