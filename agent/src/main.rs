@@ -10,6 +10,8 @@
 //!   and decode workers in one process, with in-process discovery and bus
 //!   unless `--etcd`/`--nats` name real servers), serving the bundled model.
 
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 mod connect;
 mod gpu;
 mod node;

@@ -352,7 +352,8 @@ impl Node {
         let memory = engine
             // SAFETY: the engine keeps its KV memory in place until it shuts
             // down, and `Node::shutdown` drops every agent clone first.
-            .with_kv_storage(|kv| unsafe { KvMemory::of_kv_storage(kv) })??;
+            .with_kv_storage(|kv| unsafe { KvMemory::of_kv_storage(kv) })
+            .wait()??;
         let weights =
             weights_digest(path).with_context(|| format!("reading {}", path.display()))?;
         let agent = TransferAgent::for_weights(agent_name, memory, Some(weights))

@@ -13,7 +13,7 @@ use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use xpyd_runtime::bus::Bus;
-use xpyd_runtime::discovery::{Discovery, InstanceRecord, Registration, RegistrationState, Role};
+use xpyd_runtime::discovery::{Discovery, InstanceRecord, Lifecycle, Role};
 use xpyd_runtime::engine::runner::EngineConfig;
 use xpyd_runtime::frontend::{self, ClusterBackend, ClusterOptions, Prompts};
 use xpyd_runtime::metrics::WorkerMetrics;
@@ -28,62 +28,19 @@ pub struct Cluster {
     pub bus: Arc<dyn Bus>,
 }
 
-/// Resolves when `stop` turns true.
-pub async fn stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
+pub use xpyd_runtime::discovery::lifecycle::stopped;
 
-/// Keep `ready` equal to "registered", and acknowledge each settings
-/// generation this process applies. Ends with `stop`.
-async fn follow_registration(
-    cluster: Cluster,
-    registration: Arc<Registration>,
-    ready: watch::Sender<bool>,
-    stop: watch::Receiver<bool>,
-) {
-    let mut state = registration.state();
-    let mut settings = cluster.discovery.settings();
-    let mut acked = None;
-    let stop = stopped(stop);
-    tokio::pin!(stop);
-    loop {
-        let registered = *state.borrow_and_update() == RegistrationState::Registered;
-        ready.send_replace(registered);
-        let generation = settings.borrow_and_update().as_ref().map(|s| s.generation);
-        if registered && generation.is_some() && generation != acked {
-            let g = generation.unwrap_or_default();
-            match cluster.discovery.ack_settings(&registration, g).await {
-                Ok(()) => acked = generation,
-                Err(e) => tracing::warn!("acknowledging settings generation {g} failed: {e}"),
-            }
-        }
-        tokio::select! {
-            _ = &mut stop => return,
-            r = state.changed() => if r.is_err() { return },
-            r = settings.changed() => if r.is_err() { return },
-            // Retry a failed ack.
-            _ = tokio::time::sleep(Duration::from_secs(5)), if generation != acked => {}
-        }
-    }
-}
-
-/// Register `record`, retrying until `stop` (discovery may come up later
-/// than we do).
+/// Register `record` (retrying until `stop`) and follow the registration:
+/// `ready` is "registered", and each settings generation is acknowledged.
 async fn register(
     cluster: &Cluster,
     record: InstanceRecord,
+    ready: watch::Sender<bool>,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<Registration> {
-    loop {
-        match cluster.discovery.register(record.clone()).await {
-            Ok(r) => return Ok(r),
-            Err(e) if !*stop.borrow() => {
-                tracing::warn!("registering {} failed: {e}; retrying", record.instance_id);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e).context("registering"),
-        }
-    }
+) -> anyhow::Result<Lifecycle> {
+    Lifecycle::register(cluster.discovery.clone(), record, ready, stop.clone())
+        .await
+        .context("registering")
 }
 
 /// What a prefill or decode worker needs to start.
@@ -144,14 +101,8 @@ pub async fn run_worker(
         spec.http_address.clone(),
         spec.devices.clone(),
     );
-    let registration = Arc::new(register(&cluster, record, &stop).await?);
     let (registered_tx, registered) = watch::channel(false);
-    let follower = tokio::spawn(follow_registration(
-        cluster.clone(),
-        registration.clone(),
-        registered_tx,
-        stop.clone(),
-    ));
+    let lifecycle = register(&cluster, record, registered_tx, &stop).await?;
     // `/ready` follows the registration.
     let readiness = tokio::spawn({
         let mut registered = registered.clone();
@@ -178,13 +129,7 @@ pub async fn run_worker(
     };
     // Drain: on stop, deregister first so nobody routes here any more,
     // then let the worker finish what it has.
-    let draining = {
-        let stop = stop.clone();
-        async move {
-            stopped(stop).await;
-            deregister(registration, follower).await;
-        }
-    };
+    let draining = lifecycle.drain_on(stop.clone());
     match spec.role {
         Role::Decode => {
             let worker = DecodeWorker::new(parts, spec.decode.clone())?;
@@ -203,22 +148,6 @@ pub async fn run_worker(
     tokio::task::spawn_blocking(move || engine.shutdown(Duration::from_secs(10))).await??;
     tracing::info!(instance = %id, "stopped");
     Ok(())
-}
-
-/// Stop acknowledging and remove the record now.
-async fn deregister(registration: Arc<Registration>, follower: tokio::task::JoinHandle<()>) {
-    follower.abort();
-    let _ = follower.await;
-    let id = registration.instance_id().to_string();
-    match Arc::try_unwrap(registration) {
-        Ok(registration) => match registration.deregister().await {
-            Ok(()) => tracing::info!(instance = %id, "deregistered; draining"),
-            Err(e) => tracing::warn!(instance = %id, "deregistering failed: {e}"),
-        },
-        Err(_) => {
-            tracing::warn!(instance = %id, "registration still shared; it expires with its lease")
-        }
-    }
 }
 
 /// What the frontend needs to start.
@@ -285,17 +214,9 @@ pub async fn run_frontend(
         capacity: None,
         devices: Vec::new(),
     };
-    let registration = Arc::new(register(&cluster, record, &stop).await?);
-    let follower = tokio::spawn(follow_registration(
-        cluster.clone(),
-        registration.clone(),
-        ready,
-        stop.clone(),
-    ));
-    let draining = async move {
-        stopped(stop).await;
-        deregister(registration, follower).await;
-    };
+    let lifecycle = register(&cluster, record, ready, &stop).await?;
+    // The server's shutdown future must own what it uses.
+    let draining = async move { lifecycle.drain_on(stop).await };
     // Streams in flight get the grace period, then the server stops anyway.
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = frontend::serve(listener, app, async move {

@@ -6,14 +6,16 @@
 //! What a user would notice is asserted: answers, HTTP statuses, and the
 //! agents' own `/metrics` (remote prefills, bytes moved, free KV blocks).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{FRANCE, MODEL, answer, sum_samples};
 use futures::future::join_all;
 use serde_json::{Value, json};
 use xpyd_e2e::process::{ServerProcess, free_port};
 use xpyd_e2e::{Etcd, Nats, Tools, Workdir, wait_until};
 
-const MODEL: &str = "SmolLM2-135M-Instruct";
 const NAMESPACE: &str = "test";
 /// A prompt far above the threshold the tests set (32 tokens).
 const LONG_SYSTEM: &str = "You are a careful geography tutor. You answer questions about \
@@ -390,26 +392,6 @@ impl Deployment {
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
-}
-
-/// Sum of the samples of `metric` (exact name) whose label set contains
-/// `labels` (e.g. `location="remote"`; empty: all).
-fn sum_samples(text: &str, metric: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
-            (name == metric && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
-fn answer(body: &Value) -> String {
-    body["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no answer in {body}"))
-        .to_string()
 }
 
 #[tokio::test]
@@ -929,7 +911,7 @@ async fn a_decode_worker_sigtermed_during_a_remote_prefill_answers_it_within_its
     // while the decode worker is told to stop.
     d.signal("prefill-0", libc::SIGSTOP);
     let request = async {
-        let result = d.chat(LONG_SYSTEM, "Name the capital of France.", 12).await;
+        let result = d.chat(LONG_SYSTEM, FRANCE, 12).await;
         (result, Instant::now())
     };
     let drive = async {
@@ -994,7 +976,7 @@ async fn sigterm_the_prefill_worker_mid_job(d: &Deployment) -> MidJob {
     let started = Instant::now();
     let system = long_prompt("Drain");
     let request = async {
-        let result = d.chat(&system, "Name the capital of France.", 8).await;
+        let result = d.chat(&system, FRANCE, 8).await;
         (result, started.elapsed())
     };
     let drive = async {
@@ -1212,7 +1194,7 @@ async fn a_draining_decode_worker_whose_remote_prefill_nobody_claims_prefills_it
     // The prefill worker hangs for good: nobody will claim the job.
     d.signal("prefill-0", libc::SIGSTOP);
     let request = async {
-        let result = d.chat(LONG_SYSTEM, "Name the capital of France.", 12).await;
+        let result = d.chat(LONG_SYSTEM, FRANCE, 12).await;
         (result, Instant::now())
     };
     let drive = async {

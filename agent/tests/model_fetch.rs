@@ -350,22 +350,10 @@ fn serve_france(extra_env: &[(&str, String)], source: &str) {
         extra_env,
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let resp: serde_json::Value = rt.block_on(async {
-        reqwest::Client::new()
-            .post(format!("{}/v1/chat/completions", up.url))
-            .timeout(Duration::from_secs(120))
-            .json(&serde_json::json!({
-                "model": "SmolLM2-135M-Instruct",
-                "temperature": 0,
-                "messages": [{"role": "user", "content": "Name the capital of France."}],
-            }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
+    let resp = rt.block_on(common::chat(
+        &up.url,
+        &common::chat_request(&[("user", common::FRANCE)]),
+    ));
     assert_eq!(
         resp["choices"][0]["message"]["content"], "The capital of France is Paris.",
         "{resp}"
@@ -396,6 +384,7 @@ fn up_serves_france_from_an_https_style_url_and_from_an_hf_source() {
 #[test]
 fn a_full_disk_is_named_with_the_url() {
     // A 32 MiB tmpfs as the cache: the 98 MB model cannot fit.
+    // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: mounting a small tmpfs needs root");
         return;

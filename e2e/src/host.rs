@@ -93,6 +93,7 @@ impl HostClaim {
     /// up after a previous holder that died, records the host and prepares
     /// it: [`NODE_IP`] on `lo`, IPv4 forwarding on.
     pub fn acquire() -> Result<HostClaim> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             return Err(HarnessError::Tool(
                 "a real node needs root (it runs kubelet, containerd and kube-proxy)".into(),
@@ -565,6 +566,33 @@ pub(crate) fn run_with_timeout(
         )));
     }
     Ok(String::from_utf8_lossy(&stdout).into_owned())
+}
+
+/// What a real node changes on the host, as text to compare before and
+/// after: nft tables, links, addresses on `lo`, the pods' cgroups, mounts
+/// under the harness' folders, kubelet's and containerd's folders, IPv4
+/// forwarding. [`sh_line`] adds a line of one's own.
+pub fn snapshot() -> Vec<String> {
+    vec![
+        sh_line("nft list tables"),
+        sh_line("ip -o link show | cut -d: -f2"),
+        sh_line("ip -o addr show dev lo"),
+        sh_line("ls -d /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io 2>/dev/null"),
+        sh_line("grep -c xpyd-e2e /proc/self/mountinfo"),
+        sh_line(
+            "ls -d /var/lib/kubelet /var/lib/cni /var/log/pods /var/log/containers /run/containerd 2>/dev/null",
+        ),
+        sh_line("cat /proc/sys/net/ipv4/ip_forward"),
+    ]
+}
+
+/// `cmd` run by `sh`, and its stdout, as one line of a [`snapshot`].
+pub fn sh_line(cmd: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .expect("sh runs");
+    format!("{cmd}: {}", String::from_utf8_lossy(&out.stdout))
 }
 
 #[cfg(test)]

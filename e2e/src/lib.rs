@@ -25,11 +25,15 @@
 //! host-global state, so one runs per host at a time ([`host`]). Traefik
 //! runs on it as a real ingress controller on demand ([`ingress`]).
 //!
-//! [`bench`] is the load generator behind the `xpyd-bench` binary; it talks
+//! [`child`] starts the running test binary again as a separate process;
+//! [`pod_spec`] reads the pod spec the operator writes.
+//!
+//! [`bench`](mod@bench) is the load generator behind the `xpyd-bench` binary; it talks
 //! to any OpenAI-compatible server and starts nothing itself.
 
 pub mod bench;
 mod certs;
+pub mod child;
 mod control_plane;
 mod error;
 mod etcd;
@@ -39,6 +43,7 @@ pub mod ingress;
 pub mod mirror;
 mod nats;
 mod node;
+pub mod pod_spec;
 pub mod process;
 mod tools;
 mod wait;

@@ -23,6 +23,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufR
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use xpyd_runtime::sync::lock;
+
 use crate::error::{HarnessError, Result};
 
 /// A fault the mirror injects into the body of the next requests.
@@ -133,10 +135,6 @@ impl Drop for ModelMirror {
     fn drop(&mut self) {
         self.stop.send_replace(true);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn serve(listener: TcpListener, state: Arc<State>, stop: watch::Receiver<bool>) {

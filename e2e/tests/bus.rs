@@ -9,14 +9,13 @@
 //! otherwise) and reports over stdout lines tagged `XPYD:`.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
+use xpyd_e2e::child::ChildProcess;
 use xpyd_e2e::{Nats, Tools, Workdir};
 use xpyd_runtime::bus::{Bus, BusError, Bytes, NatsBus, NatsOptions};
 use xpyd_runtime::discovery::Scope;
@@ -66,58 +65,24 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
 
 // ---------------------------------------------------------------- child
 
-/// A child process. Killed (SIGKILL) when dropped, so a failing test leaves
-/// nothing behind.
-struct ChildProcess {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
+/// This test binary again, as the bus client `role`.
+fn spawn_child(role: &str, nats_url: &str, deployment: &str) -> ChildProcess {
+    ChildProcess::spawn(
+        "child_process_entry",
+        [
+            (CHILD_ENV, role),
+            (URL_ENV, nats_url),
+            (DEPLOYMENT_ENV, deployment),
+        ],
+    )
 }
 
-impl ChildProcess {
-    fn spawn(role: &str, nats_url: &str, deployment: &str) -> ChildProcess {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_process_entry", "--nocapture"])
-            .args(["--test-threads=1"])
-            .env(CHILD_ENV, role)
-            .env(URL_ENV, nats_url)
-            .env(DEPLOYMENT_ENV, deployment)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest may print "test child_process_entry ... " first.
-                if let Some(at) = line.find("XPYD:")
-                    && tx.send(line[at + 5..].to_string()).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        ChildProcess { child, lines }
-    }
-
-    async fn expect(&mut self, want: &str) {
-        let got = within(want, self.lines.recv()).await;
-        assert_eq!(got.as_deref(), Some(want));
-    }
-
-    /// SIGKILL: no destructor, no goodbye on the wire.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+async fn expect(child: &mut ChildProcess, want: &str) {
+    let got = child
+        .line(DEADLINE)
+        .await
+        .unwrap_or_else(|e| panic!("{want}: {e}"));
+    assert_eq!(got, want);
 }
 
 #[test]
@@ -238,15 +203,15 @@ async fn an_unknown_instance_answers_no_responders_fast() {
 #[tokio::test]
 async fn a_responder_process_killed_mid_stream_times_out_within_the_idle_timeout() {
     let (_dir, nats) = start_nats("bus-killed").await;
-    let mut child = ChildProcess::spawn("responder", &nats.url(), "killed");
-    child.expect("SERVING").await;
+    let mut child = spawn_child("responder", &nats.url(), "killed");
+    expect(&mut child, "SERVING").await;
     let client = connect(&nats.url(), "killed").await;
     let mut stream = within("request", client.request("child", Bytes::new(), IDLE))
         .await
         .unwrap();
     let first = within("first response", stream.next()).await;
     assert_eq!(first, Some(Ok(Bytes::from_static(b"first"))));
-    child.expect("SENT").await;
+    expect(&mut child, "SENT").await;
     child.kill();
     let killed_at = Instant::now();
     let next = within("timeout", stream.next()).await;
@@ -317,10 +282,10 @@ async fn a_requester_process_killed_mid_stream_cancels_the_request_on_the_server
     let (_dir, nats) = start_nats("bus-reqkilled").await;
     let server = connect(&nats.url(), "reqkilled").await;
     let mut requests = server.serve("decode-0").await.unwrap();
-    let mut child = ChildProcess::spawn("requester", &nats.url(), "reqkilled");
+    let mut child = spawn_child("requester", &nats.url(), "reqkilled");
     let mut req = within("request", requests.next()).await.unwrap();
     req.responder.send(Bytes::from_static(b"a")).await.unwrap();
-    child.expect("RECEIVED").await;
+    expect(&mut child, "RECEIVED").await;
     let mut cancelled = req.responder.cancelled();
     // Heartbeats to a live requester cancel nothing.
     assert!(
@@ -423,13 +388,13 @@ async fn a_job_dropped_nacked_or_held_by_a_killed_worker_is_redelivered() {
     drop(jobs);
 
     // Taken by a worker process that is then SIGKILLed.
-    let mut child = ChildProcess::spawn("worker", &nats.url(), "redeliver");
-    child.expect("READY").await;
+    let mut child = spawn_child("worker", &nats.url(), "redeliver");
+    expect(&mut child, "READY").await;
     frontend
         .enqueue_prefill(Bytes::from_static(b"orphan"))
         .await
         .unwrap();
-    child.expect("TOOK orphan 1").await;
+    expect(&mut child, "TOOK orphan 1").await;
     assert_eq!(frontend.prefill_queue_depth().await.unwrap(), 0);
     child.kill();
     let mut jobs = worker.prefill_jobs().await.unwrap();

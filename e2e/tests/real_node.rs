@@ -89,7 +89,7 @@ async fn http_get(url: &str) -> Result<String, reqwest::Error> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_and_its_service_answers_by_ip_and_by_name() {
-    let before = host_state();
+    let before = xpyd_e2e::host::snapshot();
     let t0 = Instant::now();
     let plane = ControlPlane::start_for_real_node(ControlPlaneOptions {
         nodes: 0,
@@ -212,35 +212,11 @@ async fn a_pod_runs_and_its_service_answers_by_ip_and_by_name() {
     drop(node);
     eprintln!("real node stopped in {:.1}s", t3.elapsed().as_secs_f64());
     drop(plane);
-    let after = host_state();
+    let after = xpyd_e2e::host::snapshot();
     assert_eq!(after, before, "the host after the node is not as before");
     assert!(!node_dir.exists(), "{} left behind", node_dir.display());
     eprintln!(
         "real-node smoke test done in {:.1}s",
         t0.elapsed().as_secs_f64()
     );
-}
-
-/// What a real node changes on the host: nft tables, links, addresses on
-/// `lo`, the pods' cgroups, mounts under the harness' folders, kubelet's and
-/// containerd's folders, IPv4 forwarding.
-fn host_state() -> Vec<String> {
-    let sh = |cmd: &str| {
-        let out = std::process::Command::new("sh")
-            .args(["-c", cmd])
-            .output()
-            .expect("sh runs");
-        format!("{cmd}: {}", String::from_utf8_lossy(&out.stdout))
-    };
-    vec![
-        sh("nft list tables"),
-        sh("ip -o link show | cut -d: -f2"),
-        sh("ip -o addr show dev lo"),
-        sh("ls -d /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io 2>/dev/null"),
-        sh("grep -c xpyd-e2e /proc/self/mountinfo"),
-        sh(
-            "ls -d /var/lib/kubelet /var/lib/cni /var/log/pods /var/log/containers /run/containerd 2>/dev/null",
-        ),
-        sh("cat /proc/sys/net/ipv4/ip_forward"),
-    ]
 }

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use xpyd_e2e::host::{sh_line, snapshot};
 use xpyd_e2e::{ControlPlane, ControlPlaneOptions, RealNode};
 
 const CHILD_TEST: &str = "child_starts_a_node_and_exits_without_dropping_it";
@@ -69,26 +70,12 @@ fn a_node_left_undropped_is_cleaned_up_at_process_exit() {
     );
 }
 
-/// What a real node changes on the host (as in real_node.rs), and whether a
-/// shim or pod process outlived it.
+/// What a real node changes on the host ([`snapshot`]), and whether a shim
+/// or pod process outlived it.
 fn host_state() -> Vec<String> {
-    let sh = |cmd: &str| {
-        let out = std::process::Command::new("sh")
-            .args(["-c", cmd])
-            .output()
-            .expect("sh runs");
-        format!("{cmd}: {}", String::from_utf8_lossy(&out.stdout))
-    };
-    vec![
-        sh("nft list tables"),
-        sh("ip -o link show | cut -d: -f2"),
-        sh("ip -o addr show dev lo"),
-        sh("ls -d /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/k8s.io 2>/dev/null"),
-        sh("grep -c xpyd-e2e /proc/self/mountinfo"),
-        sh(
-            "ls -d /var/lib/kubelet /var/lib/cni /var/log/pods /var/log/containers /run/containerd 2>/dev/null",
-        ),
-        sh("cat /proc/sys/net/ipv4/ip_forward"),
-        sh("pgrep -f '[c]ontainerd-shim-runc-v2 .*-address /tmp/xpyd-e2e' | wc -l"),
-    ]
+    let mut state = snapshot();
+    state.push(sh_line(
+        "pgrep -f '[c]ontainerd-shim-runc-v2 .*-address /tmp/xpyd-e2e' | wc -l",
+    ));
+    state
 }

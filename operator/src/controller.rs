@@ -11,9 +11,11 @@
 //! lists the deployment's pods and reports an image that cannot be pulled or
 //! a model that cannot be fetched in `Degraded` ([`crate::pod_status`]),
 //! polling until the pods come up (pods are owned through ReplicaSets, so
-//! no owner watch sees them). Not here: leader election and the HTTP server
-//! (see [`crate::leader`], [`crate::metrics`]), object builders
-//! ([`crate::resources`]).
+//! no owner watch sees them). Not here: what the status, conditions, events
+//! and requeue should be ([`crate::status`], pure functions this file calls
+//! with what it observed; events go out only once the status is written),
+//! leader election and the HTTP server (see [`crate::leader`],
+//! [`crate::metrics`]), object builders ([`crate::resources`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,7 +25,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -36,13 +38,14 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use xpyd_api::Scope;
 
-use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, RoleAcks, RoleStatus, RouterStatus};
+use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, RoleAcks, RoleStatus};
 use crate::metrics::Metrics;
 use crate::pod_status::{self, PodProblem};
 use crate::resources::{
     self, BuildError, ClusterSettings, DEPLOYMENT_LABEL, MANAGED_BY, Owner, Role,
 };
 use crate::router_settings::{EtcdClients, EtcdError, router_settings};
+use crate::status::{self, Observed, PlannedEvent, SettingsSeen};
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "xpyd-operator";
@@ -52,12 +55,6 @@ pub const FINALIZER: &str = "xpyd.dev/etcd-cleanup";
 /// that is gone for good).
 pub const SKIP_CLEANUP_ANNOTATION: &str = "xpyd.dev/skip-etcd-cleanup";
 
-/// Requeue while routers have not all acknowledged the settings.
-const ACK_POLL: Duration = Duration::from_secs(5);
-/// Requeue while pods are not ready, to notice why (no watch sees pods).
-const POD_POLL: Duration = Duration::from_secs(10);
-/// Requeue of a settled CR, to notice drift the watches cannot see (etcd).
-const RESYNC: Duration = Duration::from_secs(300);
 /// Quiet time before a triggered reconcile runs.
 const DEBOUNCE: Duration = Duration::from_millis(500);
 /// Longest backoff after failures.
@@ -154,6 +151,17 @@ impl Context {
         };
         if let Err(e) = self.recorder.publish(&event, &dd.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "could not record event");
+        }
+    }
+
+    /// Sends planned events in order.
+    async fn publish_all(
+        &self,
+        dd: &DisaggDeployment,
+        events: impl IntoIterator<Item = PlannedEvent>,
+    ) {
+        for e in events {
+            self.publish(dd, e.type_, e.reason, e.note).await;
         }
     }
 }
@@ -269,62 +277,6 @@ where
     }
 }
 
-fn role_status(desired: i32, deployment: Option<&Deployment>) -> RoleStatus {
-    let mut status = RoleStatus {
-        desired,
-        ..RoleStatus::default()
-    };
-    let Some(d) = deployment else {
-        return status;
-    };
-    let fresh = d
-        .status
-        .as_ref()
-        .and_then(|s| s.observed_generation)
-        .is_some_and(|g| Some(g) >= d.metadata.generation);
-    if let Some(s) = d.status.as_ref() {
-        status.replicas = s.replicas.unwrap_or(0);
-        status.ready = s.ready_replicas.unwrap_or(0);
-        // Counts of an older template say nothing about this one.
-        status.updated = if fresh {
-            s.updated_replicas.unwrap_or(0)
-        } else {
-            0
-        };
-    }
-    status
-}
-
-fn converged(s: &RoleStatus) -> bool {
-    s.ready >= s.desired && s.updated >= s.desired && s.replicas == s.desired
-}
-
-/// Builds a condition, keeping the old transition time when the status did
-/// not change.
-fn condition(
-    old: &[Condition],
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-) -> Condition {
-    let status = if status { "True" } else { "False" }.to_string();
-    let last_transition_time = old
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
-    Condition {
-        type_: type_.to_string(),
-        status,
-        reason: reason.to_string(),
-        message,
-        observed_generation: generation,
-        last_transition_time,
-    }
-}
-
 /// Server-side-applies every child object (and removes those the spec no
 /// longer asks for); returns each role's replica counts.
 async fn apply_children(
@@ -352,14 +304,14 @@ async fn apply_children(
             if removed {
                 ctx.publish(dd, EventType::Normal, "Aggregated", "numPrefill is 0: removed the prefill Deployment; decode workers prefill locally".to_string()).await;
             }
-            roles.insert(role, role_status(0, None));
+            roles.insert(role, status::role_status(0, None));
             continue;
         }
         let svc = resources::service(owner, spec, role);
         apply_child(&services, &name, &svc).await?;
         let want = resources::deployment(owner, spec, role, &ctx.cluster);
         let got = apply_child(&deployments, &name, &want).await?;
-        roles.insert(role, role_status(desired, Some(&got)));
+        roles.insert(role, status::role_status(desired, Some(&got)));
     }
 
     let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
@@ -384,28 +336,14 @@ async fn report_apply_failure(
     old: &DisaggDeploymentStatus,
     error: &kube::Error,
 ) {
-    let message = format!("applying child objects failed: {error}");
-    let mut status = old.clone();
-    let degraded = condition(
-        &old.conditions,
-        "Degraded",
-        true,
-        "ApplyFailed",
-        message.clone(),
-        dd.metadata.generation,
-    );
-    status.conditions.retain(|c| c.type_ != "Degraded");
-    status.conditions.push(degraded);
-    let already = old
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "ApplyFailed");
-    if !already {
-        ctx.publish(dd, EventType::Warning, "ApplyFailed", message)
-            .await;
-    }
-    if let Err(e) = patch_status(ctx, owner, &status).await {
-        tracing::warn!(error = %e, name = %owner.name, "could not report the failure in status");
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let (status, event) =
+        status::apply_failed(old, dd.metadata.generation, &error.to_string(), &now);
+    match patch_status(ctx, owner, &status).await {
+        Ok(()) => ctx.publish_all(dd, event).await,
+        Err(e) => {
+            tracing::warn!(error = %e, name = %owner.name, "could not report the failure in status");
+        }
     }
 }
 
@@ -434,7 +372,6 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
     let spec = &dd.spec;
     let ns = &owner.namespace;
     let old = dd.status.clone().unwrap_or_default();
-    let first = dd.status.is_none();
     // Objects are only removed by a spec change (numPrefill to 0, ingress
     // off), so the deletes run once per generation rather than on every
     // resync; a failed delete leaves observedGeneration behind and retries.
@@ -466,191 +403,49 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
     let frontend = roles.remove(&Role::Frontend).unwrap_or_default();
     let prefill = roles.remove(&Role::Prefill).unwrap_or_default();
     let decode = roles.remove(&Role::Decode).unwrap_or_default();
-    let pods_ready = [&frontend, &prefill, &decode].into_iter().all(converged);
     // Why pods are not coming up, when a user must act; only looked for
     // while they are not all ready.
-    let pod_problem = if pods_ready {
+    let pod_problem = if status::all_converged([&frontend, &prefill, &decode]) {
         None
     } else {
         observe_pods(ctx, &owner).await
     };
-    let router = match &etcd {
-        Ok((stored, _, acks)) => RouterStatus {
-            key: key.clone(),
-            settings_generation: stored.generation,
-            acknowledged: acks.frontend,
-            acknowledged_by_role: RoleAcks {
-                frontend: acks.frontend,
-                prefill: acks.prefill,
-                decode: acks.decode,
-            },
-        },
-        // Unknown while etcd is away: keep what was last seen.
-        Err(_) => old.router.clone(),
-    };
-
-    let (degraded, degraded_reason, degraded_message) = degraded_condition(
-        etcd.as_ref().err().map(ToString::to_string),
-        pod_problem.as_ref(),
-    );
-    let lagging: Vec<String> = [
-        ("frontend", &frontend),
-        ("prefill", &prefill),
-        ("decode", &decode),
-    ]
-    .into_iter()
-    .filter(|(_, s)| !converged(s))
-    .map(|(n, s)| format!("{n} {}/{} ready, {} updated", s.ready, s.desired, s.updated))
-    .collect();
-    let (ready, ready_reason, ready_message) = if !pods_ready {
-        let mut message = lagging.join("; ");
-        if let Some(problem) = &pod_problem {
-            message = format!("{message}; {}", problem.message);
-        }
-        (false, "ReplicasNotReady", message)
-    } else if degraded {
-        (
-            false,
-            "EtcdUnavailable",
-            "router settings cannot be applied while etcd is unreachable".to_string(),
-        )
-    } else {
-        (
-            true,
-            "AllReplicasReady",
-            "all roles ready with the current spec".to_string(),
-        )
-    };
-    let (progressing, progressing_reason, progressing_message) = if pods_ready {
-        (
-            false,
-            "RolloutComplete",
-            "every role runs the current spec".to_string(),
-        )
-    } else {
-        (true, "RollingOut", lagging.join("; "))
-    };
-    let gen_opt = dd.metadata.generation;
-    let conditions = vec![
-        condition(
-            &old.conditions,
-            "Ready",
-            ready,
-            ready_reason,
-            ready_message,
-            gen_opt,
-        ),
-        condition(
-            &old.conditions,
-            "Progressing",
-            progressing,
-            progressing_reason,
-            progressing_message,
-            gen_opt,
-        ),
-        condition(
-            &old.conditions,
-            "Degraded",
-            degraded,
-            degraded_reason,
-            degraded_message,
-            gen_opt,
-        ),
-    ];
-    let status = DisaggDeploymentStatus {
-        observed_generation: gen_opt,
-        conditions,
-        prefill_ready: format!("{}/{}", prefill.ready, prefill.desired),
-        decode_ready: format!("{}/{}", decode.ready, decode.desired),
-        decode_selector: owner.selector_string(Role::Decode),
+    let observed = Observed {
+        generation: dd.metadata.generation,
+        old: dd.status.as_ref(),
+        num_prefill: spec.num_prefill,
+        num_decode: spec.num_decode,
+        frontend,
         prefill,
         decode,
-        frontend,
-        router,
+        decode_selector: owner.selector_string(Role::Decode),
+        settings_key: key,
+        settings: match &etcd {
+            Ok((stored, written, acks)) => Ok(SettingsSeen {
+                generation: stored.generation,
+                written: *written,
+                acks: RoleAcks {
+                    frontend: acks.frontend,
+                    prefill: acks.prefill,
+                    decode: acks.decode,
+                },
+            }),
+            Err(e) => Err(e.to_string()),
+        },
+        pod_problem,
     };
+    let decision = status::decide(&observed, &Time(k8s_openapi::jiff::Timestamp::now()));
 
-    // Events for what a user would want to see in `kubectl describe`.
-    if first {
-        ctx.publish(
-            dd,
-            EventType::Normal,
-            "Created",
-            format!(
-                "created frontend, {} prefill and {} decode workers",
-                spec.num_prefill, spec.num_decode
-            ),
-        )
-        .await;
-    } else {
-        for (role, before, after) in [
-            ("prefill", old.prefill.desired, status.prefill.desired),
-            ("decode", old.decode.desired, status.decode.desired),
-            ("frontend", old.frontend.desired, status.frontend.desired),
-        ] {
-            if before != after {
-                ctx.publish(
-                    dd,
-                    EventType::Normal,
-                    "Scaled",
-                    format!("{role} scaled from {before} to {after}"),
-                )
-                .await;
-            }
-        }
+    // Events only once the status says the same: a failed write is retried,
+    // and the retry announces it then.
+    if Some(&decision.status) != dd.status.as_ref() {
+        patch_status(ctx, &owner, &decision.status).await?;
     }
-    // Events on transitions of the reason, not on every reconcile.
-    let etcd_was_down = is_reason(&old.conditions, "Degraded", "EtcdUnavailable");
-    if let Some(problem) = &pod_problem
-        && !is_reason(&old.conditions, "Degraded", problem.reason)
-    {
-        ctx.publish(
-            dd,
-            EventType::Warning,
-            problem.reason,
-            problem.message.clone(),
-        )
-        .await;
-    }
-    match &etcd {
-        Ok((stored, true, _)) => {
-            ctx.publish(
-                dd,
-                EventType::Normal,
-                "RouterSettingsApplied",
-                format!(
-                    "router settings of generation {} written to etcd key {key}",
-                    stored.generation
-                ),
-            )
-            .await;
-        }
-        Ok(_) if etcd_was_down => {
-            ctx.publish(
-                dd,
-                EventType::Normal,
-                "EtcdRecovered",
-                "etcd is reachable again".to_string(),
-            )
-            .await;
-        }
-        Err(e) if !etcd_was_down => {
-            ctx.publish(dd, EventType::Warning, "EtcdUnavailable", e.to_string())
-                .await;
-        }
-        _ => {}
-    }
-
-    if Some(&status) != dd.status.as_ref() {
-        patch_status(ctx, &owner, &status).await?;
-    }
+    ctx.publish_all(dd, decision.events).await;
 
     match etcd {
         Err(e) => Err(e.into()),
-        Ok(_) if status.router.acknowledged < status.frontend.ready => {
-            Ok(Action::requeue(ACK_POLL))
-        }
-        Ok(_) if !pods_ready => Ok(Action::requeue(POD_POLL)),
-        Ok(_) => Ok(Action::requeue(RESYNC)),
+        Ok(_) => Ok(Action::requeue(decision.requeue)),
     }
 }
 
@@ -666,30 +461,6 @@ async fn observe_pods(ctx: &Context, owner: &Owner) -> Option<PodProblem> {
             None
         }
     }
-}
-
-/// `Degraded` from what is wrong: etcd (the operator's own path) first,
-/// then the pods; every problem's message is kept.
-fn degraded_condition(
-    etcd_error: Option<String>,
-    pods: Option<&PodProblem>,
-) -> (bool, &'static str, String) {
-    match (etcd_error, pods) {
-        (None, None) => (
-            false,
-            "AsExpected",
-            "etcd reachable, router settings applied".to_string(),
-        ),
-        (Some(e), None) => (true, "EtcdUnavailable", e),
-        (None, Some(p)) => (true, p.reason, p.message.clone()),
-        (Some(e), Some(p)) => (true, "EtcdUnavailable", format!("{e}; {}", p.message)),
-    }
-}
-
-fn is_reason(conditions: &[Condition], type_: &str, reason: &str) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == type_ && c.status == "True" && c.reason == reason)
 }
 
 async fn cleanup(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
@@ -721,82 +492,5 @@ async fn cleanup(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> 
             .await;
             Err(e.into())
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_role_is_converged_only_with_all_replicas_ready_and_updated() {
-        let done = RoleStatus {
-            desired: 2,
-            replicas: 2,
-            ready: 2,
-            updated: 2,
-        };
-        assert!(converged(&done));
-        assert!(!converged(&RoleStatus {
-            ready: 1,
-            ..done.clone()
-        }));
-        assert!(!converged(&RoleStatus {
-            updated: 1,
-            ..done.clone()
-        }));
-        // An old pod still terminating after a scale-down.
-        assert!(!converged(&RoleStatus {
-            replicas: 3,
-            ..done
-        }));
-    }
-
-    #[test]
-    fn degraded_names_every_problem_etcd_first() {
-        let pull = PodProblem {
-            reason: pod_status::IMAGE_PULL_FAILED,
-            message: "pod a: image x cannot be pulled".into(),
-        };
-        assert!(!degraded_condition(None, None).0);
-        assert_eq!(
-            degraded_condition(None, Some(&pull)),
-            (
-                true,
-                "ImagePullFailed",
-                "pod a: image x cannot be pulled".into()
-            )
-        );
-        assert_eq!(
-            degraded_condition(Some("etcd down".into()), Some(&pull)),
-            (
-                true,
-                "EtcdUnavailable",
-                "etcd down; pod a: image x cannot be pulled".into()
-            )
-        );
-    }
-
-    #[test]
-    fn a_condition_keeps_its_transition_time_while_its_status_holds() {
-        let first = condition(&[], "Ready", false, "R", "m".into(), Some(1));
-        let again = condition(
-            std::slice::from_ref(&first),
-            "Ready",
-            false,
-            "R2",
-            "m2".into(),
-            Some(2),
-        );
-        assert_eq!(first.last_transition_time, again.last_transition_time);
-        let flipped = condition(
-            std::slice::from_ref(&first),
-            "Ready",
-            true,
-            "R",
-            "m".into(),
-            Some(2),
-        );
-        assert_eq!(flipped.status, "True");
     }
 }

@@ -3,9 +3,13 @@
 //!
 //! [`crd`] holds the API types, [`resources`] the pure builders of child
 //! objects, [`router_settings`] the etcd key layout, [`pod_status`] what the
-//! pods' statuses say, [`planner`] the SLO planner's decision, [`controller`] the reconciler, [`metrics`] and
+//! pods' statuses say, [`planner`] the SLO planner's decision, [`status`] the reconciler's decisions (status,
+//! conditions, events, requeue) as pure functions, [`controller`] the
+//! reconciler's I/O, [`metrics`] and
 //! [`leader`] what the binary adds around it.
 //! The binary (`xpyd-operator run | crd`) lives in `main.rs`.
+
+#![warn(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod controller;
 pub mod crd;
@@ -15,3 +19,4 @@ pub mod planner;
 pub mod pod_status;
 pub mod resources;
 pub mod router_settings;
+pub mod status;

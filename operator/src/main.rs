@@ -2,6 +2,8 @@
 //! leader election, `/metrics`, `/healthz`, `/readyz` and graceful shutdown);
 //! `crd` prints the CustomResourceDefinition YAML.
 
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -36,6 +36,10 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Fresh metrics in their own registry.
+    #[allow(
+        clippy::expect_used,
+        reason = "constant, distinct metric definitions in a fresh registry"
+    )]
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let reconciles = IntCounterVec::new(

@@ -590,6 +590,7 @@ mod tests {
     use super::*;
     use crate::crd::DisaggDeployment;
     use serde_json::json;
+    use xpyd_e2e::pod_spec::{assert_fetch_container, env_value, env_values, env_var, pod_spec};
 
     fn sample() -> DisaggDeployment {
         let mut dd: DisaggDeployment = serde_json::from_value(json!({
@@ -613,21 +614,7 @@ mod tests {
     }
 
     fn env_of(d: &Deployment) -> BTreeMap<String, String> {
-        let c = &d
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0];
-        c.env
-            .as_ref()
-            .unwrap()
-            .iter()
-            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
-            .collect()
+        env_values(&pod_spec(d).containers[0])
     }
 
     #[test]
@@ -692,10 +679,6 @@ mod tests {
         assert_eq!(limits["nvidia.com/gpu"].0, "1");
     }
 
-    fn pod_spec(d: &Deployment) -> &PodSpec {
-        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
-    }
-
     fn with_model(model: serde_json::Value) -> DisaggDeployment {
         let mut dd = sample();
         dd.spec.model = serde_json::from_value(model).unwrap();
@@ -725,24 +708,11 @@ mod tests {
             assert_eq!(init.len(), 1);
             let fetch = &init[0];
             assert_eq!(fetch.name, FETCH_CONTAINER);
-            assert_eq!(fetch.image.as_deref(), Some("xpyd/agent:1"));
-            assert_eq!(
-                fetch.command.as_deref(),
-                Some(&["xpyd-agent".to_string(), "fetch-model".to_string()][..])
-            );
-            assert_eq!(
-                fetch.termination_message_policy.as_deref(),
-                Some("FallbackToLogsOnError")
-            );
+            assert_fetch_container(fetch, "xpyd/agent:1");
             let agent = &pod.containers[0];
             assert_eq!(fetch.resources, agent.resources, "{role:?}");
             for c in [fetch, agent] {
-                let vars = c.env.as_ref().unwrap();
-                let value = |n: &str| {
-                    vars.iter()
-                        .find(|e| e.name == n)
-                        .and_then(|e| e.value.clone())
-                };
+                let value = |n: &str| env_value(c, n);
                 assert_eq!(
                     value("XPYD_MODEL").as_deref(),
                     Some("hf://org/repo@v1/m.gguf")
@@ -754,7 +724,7 @@ mod tests {
                     Some("7200")
                 );
                 assert_eq!(value("HF_ENDPOINT").as_deref(), Some("http://mirror:8080"));
-                let token = vars.iter().find(|e| e.name == "HF_TOKEN").unwrap();
+                let token = env_var(c, "HF_TOKEN").unwrap();
                 assert_eq!(token.value, None, "the token is never inlined");
                 let secret = token
                     .value_from

@@ -6,11 +6,12 @@
 
 mod common;
 
-use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+use xpyd_e2e::pod_spec::{assert_fetch_container, env_value, env_var, mount_path};
 use xpyd_e2e::{Etcd, Tools, Workdir, wait_until};
 use xpyd_operator::crd::DisaggDeployment;
 use xpyd_operator::resources::ClusterSettings;
@@ -51,23 +52,6 @@ async fn pod_of(client: &Client, ns: &str, dd: &str, role: &str) -> PodSpec {
         .await
         .unwrap();
     list.items[0].spec.clone().unwrap()
-}
-
-fn var<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
-    c.env.as_ref()?.iter().find(|e| e.name == name)
-}
-
-fn value(c: &Container, name: &str) -> Option<String> {
-    var(c, name)?.value.clone()
-}
-
-fn mount_path(c: &Container, volume: &str) -> Option<(String, bool)> {
-    let m = c
-        .volume_mounts
-        .as_ref()?
-        .iter()
-        .find(|m| m.name == volume)?;
-    Some((m.mount_path.clone(), m.read_only.unwrap_or(false)))
 }
 
 #[tokio::test]
@@ -121,29 +105,20 @@ async fn each_model_source_kind_gives_the_pods_what_the_agent_reads() {
     let init = pod.init_containers.as_ref().expect("an init container");
     assert_eq!(init.len(), 1);
     let fetch = &init[0];
-    assert_eq!(fetch.name, "fetch-model");
-    assert_eq!(fetch.image.as_deref(), Some("xpyd/agent:test"));
-    assert_eq!(
-        fetch.command.as_deref(),
-        Some(&["xpyd-agent".to_string(), "fetch-model".to_string()][..])
-    );
-    assert_eq!(
-        fetch.termination_message_policy.as_deref(),
-        Some("FallbackToLogsOnError")
-    );
+    assert_fetch_container(fetch, "xpyd/agent:test");
     let agent = &pod.containers[0];
     for c in [fetch, agent] {
         assert_eq!(
-            value(c, "XPYD_MODEL").as_deref(),
+            env_value(c, "XPYD_MODEL").as_deref(),
             Some("https://models.example.com/m.gguf")
         );
-        assert_eq!(value(c, "XPYD_MODEL_SHA256").as_deref(), Some(SHA));
+        assert_eq!(env_value(c, "XPYD_MODEL_SHA256").as_deref(), Some(SHA));
         assert_eq!(
-            value(c, "XPYD_MODEL_CACHE").as_deref(),
+            env_value(c, "XPYD_MODEL_CACHE").as_deref(),
             Some("/var/cache/xpyd/models")
         );
         assert_eq!(
-            value(c, "HF_ENDPOINT").as_deref(),
+            env_value(c, "HF_ENDPOINT").as_deref(),
             Some(MIRROR),
             "{}",
             c.name
@@ -169,14 +144,17 @@ async fn each_model_source_kind_gives_the_pods_what_the_agent_reads() {
     );
     // The grace period and the agent's drain grace inside it.
     assert_eq!(pod.termination_grace_period_seconds, Some(60));
-    assert_eq!(value(agent, "XPYD_GRACE_SECONDS").as_deref(), Some("50"));
-    assert_eq!(value(agent, "XPYD_DEVICE").as_deref(), Some("auto"));
-    assert_eq!(value(agent, "XPYD_MAX_SEQS").as_deref(), Some("16"));
     assert_eq!(
-        value(agent, "XPYD_REMOTE_PREFILL_TIMEOUT_MS").as_deref(),
+        env_value(agent, "XPYD_GRACE_SECONDS").as_deref(),
+        Some("50")
+    );
+    assert_eq!(env_value(agent, "XPYD_DEVICE").as_deref(), Some("auto"));
+    assert_eq!(env_value(agent, "XPYD_MAX_SEQS").as_deref(), Some("16"));
+    assert_eq!(
+        env_value(agent, "XPYD_REMOTE_PREFILL_TIMEOUT_MS").as_deref(),
         Some("30000")
     );
-    assert!(var(agent, "XPYD_CONFIG").is_none(), "no config file");
+    assert!(env_var(agent, "XPYD_CONFIG").is_none(), "no config file");
 
     // hf:// with a token: a secret reference, never the token; the cache
     // is the named claim. The frontend fetches as well.
@@ -184,7 +162,7 @@ async fn each_model_source_kind_gives_the_pods_what_the_agent_reads() {
         let pod = pod_of(&client, ns, "hf", role).await;
         let fetch = &pod.init_containers.as_ref().expect("an init container")[0];
         for c in [fetch, &pod.containers[0]] {
-            let token = var(c, "HF_TOKEN").expect("HF_TOKEN");
+            let token = env_var(c, "HF_TOKEN").expect("HF_TOKEN");
             assert_eq!(token.value, None);
             let secret = token
                 .value_from
@@ -195,7 +173,7 @@ async fn each_model_source_kind_gives_the_pods_what_the_agent_reads() {
                 (secret.name.as_str(), secret.key.as_str()),
                 ("hf-token", "hf")
             );
-            assert_eq!(value(c, "HF_ENDPOINT").as_deref(), Some(MIRROR));
+            assert_eq!(env_value(c, "HF_ENDPOINT").as_deref(), Some(MIRROR));
         }
         let cache = pod
             .volumes
@@ -234,7 +212,7 @@ async fn each_model_source_kind_gives_the_pods_what_the_agent_reads() {
         Some(("/var/lib/xpyd/pvc/weights".to_string(), true))
     );
     assert_eq!(
-        value(agent, "XPYD_MODEL").as_deref(),
+        env_value(agent, "XPYD_MODEL").as_deref(),
         Some("pvc://weights/smol/m.gguf")
     );
 
@@ -248,8 +226,8 @@ async fn each_model_source_kind_gives_the_pods_what_the_agent_reads() {
         mount_path(agent, "shm"),
         Some(("/dev/shm".to_string(), false))
     );
-    assert_eq!(value(agent, "UCX_TLS").as_deref(), Some("tcp"));
-    assert!(var(agent, "XPYD_MODEL_CACHE").is_none());
+    assert_eq!(env_value(agent, "UCX_TLS").as_deref(), Some("tcp"));
+    assert!(env_var(agent, "XPYD_MODEL_CACHE").is_none());
     let prefill = pod_of(&client, ns, "path", "prefill").await;
     assert!(volume_names(&prefill).is_empty(), "{:?}", prefill.volumes);
 }

@@ -16,8 +16,9 @@ const BLOCK_SIZE: usize = 16;
 /// CPU seconds this process has used (all threads): on a shared machine it
 /// shows the cost of the work where wall time shows the neighbours' load.
 fn cpu_secs() -> f64 {
-    // SAFETY: getrusage fills the struct we pass.
+    // SAFETY: all-zero bytes are a valid `rusage` (plain integers).
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we pass.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
     t(u.ru_utime) + t(u.ru_stime)

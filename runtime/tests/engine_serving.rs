@@ -7,33 +7,22 @@
 //! below 1.25: this small quantized model is sensitive to arithmetic order,
 //! and batching or chunking legitimately changes that order.
 
+mod common;
+
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::Receiver;
-use xpyd_runtime::assets::bundled_model;
+use common::{Collected, collect, gguf, greedy};
 use xpyd_runtime::engine::block_pool::KvEventData;
 use xpyd_runtime::engine::chat_template::{ChatMessage, ChatTemplate};
-use xpyd_runtime::engine::gguf::GgufFile;
 use xpyd_runtime::engine::kv_storage::KvStorage;
 use xpyd_runtime::engine::model::{LogitsFor, Model, SequenceInput, argmax};
-use xpyd_runtime::engine::runner::{
-    Engine, EngineConfig, EngineError, EngineHandle, OutputItem, Request, Usage,
-};
-use xpyd_runtime::engine::sampling::{FinishReason, SamplingParams, SamplingParamsError};
+use xpyd_runtime::engine::runner::{Engine, EngineConfig, EngineError, EngineHandle, Request};
+use xpyd_runtime::engine::sampling::{FinishReason, SamplingParamsError};
 use xpyd_runtime::engine::tokenizer::Tokenizer;
 
 const BLOCK_SIZE: usize = 16;
-const DEADLINE: Duration = Duration::from_secs(300);
 const CLOSE_CALL: f32 = 1.25;
-
-fn gguf() -> &'static GgufFile {
-    static FILE: OnceLock<GgufFile> = OnceLock::new();
-    FILE.get_or_init(|| {
-        let path = bundled_model().expect("the bundled model (run scripts/setup)");
-        GgufFile::open(&path).expect("GGUF parses")
-    })
-}
 
 fn tokenizer() -> Tokenizer {
     Tokenizer::from_gguf(gguf()).expect("tokenizer loads")
@@ -65,54 +54,6 @@ fn start(config: EngineConfig) -> EngineHandle {
 
 fn encode(text: &str) -> Vec<u32> {
     tokenizer().encode(text).expect("encodes")
-}
-
-fn greedy(id: &str, prompt: &[u32], max_tokens: u32) -> Request {
-    Request {
-        id: id.to_string(),
-        prompt_token_ids: prompt.to_vec(),
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens: Some(max_tokens),
-            ignore_eos: true,
-            ..SamplingParams::default()
-        },
-    }
-}
-
-/// Everything a request streamed.
-#[derive(Debug, Default)]
-struct Collected {
-    tokens: Vec<u32>,
-    text: String,
-    finish: Option<FinishReason>,
-    usage: Option<Usage>,
-    error: Option<EngineError>,
-}
-
-/// Reads `rx` until the stream ends, failing the test after a deadline.
-fn collect(mut rx: Receiver<OutputItem>) -> Collected {
-    let until = Instant::now() + DEADLINE;
-    let mut out = Collected::default();
-    loop {
-        match rx.try_recv() {
-            Ok(Ok(o)) => {
-                out.tokens.push(o.token_id);
-                out.text.push_str(&o.text);
-                if o.finish.is_some() {
-                    assert!(out.finish.is_none(), "nothing follows the finish");
-                    out.finish = o.finish;
-                    out.usage = o.usage;
-                }
-            }
-            Ok(Err(e)) => out.error = Some(e),
-            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return out,
-            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                assert!(Instant::now() < until, "no end of stream by the deadline");
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-    }
 }
 
 /// Waits until `cond` holds for the engine's stats.
@@ -444,11 +385,12 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
     let prefill = start(config(64));
     let first = collect(prefill.submit_prefill(greedy("p", &prompt, 1)).unwrap());
     let first_token = first.tokens[0];
-    let table = prefill.block_table("p").unwrap();
+    let table = prefill.block_table("p").wait().unwrap();
     wait_for(&prefill, "the prompt's KV held", |e| e.stats().held == 1);
     assert_eq!(table.len(), prompt.len().div_ceil(BLOCK_SIZE));
     let bytes: Vec<Vec<u8>> = prefill
         .with_kv_storage(move |kv| table.iter().map(|&b| kv.read_block(b).unwrap()).collect())
+        .wait()
         .unwrap();
     prefill.cancel("p").unwrap();
     wait_for(&prefill, "prefill blocks released", pool_is_whole);
@@ -457,6 +399,7 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
     let decode = start(config(64));
     let (rx, reservation) = decode
         .begin_remote_prefill(greedy("d", &prompt, max_new))
+        .wait()
         .unwrap();
     assert_eq!(reservation.cached_tokens, 0);
     assert_eq!(reservation.block_ids.len(), bytes.len());
@@ -470,8 +413,12 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
                 kv.write_block(*block, data).unwrap();
             }
         })
+        .wait()
         .unwrap();
-    decode.complete_remote_prefill("d", first_token).unwrap();
+    decode
+        .complete_remote_prefill("d", first_token)
+        .wait()
+        .unwrap();
     let remote = collect(rx);
     assert!(remote.error.is_none(), "{:?}", remote.error);
     assert_eq!(remote.tokens.len(), max_new as usize);
@@ -488,7 +435,7 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
         .unwrap();
     let rx = runtime.block_on(async {
         let (rx, reservation) = decode
-            .begin_remote_prefill_async(greedy("fallback", &prompt, max_new))
+            .begin_remote_prefill(greedy("fallback", &prompt, max_new))
             .await
             .unwrap();
         // The first engine's request left the prompt's full blocks cached.
@@ -496,10 +443,7 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
             reservation.cached_tokens,
             prompt.len() / BLOCK_SIZE * BLOCK_SIZE
         );
-        decode
-            .cancel_remote_prefill_async("fallback")
-            .await
-            .unwrap();
+        decode.cancel_remote_prefill("fallback").await.unwrap();
         rx
     });
     let local = collect(rx);
@@ -509,14 +453,15 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
     // transfer ends, so a late write cannot land in someone else's KV.
     let (rx, _) = decode
         .begin_remote_prefill(greedy("abandoned", &prompt, max_new))
+        .wait()
         .unwrap();
     decode.cancel("abandoned").unwrap();
     let abandoned = collect(rx);
     assert!(abandoned.tokens.is_empty());
     // Commands are handled in order, so this answer comes after the cancel.
-    let pinned = decode.block_table("abandoned").unwrap();
+    let pinned = decode.block_table("abandoned").wait().unwrap();
     assert_eq!(pinned.len(), prompt.len().div_ceil(BLOCK_SIZE));
-    decode.cancel_remote_prefill("abandoned").unwrap();
+    decode.cancel_remote_prefill("abandoned").wait().unwrap();
 
     let want = reference(&prompt, max_new as usize);
     let n = assert_follows("remote prefill", &remote.tokens, &want);

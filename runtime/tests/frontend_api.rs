@@ -7,9 +7,12 @@
 //! One server serves every test; tests take a lock so that block counts
 //! observed by one are not disturbed by another.
 
+mod common;
+
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::local_backend::LocalBackend;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use proptest::prelude::*;
@@ -24,8 +27,7 @@ use xpyd_runtime::engine::tokenizer::Tokenizer;
 use xpyd_runtime::frontend::extract::parse_request;
 use xpyd_runtime::frontend::protocol::{ChatCompletionRequest, CompletionRequest, ModelCard};
 use xpyd_runtime::frontend::{
-    BODY_LIMIT, BackendError, CompletionBackend, GenerateRequest, LocalBackend, OutputStream,
-    router, serve,
+    BODY_LIMIT, BackendError, CompletionBackend, GenerateRequest, OutputStream, router, serve,
 };
 
 const MODEL: &str = "SmolLM2-135M-Instruct";

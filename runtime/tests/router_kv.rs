@@ -5,32 +5,22 @@
 //! from the engines than round robin on the same request sequence, and the
 //! router's overlap must be exactly what the engines then find cached.
 
+mod common;
+
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::gguf;
 
 use tokio::sync::mpsc::{Receiver, UnboundedReceiver, unbounded_channel};
-use xpyd_runtime::assets::bundled_model;
 use xpyd_runtime::discovery::{RouterSettings, RouterStrategy};
 use xpyd_runtime::engine::block_pool::{KvEvent, TokenId};
-use xpyd_runtime::engine::gguf::GgufFile;
 use xpyd_runtime::engine::model::Model;
-use xpyd_runtime::engine::runner::{
-    Engine, EngineConfig, EngineHandle, OutputItem, Request, Usage,
-};
-use xpyd_runtime::engine::sampling::SamplingParams;
+use xpyd_runtime::engine::runner::{Engine, EngineConfig, EngineHandle, OutputItem, Usage};
 use xpyd_runtime::engine::tokenizer::Tokenizer;
 use xpyd_runtime::router::{BatchOutcome, KvEventPublisher, Router, WorkerLoad};
 
 const BLOCK_SIZE: usize = 16;
-const DEADLINE: Duration = Duration::from_secs(120);
-
-fn gguf() -> &'static GgufFile {
-    static FILE: OnceLock<GgufFile> = OnceLock::new();
-    FILE.get_or_init(|| {
-        let path = bundled_model().expect("the bundled model (run scripts/setup)");
-        GgufFile::open(&path).expect("GGUF parses")
-    })
-}
 
 fn tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
@@ -88,36 +78,15 @@ impl Worker {
 }
 
 fn run(engine: &EngineHandle, id: &str, prompt: &[TokenId]) -> Usage {
-    let request = Request {
-        id: id.to_string(),
-        prompt_token_ids: prompt.to_vec(),
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens: Some(2),
-            ignore_eos: true,
-            ..SamplingParams::default()
-        },
-    };
-    let rx = engine.submit(request).expect("valid request");
+    let rx = engine
+        .submit(common::greedy(id, prompt, 2))
+        .expect("valid request");
     usage(rx)
 }
 
-fn usage(mut rx: Receiver<OutputItem>) -> Usage {
-    let until = Instant::now() + DEADLINE;
-    let mut usage = None;
-    loop {
-        match rx.try_recv() {
-            Ok(Ok(out)) => usage = out.usage.or(usage),
-            Ok(Err(e)) => panic!("request failed: {e}"),
-            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                return usage.expect("the last output carries usage");
-            }
-            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                assert!(Instant::now() < until, "no end of stream by the deadline");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
+fn usage(rx: Receiver<OutputItem>) -> Usage {
+    let out = common::collect(rx).ok();
+    out.usage.expect("the last output carries usage")
 }
 
 /// Three long system prompts, each followed by four different questions,

@@ -7,17 +7,14 @@
 //! decode` (only `decode_process_entry` runs, a no-op otherwise); it prints
 //! `XPYD:PEER`, `XPYD:BLOCKS` and finally `XPYD:TEXT` lines on stdout.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::Receiver;
-use xpyd_runtime::assets::bundled_model;
-use xpyd_runtime::engine::gguf::GgufFile;
+use xpyd_e2e::child::ChildProcess;
 use xpyd_runtime::engine::model::Model;
 use xpyd_runtime::engine::runner::{Engine, EngineConfig, EngineHandle, OutputItem, Request};
-use xpyd_runtime::engine::sampling::SamplingParams;
 use xpyd_runtime::engine::tokenizer::Tokenizer;
 use xpyd_runtime::transfer::{KvMemory, PeerInfo, TransferAgent, TransferNotification};
 
@@ -25,10 +22,8 @@ const ROLE_ENV: &str = "XPYD_TRANSFER_CHILD";
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
 
 fn start() -> EngineHandle {
-    let path = bundled_model().expect("the bundled model (run scripts/setup)");
-    let gguf = GgufFile::open(&path).expect("GGUF parses");
-    let model = Model::from_gguf(&gguf).expect("model loads");
-    let tokenizer = Tokenizer::from_gguf(&gguf).expect("tokenizer loads");
+    let model = Model::from_gguf(common::gguf()).expect("model loads");
+    let tokenizer = Tokenizer::from_gguf(common::gguf()).expect("tokenizer loads");
     let config = EngineConfig {
         num_blocks: 64,
         block_size: 16,
@@ -39,37 +34,15 @@ fn start() -> EngineHandle {
     Engine::start(model, Some(tokenizer), config, None).expect("engine starts")
 }
 
+/// The greedy request for [`PROMPT`].
 fn greedy(id: &str, max_tokens: u32) -> Request {
-    Request {
-        id: id.to_string(),
-        prompt_token_ids: PROMPT.to_vec(),
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens: Some(max_tokens),
-            ignore_eos: true,
-            ..SamplingParams::default()
-        },
-    }
+    common::greedy(id, &PROMPT, max_tokens)
 }
 
-/// Tokens and text a request streamed, failing after a deadline.
-fn collect(mut rx: Receiver<OutputItem>) -> (Vec<u32>, String) {
-    let until = Instant::now() + Duration::from_secs(300);
-    let (mut tokens, mut text) = (Vec::new(), String::new());
-    loop {
-        match rx.try_recv() {
-            Ok(Ok(o)) => {
-                tokens.push(o.token_id);
-                text.push_str(&o.text);
-            }
-            Ok(Err(e)) => panic!("engine error: {e}"),
-            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return (tokens, text),
-            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                assert!(Instant::now() < until, "no end of stream by the deadline");
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-    }
+/// Tokens and text a request streamed.
+fn collect(rx: Receiver<OutputItem>) -> (Vec<u32>, String) {
+    let out = common::collect(rx).ok();
+    (out.tokens, out.text)
 }
 
 /// An agent over the engine's cache. The engine keeps its cache in place
@@ -78,6 +51,7 @@ fn agent_over(engine: &EngineHandle, name: &str) -> TransferAgent {
     let memory = engine
         // SAFETY: see above.
         .with_kv_storage(|kv| unsafe { KvMemory::of_kv_storage(kv) })
+        .wait()
         .unwrap()
         .unwrap();
     TransferAgent::new(name, memory).unwrap()
@@ -90,7 +64,7 @@ fn decode_process_entry() {
         return;
     }
     let engine = start();
-    let (rx, reservation) = engine.begin_remote_prefill(greedy("d", 8)).unwrap();
+    let (rx, reservation) = engine.begin_remote_prefill(greedy("d", 8)).wait().unwrap();
     let agent = agent_over(&engine, "decode-engine");
     println!(
         "XPYD:PEER {}",
@@ -104,9 +78,10 @@ fn decode_process_entry() {
     match agent.wait_notification("d", deadline) {
         Ok(got) => engine
             .complete_remote_prefill("d", got.notification.first_token)
+            .wait()
             .unwrap(),
         Err(e) => {
-            engine.cancel_remote_prefill("d").unwrap();
+            engine.cancel_remote_prefill("d").wait().unwrap();
             panic!("{e}");
         }
     }
@@ -120,32 +95,13 @@ fn decode_process_entry() {
 fn a_prompt_prefilled_in_another_process_decodes_to_paris() {
     let prefill = start();
     let (first, _) = collect(prefill.submit_prefill(greedy("p", 1)).unwrap());
-    let table = prefill.block_table("p").unwrap();
+    let table = prefill.block_table("p").wait().unwrap();
     let agent = agent_over(&prefill, "prefill-engine");
 
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "decode_process_entry", "--nocapture"])
-        .env(ROLE_ENV, "decode")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            // libtest may print "test decode_process_entry ... " first.
-            if let Some(at) = line.find("XPYD:")
-                && tx.send(line[at + 5..].to_string()).is_err()
-            {
-                break;
-            }
-        }
-    });
-    let next = |tag: &str| -> String {
-        let line = lines
-            .recv_timeout(Duration::from_secs(120))
+    let mut child = ChildProcess::spawn("decode_process_entry", [(ROLE_ENV, "decode")]);
+    let mut next = |tag: &str| -> String {
+        let line = child
+            .line_blocking(Duration::from_secs(120))
             .unwrap_or_else(|e| panic!("no {tag} line from the decode process: {e}"));
         line.strip_prefix(tag)
             .unwrap_or_else(|| panic!("expected {tag}, got {line}"))
@@ -174,7 +130,7 @@ fn a_prompt_prefilled_in_another_process_decodes_to_paris() {
     // local run of the same prompt on the prefill engine.
     let (_, local) = collect(prefill.submit(greedy("local", 8)).unwrap());
     assert_eq!(text, local);
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
     drop(agent);
     prefill.shutdown(Duration::from_secs(10)).unwrap();
 }

@@ -11,12 +11,11 @@
 //! tests running side by side.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use xpyd_e2e::child::ChildProcess;
 use xpyd_runtime::transfer::{
     KvDtype, KvLayout, KvMemory, PeerInfo, PeerLoad, TransferAgent, TransferError,
     TransferNotification, WEIGHTS_DIGEST_BYTES, weights_digest,
@@ -141,9 +140,7 @@ fn layout(n_layers: u32, block_region_bytes: u64, num_blocks: u32) -> KvLayout {
 /// passes under plain `cargo test`, not only with `--test-threads=1`.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    xpyd_runtime::sync::lock(&SERIAL)
 }
 
 #[test]
@@ -219,9 +216,7 @@ fn verify(kv: &OwnedKv, written: &HashMap<u32, (u64, u32)>) -> Result<(), String
 // ---------------------------------------------------------------- sender side
 
 struct Receiver {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
+    child: ChildProcess,
     peer: PeerInfo,
 }
 
@@ -231,59 +226,34 @@ impl Receiver {
     }
 
     fn spawn_with(name: &str, layout: &KvLayout, env: &[(&str, &str)]) -> Receiver {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .envs(env.iter().copied())
-            .args(["--exact", "child_process_entry", "--nocapture"])
-            .args(["--test-threads=1"])
-            .env(ROLE_ENV, "receiver")
-            .env(NAME_ENV, name)
-            .env(LAYOUT_ENV, serde_json::to_string(layout).unwrap())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest prints "test child_process_entry ... " before the
-                // first line of output, so the tag may not start the line.
-                if let Some(at) = line.find("XPYD:")
-                    && tx.send(line[at + 5..].to_string()).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let first = lines
-            .recv_timeout(Duration::from_secs(60))
+        let layout = serde_json::to_string(layout).unwrap();
+        let ours = [
+            (ROLE_ENV, "receiver"),
+            (NAME_ENV, name),
+            (LAYOUT_ENV, &layout),
+        ];
+        let mut child = ChildProcess::spawn("child_process_entry", env.iter().copied().chain(ours));
+        let first = child
+            .line_blocking(Duration::from_secs(60))
             .expect("receiver did not publish its metadata within 60 s");
         let peer = serde_json::from_str(first.strip_prefix("PEER ").unwrap()).unwrap();
-        Receiver {
-            child,
-            stdin,
-            lines,
-            peer,
-        }
+        Receiver { child, peer }
     }
 
     fn expect(&mut self, job: &Job) {
-        writeln!(self.stdin, "{}", serde_json::to_string(job).unwrap()).unwrap();
-        self.stdin.flush().unwrap();
+        let stdin = self.child.stdin();
+        writeln!(stdin, "{}", serde_json::to_string(job).unwrap()).unwrap();
+        stdin.flush().unwrap();
     }
 
-    fn verdict(&self) -> String {
-        self.lines
-            .recv_timeout(Duration::from_secs(90))
+    fn verdict(&mut self) -> String {
+        self.child
+            .line_blocking(Duration::from_secs(90))
             .expect("receiver gave no verdict within 90 s")
     }
 
     fn finish(mut self) {
-        drop(self.stdin);
-        let status = self.child.wait().unwrap();
+        let status = self.child.wait();
         assert!(status.success(), "receiver exited with {status}");
     }
 }
@@ -374,6 +344,7 @@ fn a_receiver_killed_mid_transfer_is_an_error_before_the_deadline() {
     // SAFETY: no other thread reads the environment meanwhile (--test-threads=1).
     unsafe { std::env::set_var("UCX_TLS", "tcp") };
     let agent = TransferAgent::new("prefill-b", kv.memory());
+    // SAFETY: as for `set_var` above.
     unsafe { std::env::remove_var("UCX_TLS") };
     let agent = agent.unwrap();
     let mut receiver = Receiver::spawn_with("decode-b", &big, &[("UCX_TLS", "tcp")]);
@@ -403,10 +374,9 @@ fn a_receiver_killed_mid_transfer_is_an_error_before_the_deadline() {
             started + deadline_in,
         )
         .unwrap();
-    receiver.child.kill().unwrap();
+    receiver.child.kill();
     let result = handle.wait();
     let took = started.elapsed();
-    let _ = receiver.child.wait();
     assert!(
         matches!(
             result,
@@ -542,6 +512,7 @@ fn throughput_between_two_processes() {
                 unsafe { std::env::set_var("UCX_TLS", tls) };
             }
             let agent = TransferAgent::new(&format!("{name}-tx"), kv.memory());
+            // SAFETY: as in the kill test.
             unsafe { std::env::remove_var("UCX_TLS") };
             let agent = agent.unwrap();
             let env: Vec<(&str, &str)> = tls.map(|t| ("UCX_TLS", t)).into_iter().collect();

@@ -10,7 +10,7 @@
 //! redelivered, as with NATS).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +23,7 @@ use super::{
     Bus, BusError, IncomingRequest, JobControl, KvEventStream, PrefillJob, PrefillJobs,
     RequestStream, Responder, ResponderSink, ResponseStream,
 };
+use crate::sync::lock;
 
 /// How many KV event batches a slow subscriber may fall behind before it
 /// misses some (KV events are at-most-once on NATS too).
@@ -71,12 +72,6 @@ impl MemoryBus {
             kv,
         })
     }
-}
-
-/// A poisoned lock only means another task panicked mid-update of plain
-/// maps; the data is still usable, and the bus must not cascade the panic.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 // ------------------------------------------------------------ request plane

@@ -33,7 +33,7 @@
 //! 2000 tokens sent back to back arrive within about 20 ms.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -51,6 +51,7 @@ use super::{
     Bus, BusError, IncomingRequest, JobControl, KvEventStream, PrefillJob, PrefillJobs,
     RequestStream, Responder, ResponderSink, ResponseStream,
 };
+use crate::sync::lock;
 use xpyd_api::Scope;
 
 /// Settings of a [`NatsBus`]; `Default` holds the production values.
@@ -155,11 +156,6 @@ impl Names {
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(format!("{what}: {e}"))
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain maps behind the lock stay consistent even if a holder panicked.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The NATS bus of one deployment.

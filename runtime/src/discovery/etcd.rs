@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -31,6 +31,7 @@ use super::{
     Discovery, DiscoveryError, InstanceRecord, InstanceSet, Registration, RegistrationState,
     RegistrationStop, RouterSettings, Scope,
 };
+use crate::sync::lock;
 
 /// Lease and deadline settings of an [`EtcdDiscovery`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,12 +154,6 @@ impl Drop for EtcdDiscovery {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here is a single insert/remove/drain, so a
-    // panic elsewhere cannot leave the data half-updated.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn new_client(endpoints: &[String], options: &EtcdOptions) -> Result<Client, DiscoveryError> {
@@ -533,8 +528,6 @@ impl Discovery for EtcdDiscovery {
         registration: &'a Registration,
         generation: i64,
     ) -> BoxFuture<'a, Result<(), DiscoveryError>> {
-        // Read before the future: `Registration` is not `Sync`, so a
-        // future holding a reference to it would not be `Send`.
         let id = registration.instance_id().to_string();
         Box::pin(async move {
             let id = id.as_str();

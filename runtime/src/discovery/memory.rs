@@ -39,9 +39,7 @@ struct Shared {
 
 impl Shared {
     fn owners(&self) -> MutexGuard<'_, BTreeMap<String, u64>> {
-        // A panic while holding this lock cannot leave the map half-written
-        // (single inserts and removes), so a poisoned lock is still usable.
-        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.owners)
     }
 
     fn remove(&self, instance_id: &str, token: u64) {
@@ -150,8 +148,7 @@ impl Discovery for MemoryDiscovery {
         registration: &'a Registration,
         generation: i64,
     ) -> BoxFuture<'a, Result<(), DiscoveryError>> {
-        // Read before the future: `Registration` is not `Sync`, so a
-        // future holding a reference to it would not be `Send`.
+        // The registration as of the call, not as of the first poll.
         let id = registration.instance_id().to_string();
         let registered = registration.is_registered();
         Box::pin(async move {

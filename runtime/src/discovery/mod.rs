@@ -16,9 +16,11 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 mod etcd;
+pub mod lifecycle;
 mod memory;
 
 pub use etcd::{EtcdDiscovery, EtcdOptions};
+pub use lifecycle::Lifecycle;
 pub use memory::MemoryDiscovery;
 pub use xpyd_api::{
     Capacity, InstanceRecord, InstanceSet, Role, RouterSettings, RouterStrategy, Scope,
@@ -102,8 +104,9 @@ impl Registration {
         *self.state.borrow() == RegistrationState::Registered
     }
 
-    /// Remove the record now and stop the keep-alive.
-    pub async fn deregister(self) -> Result<(), DiscoveryError> {
+    /// Remove the record now and stop the keep-alive. Once is enough: a
+    /// second call does nothing.
+    pub async fn deregister(&self) -> Result<(), DiscoveryError> {
         let stop = self.take_stop();
         match stop {
             Some(stop) => stop().await,
@@ -114,7 +117,7 @@ impl Registration {
 
 impl Registration {
     fn take_stop(&self) -> Option<RegistrationStop> {
-        self.stop.lock().unwrap_or_else(|p| p.into_inner()).take()
+        crate::sync::lock(&self.stop).take()
     }
 }
 

@@ -22,6 +22,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod gguf;
+pub mod handle;
 pub mod kv_storage;
 pub mod model;
 pub mod runner;

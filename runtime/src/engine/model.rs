@@ -95,6 +95,84 @@ pub struct RawTensor {
     pub bytes: WeightBytes,
 }
 
+/// Every tensor of a GGUF file by name; the bytes stay in the file's map.
+pub fn gguf_tensors(file: &GgufFile) -> HashMap<String, RawTensor> {
+    file.tensors()
+        .iter()
+        .map(|info| {
+            let tensor = RawTensor {
+                ty: info.ty,
+                dims: info.dims.iter().map(|&d| d as usize).collect(),
+                bytes: WeightBytes::Mapped {
+                    file: file.bytes().clone(),
+                    start: info.offset as usize,
+                    len: info.n_bytes as usize,
+                },
+            };
+            (info.name.clone(), tensor)
+        })
+        .collect()
+}
+
+/// A checkpoint's tensors by GGUF name, looked up with the shape the model
+/// expects: the one weight-table loader of the CPU and CUDA models.
+pub struct WeightTable<'a> {
+    /// The checkpoint, for errors.
+    pub source_name: &'a str,
+    pub tensors: &'a HashMap<String, RawTensor>,
+}
+
+impl WeightTable<'_> {
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Tensor `name`, which must have ggml dims `want`.
+    fn get(&self, name: &str, want: Vec<usize>) -> Result<&RawTensor, ModelError> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                source_name: self.source_name.to_string(),
+                tensor: name.to_string(),
+            })?;
+        if t.dims != want {
+            return Err(ModelError::TensorShape {
+                source_name: self.source_name.to_string(),
+                tensor: name.to_string(),
+                got: t.dims.clone(),
+                want,
+            });
+        }
+        Ok(t)
+    }
+
+    /// Matrix `name` of `rows` × `cols` (ggml dims `[cols, rows]`), as stored.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix, ModelError> {
+        let t = self.get(name, vec![cols, rows])?;
+        Ok(QMatrix::new(name, t.ty, rows, cols, t.bytes.clone())?)
+    }
+
+    /// Vector `name` of `n` values, dequantized.
+    pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
+        let t = self.get(name, vec![n])?;
+        let m = QMatrix::new(name, t.ty, 1, n, t.bytes.clone())?;
+        let mut out = vec![0f32; n];
+        m.dequantize_row(0, &mut out);
+        Ok(out)
+    }
+
+    /// Matrix `name` of `rows` × `cols`, dequantized row-major.
+    pub fn matrix_f32(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>, ModelError> {
+        let m = self.matrix(name, rows, cols)?;
+        let mut out = vec![0f32; rows * cols];
+        for (r, row) in out.chunks_exact_mut(cols).enumerate() {
+            m.dequantize_row(r, row);
+        }
+        Ok(out)
+    }
+}
+
 /// One sequence's part of a forward batch.
 #[derive(Debug, Clone, Copy)]
 pub struct SequenceInput<'a> {
@@ -173,22 +251,7 @@ impl Model {
     /// map alive.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let config = ModelConfig::from_gguf(file)?;
-        let mut tensors = HashMap::new();
-        for info in file.tensors() {
-            tensors.insert(
-                info.name.clone(),
-                RawTensor {
-                    ty: info.ty,
-                    dims: info.dims.iter().map(|&d| d as usize).collect(),
-                    bytes: WeightBytes::Mapped {
-                        file: file.bytes().clone(),
-                        start: info.offset as usize,
-                        len: info.n_bytes as usize,
-                    },
-                },
-            );
-        }
-        Self::from_tensors(config, file.path(), &tensors)
+        Self::from_tensors(config, file.path(), &gguf_tensors(file))
     }
 
     /// Builds the model from tensors named as in GGUF (`token_embd.weight`,
@@ -198,43 +261,16 @@ impl Model {
         source_name: &str,
         tensors: &HashMap<String, RawTensor>,
     ) -> Result<Self, ModelError> {
-        let get = |name: &str| {
-            tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
-                source_name: source_name.to_string(),
-                tensor: name.to_string(),
-            })
+        let table = WeightTable {
+            source_name,
+            tensors,
         };
-        let matrix = |name: &str, rows: usize, cols: usize| -> Result<QMatrix, ModelError> {
-            let t = get(name)?;
-            if t.dims != [cols, rows] {
-                return Err(ModelError::TensorShape {
-                    source_name: source_name.to_string(),
-                    tensor: name.to_string(),
-                    got: t.dims.clone(),
-                    want: vec![cols, rows],
-                });
-            }
-            Ok(QMatrix::new(name, t.ty, rows, cols, t.bytes.clone())?)
-        };
-        let vector = |name: &str, n: usize| -> Result<Vec<f32>, ModelError> {
-            let t = get(name)?;
-            if t.dims != [n] {
-                return Err(ModelError::TensorShape {
-                    source_name: source_name.to_string(),
-                    tensor: name.to_string(),
-                    got: t.dims.clone(),
-                    want: vec![n],
-                });
-            }
-            let m = QMatrix::new(name, t.ty, 1, n, t.bytes.clone())?;
-            let mut out = vec![0f32; n];
-            m.dequantize_row(0, &mut out);
-            Ok(out)
-        };
+        let matrix = |name: &str, rows: usize, cols: usize| table.matrix(name, rows, cols);
+        let vector = |name: &str, n: usize| table.vector(name, n);
         let c = &config;
         let (h, q, kv) = (c.hidden, c.q_dim(), c.kv_dim());
         let embed = matrix("token_embd.weight", c.vocab, h)?;
-        let output = if tensors.contains_key("output.weight") {
+        let output = if table.contains("output.weight") {
             matrix("output.weight", c.vocab, h)?
         } else {
             embed.clone()

@@ -1,4 +1,5 @@
-//! The engine's step loop and the handle callers talk to.
+//! The engine's step loop, and the types its handle
+//! ([`super::handle`]) speaks.
 //!
 //! [`Engine::start`] moves the model, the KV memory, the block pool and the
 //! [`Scheduler`] onto one dedicated OS thread (the forward pass is CPU-heavy
@@ -17,27 +18,24 @@
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc::{self, UnboundedSender};
-use tokio::sync::oneshot;
 use tracing::Span;
 
 use super::block_pool::{BlockId, BlockPool, KvEvent, SequenceId, TokenId};
 use super::kv_storage::KvStorage;
 use super::model::{LogitsFor, Model, SequenceInput};
 use super::sampling::{FinishReason, Sampler, SamplingParams, SamplingParamsError};
-use super::scheduler::{
-    RemoteReservation, Scheduler, SchedulerConfig, SchedulerError, SeqState, admission_check,
-};
+use super::scheduler::{RemoteReservation, Scheduler, SchedulerConfig, SchedulerError, SeqState};
 use super::tokenizer::{StreamDecoder, Tokenizer};
+use crate::sync::lock;
+
+pub use super::handle::{EngineCall, EngineHandle};
+use super::handle::{Inner, Reply};
 
 /// How long an idle engine thread sleeps between looks at its commands.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
-/// How long a handle call that needs the engine thread's answer waits for
-/// it (the thread answers between steps).
-const REPLY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Sizes of the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +163,29 @@ impl EngineError {
             _ => false,
         }
     }
+
+    /// How an API reports this error: the one mapping the frontend and the
+    /// decode worker share.
+    pub fn kind(&self) -> EngineErrorKind {
+        if self.is_invalid_request() {
+            EngineErrorKind::InvalidRequest
+        } else if matches!(self, EngineError::ShutDown | EngineError::Timeout(_)) {
+            EngineErrorKind::Unavailable
+        } else {
+            EngineErrorKind::Internal
+        }
+    }
+}
+
+/// The HTTP-facing class of an [`EngineError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineErrorKind {
+    /// The caller's fault: HTTP 400.
+    InvalidRequest,
+    /// This engine cannot serve now (stopping, stalled); another may: HTTP 503.
+    Unavailable,
+    /// The engine failed: HTTP 500.
+    Internal,
 }
 
 impl From<SchedulerError> for EngineError {
@@ -178,28 +199,7 @@ impl From<SchedulerError> for EngineError {
 
 type KvJob = Box<dyn FnOnce(&mut KvStorage) + Send>;
 
-/// Where the engine thread sends an answer: to a blocking caller or to an
-/// async one.
-enum Reply<T> {
-    Blocking(std_mpsc::Sender<Result<T, EngineError>>),
-    Async(oneshot::Sender<Result<T, EngineError>>),
-}
-
-impl<T> Reply<T> {
-    /// A caller that gave up waiting is not an error here.
-    fn send(self, result: Result<T, EngineError>) {
-        match self {
-            Reply::Blocking(sender) => {
-                let _ = sender.send(result);
-            }
-            Reply::Async(sender) => {
-                let _ = sender.send(result);
-            }
-        }
-    }
-}
-
-enum Command {
+pub(super) enum Command {
     Submit {
         request: Request,
         sampler: Sampler,
@@ -300,364 +300,15 @@ impl Engine {
             .name("xpyd-engine".into())
             .spawn(move || worker.run())
             .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
-        Ok(EngineHandle {
-            inner: Arc::new(Inner {
-                commands,
-                thread: Mutex::new(Some(thread)),
-                stats,
-                config,
-                sched_config,
-                vocab,
-                eos_ids,
-            }),
-        })
-    }
-}
-
-struct Inner {
-    commands: std_mpsc::Sender<Command>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-    stats: Arc<Mutex<EngineStats>>,
-    config: EngineConfig,
-    sched_config: SchedulerConfig,
-    vocab: usize,
-    eos_ids: Vec<TokenId>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The thread also stops when the channel closes; say so explicitly.
-        let _ = self.commands.send(Command::Shutdown);
-    }
-}
-
-/// The way into a running engine; cheap to clone. The engine thread stops
-/// on [`EngineHandle::shutdown`] or when the last handle is dropped.
-#[derive(Clone)]
-pub struct EngineHandle {
-    inner: Arc<Inner>,
-}
-
-impl std::fmt::Debug for EngineHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineHandle")
-            .field("config", &self.inner.config)
-            .finish()
-    }
-}
-
-impl EngineHandle {
-    pub fn config(&self) -> &EngineConfig {
-        &self.inner.config
-    }
-
-    /// Check `request` as the engine would at admission.
-    pub fn validate(&self, request: &Request) -> Result<(), EngineError> {
-        let prompt = &request.prompt_token_ids;
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if let Some((index, &token)) = prompt
-            .iter()
-            .enumerate()
-            .find(|&(_, &t)| t as usize >= self.inner.vocab)
-        {
-            return Err(EngineError::TokenOutOfVocab {
-                index,
-                token,
-                vocab: self.inner.vocab,
-            });
-        }
-        request.sampling.validate()?;
-        admission_check(
-            &self.inner.sched_config,
-            self.inner.config.block_size,
-            self.inner.config.num_blocks as usize,
-            prompt.len(),
-            request.sampling.max_tokens,
-        )?;
-        Ok(())
-    }
-
-    fn prepare(
-        &self,
-        request: &Request,
-    ) -> Result<
-        (
-            Sampler,
-            mpsc::Sender<OutputItem>,
-            mpsc::Receiver<OutputItem>,
-        ),
-        EngineError,
-    > {
-        self.validate(request)?;
-        let sampler = Sampler::new(request.sampling.clone(), &self.inner.eos_ids)?;
-        // One slot per token that can ever be sent, plus an error: the engine
-        // thread never waits on a slow reader.
-        let max_new = request
-            .sampling
-            .max_tokens
-            .map_or(self.inner.config.max_model_len, |m| m as usize);
-        let (tx, rx) = mpsc::channel(max_new + 2);
-        Ok((sampler, tx, rx))
-    }
-
-    fn send(&self, command: Command) -> Result<(), EngineError> {
-        self.inner
-            .commands
-            .send(command)
-            .map_err(|_| EngineError::ShutDown)
-    }
-
-    /// Sends a command and blocks until the engine thread answers.
-    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
-        let (reply, answer) = std_mpsc::channel();
-        self.send(make(Reply::Blocking(reply)))?;
-        match answer.recv_timeout(REPLY_DEADLINE) {
-            Ok(result) => result,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => Err(EngineError::Timeout(REPLY_DEADLINE)),
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(EngineError::ShutDown),
-        }
-    }
-
-    /// Sends a command and awaits the engine thread's answer.
-    async fn call_async<T>(
-        &self,
-        make: impl FnOnce(Reply<T>) -> Command,
-    ) -> Result<T, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(make(Reply::Async(reply)))?;
-        match tokio::time::timeout(REPLY_DEADLINE, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(EngineError::ShutDown),
-            Err(_) => Err(EngineError::Timeout(REPLY_DEADLINE)),
-        }
-    }
-
-    /// Queue `request`; its tokens arrive on the returned receiver, the last
-    /// one with `finish` and `usage` set (or an error). Dropping the
-    /// receiver cancels the request.
-    pub fn submit(&self, request: Request) -> Result<mpsc::Receiver<OutputItem>, EngineError> {
-        self.submit_inner(request, false)
-    }
-
-    /// Like [`EngineHandle::submit`], but when the request finishes its KV
-    /// blocks are kept (for a KV transfer to read, through
-    /// [`EngineHandle::block_table`] and [`EngineHandle::with_kv_storage`])
-    /// until [`EngineHandle::cancel`] releases them: the prefill side of a
-    /// disaggregated request.
-    pub fn submit_prefill(
-        &self,
-        request: Request,
-    ) -> Result<mpsc::Receiver<OutputItem>, EngineError> {
-        self.submit_inner(request, true)
-    }
-
-    fn submit_inner(
-        &self,
-        request: Request,
-        hold_kv: bool,
-    ) -> Result<mpsc::Receiver<OutputItem>, EngineError> {
-        let (sampler, tx, rx) = self.prepare(&request)?;
-        self.send(Command::Submit {
-            request,
-            sampler,
-            tx,
-            hold_kv,
-        })?;
-        Ok(rx)
-    }
-
-    /// Stop request `id` and free its blocks (also releases what
-    /// [`EngineHandle::submit_prefill`] held). The stream of a request whose
-    /// KV a remote prefill is writing ends now, but its blocks are freed only
-    /// when the transfer completes or is cancelled. Unknown ids are ignored.
-    pub fn cancel(&self, id: &str) -> Result<(), EngineError> {
-        self.send(Command::Cancel { id: id.to_string() })
-    }
-
-    /// Admit `request` with its prompt KV to be written from outside:
-    /// reserves (and pins) blocks and returns them. Then either
-    /// [`EngineHandle::complete_remote_prefill`] or
-    /// [`EngineHandle::cancel_remote_prefill`]. Fails with a
-    /// [`SchedulerError::Busy`] admission error when the blocks are not free
-    /// now. Blocks until the engine thread answers (at most one step); async
-    /// callers use the `_async` twin.
-    pub fn begin_remote_prefill(
-        &self,
-        request: Request,
-    ) -> Result<(mpsc::Receiver<OutputItem>, RemoteReservation), EngineError> {
-        let (sampler, tx, rx) = self.prepare(&request)?;
-        let reservation = self.call(|reply| Command::BeginRemote {
-            request,
-            sampler,
-            tx,
-            reply,
-        })?;
-        Ok((rx, reservation))
-    }
-
-    /// A remote prefill's first token must be in the model's vocabulary.
-    fn check_first_token(&self, first_token: TokenId) -> Result<(), EngineError> {
-        if first_token as usize >= self.inner.vocab {
-            return Err(EngineError::TokenOutOfVocab {
-                index: 0,
-                token: first_token,
-                vocab: self.inner.vocab,
-            });
-        }
-        Ok(())
-    }
-
-    /// The prompt KV of `id` is written and the prefill side sampled
-    /// `first_token`: it is streamed as the first output and decoding goes
-    /// on from there.
-    pub fn complete_remote_prefill(
-        &self,
-        id: &str,
-        first_token: TokenId,
-    ) -> Result<(), EngineError> {
-        self.check_first_token(first_token)?;
-        self.call(|reply| Command::CompleteRemote {
-            id: id.to_string(),
-            first_token,
-            reply,
-        })
-    }
-
-    /// The remote prefill of `id` failed and nothing more will be written:
-    /// its blocks are released and it is prefilled locally instead.
-    pub fn cancel_remote_prefill(&self, id: &str) -> Result<(), EngineError> {
-        self.call(|reply| Command::CancelRemote {
-            id: id.to_string(),
-            reply,
-        })
-    }
-
-    /// The block ids of live or held request `id`, in token order.
-    pub fn block_table(&self, id: &str) -> Result<Vec<BlockId>, EngineError> {
-        self.call(|reply| Command::BlockTable {
-            id: id.to_string(),
-            reply,
-        })
-    }
-
-    /// Run `f` on the engine thread with the KV memory, between steps (for a
-    /// KV transfer: register, read or write blocks).
-    pub fn with_kv_storage<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut KvStorage) -> T + Send + 'static,
-    ) -> Result<T, EngineError> {
-        self.call(|reply| {
-            Command::WithKv(Box::new(move |kv| {
-                reply.send(Ok(f(kv)));
-            }))
-        })
-    }
-
-    /// [`EngineHandle::begin_remote_prefill`] for async callers: waits for
-    /// the engine thread without blocking the runtime.
-    pub async fn begin_remote_prefill_async(
-        &self,
-        request: Request,
-    ) -> Result<(mpsc::Receiver<OutputItem>, RemoteReservation), EngineError> {
-        let (sampler, tx, rx) = self.prepare(&request)?;
-        let reservation = self
-            .call_async(|reply| Command::BeginRemote {
-                request,
-                sampler,
-                tx,
-                reply,
-            })
-            .await?;
-        Ok((rx, reservation))
-    }
-
-    /// [`EngineHandle::complete_remote_prefill`] for async callers.
-    pub async fn complete_remote_prefill_async(
-        &self,
-        id: &str,
-        first_token: TokenId,
-    ) -> Result<(), EngineError> {
-        self.check_first_token(first_token)?;
-        self.call_async(|reply| Command::CompleteRemote {
-            id: id.to_string(),
-            first_token,
-            reply,
-        })
-        .await
-    }
-
-    /// [`EngineHandle::cancel_remote_prefill`] for async callers.
-    pub async fn cancel_remote_prefill_async(&self, id: &str) -> Result<(), EngineError> {
-        self.call_async(|reply| Command::CancelRemote {
-            id: id.to_string(),
-            reply,
-        })
-        .await
-    }
-
-    /// [`EngineHandle::block_table`] for async callers.
-    pub async fn block_table_async(&self, id: &str) -> Result<Vec<BlockId>, EngineError> {
-        self.call_async(|reply| Command::BlockTable {
-            id: id.to_string(),
-            reply,
-        })
-        .await
-    }
-
-    /// [`EngineHandle::with_kv_storage`] for async callers.
-    pub async fn with_kv_storage_async<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut KvStorage) -> T + Send + 'static,
-    ) -> Result<T, EngineError> {
-        self.call_async(|reply| {
-            Command::WithKv(Box::new(move |kv| {
-                reply.send(Ok(f(kv)));
-            }))
-        })
-        .await
-    }
-
-    /// Counters as of the last step.
-    pub fn stats(&self) -> EngineStats {
-        *self
-            .inner
-            .stats
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Stop the engine: live requests get [`EngineError::ShutDown`], and the
-    /// thread is joined if it ends within `deadline` (it finishes the step
-    /// in progress first).
-    pub fn shutdown(&self, deadline: Duration) -> Result<(), EngineError> {
-        let _ = self.inner.commands.send(Command::Shutdown);
-        let thread = self
-            .inner
-            .thread
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        let Some(thread) = thread else {
-            return Ok(());
-        };
-        let until = Instant::now() + deadline;
-        while !thread.is_finished() {
-            if Instant::now() >= until {
-                // Put it back so a later call can wait again.
-                *self
-                    .inner
-                    .thread
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(thread);
-                return Err(EngineError::Timeout(deadline));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        thread
-            .join()
-            .map_err(|_| EngineError::Internal("the engine thread panicked".into()))
+        Ok(EngineHandle::new(Inner {
+            commands,
+            thread: Mutex::new(Some(thread)),
+            stats,
+            config,
+            sched_config,
+            vocab,
+            eos_ids,
+        }))
     }
 }
 
@@ -756,10 +407,7 @@ impl Worker {
             preemptions: self.scheduler.num_preemptions(),
             steps: self.steps,
         };
-        *self
-            .stats
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = stats;
+        *lock(&self.stats) = stats;
     }
 
     /// Registers a new request; on failure its error is returned and
@@ -1106,5 +754,41 @@ mod tests {
             EngineError::from(SchedulerError::EmptyPrompt),
             EngineError::EmptyPrompt
         );
+    }
+
+    #[test]
+    fn each_error_has_one_api_kind() {
+        use EngineErrorKind::*;
+        let table = [
+            (EngineError::EmptyPrompt, InvalidRequest),
+            (EngineError::DuplicateId("a".into()), InvalidRequest),
+            (
+                EngineError::Sampling(SamplingParamsError::MaxTokensZero),
+                InvalidRequest,
+            ),
+            (
+                EngineError::from(SchedulerError::PromptTooLong {
+                    prompt_tokens: 9,
+                    max_model_len: 8,
+                }),
+                InvalidRequest,
+            ),
+            (EngineError::ShutDown, Unavailable),
+            (EngineError::Timeout(Duration::from_secs(1)), Unavailable),
+            (
+                EngineError::from(SchedulerError::Busy {
+                    needed: 2,
+                    available: 1,
+                }),
+                Internal,
+            ),
+            (EngineError::UnknownRequest("a".into()), Internal),
+            (EngineError::Config("x".into()), Internal),
+            (EngineError::Internal("x".into()), Internal),
+            (EngineError::Model("boom".into()), Internal),
+        ];
+        for (e, kind) in table {
+            assert_eq!(e.kind(), kind, "{e:?}");
+        }
     }
 }

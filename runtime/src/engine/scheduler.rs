@@ -436,6 +436,10 @@ impl Scheduler {
 
     /// Plan the next step. Blocks for every planned token are in the pool
     /// when this returns; report the step with [`Scheduler::commit`].
+    #[allow(
+        clippy::expect_used,
+        reason = "every id in `waiting` and `running` has an entry in `seqs`"
+    )]
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.config.max_batch_tokens;
@@ -506,6 +510,10 @@ impl Scheduler {
     /// Give the pool the tokens of running `id` it does not know yet,
     /// preempting from the back of `running` while blocks are short.
     /// Returns `false` if `id` itself was preempted.
+    #[allow(
+        clippy::expect_used,
+        reason = "every id in `waiting` and `running` has an entry in `seqs`"
+    )]
     fn make_room(&mut self, id: SequenceId, preempted: &mut Vec<SequenceId>) -> bool {
         loop {
             let s = &self.seqs[&id];
@@ -533,6 +541,10 @@ impl Scheduler {
         }
     }
 
+    #[allow(
+        clippy::expect_used,
+        reason = "every id in `waiting` and `running` has an entry in `seqs`"
+    )]
     fn preempt(&mut self, id: SequenceId) {
         if let Err(e) = self.pool.free_sequence(id) {
             tracing::error!(%id, error = %e, "preempted sequence was not in the pool");

@@ -1,7 +1,8 @@
 //! What the HTTP frontend needs from the workers behind it:
 //! [`CompletionBackend`] (served models, prompt rendering and tokenization,
-//! generation as a stream of tokens), and [`LocalBackend`], its
-//! implementation over an engine in this process.
+//! generation as a stream of tokens). Its implementation over the bus is
+//! [`super::ClusterBackend`]; the tests' over an engine in the test process
+//! lives with them (`runtime/tests/common/local_backend.rs`).
 //!
 //! The frontend tokenizes and workers take token ids, so the trait carries
 //! both. It is not the router or the bus: a distributed backend implements
@@ -11,11 +12,10 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use futures::stream::{self, BoxStream};
-use tokio::sync::mpsc;
+use futures::stream::BoxStream;
 
 use crate::engine::chat_template::{ChatMessage, ChatTemplate};
-use crate::engine::runner::{EngineError, EngineHandle, Output, OutputItem, Request};
+use crate::engine::runner::{EngineError, EngineErrorKind, Output};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::scheduler::SchedulerError;
 use crate::engine::tokenizer::Tokenizer;
@@ -73,14 +73,10 @@ impl From<EngineError> for BackendError {
             EngineError::Admission(_) => Some("prompt"),
             _ => None,
         };
-        if e.is_invalid_request() {
-            return BackendError::invalid(e.to_string(), param);
-        }
-        match e {
-            EngineError::ShutDown | EngineError::Timeout(_) => {
-                BackendError::Unavailable(e.to_string())
-            }
-            e => BackendError::Internal(e.to_string()),
+        match e.kind() {
+            EngineErrorKind::InvalidRequest => BackendError::invalid(e.to_string(), param),
+            EngineErrorKind::Unavailable => BackendError::Unavailable(e.to_string()),
+            EngineErrorKind::Internal => BackendError::Internal(e.to_string()),
         }
     }
 }
@@ -214,123 +210,6 @@ impl Prompts {
         );
         Ok(ids)
     }
-}
-
-/// One model served by an engine in this process.
-#[derive(Debug)]
-pub struct LocalBackend {
-    prompts: Prompts,
-    engine: EngineHandle,
-}
-
-impl LocalBackend {
-    /// Serve `engine` as model `model`. `tokenizer` must be the engine's
-    /// model's.
-    pub fn new(
-        model: impl Into<String>,
-        engine: EngineHandle,
-        tokenizer: Tokenizer,
-    ) -> Result<Self, BackendError> {
-        Ok(LocalBackend {
-            prompts: Prompts::new(model, tokenizer)?,
-            engine,
-        })
-    }
-
-    pub fn engine(&self) -> &EngineHandle {
-        &self.engine
-    }
-}
-
-/// Cancels its request in the engine when the stream is dropped before the
-/// last token (the engine also notices the closed channel, one step later).
-struct CancelOnDrop {
-    engine: EngineHandle,
-    id: String,
-    finished: bool,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if !self.finished {
-            tracing::debug!(request_id = %self.id, "stream dropped; cancelling");
-            let _ = self.engine.cancel(&self.id);
-        }
-    }
-}
-
-impl CompletionBackend for LocalBackend {
-    fn models(&self) -> Vec<ModelCard> {
-        vec![ModelCard::new(
-            self.prompts.model().to_string(),
-            Some(self.engine.config().max_model_len),
-        )]
-    }
-
-    fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError> {
-        self.prompts.render_chat(model, messages)
-    }
-
-    fn tokenize(
-        &self,
-        model: &str,
-        text: &str,
-        raw_prompt: bool,
-    ) -> Result<Vec<u32>, BackendError> {
-        self.prompts.tokenize(model, text, raw_prompt)
-    }
-
-    fn generate(
-        &self,
-        request: GenerateRequest,
-    ) -> BoxFuture<'_, Result<OutputStream, BackendError>> {
-        Box::pin(async move {
-            self.prompts.check_model(&request.model)?;
-            let rx = self.engine.submit(Request {
-                id: request.request_id.clone(),
-                prompt_token_ids: request.prompt_token_ids,
-                sampling: request.sampling,
-            })?;
-            let guard = CancelOnDrop {
-                engine: self.engine.clone(),
-                id: request.request_id,
-                finished: false,
-            };
-            Ok(output_stream(rx, guard))
-        })
-    }
-
-    fn health(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
-}
-
-fn output_stream(rx: mpsc::Receiver<OutputItem>, guard: CancelOnDrop) -> OutputStream {
-    Box::pin(stream::unfold(
-        (rx, guard),
-        |(mut rx, mut guard)| async move {
-            if guard.finished {
-                return None;
-            }
-            let item = match rx.recv().await {
-                Some(Ok(output)) => {
-                    guard.finished = output.finish.is_some();
-                    Ok(output)
-                }
-                Some(Err(e)) => {
-                    guard.finished = true;
-                    Err(BackendError::from(e))
-                }
-                None => {
-                    guard.finished = true;
-                    Err(BackendError::Internal(
-                        "the engine ended the request without a finish".into(),
-                    ))
-                }
-            };
-            Some((item, (rx, guard)))
-        },
-    ))
 }
 
 /// Shared handle for the server state.

@@ -35,8 +35,7 @@ use prometheus::Registry;
 use tokio::net::TcpListener;
 
 pub use backend::{
-    BackendError, CompletionBackend, GenerateRequest, LocalBackend, OutputStream, Prompts,
-    SharedBackend,
+    BackendError, CompletionBackend, GenerateRequest, OutputStream, Prompts, SharedBackend,
 };
 pub use cluster::{ClusterBackend, ClusterOptions, WorkerPicker};
 pub use error::ApiError;

@@ -48,6 +48,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use crate::sync;
 use xpyd_api::kv::{PrefixHash, TokenId, prefix_hashes};
 use xpyd_api::kv_events::{DecodeError, KvEventBatch, WorkerLoad};
 use xpyd_api::{InstanceSet, Role, RouterSettings, RouterStrategy};
@@ -607,15 +608,15 @@ impl Router {
     fn read_index(&self) -> RwLockReadGuard<'_, KvIndexer> {
         // A panic while holding the lock cannot leave the index half
         // updated in a way that matters more than a stale answer.
-        self.index.read().unwrap_or_else(|e| e.into_inner())
+        sync::read(&self.index)
     }
 
     fn write_index(&self) -> RwLockWriteGuard<'_, KvIndexer> {
-        self.index.write().unwrap_or_else(|e| e.into_inner())
+        sync::write(&self.index)
     }
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.state)
     }
 }
 

@@ -40,10 +40,12 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::notifications::NotificationHub;
+use super::plan::{Fallback, PrefillFacts, PrefillStep, prefill_step};
 use super::{InFlight, WorkerParts};
 use crate::bus::{BusError, IncomingRequest, RequestStream, Responder};
 use crate::discovery::{Role, RouterSettings};
-use crate::engine::runner::{EngineError, OutputItem, Request};
+use crate::engine::runner::{EngineError, EngineErrorKind, OutputItem, Request};
+use crate::sync::lock;
 use crate::transfer::ReceivedNotification;
 use xpyd_api::TransferMetadata;
 use xpyd_api::messages::{
@@ -334,16 +336,7 @@ impl DecodeWorker {
         };
         let (outputs, cancel_remote) = match self.admit(request).await {
             Ok(admitted) => admitted,
-            Err(e) => {
-                let kind = if e.is_invalid_request() {
-                    WireErrorKind::InvalidRequest
-                } else if matches!(e, EngineError::ShutDown | EngineError::Timeout(_)) {
-                    WireErrorKind::Unavailable
-                } else {
-                    WireErrorKind::Internal
-                };
-                return fail(responder, kind, e.to_string()).await;
-            }
+            Err(e) => return fail(responder, wire_kind(&e), e.to_string()).await,
         };
         stream_outputs(&self.inner.parts, &id, outputs, responder, cancel_remote).await;
     }
@@ -359,49 +352,48 @@ impl DecodeWorker {
         let settings = self.settings();
         let threshold = self.threshold(&settings);
         metrics.max_local_prefill_length.set(i64::from(threshold));
-        let prompt_len = request.prompt_token_ids.len();
-        let local = |reason: Option<&str>| {
+        let local = |fallback: Option<Fallback>| {
             metrics.prefills.with_label_values(&["local"]).inc();
-            if let Some(reason) = reason {
-                metrics.fallbacks.with_label_values(&[reason]).inc();
+            if let Some(fallback) = fallback {
+                metrics
+                    .fallbacks
+                    .with_label_values(&[fallback.label()])
+                    .inc();
             }
         };
-        if prompt_len <= threshold as usize || !settings.disaggregated {
-            local(None);
-            return Ok((parts.engine.submit(request)?, None));
-        }
-        if !parts.any_alive(Role::Prefill) {
-            local(Some("no_prefill_worker"));
-            return Ok((parts.engine.submit(request)?, None));
-        }
-        let depth = tokio::time::timeout(
-            self.inner.config.queue_query_timeout,
-            parts.bus.prefill_queue_depth(),
-        )
-        .await;
-        match depth {
-            Ok(Ok(depth)) => {
-                metrics.prefill_queue_depth.set(depth as i64);
-                if depth > u64::from(settings.max_prefill_queue_depth) {
-                    local(Some("queue_full"));
-                    return Ok((parts.engine.submit(request)?, None));
+        let mut facts = PrefillFacts {
+            prompt_len: request.prompt_token_ids.len(),
+            threshold,
+            disaggregated: settings.disaggregated,
+            prefill_alive: parts.any_alive(Role::Prefill),
+            max_queue_depth: settings.max_prefill_queue_depth,
+            ..PrefillFacts::default()
+        };
+        if prefill_step(&facts) == PrefillStep::QueryQueueDepth {
+            let depth = tokio::time::timeout(
+                self.inner.config.queue_query_timeout,
+                parts.bus.prefill_queue_depth(),
+            )
+            .await;
+            facts.queue_depth = Some(match depth {
+                Ok(Ok(depth)) => {
+                    metrics.prefill_queue_depth.set(depth as i64);
+                    Some(depth)
                 }
-            }
-            _ => {
-                local(Some("enqueue_failed"));
-                return Ok((parts.engine.submit(request)?, None));
-            }
+                _ => None,
+            });
+        }
+        if let PrefillStep::Local(fallback) = prefill_step(&facts) {
+            local(fallback);
+            return Ok((parts.engine.submit(request)?, None));
         }
 
         let id = request.id.clone();
-        let (outputs, reservation) = parts
-            .engine
-            .begin_remote_prefill_async(request.clone())
-            .await?;
-        if prompt_len - reservation.cached_tokens <= threshold as usize {
-            // Our own prefix cache covers enough: the rest is cheap here.
-            parts.engine.cancel_remote_prefill_async(&id).await?;
-            local(None);
+        let (outputs, reservation) = parts.engine.begin_remote_prefill(request.clone()).await?;
+        facts.cached_tokens = Some(reservation.cached_tokens);
+        if let PrefillStep::Local(fallback) = prefill_step(&facts) {
+            parts.engine.cancel_remote_prefill(&id).await?;
+            local(fallback);
             return Ok((outputs, None));
         }
         let block_size = parts.engine.config().block_size;
@@ -434,12 +426,13 @@ impl DecodeWorker {
             parts.bus.enqueue_prefill(protocol::encode(&job).into()),
         )
         .await;
-        if !matches!(enqueued, Ok(Ok(()))) {
+        facts.enqueued = Some(matches!(enqueued, Ok(Ok(()))));
+        if let PrefillStep::Local(fallback) = prefill_step(&facts) {
             tracing::warn!(request_id = %id, ?enqueued, "enqueue failed; prefilling locally");
             lock(&self.inner.pending).remove(&id);
             self.inner.hub.forget(&id);
-            parts.engine.cancel_remote_prefill_async(&id).await?;
-            local(Some("enqueue_failed"));
+            parts.engine.cancel_remote_prefill(&id).await?;
+            local(fallback);
             return Ok((outputs, None));
         }
         let worker = self.clone();
@@ -524,11 +517,11 @@ impl DecodeWorker {
                 metrics.prefills.with_label_values(&["remote"]).inc();
                 if let Err(e) = parts
                     .engine
-                    .complete_remote_prefill_async(&id, n.notification.first_token)
+                    .complete_remote_prefill(&id, n.notification.first_token)
                     .await
                 {
                     tracing::warn!(request_id = %id, "completing the remote prefill failed: {e}");
-                    let _ = parts.engine.cancel_remote_prefill_async(&id).await;
+                    let _ = parts.engine.cancel_remote_prefill(&id).await;
                 }
             }
             Err(reason) => {
@@ -541,7 +534,7 @@ impl DecodeWorker {
                 tracing::info!(request_id = %id, reason, "no remote KV; prefilling locally");
                 metrics.fallbacks.with_label_values(&[reason]).inc();
                 metrics.prefills.with_label_values(&["local"]).inc();
-                if let Err(e) = parts.engine.cancel_remote_prefill_async(&id).await {
+                if let Err(e) = parts.engine.cancel_remote_prefill(&id).await {
                     tracing::warn!(request_id = %id, "releasing the remote reservation failed: {e}");
                 }
             }
@@ -674,11 +667,7 @@ async fn stream_outputs(
                 GenerateEvent::from(output)
             }
             Some(Err(e)) => GenerateEvent::Error {
-                kind: if e.is_invalid_request() {
-                    WireErrorKind::InvalidRequest
-                } else {
-                    WireErrorKind::Internal
-                },
+                kind: wire_kind(&e),
                 message: e.to_string(),
                 param: None,
             },
@@ -698,6 +687,15 @@ async fn stream_outputs(
     let _ = responder.end().await;
 }
 
+/// How an engine failure travels back to the frontend.
+fn wire_kind(e: &EngineError) -> WireErrorKind {
+    match e.kind() {
+        EngineErrorKind::InvalidRequest => WireErrorKind::InvalidRequest,
+        EngineErrorKind::Unavailable => WireErrorKind::Unavailable,
+        EngineErrorKind::Internal => WireErrorKind::Internal,
+    }
+}
+
 async fn fail(mut responder: Responder, kind: WireErrorKind, message: String) {
     let event = GenerateEvent::Error {
         kind,
@@ -711,10 +709,4 @@ async fn fail(mut responder: Responder, kind: WireErrorKind, message: String) {
     {
         let _ = responder.end().await;
     }
-}
-
-fn lock(
-    pending: &Mutex<HashMap<String, Pending>>,
-) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
-    pending.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -3,8 +3,8 @@
 //! locally or hand it to the prefill queue; a prefill worker
 //! ([`PrefillWorker`]) takes jobs from that queue, computes the KV and
 //! NIXL-writes it into the decode worker's blocks. The protocol is in
-//! `docs/architecture.md`; the wire types are in `xpyd-api`
-//! ([`xpyd_api::messages`]).
+//! `docs/architecture.md` and [`decode`]'s module doc; the wire types are in
+//! `xpyd-api` ([`xpyd_api::messages`]).
 //!
 //! A worker composes the rooms below it (engine, transfer, discovery, bus);
 //! process wiring (flags, HTTP probes, signals) is the agent's.
@@ -13,6 +13,7 @@ pub mod decode;
 mod kv_publisher;
 
 mod notifications;
+pub mod plan;
 pub mod prefill;
 
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::sync::lock;
 use crate::transfer::{ReceivedNotification, TransferAgent};
 
 /// Poll interval bounds: fast while notifications flow, slower when idle.
@@ -67,12 +68,6 @@ impl Drop for NotificationHub {
             let _ = thread.join();
         }
     }
-}
-
-fn lock(
-    waiters: &Waiters,
-) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<ReceivedNotification>>> {
-    waiters.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn poll_loop(agent: &TransferAgent, waiters: &Waiters, stop: &AtomicBool) {

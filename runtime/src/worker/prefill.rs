@@ -541,7 +541,7 @@ impl PrefillWorker {
         deadline: Instant,
     ) -> JobEnd {
         let metrics = &self.parts.metrics;
-        let table = match self.parts.engine.block_table_async(engine_id).await {
+        let table = match self.parts.engine.block_table(engine_id).await {
             Ok(table) => table,
             Err(e) => return JobEnd::Failed(e.to_string()),
         };

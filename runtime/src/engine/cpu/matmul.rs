@@ -260,11 +260,14 @@ pub fn simd_available() -> bool {
 fn q8_kernel(ty: GgmlType, simd: bool) -> Q8Dot {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY (of the calls inside): `simd` is true only when
-        // `x86::available()` said AVX2, FMA and F16C are present.
+        // `simd` is true only when `x86::available()` said AVX2, FMA and
+        // F16C are present: what each kernel below requires.
         return match ty {
+            // SAFETY: the CPU has the features (above).
             GgmlType::Q4_0 => |w, x, nb, o| unsafe { super::x86::dot_q4_0_q8_rows(w, x, nb, o) },
+            // SAFETY: the CPU has the features (above).
             GgmlType::Q4_1 => |w, x, nb, o| unsafe { super::x86::dot_q4_1_q8_rows(w, x, nb, o) },
+            // SAFETY: the CPU has the features (above).
             _ => |w, x, nb, o| unsafe { super::x86::dot_q8_0_q8_rows(w, x, nb, o) },
         };
     }

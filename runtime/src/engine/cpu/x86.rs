@@ -329,6 +329,7 @@ mod tests {
             ];
             for (k, (simd, scalar, row)) in kernels.into_iter().enumerate() {
                 let mut out = vec![0f32; n];
+                // SAFETY: the test returns early unless `available()`.
                 unsafe { simd(row, &xq, nb, &mut out) };
                 for (t, &v) in out.iter().enumerate() {
                     let s = scalar(row, &xq[t * nb..(t + 1) * nb]);
@@ -357,6 +358,7 @@ mod tests {
             let q80 = quant::quantize_q8_0(&w);
             let one = |f: unsafe fn(&[u8], &[BlockQ8], usize, &mut [f32]), row: &[u8]| {
                 let mut out = [0f32];
+                // SAFETY: the test returns early unless `available()`.
                 unsafe { f(row, &xq, n / 32, &mut out) };
                 out[0]
             };
@@ -364,6 +366,7 @@ mod tests {
                 (quant::dot_q4_0_q8(&q40, &xq), one(dot_q4_0_q8_rows, &q40)),
                 (quant::dot_q4_1_q8(&q41, &xq), one(dot_q4_1_q8_rows, &q41)),
                 (quant::dot_q8_0_q8(&q80, &xq), one(dot_q8_0_q8_rows, &q80)),
+                // SAFETY: the test returns early unless `available()`.
                 (quant::dot_f32(&w, &a), unsafe { dot_f32(&w, &a) }),
             ];
             for (i, (s, v)) in pairs.into_iter().enumerate() {
@@ -373,6 +376,7 @@ mod tests {
             let exact: f32 = w.iter().zip(&a).map(|(x, y)| x * y).sum();
             assert!((pairs[2].0 - exact).abs() < 0.05 * (1.0 + exact.abs()));
             let mut y = a.clone();
+            // SAFETY: the test returns early unless `available()`.
             unsafe { axpy(&mut y, 0.5, &w) };
             for ((yy, aa), ww) in y.iter().zip(&a).zip(&w) {
                 assert!(close(*yy, aa + 0.5 * ww));

@@ -19,10 +19,12 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use super::backend::{AttentionShape, AttentionTables, Bf16, CudaBackend, CudaError};
 use crate::engine::config::{ModelConfig, RopeStyle};
-use crate::engine::cpu::{QMatrix, WeightBytes, ops};
+use crate::engine::cpu::ops;
 use crate::engine::gguf::GgufFile;
 use crate::engine::kv_storage::KvShape;
-use crate::engine::model::{LogitsFor, ModelError, SequenceInput, validate_batch};
+use crate::engine::model::{
+    LogitsFor, ModelError, SequenceInput, WeightTable, gguf_tensors, validate_batch,
+};
 
 /// The CUDA model cannot load or run.
 #[derive(Debug, thiserror::Error)]
@@ -118,50 +120,20 @@ impl CudaModel {
         let file = GgufFile::open(path).map_err(ModelError::from)?;
         let config = ModelConfig::from_gguf(&file).map_err(ModelError::from)?;
         let stream = backend.stream.clone();
-        let source = file.path().to_string();
-        // Rows of a tensor, dequantized to f32 on the host.
-        let rows = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>, ModelError> {
-            let info = file
-                .tensors()
-                .iter()
-                .find(|t| t.name == name)
-                .ok_or_else(|| ModelError::MissingTensor {
-                    source_name: source.clone(),
-                    tensor: name.to_string(),
-                })?;
-            let dims: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
-            let want = if rows == 1 {
-                vec![cols]
-            } else {
-                vec![cols, rows]
-            };
-            if dims != want {
-                return Err(ModelError::TensorShape {
-                    source_name: source.clone(),
-                    tensor: name.to_string(),
-                    got: dims,
-                    want,
-                });
-            }
-            let bytes = WeightBytes::Mapped {
-                file: file.bytes().clone(),
-                start: info.offset as usize,
-                len: info.n_bytes as usize,
-            };
-            let m = QMatrix::new(name, info.ty, rows, cols, bytes).map_err(ModelError::from)?;
-            let mut out = vec![0f32; rows * cols];
-            for (r, row) in out.chunks_exact_mut(cols).enumerate() {
-                m.dequantize_row(r, row);
-            }
-            Ok(out)
+        let tensors = gguf_tensors(&file);
+        let table = WeightTable {
+            source_name: file.path(),
+            tensors: &tensors,
         };
+        // Tensors dequantized to f32 on the host.
+        let rows = |name: &str, rows: usize, cols: usize| table.matrix_f32(name, rows, cols);
         let c = &config;
         let (h, q, kv) = (c.hidden, c.q_dim(), c.kv_dim());
         let mat = |name: &str, r: usize, k: usize| -> Result<CudaSlice<Bf16>, CudaModelError> {
             Ok(stream.clone_htod(&to_bf16(&rows(name, r, k)?))?)
         };
         let vec32 = |name: &str, n: usize| -> Result<CudaSlice<f32>, CudaModelError> {
-            Ok(stream.clone_htod(&rows(name, 1, n)?)?)
+            Ok(stream.clone_htod(&table.vector(name, n)?)?)
         };
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
@@ -179,8 +151,7 @@ impl CudaModel {
                 w_down: mat(&n("ffn_down"), h, c.ffn)?,
             });
         }
-        let has_output = file.tensors().iter().any(|t| t.name == "output.weight");
-        let output = if has_output {
+        let output = if table.contains("output.weight") {
             Some(mat("output.weight", c.vocab, h)?)
         } else {
             None
