@@ -32,4 +32,4 @@ pub use messages::{
     ClaimReply, DecodeMessage, FinishReason, GenerateEvent, GenerateWork, RemotePrefillRequest,
     WireError, WireErrorKind, WireSamplingParams, WireUsage,
 };
-pub use settings::{RouterAck, RouterSettings, RouterStrategy};
+pub use settings::{PrefillUnavailable, RouterAck, RouterSettings, RouterStrategy};

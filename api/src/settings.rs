@@ -23,6 +23,20 @@ pub enum RouterStrategy {
     Session,
 }
 
+/// What a decode worker does with a long prompt when no prefill worker can
+/// take it (none alive, the queue full, the enqueue failed) or the one that
+/// took it failed (the CRD's `spec.router.onPrefillUnavailable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefillUnavailable {
+    /// Prefill it locally (slower, but answered).
+    #[default]
+    Fallback,
+    /// Answer 503 at once, naming the reason (for deployments where a
+    /// local prefill would break the decode workers' latency targets).
+    Fail,
+}
+
 /// The deployment's router and disaggregation settings, as the operator
 /// writes them (camelCase JSON). Unknown fields are ignored and missing ones
 /// take their defaults, so operator and agents can be upgraded separately.
@@ -45,6 +59,8 @@ pub struct RouterSettings {
     pub kv_overlap_weight: f64,
     /// KV strategy: weight of load (active blocks plus queued prompt blocks).
     pub kv_load_weight: f64,
+    /// A long prompt no prefill worker can take.
+    pub on_prefill_unavailable: PrefillUnavailable,
 }
 
 impl Default for RouterSettings {
@@ -58,6 +74,7 @@ impl Default for RouterSettings {
             disaggregated: true,
             kv_overlap_weight: 1.0,
             kv_load_weight: 1.0,
+            on_prefill_unavailable: PrefillUnavailable::Fallback,
         }
     }
 }

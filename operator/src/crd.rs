@@ -538,6 +538,22 @@ pub struct RouterSpec {
     #[serde(default = "default_kv_weight")]
     #[schemars(range(min = 0.0))]
     pub kv_load_weight: f64,
+    /// A prompt over `maxLocalPrefillLength` that no prefill worker can
+    /// take (none alive, the queue full, the one that took it failed or
+    /// died): `fallback` prefills it on the decode worker (slower, but
+    /// answered); `fail` answers 503 at once with the reason, for
+    /// deployments whose decode latency must not pay for local prefills.
+    #[serde(default)]
+    pub on_prefill_unavailable: PrefillUnavailable,
+}
+
+/// `spec.router.onPrefillUnavailable`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PrefillUnavailable {
+    #[default]
+    Fallback,
+    Fail,
 }
 
 fn default_max_local_prefill_length() -> i32 {
@@ -560,6 +576,7 @@ impl Default for RouterSpec {
             max_local_prefill_length: default_max_local_prefill_length(),
             session_header: default_session_header(),
             max_prefill_queue_depth: default_max_prefill_queue_depth(),
+            on_prefill_unavailable: PrefillUnavailable::default(),
             kv_overlap_weight: default_kv_weight(),
             kv_load_weight: default_kv_weight(),
         }

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, DeleteOptions, GetOptions};
-use xpyd_api::{RouterAck, RouterSettings, RouterStrategy, Scope};
+use xpyd_api::{PrefillUnavailable, RouterAck, RouterSettings, RouterStrategy, Scope};
 
 use crate::crd::{self, RouterSpec};
 
@@ -113,6 +113,10 @@ pub fn router_settings(
         disaggregated: num_prefill > 0,
         kv_overlap_weight: router.kv_overlap_weight,
         kv_load_weight: router.kv_load_weight,
+        on_prefill_unavailable: match router.on_prefill_unavailable {
+            crd::PrefillUnavailable::Fallback => PrefillUnavailable::Fallback,
+            crd::PrefillUnavailable::Fail => PrefillUnavailable::Fail,
+        },
     })
 }
 
@@ -352,6 +356,7 @@ mod tests {
             max_prefill_queue_depth: 7,
             kv_overlap_weight: 2.5,
             kv_load_weight: 0.25,
+            on_prefill_unavailable: crd::PrefillUnavailable::Fail,
         };
         assert_eq!(
             router_settings(&spec, 2, 11).unwrap(),
@@ -364,6 +369,7 @@ mod tests {
                 disaggregated: true,
                 kv_overlap_weight: 2.5,
                 kv_load_weight: 0.25,
+                on_prefill_unavailable: PrefillUnavailable::Fail,
             }
         );
         let negative = RouterSpec {
@@ -399,6 +405,34 @@ mod tests {
                 serde_json::to_value(agent).unwrap()
             );
         }
+    }
+
+    #[test]
+    fn the_prefill_unavailable_policy_is_the_same_word_on_both_sides() {
+        for (crd, agent) in [
+            (
+                crd::PrefillUnavailable::Fallback,
+                PrefillUnavailable::Fallback,
+            ),
+            (crd::PrefillUnavailable::Fail, PrefillUnavailable::Fail),
+        ] {
+            let spec = RouterSpec {
+                on_prefill_unavailable: crd,
+                ..RouterSpec::default()
+            };
+            let settings = router_settings(&spec, 1, 1).unwrap();
+            assert_eq!(settings.on_prefill_unavailable, agent);
+            assert_eq!(
+                serde_json::to_value(crd).unwrap(),
+                serde_json::to_value(agent).unwrap()
+            );
+        }
+        assert_eq!(
+            router_settings(&RouterSpec::default(), 1, 1)
+                .unwrap()
+                .on_prefill_unavailable,
+            RouterSettings::default().on_prefill_unavailable
+        );
     }
 
     #[test]
