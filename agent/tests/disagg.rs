@@ -111,15 +111,19 @@ impl Deployment {
     }
 
     async fn set_settings(&self, strategy: &str, threshold: u32, generation: i64) {
-        let mut etcd = self.etcd.client().await.unwrap();
-        let settings = json!({
+        self.put_settings(json!({
             "generation": generation,
             "strategy": strategy,
             "maxLocalPrefillLength": threshold,
             "sessionHeader": "session-id",
             "maxPrefillQueueDepth": 64,
             "disaggregated": true,
-        });
+        }))
+        .await;
+    }
+
+    async fn put_settings(&self, settings: Value) {
+        let mut etcd = self.etcd.client().await.unwrap();
         etcd.put(
             format!("/xpyd/{NAMESPACE}/{}/router", self.name),
             settings.to_string(),
@@ -330,8 +334,14 @@ impl Deployment {
 
     /// Wait until the frontend acknowledged settings `generation`.
     async fn wait_frontend_ack(&self, generation: i64) {
+        self.wait_ack("frontend", generation).await;
+    }
+
+    /// Wait until an agent whose name starts with `agent` acknowledged
+    /// settings `generation`.
+    async fn wait_ack(&self, agent: &str, generation: i64) {
         let mut etcd = self.etcd.client().await.unwrap();
-        let prefix = format!("/xpyd/{NAMESPACE}/{}/router-acks/frontend", self.name);
+        let prefix = format!("/xpyd/{NAMESPACE}/{}/router-acks/{agent}", self.name);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let acks = etcd
@@ -352,7 +362,7 @@ impl Deployment {
             }
             assert!(
                 Instant::now() < deadline,
-                "no frontend ack of generation {generation}"
+                "no {agent} ack of generation {generation}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -755,6 +765,56 @@ async fn a_prefill_job_that_fails_is_reported_and_decode_falls_back_at_once() {
     .await;
     eprintln!("answered {took:?} after the request; the prefill job failed");
     assert_fell_back_at_once(&d, &result, took, "prefill_failed").await;
+}
+
+#[tokio::test]
+async fn with_on_prefill_unavailable_fail_a_long_prompt_gets_503_at_once_and_a_short_one_its_answer()
+ {
+    // No prefill worker at all, and the deployment refuses local prefills
+    // of long prompts.
+    let d = Deployment::start("policy-fail", 0, 1, 32, &[]).await;
+    d.put_settings(json!({
+        "generation": 2,
+        "maxLocalPrefillLength": 32,
+        "disaggregated": true,
+        "onPrefillUnavailable": "fail",
+    }))
+    .await;
+    d.wait_frontend_ack(2).await;
+    let started = Instant::now();
+    let (status, body) = d
+        .chat(&long_prompt("Policy"), "Name the capital of France.", 8)
+        .await;
+    let took = started.elapsed();
+    assert_eq!(status, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no_prefill_worker") && message.contains("onPrefillUnavailable"),
+        "{body}"
+    );
+    // Refused before any prefill, not after a local one.
+    assert_eq!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"refused\""
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"local\""
+        )
+        .await,
+        0.0,
+        "answered in {took:?}"
+    );
+    let (status, body) = d.chat("Be brief.", "Name the capital of France.", 8).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
 }
 
 #[tokio::test]

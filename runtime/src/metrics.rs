@@ -19,8 +19,9 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-/// Where a decode worker's prompt was prefilled.
-pub const PREFILL_LOCATIONS: &[&str] = &["local", "remote"];
+/// Where a decode worker's prompt was prefilled (`refused`: nowhere, under
+/// `router.onPrefillUnavailable: fail`).
+pub const PREFILL_LOCATIONS: &[&str] = &["local", "remote", "refused"];
 /// Why a decode worker prefilled locally although the prompt was long.
 pub const FALLBACK_REASONS: &[&str] = &[
     "no_prefill_worker",

@@ -47,6 +47,7 @@ use crate::discovery::{Role, RouterSettings};
 use crate::engine::runner::{EngineError, EngineErrorKind, OutputItem, Request};
 use crate::sync::lock;
 use crate::transfer::ReceivedNotification;
+use xpyd_api::PrefillUnavailable;
 use xpyd_api::TransferMetadata;
 use xpyd_api::messages::{
     self as protocol, ClaimReply, DecodeMessage, GenerateEvent, GenerateWork, JobStatus,
@@ -336,7 +337,17 @@ impl DecodeWorker {
         };
         let (outputs, cancel_remote) = match self.admit(request).await {
             Ok(admitted) => admitted,
-            Err(e) => return fail(responder, wire_kind(&e), e.to_string()).await,
+            Err(AdmitError::Engine(e)) => {
+                return fail(responder, wire_kind(&e), e.to_string()).await;
+            }
+            Err(AdmitError::PrefillUnavailable(fallback)) => {
+                let message = format!(
+                    "no prefill worker can take this prompt ({}), and the deployment's \
+                     router.onPrefillUnavailable is fail",
+                    fallback.label()
+                );
+                return fail(responder, WireErrorKind::Unavailable, message).await;
+            }
         };
         stream_outputs(&self.inner.parts, &id, outputs, responder, cancel_remote).await;
     }
@@ -346,7 +357,7 @@ impl DecodeWorker {
     async fn admit(
         &self,
         request: Request,
-    ) -> Result<(mpsc::Receiver<OutputItem>, Option<oneshot::Sender<()>>), EngineError> {
+    ) -> Result<(mpsc::Receiver<OutputItem>, Option<oneshot::Sender<()>>), AdmitError> {
         let parts = &self.inner.parts;
         let metrics = &parts.metrics;
         let settings = self.settings();
@@ -367,7 +378,12 @@ impl DecodeWorker {
             disaggregated: settings.disaggregated,
             prefill_alive: parts.any_alive(Role::Prefill),
             max_queue_depth: settings.max_prefill_queue_depth,
+            refuse_fallbacks: settings.on_prefill_unavailable == PrefillUnavailable::Fail,
             ..PrefillFacts::default()
+        };
+        let refused = |fallback: Fallback| {
+            metrics.prefills.with_label_values(&["refused"]).inc();
+            AdmitError::PrefillUnavailable(fallback)
         };
         if prefill_step(&facts) == PrefillStep::QueryQueueDepth {
             let depth = tokio::time::timeout(
@@ -383,9 +399,13 @@ impl DecodeWorker {
                 _ => None,
             });
         }
-        if let PrefillStep::Local(fallback) = prefill_step(&facts) {
-            local(fallback);
-            return Ok((parts.engine.submit(request)?, None));
+        match prefill_step(&facts) {
+            PrefillStep::Local(fallback) => {
+                local(fallback);
+                return Ok((parts.engine.submit(request)?, None));
+            }
+            PrefillStep::Refuse(fallback) => return Err(refused(fallback)),
+            _ => {}
         }
 
         let id = request.id.clone();
@@ -427,13 +447,23 @@ impl DecodeWorker {
         )
         .await;
         facts.enqueued = Some(matches!(enqueued, Ok(Ok(()))));
-        if let PrefillStep::Local(fallback) = prefill_step(&facts) {
-            tracing::warn!(request_id = %id, ?enqueued, "enqueue failed; prefilling locally");
+        let step = prefill_step(&facts);
+        if let PrefillStep::Local(_) | PrefillStep::Refuse(_) = step {
+            tracing::warn!(request_id = %id, ?enqueued, "enqueue failed");
             lock(&self.inner.pending).remove(&id);
             self.inner.hub.forget(&id);
             parts.engine.cancel_remote_prefill(&id).await?;
-            local(fallback);
-            return Ok((outputs, None));
+            match step {
+                PrefillStep::Refuse(fallback) => {
+                    let _ = parts.engine.cancel(&id);
+                    return Err(refused(fallback));
+                }
+                PrefillStep::Local(fallback) => {
+                    local(fallback);
+                    return Ok((outputs, None));
+                }
+                _ => {}
+            }
         }
         let worker = self.clone();
         let started = Instant::now();
@@ -688,6 +718,17 @@ async fn stream_outputs(
 }
 
 /// How an engine failure travels back to the frontend.
+/// Why a request was not admitted.
+#[derive(Debug, thiserror::Error)]
+enum AdmitError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A remote prefill could not happen and the deployment refuses to
+    /// fall back (`router.onPrefillUnavailable: fail`).
+    #[error("no prefill worker can take the prompt ({})", .0.label())]
+    PrefillUnavailable(Fallback),
+}
+
 fn wire_kind(e: &EngineError) -> WireErrorKind {
     match e.kind() {
         EngineErrorKind::InvalidRequest => WireErrorKind::InvalidRequest,

@@ -44,6 +44,9 @@ pub enum PrefillStep {
     Enqueue,
     /// The job is queued: wait for its KV.
     Remote,
+    /// A fallback was forced and the deployment's policy is to refuse
+    /// (`router.onPrefillUnavailable: fail`): answer 503 naming it.
+    Refuse(Fallback),
 }
 
 /// What the decode worker knows about one prompt so far.
@@ -64,10 +67,19 @@ pub struct PrefillFacts {
     pub cached_tokens: Option<usize>,
     /// Whether the job went on the queue, once tried.
     pub enqueued: Option<bool>,
+    /// `router.onPrefillUnavailable: fail`: refuse rather than fall back.
+    pub refuse_fallbacks: bool,
 }
 
 /// The next step for a prompt, from what is known about it.
 pub fn prefill_step(f: &PrefillFacts) -> PrefillStep {
+    match next_step(f) {
+        PrefillStep::Local(Some(fallback)) if f.refuse_fallbacks => PrefillStep::Refuse(fallback),
+        step => step,
+    }
+}
+
+fn next_step(f: &PrefillFacts) -> PrefillStep {
     use PrefillStep::*;
     let threshold = f.threshold as usize;
     if f.prompt_len <= threshold || !f.disaggregated {
@@ -112,6 +124,67 @@ mod tests {
             prefill_alive: true,
             max_queue_depth: 8,
             ..PrefillFacts::default()
+        }
+    }
+
+    #[test]
+    fn a_refusing_deployment_refuses_forced_fallbacks_only() {
+        let refusing = |f: PrefillFacts| PrefillFacts {
+            refuse_fallbacks: true,
+            ..f
+        };
+        let cases = [
+            (
+                PrefillFacts {
+                    prefill_alive: false,
+                    ..long()
+                },
+                Refuse(Fallback::NoPrefillWorker),
+            ),
+            (
+                PrefillFacts {
+                    queue_depth: Some(Some(9)),
+                    ..long()
+                },
+                Refuse(Fallback::QueueFull),
+            ),
+            (
+                PrefillFacts {
+                    queue_depth: Some(Some(0)),
+                    cached_tokens: Some(0),
+                    enqueued: Some(false),
+                    ..long()
+                },
+                Refuse(Fallback::EnqueueFailed),
+            ),
+            // Short prompts and prefix-cache hits are local by choice.
+            (
+                PrefillFacts {
+                    prompt_len: 10,
+                    ..long()
+                },
+                Local(None),
+            ),
+            (
+                PrefillFacts {
+                    queue_depth: Some(Some(0)),
+                    cached_tokens: Some(90),
+                    ..long()
+                },
+                Local(None),
+            ),
+            (
+                PrefillFacts {
+                    queue_depth: Some(Some(0)),
+                    cached_tokens: Some(0),
+                    enqueued: Some(true),
+                    ..long()
+                },
+                Remote,
+            ),
+        ];
+        for (facts, want) in cases {
+            assert_eq!(prefill_step(&refusing(facts.clone())), want, "{facts:?}");
         }
     }
 
