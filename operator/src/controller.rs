@@ -136,9 +136,7 @@ pub struct Context {
 
 impl Context {
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<DisaggDeployment>, u32>> {
-        self.failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.failures)
     }
 
     async fn publish(&self, dd: &DisaggDeployment, type_: EventType, reason: &str, note: String) {

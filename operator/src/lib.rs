@@ -20,3 +20,4 @@ pub mod pod_status;
 pub mod resources;
 pub mod router_settings;
 pub mod status;
+pub mod sync;

@@ -211,10 +211,7 @@ impl EtcdClients {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Client>> {
-        // A panic while holding the lock leaves the map consistent.
-        self.clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.clients)
     }
 
     /// Makes `want` the settings at `key`, unless etcd already holds the same
