@@ -10,6 +10,23 @@ mod common;
 async fn up_answers_the_france_question_and_stops_on_ctrl_c() {
     let mut up = common::Up::start(&["--num-blocks", "128", "--max-local-prefill-length", "64"]);
     let url = up.url.clone();
+
+    // The curl line it prints, sent as printed, answers plainly: the first
+    // thing a newcomer sees is the right answer.
+    let curl = up.next_line(std::time::Duration::from_secs(10));
+    assert!(curl.starts_with("try: curl "), "{curl}");
+    let printed_body = curl
+        .split_once("-d '")
+        .and_then(|(_, rest)| rest.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("no -d '...' body in {curl}"));
+    let printed: serde_json::Value = serde_json::from_str(printed_body).unwrap();
+    assert_eq!(printed["temperature"], 0, "{curl}");
+    let resp = common::chat(&url, &printed).await;
+    assert_eq!(
+        resp["choices"][0]["message"]["content"], "The capital of France is Paris.",
+        "the printed curl line: {resp}"
+    );
+
     let resp = common::chat(&url, &common::chat_request(&[("user", common::FRANCE)])).await;
     assert_eq!(
         resp["choices"][0]["message"]["content"], "The capital of France is Paris.",

@@ -71,6 +71,13 @@ impl Up {
         up
     }
 
+    /// The next line it prints (at most `within` from now).
+    pub fn next_line(&self, within: Duration) -> String {
+        self.lines.recv_timeout(within).unwrap_or_else(|e| {
+            panic!("xpyd-agent up printed no further line within {within:?}: {e}")
+        })
+    }
+
     /// Ctrl-C (SIGINT), then waits at most 30 s for the exit. Returns the
     /// exit status and what it printed after its URL.
     pub fn interrupt(&mut self) -> (ExitStatus, Vec<String>) {
