@@ -245,6 +245,45 @@ impl ControlPlane {
         &self.tools
     }
 
+    /// `kubectl --kubeconfig <admin kubeconfig> <args>`, killed after
+    /// `timeout`; its stdout, or an error with its output. Runs off the
+    /// async runtime.
+    pub async fn kubectl(&self, args: &[&str], timeout: Duration) -> Result<String> {
+        let (kubectl, kubeconfig) = (self.tools.kubectl(), self.kubeconfig.clone());
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::node::kubectl(&kubectl, &kubeconfig, &args, None, timeout)
+        })
+        .await
+        .map_err(HarnessError::other)?
+    }
+
+    /// `helm --kubeconfig <admin kubeconfig> <args>`, with helm's config and
+    /// cache under `home` (never the user's), killed after `timeout`;
+    /// its stdout, or an error with its output. Runs off the async runtime.
+    pub async fn helm(&self, home: &Path, args: &[&str], timeout: Duration) -> Result<String> {
+        let helm = self.tools.helm.to_string_lossy().into_owned();
+        let mut all = vec![
+            "--kubeconfig".to_string(),
+            self.kubeconfig.display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let (config, cache) = (home.join("config"), home.join("cache"));
+        tokio::task::spawn_blocking(move || {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            crate::host::run_with_env(
+                &helm,
+                &all,
+                &[("HELM_CONFIG_HOME", &config), ("HELM_CACHE_HOME", &cache)],
+                None,
+                timeout,
+            )
+        })
+        .await
+        .map_err(HarnessError::other)?
+    }
+
     /// The folder holding its certificates, logs and data.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -510,9 +510,21 @@ pub(crate) fn run_with_timeout(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<String> {
+    run_with_env(program, args, &[], stdin, timeout)
+}
+
+/// [`run_with_timeout`] with extra environment variables.
+pub(crate) fn run_with_env(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &Path)],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<String> {
     let what = format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {

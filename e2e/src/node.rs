@@ -296,7 +296,13 @@ impl RealNode {
     /// Runs `kubectl` with the admin kubeconfig (stdin optional), with a
     /// deadline; returns its stdout. Blocking.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        kubectl(&self.kubectl, &self.kubeconfig, args, stdin)
+        kubectl(
+            &self.kubectl,
+            &self.kubeconfig,
+            args,
+            stdin,
+            KUBECTL_TIMEOUT,
+        )
     }
 
     /// The logs kubelet keeps of a pod's containers (all of them, oldest
@@ -465,6 +471,7 @@ pub(crate) fn kubectl(
     kubeconfig: &Path,
     args: &[&str],
     stdin: Option<&str>,
+    timeout: Duration,
 ) -> Result<String> {
     let kc = format!("--kubeconfig={}", kubeconfig.display());
     let mut all = vec![kc.as_str()];
@@ -473,7 +480,7 @@ pub(crate) fn kubectl(
         &kubectl.to_string_lossy(),
         &all,
         stdin.map(str::as_bytes),
-        KUBECTL_TIMEOUT,
+        timeout,
     )
 }
 

@@ -75,26 +75,6 @@ fn binaries(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-async fn run(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::time::timeout(STEP, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("{} {args:?} ran past {STEP:?}", program.display()))
-        .expect("command runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{} {args:?} failed: {stdout}{}",
-        program.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 struct Cluster {
     plane: ControlPlane,
     node: RealNode,
@@ -116,17 +96,10 @@ impl Cluster {
     }
 
     async fn helm(&self, args: &[&str]) -> String {
-        let kubeconfig = self.plane.kubeconfig().display().to_string();
-        let mut all = vec!["--kubeconfig", &kubeconfig];
-        all.extend_from_slice(args);
-        let config = self.helm_home.join("config");
-        let cache = self.helm_home.join("cache");
-        run(
-            &self.plane.tools().helm,
-            &all,
-            &[("HELM_CONFIG_HOME", &config), ("HELM_CACHE_HOME", &cache)],
-        )
-        .await
+        self.plane
+            .helm(&self.helm_home, args, STEP)
+            .await
+            .unwrap_or_else(|e| panic!("helm {args:?}: {e}"))
     }
 
     /// `kubectl patch dd <DD> --type=merge -p <patch>`, as a user retunes it.

@@ -38,32 +38,6 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Runs a command with a deadline; returns stdout, or panics with its output.
-async fn run(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::time::timeout(COMMAND_TIMEOUT, cmd.output())
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "{} {args:?} took over {COMMAND_TIMEOUT:?}",
-                program.display()
-            )
-        })
-        .expect("the command starts");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{} {args:?} failed: {stdout}{}",
-        program.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 struct Cli<'a> {
     plane: &'a ControlPlane,
     helm_home: PathBuf,
@@ -71,24 +45,19 @@ struct Cli<'a> {
 
 impl Cli<'_> {
     async fn kubectl(&self, args: &[&str]) -> String {
-        let kubeconfig = self.plane.kubeconfig().display().to_string();
-        let mut all = vec!["--kubeconfig", &kubeconfig, "--request-timeout=30s"];
+        let mut all = vec!["--request-timeout=30s"];
         all.extend_from_slice(args);
-        run(&self.plane.tools().kubectl(), &all, &[]).await
+        self.plane
+            .kubectl(&all, COMMAND_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
     }
 
     async fn helm(&self, args: &[&str]) -> String {
-        let kubeconfig = self.plane.kubeconfig().display().to_string();
-        let mut all = vec!["--kubeconfig", &kubeconfig];
-        all.extend_from_slice(args);
-        let config = self.helm_home.join("config");
-        let cache = self.helm_home.join("cache");
-        run(
-            &self.plane.tools().helm,
-            &all,
-            &[("HELM_CONFIG_HOME", &config), ("HELM_CACHE_HOME", &cache)],
-        )
-        .await
+        self.plane
+            .helm(&self.helm_home, args, COMMAND_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("helm {args:?}: {e}"))
     }
 
     /// `kubectl get dd` as the user reads it: column name to value.
