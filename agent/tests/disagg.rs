@@ -956,19 +956,28 @@ fn long_prompt(tag: &str) -> String {
     format!("{tag}.{}", format!(" {LONG_SYSTEM}").repeat(5))
 }
 
-#[tokio::test]
-async fn a_decode_worker_sigtermed_during_a_remote_prefill_answers_it_within_its_grace() {
-    let grace = Duration::from_secs(15);
-    let mut d = Deployment::start(
-        "drain-decode",
+/// Grace period of the draining decode worker in the two drain tests.
+const DECODE_GRACE: Duration = Duration::from_secs(15);
+
+/// A 1P1D deployment whose prefill worker is stopped (SIGSTOP), so a long
+/// prompt's job waits unclaimed; once the decode worker holds the prompt's
+/// blocks it is SIGTERMed, and `resume_prefill_after` later (if any) the
+/// prefill worker continues. Returns the deployment, the answer, and how
+/// long after SIGTERM the decode worker answered and exited. The prefill
+/// worker is continued (SIGCONT) before returning.
+async fn sigterm_decode_awaiting_a_stopped_prefill(
+    name: &str,
+    resume_prefill_after: Option<Duration>,
+) -> (Deployment, (u16, Value), Duration, Duration) {
+    let grace = DECODE_GRACE;
+    let d = Deployment::start(
+        name,
         1,
         1,
         32,
         &["--grace-seconds", &grace.as_secs().to_string()],
     )
     .await;
-    // Hold the prefill worker, so the job waits unclaimed on the queue
-    // while the decode worker is told to stop.
     d.signal("prefill-0", libc::SIGSTOP);
     let request = async {
         let result = d.chat(LONG_SYSTEM, FRANCE, 12).await;
@@ -978,21 +987,49 @@ async fn a_decode_worker_sigtermed_during_a_remote_prefill_answers_it_within_its
         d.await_reserved_blocks("decode-0").await;
         d.signal("decode-0", libc::SIGTERM);
         let sigterm = Instant::now();
-        // The prefill worker claims the job once the decode worker drains.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        d.signal("prefill-0", libc::SIGCONT);
+        if let Some(after) = resume_prefill_after {
+            tokio::time::sleep(after).await;
+            d.signal("prefill-0", libc::SIGCONT);
+        }
         let exit_after = d.time_exit("decode-0", sigterm, grace * 2).await;
         (sigterm, exit_after)
     };
-    let (((status, body), answered), (sigterm, exit_after)) = tokio::join!(request, drive);
-    let answered_after = answered.duration_since(sigterm);
-    eprintln!("decode-0 answered {answered_after:?} after SIGTERM");
-    assert_eq!(status, 200, "{body}");
-    assert!(answer(&body).contains("Paris"), "{body}");
+    let ((result, answered), (sigterm, exit_after)) = tokio::join!(request, drive);
+    d.signal("prefill-0", libc::SIGCONT);
+    (d, result, answered.duration_since(sigterm), exit_after)
+}
+
+/// The draining decode worker answered rightly and exited cleanly, both
+/// within its grace period.
+async fn assert_drained_within_grace(
+    d: &mut Deployment,
+    (status, body): &(u16, Value),
+    answered_after: Duration,
+    exit_after: Duration,
+) {
+    eprintln!("decode-0 answered {answered_after:?} and exited {exit_after:?} after SIGTERM");
+    assert_eq!(*status, 200, "{body}");
+    assert!(answer(body).contains("Paris"), "{body}");
     assert!(
-        answered_after < grace,
+        answered_after < DECODE_GRACE,
         "answered {answered_after:?} after SIGTERM"
     );
+    assert!(
+        exit_after < DECODE_GRACE,
+        "decode-0 exited {exit_after:?} after SIGTERM"
+    );
+    let exit = d
+        .wait_exit("decode-0", Instant::now() + Duration::from_secs(5))
+        .await;
+    assert!(exit.contains("exit status: 0"), "{exit}");
+}
+
+#[tokio::test]
+async fn a_decode_worker_sigtermed_during_a_remote_prefill_answers_it_within_its_grace() {
+    // The prefill worker claims the job once the decode worker drains.
+    let (mut d, result, answered_after, exit_after) =
+        sigterm_decode_awaiting_a_stopped_prefill("drain-decode", Some(Duration::from_millis(500)))
+            .await;
     // The KV was computed remotely: the draining decode worker still took
     // the prefill worker's claim and its write.
     assert_eq!(
@@ -1009,15 +1046,7 @@ async fn a_decode_worker_sigtermed_during_a_remote_prefill_answers_it_within_its
         .await
             > 0.0
     );
-    eprintln!("decode-0 exited {exit_after:?} after SIGTERM");
-    assert!(
-        exit_after < grace,
-        "decode-0 exited {exit_after:?} after SIGTERM"
-    );
-    let exit = d
-        .wait_exit("decode-0", Instant::now() + Duration::from_secs(5))
-        .await;
-    assert!(exit.contains("exit status: 0"), "{exit}");
+    assert_drained_within_grace(&mut d, &result, answered_after, exit_after).await;
 }
 
 /// What [`sigterm_the_prefill_worker_mid_job`] saw.
@@ -1242,43 +1271,10 @@ async fn a_decode_worker_added_under_kv_routing_gets_a_share_of_short_chats() {
 
 #[tokio::test]
 async fn a_draining_decode_worker_whose_remote_prefill_nobody_claims_prefills_it_locally_in_time() {
-    let grace = Duration::from_secs(15);
-    let mut d = Deployment::start(
-        "drain-decode-unclaimed",
-        1,
-        1,
-        32,
-        &["--grace-seconds", &grace.as_secs().to_string()],
-    )
-    .await;
-    // The prefill worker hangs for good: nobody will claim the job.
-    d.signal("prefill-0", libc::SIGSTOP);
-    let request = async {
-        let result = d.chat(LONG_SYSTEM, FRANCE, 12).await;
-        (result, Instant::now())
-    };
-    let drive = async {
-        d.await_reserved_blocks("decode-0").await;
-        d.signal("decode-0", libc::SIGTERM);
-        let sigterm = Instant::now();
-        let exit_after = d.time_exit("decode-0", sigterm, grace * 2).await;
-        (sigterm, exit_after)
-    };
-    let (((status, body), answered), (sigterm, exit_after)) = tokio::join!(request, drive);
-    d.signal("prefill-0", libc::SIGCONT);
-    let answered_after = answered.duration_since(sigterm);
-    eprintln!("decode-0 answered {answered_after:?} and exited {exit_after:?} after SIGTERM");
-    assert_eq!(status, 200, "{body}");
-    assert!(answer(&body).contains("Paris"), "{body}");
-    // Withdrawn 5 s into the drain and prefilled locally, well before the
+    // The prefill worker hangs for good: nobody will claim the job. It is
+    // withdrawn 5 s into the drain and prefilled locally, well before the
     // 30 s remote-prefill deadline and within the grace period.
-    assert!(
-        answered_after < grace,
-        "answered {answered_after:?} after SIGTERM"
-    );
-    assert!(exit_after < grace, "exited {exit_after:?} after SIGTERM");
-    let exit = d
-        .wait_exit("decode-0", Instant::now() + Duration::from_secs(5))
-        .await;
-    assert!(exit.contains("exit status: 0"), "{exit}");
+    let (mut d, result, answered_after, exit_after) =
+        sigterm_decode_awaiting_a_stopped_prefill("drain-decode-unclaimed", None).await;
+    assert_drained_within_grace(&mut d, &result, answered_after, exit_after).await;
 }
