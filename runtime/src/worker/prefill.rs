@@ -349,6 +349,16 @@ impl PrefillWorker {
             Ok((ClaimReply::Refuse, _)) => return JobEnd::Refused,
             Err(reason) => return JobEnd::Failed(format!("claiming {id}: {reason}")),
         };
+        // A job that cannot reach its decode worker's memory fails, counted
+        // as a `peer` transfer failure.
+        let peer_failed = |reason: String| {
+            parts
+                .metrics
+                .transfer_failures
+                .with_label_values(&["peer"])
+                .inc();
+            JobEnd::Failed(reason)
+        };
         // The job's copy first: a draining decode worker has deregistered
         // (and the claim just proved it alive and waiting).
         let peer = request.decode_transfer.clone().or_else(|| {
@@ -360,12 +370,7 @@ impl PrefillWorker {
                 .and_then(|r| r.transfer.clone())
         });
         let Some(peer) = peer else {
-            parts
-                .metrics
-                .transfer_failures
-                .with_label_values(&["peer"])
-                .inc();
-            return JobEnd::Failed(format!(
+            return peer_failed(format!(
                 "decode instance {} sent no NIXL metadata and has no transfer record",
                 request.decode_instance
             ));
@@ -373,12 +378,7 @@ impl PrefillWorker {
         let peer = match PeerInfo::from_metadata(&peer) {
             Ok(peer) => peer,
             Err(e) => {
-                parts
-                    .metrics
-                    .transfer_failures
-                    .with_label_values(&["peer"])
-                    .inc();
-                return JobEnd::Failed(format!(
+                return peer_failed(format!(
                     "decode instance {}: unreadable NIXL metadata: {e}",
                     request.decode_instance
                 ));
@@ -386,12 +386,7 @@ impl PrefillWorker {
         };
         let peer_name = peer.agent_name.clone();
         if let Err(e) = parts.agent.load_peer(peer) {
-            parts
-                .metrics
-                .transfer_failures
-                .with_label_values(&["peer"])
-                .inc();
-            return JobEnd::Failed(e.to_string());
+            return peer_failed(e.to_string());
         }
 
         // Our engine ids must not clash with a decode worker's in `up`,
