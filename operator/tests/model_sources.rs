@@ -16,22 +16,10 @@ use xpyd_e2e::{Etcd, Tools, Workdir, wait_until};
 use xpyd_operator::crd::DisaggDeployment;
 use xpyd_operator::resources::ClusterSettings;
 
-use common::{TIMEOUT, namespace, object, plane_with_crd, spawn_controller_with, spec};
+use common::{TIMEOUT, apply, namespace, object, plane_with_crd, spawn_controller_with, spec};
 
 const MIRROR: &str = "http://hf-mirror.test:8080";
 const SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-
-async fn apply(client: &Client, ns: &str, obj: Value) {
-    let api: Api<DisaggDeployment> = Api::namespaced(client.clone(), ns);
-    let name = obj["metadata"]["name"].as_str().unwrap().to_string();
-    api.patch(
-        &name,
-        &PatchParams::apply("kubectl-test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap();
-}
 
 /// The pod spec of one pod of a role, once its ReplicaSet made one.
 async fn pod_of(client: &Client, ns: &str, dd: &str, role: &str) -> PodSpec {

@@ -10,26 +10,13 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceQuota, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::Ingress;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use xpyd_e2e::{Etcd, Tools, Workdir, wait_until};
 use xpyd_operator::crd::DisaggDeployment;
 
-use common::{TIMEOUT, kubectl, namespace, object, plane_with_crd, spawn_controller, spec};
-
-async fn create(client: &Client, ns: &str, obj: Value) -> Api<DisaggDeployment> {
-    let api: Api<DisaggDeployment> = Api::namespaced(client.clone(), ns);
-    let name = obj["metadata"]["name"].as_str().unwrap().to_string();
-    api.patch(
-        &name,
-        &PatchParams::apply("kubectl-test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap();
-    api
-}
+use common::{TIMEOUT, apply, kubectl, namespace, object, plane_with_crd, spawn_controller, spec};
 
 async fn wait_for_dd(
     api: &Api<DisaggDeployment>,
@@ -87,7 +74,7 @@ async fn a_deployment_becomes_ready_scales_follows_settings_and_is_cleaned_up() 
     let etcd = Etcd::start(&tools, dir.path()).await.unwrap();
     let _controller = spawn_controller(&client, ns);
 
-    let api = create(&client, ns, object("llama", spec(&etcd.endpoint(), 2, 2))).await;
+    let api = apply(&client, ns, object("llama", spec(&etcd.endpoint(), 2, 2))).await;
     let dd = wait_for_dd(&api, "llama", "llama Ready", is_ready).await;
     let uid = dd.uid().unwrap();
     let status = dd.status.clone().unwrap();
@@ -377,7 +364,7 @@ async fn an_etcd_outage_degrades_the_deployment_until_etcd_returns() {
     let mut etcd = Etcd::start(&tools, dir.path()).await.unwrap();
     let _controller = spawn_controller(&client, ns);
 
-    let api = create(&client, ns, object("outage", spec(&etcd.endpoint(), 1, 1))).await;
+    let api = apply(&client, ns, object("outage", spec(&etcd.endpoint(), 1, 1))).await;
     wait_for_dd(&api, "outage", "outage Ready", is_ready).await;
 
     etcd.kill();
@@ -428,7 +415,7 @@ async fn aggregated_serving_runs_no_prefill_workers_and_ingress_follows_the_spec
     let mut s = spec(&etcd.endpoint(), 0, 1);
     s["frontend"] =
         json!({"ingress": {"enabled": true, "host": "llm.example.com", "tlsSecretName": "tls"}});
-    let api = create(&client, ns, object("agg", s)).await;
+    let api = apply(&client, ns, object("agg", s)).await;
     let dd = wait_for_dd(&api, "agg", "agg Ready", is_ready).await;
     assert_eq!(dd.status.unwrap().prefill_ready, "0/0");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
@@ -492,7 +479,7 @@ async fn a_refused_child_object_degrades_the_deployment_until_the_cause_is_gone(
     quotas.create(&PostParams::default(), &quota).await.unwrap();
     let _controller = spawn_controller(&client, ns);
 
-    let api = create(&client, ns, object("quota", spec(&etcd.endpoint(), 1, 1))).await;
+    let api = apply(&client, ns, object("quota", spec(&etcd.endpoint(), 1, 1))).await;
     let dd = wait_for_dd(&api, "quota", "Degraded with ApplyFailed", |dd| {
         condition(dd, "Degraded") == Some(("True".into(), "ApplyFailed".into()))
     })

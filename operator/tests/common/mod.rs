@@ -112,6 +112,21 @@ pub fn spec(etcd: &str, num_prefill: i32, num_decode: i32) -> Value {
 }
 
 /// A whole DisaggDeployment object.
+/// Server-side applies `obj` (a `DisaggDeployment` as `kubectl apply`
+/// would send it) in `ns`; the namespaced API, for reading it back.
+pub async fn apply(client: &Client, ns: &str, obj: Value) -> Api<DisaggDeployment> {
+    let api: Api<DisaggDeployment> = Api::namespaced(client.clone(), ns);
+    let name = obj["metadata"]["name"].as_str().unwrap().to_string();
+    api.patch(
+        &name,
+        &PatchParams::apply("kubectl-test").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap();
+    api
+}
+
 pub fn object(name: &str, spec: Value) -> Value {
     json!({
         "apiVersion": "xpyd.dev/v1alpha1",
