@@ -332,8 +332,8 @@ fn decode_side(spec: &PlannerSpec, s: &Signals) -> Side {
 /// One role's next replica count and why.
 fn role_target(bounds: Bounds, current: Replicas, needed: u32, window_max: u32) -> (u32, Reason) {
     let cur = current.desired;
-    let tolerance = (f64::from(cur) * TOLERANCE).max(0.0);
-    if f64::from(needed) > f64::from(cur) + tolerance && needed > cur {
+    let tolerance = f64::from(cur) * TOLERANCE;
+    if f64::from(needed) > f64::from(cur) + tolerance {
         if current.pending() > 0 {
             return (cur, Reason::Pending);
         }

@@ -259,12 +259,12 @@ impl PrefillWorker {
     }
 
     async fn process(&self, mut job: PrefillJob) {
-        let mut claimed_from = None;
+        let mut decoded = None;
         let end = match protocol::decode::<RemotePrefillRequest>("prefill job", &job.payload) {
             Err(e) => JobEnd::Failed(e.to_string()),
             Ok(request) => {
                 self.book().start(&request.request_id);
-                claimed_from = Some(request.clone());
+                decoded = Some(request.clone());
                 let work = self.serve(&request);
                 tokio::pin!(work);
                 let mut tick = tokio::time::interval(self.config.progress_interval);
@@ -281,7 +281,7 @@ impl PrefillWorker {
                 }
             }
         };
-        if let Some(request) = &claimed_from {
+        if let Some(request) = &decoded {
             // Tell the decode worker before it can ask (or wait): a failed
             // job falls back at once, a handed-back one frees its claim.
             match &end {
