@@ -27,7 +27,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::sync::watch;
 use xpyd_runtime::discovery::{Role, Scope};
 use xpyd_runtime::transfer;
-use xpyd_runtime::worker::{DecodeConfig, PrefillConfig};
+use xpyd_runtime::worker::{DecodeConfig, PrefillConfig, PrefillFault};
 
 use node::{EngineArgs, ModelArgs};
 use roles::{FrontendSpec, WorkerSpec};
@@ -278,7 +278,10 @@ async fn worker(role: Role, args: WorkerArgs) -> anyhow::Result<()> {
         devices,
         label_metrics: false,
         decode: args.disagg.decode_config(),
-        prefill: PrefillConfig::default(),
+        prefill: PrefillConfig {
+            fault: PrefillFault::from_env().map_err(anyhow::Error::msg)?,
+            ..PrefillConfig::default()
+        },
         grace: Duration::from_secs(pod.grace_seconds),
     };
     roles::run_worker(spec, cluster, registry, ready_tx, stop).await

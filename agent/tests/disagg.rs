@@ -136,6 +136,17 @@ impl Deployment {
     /// Start one agent and wait until it is ready; `extra` flags replace
     /// the defaults of the same name (`--bind-host`, `--grace-seconds`).
     async fn spawn(&mut self, role: &str, name: &str, extra: &[&str]) {
+        self.spawn_with_env(role, name, extra, &[]).await;
+    }
+
+    /// [`Deployment::spawn`] with `env` added to the agent's environment.
+    async fn spawn_with_env(
+        &mut self,
+        role: &str,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) {
         let metrics_port = free_port();
         let mut args: Vec<String> = [
             role,
@@ -179,7 +190,9 @@ impl Deployment {
             &agent_binary(),
             args,
             // Debug for the workers: a prefill worker logs each claim.
-            [("XPYD_LOG", "info,xpyd_runtime::worker=debug")],
+            [("XPYD_LOG", "info,xpyd_runtime::worker=debug")]
+                .into_iter()
+                .chain(env.iter().copied()),
             log,
         )
         .unwrap();
@@ -211,22 +224,40 @@ impl Deployment {
         unsafe { libc::kill(pid as i32, signal) };
     }
 
-    /// Whether agent `name`'s process has ended (exited, not yet reaped:
-    /// the harness reaps it).
-    fn exited(&self, name: &str) -> bool {
+    /// The state letter of agent `name`'s process (`R`, `S`, `T` for
+    /// stopped, `Z` for exited and not yet reaped), `None` once reaped.
+    fn process_state(&self, name: &str) -> Option<char> {
         let pid = self
             .agents
             .iter()
             .find(|a| a.name == name)
             .and_then(|a| a.process.pid())
             .unwrap_or_else(|| panic!("{name} was not started"));
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // The state follows the command name in parentheses.
-            Ok(stat) => stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-            Err(_) => true,
-        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The state follows the command name in parentheses.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+    }
+
+    /// Waits (60 s at most) until agent `name`'s process is stopped: an
+    /// injected `XPYD_TEST_FAULT` fired.
+    async fn await_stopped(&self, name: &str) {
+        wait_until(
+            &format!("{name} stops itself"),
+            Duration::from_secs(60),
+            || {
+                let state = self.process_state(name);
+                async move { Ok::<_, String>(state == Some('T')) }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.log_tails()));
+    }
+
+    /// Whether agent `name`'s process has ended (exited, not yet reaped:
+    /// the harness reaps it).
+    fn exited(&self, name: &str) -> bool {
+        matches!(self.process_state(name), None | Some('Z'))
     }
 
     /// How long after `since` agent `name` ends; fails after `limit`.
@@ -658,16 +689,24 @@ async fn a_prefill_worker_killed_mid_run_loses_no_request_and_leaks_no_block() {
 }
 
 /// The prefill worker that claims the (only) long prompt is hit by
-/// `fault` once it computes; the decode worker's remote-prefill deadline is
-/// 60 s. Returns the answer, how long it took, and the decode worker's
-/// fallbacks by reason.
+/// `fault` once it computes (or, with `stop_after_post`, once it stopped
+/// itself with its write in flight: `XPYD_TEST_FAULT=stop-after-post`);
+/// the decode worker's remote-prefill deadline is 60 s. Returns the
+/// answer and how long it took.
 async fn claimant_fault(
     name: &str,
     prefill_args: &[&str],
+    stop_after_post: bool,
     fault: impl FnOnce(&Deployment),
 ) -> (Deployment, (u16, Value), Duration) {
     let mut d = Deployment::start(name, 0, 1, 32, &["--remote-prefill-timeout-ms", "60000"]).await;
-    d.spawn("prefill", "prefill-0", prefill_args).await;
+    let env: &[(&str, &str)] = if stop_after_post {
+        &[("XPYD_TEST_FAULT", "stop-after-post")]
+    } else {
+        &[]
+    };
+    d.spawn_with_env("prefill", "prefill-0", prefill_args, env)
+        .await;
     let started = Instant::now();
     let system = long_prompt("Fault");
     let request = async {
@@ -675,17 +714,21 @@ async fn claimant_fault(
         (result, started.elapsed())
     };
     let drive = async {
-        let log_path = d.agent_ref("prefill-0").process.log_path().to_path_buf();
-        wait_until("prefill-0 claims the job", Duration::from_secs(30), || {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            async move {
-                Ok::<_, String>(
-                    log.contains("claimed; computing") || log.contains("prefill job failed"),
-                )
-            }
-        })
-        .await
-        .expect("prefill-0 claimed the job");
+        if stop_after_post {
+            d.await_stopped("prefill-0").await;
+        } else {
+            let log_path = d.agent_ref("prefill-0").process.log_path().to_path_buf();
+            wait_until("prefill-0 claims the job", Duration::from_secs(30), || {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                async move {
+                    Ok::<_, String>(
+                        log.contains("claimed; computing") || log.contains("prefill job failed"),
+                    )
+                }
+            })
+            .await
+            .expect("prefill-0 claimed the job");
+        }
         fault(&d);
     };
     let ((result, took), ()) = tokio::join!(request, drive);
@@ -743,13 +786,140 @@ async fn assert_fell_back_at_once(
 
 #[tokio::test]
 async fn a_prefill_worker_killed_after_claiming_costs_detection_time_not_the_deadline() {
-    let (d, result, took) = claimant_fault("fault-kill", &[], |d| {
+    let (d, result, took) = claimant_fault("fault-kill", &[], false, |d| {
         d.signal("prefill-0", libc::SIGKILL);
     })
     .await;
     eprintln!("answered {took:?} after the request; prefill-0 SIGKILLed mid-job");
     // Noticed through the bus (nobody serves the claimant's subject).
     assert_fell_back_at_once(&d, &result, took, "prefill_gone").await;
+}
+
+/// Fault 1 of the KV handoff: the prefill worker dies with its write
+/// posted (it stopped itself right after posting it, then is SIGKILLed).
+/// On one host UCX may move all the bytes within the post (shared memory),
+/// so the write has either landed whole, notification included, or been
+/// cut; either way the answer is right, nobody waits for the deadline, and
+/// every block comes back.
+#[tokio::test]
+async fn a_prefill_worker_killed_during_its_write_costs_detection_time_and_leaks_no_block() {
+    let (d, (status, body), took) = claimant_fault("kill-mid-write", &[], true, |d| {
+        d.signal("prefill-0", libc::SIGKILL);
+    })
+    .await;
+    let landed = d
+        .metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"remote\"",
+        )
+        .await;
+    let gone = fallbacks(&d, "prefill_gone").await;
+    eprintln!(
+        "answered {took:?} after the request; prefill-0 SIGKILLed after posting its write \
+         (write landed: {landed}, fell back: {gone})"
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
+    assert_eq!(landed + gone, 1.0, "{}", d.log_tails());
+    assert_eq!(fallbacks(&d, "timeout").await, 0.0);
+    assert!(
+        took < Duration::from_secs(60),
+        "ran to the deadline: {took:?}"
+    );
+    assert_pool_full(&d, "decode-0").await;
+}
+
+/// Fault 2 of the KV handoff: the decode worker dies while the prefill
+/// worker is about to write into it (stopped just before the write, then
+/// continued once the decode worker is SIGKILLed). The write to the dead
+/// peer fails, the job ends once (it is not redelivered and retried in a
+/// loop), the prefill worker serves on, and the client's request, which
+/// had no token yet, is retried on the other decode worker.
+#[tokio::test]
+async fn a_decode_worker_killed_before_the_write_ends_the_job_once_and_the_request_moves() {
+    let mut d = Deployment::start(
+        "kill-decode-mid-write",
+        0,
+        2,
+        32,
+        &["--remote-prefill-timeout-ms", "20000"],
+    )
+    .await;
+    d.spawn_with_env(
+        "prefill",
+        "prefill-0",
+        &[],
+        &[("XPYD_TEST_FAULT", "stop-before-write")],
+    )
+    .await;
+    let started = Instant::now();
+    let request = async {
+        let result = d.chat(&long_prompt("Victim"), FRANCE, 8).await;
+        (result, started.elapsed())
+    };
+    let drive = async {
+        d.await_stopped("prefill-0").await;
+        let mut victim = None;
+        for name in ["decode-0", "decode-1"] {
+            let (total, free) = d.blocks(name).await.unwrap();
+            if free < total {
+                victim = Some(name);
+            }
+        }
+        let victim = victim.expect("a decode worker holds the prompt's blocks");
+        d.signal(victim, libc::SIGKILL);
+        d.signal("prefill-0", libc::SIGCONT);
+        victim
+    };
+    let (((status, body), took), victim) = tokio::join!(request, drive);
+    eprintln!("answered {took:?} after the request; {victim} SIGKILLed before the write");
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
+    // The job ended once, within its deadline, whatever the write did.
+    let jobs = || d.metric("prefill-0", "xpyd_prefill_jobs_total", "");
+    wait_until(
+        "prefill-0 ends the job",
+        Duration::from_secs(30),
+        || async { Ok::<_, String>(jobs().await >= 1.0) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", d.log_tails()));
+    let survivor = if victim == "decode-0" {
+        "decode-1"
+    } else {
+        "decode-0"
+    };
+    // Not retried in a loop: the count holds while the queue would have
+    // redelivered an unacknowledged job.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let failed = d
+        .metric("prefill-0", "xpyd_prefill_jobs_total", "result=\"failed\"")
+        .await;
+    assert_eq!(
+        failed,
+        1.0,
+        "the write to the dead peer failed: {}",
+        d.log_tails()
+    );
+    let survivor_remote = d
+        .metric(
+            survivor,
+            "xpyd_decode_prefills_total",
+            "location=\"remote\"",
+        )
+        .await;
+    assert_eq!(
+        jobs().await,
+        1.0 + survivor_remote,
+        "each job ended once: {}",
+        d.log_tails()
+    );
+    // The prefill worker serves on.
+    let (status, body) = d.chat(&long_prompt("After"), FRANCE, 8).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
+    assert_pool_full(&d, survivor).await;
 }
 
 #[tokio::test]
@@ -760,6 +930,7 @@ async fn a_prefill_job_that_fails_is_reported_and_decode_falls_back_at_once() {
     let (d, result, took) = claimant_fault(
         "fault-fail",
         &["--max-model-len", "256", "--num-blocks", "64"],
+        false,
         |_| {},
     )
     .await;
@@ -1277,4 +1448,108 @@ async fn a_draining_decode_worker_whose_remote_prefill_nobody_claims_prefills_it
     let (mut d, result, answered_after, exit_after) =
         sigterm_decode_awaiting_a_stopped_prefill("drain-decode-unclaimed", None).await;
     assert_drained_within_grace(&mut d, &result, answered_after, exit_after).await;
+}
+
+/// Fault 3 of the KV handoff, the late writer. The prefill worker claims a
+/// long prompt, computes it, passes its deadline check and stops (SIGSTOP,
+/// injected at exactly that instant with `XPYD_TEST_FAULT`) just before it
+/// posts its write; it stays stopped past the decode worker's deadline, so
+/// the request is prefilled locally, and short requests run meanwhile.
+/// Then it continues and writes, late. Its blocks must have been held out
+/// of use (fenced) the whole time, so every answer is right, and they come
+/// back once the write ended.
+#[tokio::test]
+async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks() {
+    // Long prompts (about 400 tokens) go remote, short ones stay local.
+    let mut d = Deployment::start(
+        "late-writer",
+        0,
+        1,
+        32,
+        &[
+            // Room for seconds of prefill on busy CPUs before the stop.
+            "--remote-prefill-timeout-ms",
+            "20000",
+            "--max-local-prefill-length",
+            "200",
+        ],
+    )
+    .await;
+    d.spawn_with_env(
+        "prefill",
+        "prefill-0",
+        &[],
+        &[("XPYD_TEST_FAULT", "stop-before-write")],
+    )
+    .await;
+    let italy = "Name the capital of Italy.";
+    let (status, reference) = d.chat("You are brief.", italy, 24).await;
+    assert_eq!(status, 200, "{reference}");
+    let reference = answer(&reference);
+    assert!(reference.contains("Rome"), "{reference}");
+
+    let started = Instant::now();
+    let system = long_prompt("Late");
+    let late = async {
+        let result = d.chat(&system, FRANCE, 12).await;
+        (result, started.elapsed())
+    };
+    let stopped = d.await_stopped("prefill-0");
+    let (((status, body), took), ()) = tokio::join!(late, stopped);
+    eprintln!("answered {took:?} after the request, the claimant stopped before its write");
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
+    assert_eq!(fallbacks(&d, "timeout").await, 1.0, "{}", d.log_tails());
+    assert_eq!(d.process_state("prefill-0"), Some('T'), "still stopped");
+    // The claimant may still write: its blocks are out of use.
+    let fenced = d
+        .metric("decode-0", "xpyd_engine_kv_blocks_fenced", "")
+        .await;
+    assert!(
+        fenced >= 20.0,
+        "{fenced} blocks fenced; logs:\n{}",
+        d.log_tails()
+    );
+    // Requests served while the writer is stopped, and while it writes.
+    let meanwhile = join_all((0..4).map(|_| d.chat("You are brief.", italy, 24))).await;
+    d.signal("prefill-0", libc::SIGCONT);
+    let after = join_all((0..4).map(|_| d.chat("You are brief.", italy, 24))).await;
+    for (status, body) in meanwhile.iter().chain(&after) {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(answer(body), reference, "{body}");
+    }
+    // The late write ended (landed or was cut at its deadline): the
+    // fenced blocks come back and the pool is whole again.
+    let (http, port) = (d.http.clone(), d.agent_ref("decode-0").metrics_port);
+    wait_until("the fence is released", Duration::from_secs(30), || {
+        let req = http.get(format!("http://127.0.0.1:{port}/metrics")).send();
+        async move {
+            let text = req.await?.text().await?;
+            Ok::<_, reqwest::Error>(sum_samples(&text, "xpyd_engine_kv_blocks_fenced", "") == 0.0)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", d.log_tails()));
+    assert_pool_full(&d, "decode-0").await;
+    let log = std::fs::read_to_string(d.agent_ref("decode-0").process.log_path()).unwrap();
+    assert!(
+        log.contains("fenced KV blocks released"),
+        "{}",
+        d.log_tails()
+    );
+    // The writer is healthy again and serves the next long prompt remotely.
+    let (status, body) = d.chat(&long_prompt("Again"), FRANCE, 12).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
+    assert_eq!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"remote\""
+        )
+        .await,
+        1.0,
+        "{}",
+        d.log_tails()
+    );
 }

@@ -55,6 +55,7 @@ pub struct WorkerMetrics {
     pub prefill_jobs: IntCounterVec,
     pub kv_blocks: IntGauge,
     pub kv_blocks_free: IntGauge,
+    pub kv_blocks_fenced: IntGauge,
     pub running: IntGauge,
     pub waiting: IntGauge,
     pub instances: IntGaugeVec,
@@ -154,6 +155,11 @@ impl WorkerMetrics {
                 "xpyd_engine_kv_blocks_free",
                 "KV cache blocks free for new work (including reusable cached ones).",
             )?,
+            kv_blocks_fenced: gauge(
+                "xpyd_engine_kv_blocks_fenced",
+                "KV blocks held out of use because the writer of a given-up remote prefill \
+                 may still write into them (released once it provably stopped).",
+            )?,
             running: gauge(
                 "xpyd_engine_running_requests",
                 "Requests the engine is running.",
@@ -171,6 +177,7 @@ impl WorkerMetrics {
         self.kv_blocks.set(stats.total_blocks as i64);
         self.kv_blocks_free
             .set((stats.free_blocks + stats.cached_free_blocks) as i64);
+        self.kv_blocks_fenced.set(stats.fenced_blocks as i64);
         self.running.set(stats.running as i64);
         self.waiting.set(stats.waiting as i64);
     }

@@ -27,6 +27,11 @@
 //! For a remote prefill, [`BlockPool::begin_transfer`] pins the blocks the
 //! prefill worker will write; [`BlockPool::complete_transfer`] commits them as
 //! if computed here and [`BlockPool::cancel_transfer`] gives them all back.
+//! When the writer may still be writing (its deadline passed, but nothing
+//! proves it stopped), [`BlockPool::fence_transfer`] ends the sequence but
+//! keeps its pinned blocks out of the pool, owned by a [`FenceId`] and by
+//! no sequence, until [`BlockPool::release_fence`]: a late write then lands
+//! in memory no other request reads.
 //!
 //! # Prefix hash
 //!
@@ -43,6 +48,11 @@ pub use xpyd_api::kv::{KvEvent, KvEventData, PrefixHash, TokenId, prefix_hashes}
 
 /// Index of one KV block in the memory `kv_storage` owns.
 pub type BlockId = u32;
+
+/// Blocks a late remote write may still land in, held by no sequence
+/// ([`BlockPool::fence_transfer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FenceId(pub u64);
 
 /// The caller's name for a sequence (one per request, or per choice when a
 /// request asks for several).
@@ -113,6 +123,8 @@ pub enum BlockPoolError {
     },
     #[error("{0} sequences still hold blocks; the prefix cache can only be reset when none do")]
     SequencesActive(usize),
+    #[error("no fence {0:?}")]
+    UnknownFence(FenceId),
 }
 
 /// Largest block size accepted; keeps `block_size` representable in events
@@ -160,6 +172,9 @@ pub struct BlockPool {
     sequences: HashMap<SequenceId, SequenceBlocks>,
     /// Blocks with `in_transfer` set, kept as a count for cheap metrics.
     in_transfer: usize,
+    /// Pinned blocks of ended sequences a late write may still reach.
+    fences: HashMap<FenceId, Vec<BlockId>>,
+    next_fence: u64,
     events: Option<UnboundedSender<KvEvent>>,
     next_event_id: u64,
     counters: BlockPoolCounters,
@@ -185,6 +200,8 @@ impl BlockPool {
             index: HashMap::new(),
             sequences: HashMap::new(),
             in_transfer: 0,
+            fences: HashMap::new(),
+            next_fence: 0,
             events: None,
             next_event_id: 0,
             counters: BlockPoolCounters::default(),
@@ -235,6 +252,11 @@ impl BlockPool {
     /// Blocks pinned by a remote prefill in flight.
     pub fn in_transfer_blocks(&self) -> usize {
         self.in_transfer
+    }
+
+    /// Blocks held by fences ([`BlockPool::fence_transfer`]).
+    pub fn fenced_blocks(&self) -> usize {
+        self.fences.values().map(Vec::len).sum()
     }
 
     /// Whether `n` fresh blocks could be taken now.
@@ -464,6 +486,55 @@ impl BlockPool {
         Ok(())
     }
 
+    /// The remote prefill of `seq` is given up, but its writer may still
+    /// be writing (nothing proves it stopped): forget `seq` as
+    /// [`BlockPool::cancel_transfer`] does, except that its pinned blocks
+    /// stay pinned, held by the returned fence and by nobody else, until
+    /// [`BlockPool::release_fence`]. A fallback to local prefill allocates
+    /// other blocks.
+    pub fn fence_transfer(&mut self, seq: SequenceId) -> Result<FenceId, BlockPoolError> {
+        let state = self
+            .sequences
+            .get(&seq)
+            .ok_or(BlockPoolError::UnknownSequence(seq))?;
+        if !state.transfer_in_flight {
+            return Err(BlockPoolError::NoTransferInFlight(seq));
+        }
+        let Some(state) = self.sequences.remove(&seq) else {
+            return Err(BlockPoolError::UnknownSequence(seq));
+        };
+        let mut fenced = Vec::new();
+        for &block in state.block_table.iter().rev() {
+            if self.blocks[block as usize].in_transfer {
+                // Keeps its one reference: owned by the fence now.
+                fenced.push(block);
+            } else {
+                self.release(block);
+            }
+        }
+        fenced.reverse();
+        let fence = FenceId(self.next_fence);
+        self.next_fence += 1;
+        self.fences.insert(fence, fenced);
+        Ok(fence)
+    }
+
+    /// Nothing more can be written into the blocks of `fence`: they are
+    /// free again. Returns how many.
+    pub fn release_fence(&mut self, fence: FenceId) -> Result<usize, BlockPoolError> {
+        let blocks = self
+            .fences
+            .remove(&fence)
+            .ok_or(BlockPoolError::UnknownFence(fence))?;
+        for &block in blocks.iter().rev() {
+            let state = &mut self.blocks[block as usize];
+            state.in_transfer = false;
+            self.in_transfer -= 1;
+            self.release(block);
+        }
+        Ok(blocks.len())
+    }
+
     /// Empty the prefix index (for example after loading new weights). Only
     /// allowed while no sequence holds blocks, so no shared block can lose
     /// its hash under a reader.
@@ -685,6 +756,15 @@ impl BlockPool {
             assert_eq!(state.chain.len(), state.num_computed / self.block_size);
             for &block in &state.block_table {
                 refs[block as usize] += 1;
+            }
+        }
+        for blocks in self.fences.values() {
+            for &block in blocks {
+                refs[block as usize] += 1;
+                assert!(
+                    self.blocks[block as usize].in_transfer,
+                    "fenced block {block} unpinned"
+                );
             }
         }
         let mut in_free = vec![false; self.blocks.len()];
@@ -1131,6 +1211,59 @@ mod tests {
             Err(BlockPoolError::UnknownSequence(S1))
         );
         pool.check_invariants();
+    }
+
+    #[test]
+    fn fenced_blocks_stay_out_of_the_pool_until_released() {
+        let (mut pool, mut rx) = pool_with_events(8, 4);
+        // A cached 4-token head, then a remote prefill of the rest.
+        let head = tokens(0..4);
+        pool.allocate_prompt(S1, &head).expect("fits");
+        pool.mark_computed(S1, 4).expect("computed");
+        pool.free_sequence(S1).expect("free");
+        let prompt = tokens(0..14);
+        let hit = pool.allocate_prompt(S2, &prompt).expect("fits");
+        assert_eq!(hit.tokens, 4);
+        let pinned = pool.begin_transfer(S2).expect("begin");
+        assert_eq!(pinned.len(), 3);
+        let fence = pool.fence_transfer(S2).expect("fence");
+        assert!(!pool.contains(S2));
+        assert_eq!(pool.fenced_blocks(), 3);
+        assert_eq!(pool.in_transfer_blocks(), 3);
+        // The cached head went back to the cache; the fenced ones did not.
+        assert_eq!(pool.available_blocks(), 5);
+        pool.check_invariants();
+        // The same request again (a local fallback) gets other blocks.
+        pool.allocate_prompt(S2, &prompt).expect("fits");
+        assert!(
+            pool.block_table(S2)
+                .expect("s2")
+                .iter()
+                .all(|b| !pinned.contains(b))
+        );
+        // Under pressure nobody can take them either.
+        assert!(matches!(
+            pool.allocate_prompt(S3, &tokens(50..62)),
+            Err(BlockPoolError::OutOfBlocks { .. })
+        ));
+        pool.check_invariants();
+        assert_eq!(pool.release_fence(fence), Ok(3));
+        assert_eq!(
+            pool.release_fence(fence),
+            Err(BlockPoolError::UnknownFence(fence))
+        );
+        assert_eq!(pool.fenced_blocks(), 0);
+        assert_eq!(pool.in_transfer_blocks(), 0);
+        pool.allocate_prompt(S3, &tokens(50..62)).expect("fits now");
+        pool.check_invariants();
+        let stored = drain(&mut rx)
+            .into_iter()
+            .filter(|e| matches!(e, KvEventData::Stored { .. }))
+            .count();
+        assert_eq!(
+            stored, 1,
+            "only the head was announced, never a fenced block"
+        );
     }
 
     #[test]

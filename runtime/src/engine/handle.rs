@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::block_pool::{BlockId, TokenId};
+use super::block_pool::{BlockId, FenceId, TokenId};
 use super::kv_storage::KvStorage;
 use super::runner::{Command, EngineConfig, EngineError, EngineStats, OutputItem, Request};
 use super::sampling::Sampler;
@@ -324,6 +324,21 @@ impl EngineHandle {
     pub fn cancel_remote_prefill(&self, id: &str) -> EngineCall<()> {
         let id = id.to_string();
         self.call_with(move |reply| Command::CancelRemote { id, reply })
+    }
+
+    /// The remote prefill of `id` is given up but its writer may still be
+    /// writing: its blocks stay out of use under the returned fence until
+    /// [`EngineHandle::release_fence`], and it is prefilled locally in other
+    /// blocks.
+    pub fn fence_remote_prefill(&self, id: &str) -> EngineCall<FenceId> {
+        let id = id.to_string();
+        self.call_with(move |reply| Command::FenceRemote { id, reply })
+    }
+
+    /// Nothing more can be written into the blocks of `fence`: they go back
+    /// to the pool.
+    pub fn release_fence(&self, fence: FenceId) -> Result<(), EngineError> {
+        self.send(Command::ReleaseFence { fence })
     }
 
     /// The block ids of live or held request `id`, in token order.

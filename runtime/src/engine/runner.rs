@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tracing::Span;
 
-use super::block_pool::{BlockId, BlockPool, KvEvent, SequenceId, TokenId};
+use super::block_pool::{BlockId, BlockPool, FenceId, KvEvent, SequenceId, TokenId};
 use super::kv_storage::KvStorage;
 use super::model::{LogitsFor, Model, SequenceInput};
 use super::sampling::{FinishReason, Sampler, SamplingParams, SamplingParamsError};
@@ -105,6 +105,9 @@ pub struct EngineStats {
     pub transferring: usize,
     /// Finished prefill-side requests whose KV is kept for a transfer.
     pub held: usize,
+    /// Blocks held out of the pool because a given-up remote prefill's
+    /// writer may still write into them.
+    pub fenced_blocks: usize,
     pub preemptions: u64,
     /// Forward steps run since start.
     pub steps: u64,
@@ -220,6 +223,13 @@ pub(super) enum Command {
     CancelRemote {
         id: String,
         reply: Reply<()>,
+    },
+    FenceRemote {
+        id: String,
+        reply: Reply<FenceId>,
+    },
+    ReleaseFence {
+        fence: FenceId,
     },
     Cancel {
         id: String,
@@ -404,6 +414,7 @@ impl Worker {
             waiting: self.scheduler.num_waiting(),
             transferring: self.scheduler.num_transferring(),
             held: self.scheduler.num_held(),
+            fenced_blocks: pool.fenced_blocks(),
             preemptions: self.scheduler.num_preemptions(),
             steps: self.steps,
         };
@@ -509,6 +520,17 @@ impl Worker {
                 };
                 reply.send(result);
             }
+            Command::FenceRemote { id, reply } => {
+                let result = match self.ids.get(&id) {
+                    Some(&seq) => self.scheduler.fence_remote(seq).map_err(EngineError::from),
+                    None => Err(EngineError::UnknownRequest(id)),
+                };
+                reply.send(result);
+            }
+            Command::ReleaseFence { fence } => match self.scheduler.release_fence(fence) {
+                Ok(blocks) => tracing::debug!(?fence, blocks, "fence released"),
+                Err(e) => tracing::warn!(?fence, "releasing a fence failed: {e}"),
+            },
             Command::Cancel { id } => {
                 let Some(&seq) = self.ids.get(&id) else {
                     return true;

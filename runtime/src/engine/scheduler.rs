@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::block_pool::{BlockId, BlockPool, BlockPoolError, SequenceId, TokenId};
+use super::block_pool::{BlockId, BlockPool, BlockPoolError, FenceId, SequenceId, TokenId};
 
 /// Limits of the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,6 +411,27 @@ impl Scheduler {
     pub fn cancel_remote(&mut self, seq: SequenceId) -> Result<(), SchedulerError> {
         self.expect_state(seq, SeqState::Transferring)?;
         self.pool.cancel_transfer(seq)?;
+        self.requeue_local(seq)
+    }
+
+    /// The remote prefill of `seq` is given up, but its writer may still be
+    /// writing: its blocks stay out of the pool under the returned fence
+    /// (until [`Scheduler::release_fence`]) and `seq` is queued for local
+    /// prefill into other blocks.
+    pub fn fence_remote(&mut self, seq: SequenceId) -> Result<FenceId, SchedulerError> {
+        self.expect_state(seq, SeqState::Transferring)?;
+        let fence = self.pool.fence_transfer(seq)?;
+        self.requeue_local(seq)?;
+        Ok(fence)
+    }
+
+    /// Nothing more can be written into the blocks of `fence`: free them.
+    pub fn release_fence(&mut self, fence: FenceId) -> Result<usize, SchedulerError> {
+        Ok(self.pool.release_fence(fence)?)
+    }
+
+    /// `seq`, whose blocks the pool no longer holds, waits for a local prefill.
+    fn requeue_local(&mut self, seq: SequenceId) -> Result<(), SchedulerError> {
         let s = self
             .seqs
             .get_mut(&seq)

@@ -10,17 +10,22 @@
 //! transfer failed) is prefilled locally: a request never waits forever.
 //!
 //! Block safety: only the prefill worker that claimed a request
-//! ([`DecodeMessage::Claim`]) may write into its blocks, claims are refused
-//! once the deadline is near, and a claimed request's blocks are reused
-//! only once one of these holds: its KV arrived (the notification); the
+//! ([`DecodeMessage::Claim`]) may write into its blocks, and claims are
+//! refused once the deadline is near. The request stops waiting (and is
+//! prefilled locally at once) when its KV arrived (the notification), the
 //! claimant said it gives the job up ([`DecodeMessage::Abandon`]: it
-//! failed, and wrote nothing more); the claimant is gone (the bus finds
+//! failed, and wrote nothing more), the claimant is gone (the bus finds
 //! nobody serving its subject when asked for [`PrefillMessage::Status`],
-//! every [`DecodeConfig::claimant_check_interval`]); or a grace period
-//! after the deadline passed (the claimant's time was counted from its
-//! claim on its own clock, so it never posts after our deadline, and its
-//! transfer expires with it). A claimant that fails or dies thus costs the
-//! request the detection time and a local prefill, not the deadline.
+//! every [`DecodeConfig::claimant_check_interval`]), or the deadline
+//! passed. In the last case (and when the client left or the worker
+//! drains) the claimant may still be writing: a stopped process resumed,
+//! a write posted just before the deadline. Those blocks are then *fenced*:
+//! held by no request and out of the pool, while the local prefill takes
+//! other blocks, until the claimant provably stopped (its late
+//! notification arrived, it reports the job over, or it is gone). So a late
+//! write lands only in memory no request reads, whatever the clocks say;
+//! the claimant's time is counted from its claim on its own clock anyway,
+//! so it does not post after our deadline unless it is stalled.
 //!
 //! Drain (after `shutdown`, which deregisters the worker first): new
 //! generate requests are turned away as unavailable (the frontend tries
@@ -44,6 +49,7 @@ use super::plan::{Fallback, PrefillFacts, PrefillStep, prefill_step};
 use super::{InFlight, WorkerParts};
 use crate::bus::{BusError, IncomingRequest, RequestStream, Responder};
 use crate::discovery::{Role, RouterSettings};
+use crate::engine::block_pool::FenceId;
 use crate::engine::runner::{EngineError, EngineErrorKind, OutputItem, Request};
 use crate::sync::lock;
 use crate::transfer::ReceivedNotification;
@@ -59,10 +65,6 @@ use xpyd_api::messages::{
 pub struct DecodeConfig {
     /// How long to wait for a remote prefill's KV before prefilling locally.
     pub remote_prefill_timeout: Duration,
-    /// After the deadline of a claimed remote prefill, how long before its
-    /// blocks are given back (a write posted just before the deadline may
-    /// still be landing).
-    pub transfer_grace: Duration,
     /// Claims arriving closer than this to the deadline are refused.
     pub claim_margin: Duration,
     /// Deadline of a prefill-queue depth query.
@@ -81,7 +83,6 @@ impl Default for DecodeConfig {
     fn default() -> Self {
         DecodeConfig {
             remote_prefill_timeout: Duration::from_secs(30),
-            transfer_grace: Duration::from_secs(2),
             claim_margin: Duration::from_millis(500),
             queue_query_timeout: Duration::from_secs(1),
             max_local_prefill_length: None,
@@ -534,7 +535,15 @@ impl DecodeWorker {
             }
         };
         let pending = lock(&self.inner.pending).remove(&id);
-        self.inner.hub.forget(&id);
+        // Who may still write into the blocks: the claimant, unless it gave
+        // the job up or is gone.
+        let writer = match outcome {
+            Err("prefill_failed" | "prefill_gone") | Ok(_) => None,
+            Err(_) => pending.and_then(|p| p.claimed_by),
+        };
+        if writer.is_none() {
+            self.inner.hub.forget(&id);
+        }
         match outcome {
             Ok(n) => {
                 metrics
@@ -555,19 +564,78 @@ impl DecodeWorker {
                 }
             }
             Err(reason) => {
-                // A claimant that gave up or is gone writes nothing more;
-                // one that may still be writing has until the deadline.
-                let may_write = !matches!(reason, "prefill_failed" | "prefill_gone");
-                if may_write && pending.as_ref().is_some_and(|p| p.claimed_by.is_some()) {
-                    tokio::time::sleep(self.inner.config.transfer_grace).await;
-                }
                 tracing::info!(request_id = %id, reason, "no remote KV; prefilling locally");
                 metrics.fallbacks.with_label_values(&[reason]).inc();
                 metrics.prefills.with_label_values(&["local"]).inc();
-                if let Err(e) = parts.engine.cancel_remote_prefill(&id).await {
-                    tracing::warn!(request_id = %id, "releasing the remote reservation failed: {e}");
+                let Some(writer) = writer else {
+                    if let Err(e) = parts.engine.cancel_remote_prefill(&id).await {
+                        tracing::warn!(request_id = %id, "releasing the remote reservation failed: {e}");
+                    }
+                    return;
+                };
+                // The claimant may still be writing (late, stopped, slow):
+                // its blocks stay fenced until it provably stopped, and the
+                // local prefill takes other blocks, now.
+                match parts.engine.fence_remote_prefill(&id).await {
+                    Ok(fence) => {
+                        let (worker, id) = (self.clone(), id.clone());
+                        tokio::spawn(async move {
+                            worker
+                                .release_when_stopped(id, writer, fence, notified)
+                                .await
+                        });
+                    }
+                    Err(e) => {
+                        self.inner.hub.forget(&id);
+                        tracing::warn!(request_id = %id, "fencing the remote reservation failed: {e}");
+                    }
                 }
             }
+        }
+    }
+
+    /// Give back the blocks of `fence` (remote prefill `id`, claimed by
+    /// `writer`) once nothing more can be written into them: the write's
+    /// notification arrived (it ended), or `writer` says the job is over
+    /// (finished, or unknown twice in a row), or nobody serves its subject
+    /// any more (the process is gone). A writer that answers nothing (for
+    /// example stopped) keeps the blocks fenced until one of these holds;
+    /// the bus drops a stopped client's subscriptions after its ping
+    /// timeout, so the hold is bounded by that.
+    async fn release_when_stopped(
+        &self,
+        id: String,
+        writer: String,
+        fence: FenceId,
+        notified: oneshot::Receiver<ReceivedNotification>,
+    ) {
+        let interval = self.inner.config.claimant_check_interval;
+        let held = Instant::now();
+        let poll_writer = async {
+            let mut unknown = 0;
+            loop {
+                tokio::time::sleep(interval).await;
+                match self.job_status(&writer, &id, interval).await {
+                    Err(BusError::NoResponders(_)) => return "the writer is gone",
+                    Ok(JobStatus::Finished) => return "the writer finished the job",
+                    Ok(JobStatus::Unknown) => {
+                        unknown += 1;
+                        if unknown >= 2 {
+                            return "the writer does not know the job";
+                        }
+                    }
+                    Ok(JobStatus::Working) | Err(_) => unknown = 0,
+                }
+            }
+        };
+        let why = tokio::select! {
+            Ok(_) = notified => "the late write landed",
+            why = poll_writer => why,
+        };
+        self.inner.hub.forget(&id);
+        tracing::info!(request_id = %id, %writer, held = ?held.elapsed(), why, "fenced KV blocks released");
+        if let Err(e) = self.inner.parts.engine.release_fence(fence) {
+            tracing::warn!(request_id = %id, "releasing fenced blocks failed: {e}");
         }
     }
 

@@ -31,7 +31,7 @@ use crate::transfer::TransferAgent;
 pub use decode::{DecodeConfig, DecodeWorker};
 pub use kv_publisher::publish_kv_events;
 
-pub use prefill::{PrefillConfig, PrefillWorker};
+pub use prefill::{PrefillConfig, PrefillFault, PrefillWorker};
 
 /// What both worker roles are built from.
 #[derive(Clone)]

@@ -53,6 +53,40 @@ pub struct PrefillConfig {
     pub claim_timeout: Duration,
     /// How often a job in progress tells the queue it is alive.
     pub progress_interval: Duration,
+    /// A fault to inject, for tests only ([`PrefillFault::from_env`]).
+    pub fault: Option<PrefillFault>,
+}
+
+/// A fault a test injects into a prefill worker, at an instant no signal
+/// from outside can hit reliably. Set with `XPYD_TEST_FAULT`; never in
+/// production (the worker logs a warning at startup when one is set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillFault {
+    /// `stop-before-write`: the first job that passed its deadline check
+    /// stops the whole process (SIGSTOP) just before it posts its write,
+    /// as a stall (a pause, a swapped-out page, a descheduled VM) there
+    /// would; whoever sends SIGCONT makes it a late writer.
+    StopBeforeWrite,
+    /// `stop-after-post`: the first job stops the process right after it
+    /// posted its write, with the write in flight: a test then kills this
+    /// worker, or its decode worker, mid-write.
+    StopAfterPost,
+}
+
+impl PrefillFault {
+    /// The fault named by `XPYD_TEST_FAULT`, if any; an unknown name is an
+    /// error naming the ones there are.
+    pub fn from_env() -> Result<Option<PrefillFault>, String> {
+        match std::env::var("XPYD_TEST_FAULT").as_deref() {
+            Err(_) | Ok("") => Ok(None),
+            Ok("stop-before-write") => Ok(Some(PrefillFault::StopBeforeWrite)),
+            Ok("stop-after-post") => Ok(Some(PrefillFault::StopAfterPost)),
+            Ok(other) => Err(format!(
+                "XPYD_TEST_FAULT={other:?} is not a fault this worker knows \
+                 (stop-before-write, stop-after-post)"
+            )),
+        }
+    }
 }
 
 impl Default for PrefillConfig {
@@ -61,6 +95,7 @@ impl Default for PrefillConfig {
             max_concurrent: 4,
             claim_timeout: Duration::from_secs(5),
             progress_interval: Duration::from_secs(2),
+            fault: None,
         }
     }
 }
@@ -130,11 +165,17 @@ pub struct PrefillWorker {
     /// Turns true when jobs still computing must be handed back.
     handback: Arc<watch::Sender<bool>>,
     jobs: Arc<Mutex<JobBook>>,
+    /// Set once the injected fault fired (it fires once).
+    fault_fired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PrefillWorker {
     pub fn new(parts: WorkerParts, config: PrefillConfig) -> PrefillWorker {
+        if let Some(fault) = config.fault {
+            tracing::warn!(?fault, "a test fault is injected into this prefill worker");
+        }
         PrefillWorker {
+            fault_fired: Arc::default(),
             parts,
             config,
             handback: Arc::new(watch::Sender::new(false)),
@@ -479,6 +520,23 @@ impl PrefillWorker {
         }
     }
 
+    /// Stop this process (SIGSTOP) if `fault` is the injected test fault
+    /// and it has not fired yet (see [`PrefillFault`]).
+    fn inject(&self, fault: PrefillFault, request_id: &str) {
+        if self.config.fault != Some(fault)
+            || self
+                .fault_fired
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        tracing::warn!(%request_id, ?fault, "test fault: stopping this process");
+        // SAFETY: raising a signal in our own process; SIGSTOP stops every
+        // thread until a SIGCONT, and touches no memory.
+        unsafe { libc::raise(libc::SIGSTOP) };
+        tracing::warn!(%request_id, ?fault, "test fault: continued");
+    }
+
     /// Prefill the prompt and sample its first token; the KV stays held.
     async fn first_token(
         &self,
@@ -552,6 +610,7 @@ impl PrefillWorker {
         if Instant::now() >= deadline {
             return JobEnd::Expired;
         }
+        self.inject(PrefillFault::StopBeforeWrite, &request.request_id);
         let notification = TransferNotification {
             request_id: request.request_id.clone(),
             first_token,
@@ -573,6 +632,7 @@ impl PrefillWorker {
                 return JobEnd::Failed(e.to_string());
             }
         };
+        self.inject(PrefillFault::StopAfterPost, &request.request_id);
         match handle.wait_async().await {
             Ok(report) => {
                 metrics
