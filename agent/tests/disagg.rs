@@ -1501,15 +1501,33 @@ async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks
     assert!(answer(&body).contains("Paris"), "{body}");
     assert_eq!(fallbacks(&d, "timeout").await, 1.0, "{}", d.log_tails());
     assert_eq!(d.process_state("prefill-0"), Some('T'), "still stopped");
-    // The claimant may still write: its blocks are out of use.
-    let fenced = d
-        .metric("decode-0", "xpyd_engine_kv_blocks_fenced", "")
-        .await;
-    assert!(
-        fenced >= 20.0,
-        "{fenced} blocks fenced; logs:\n{}",
-        d.log_tails()
-    );
+    // The claimant may still write: its blocks are out of use (the gauge
+    // is refreshed every second).
+    let decode_port = d.agent_ref("decode-0").metrics_port;
+    let fenced = || {
+        let req = d
+            .http
+            .get(format!("http://127.0.0.1:{decode_port}/metrics"))
+            .send();
+        async move {
+            let text = req.await?.text().await?;
+            Ok::<_, reqwest::Error>(sum_samples(&text, "xpyd_engine_kv_blocks_fenced", ""))
+        }
+    };
+    wait_until(
+        "the claimant's blocks are fenced",
+        Duration::from_secs(5),
+        || async { Ok::<_, reqwest::Error>(fenced().await? >= 20.0) },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        let text = std::process::Command::new("curl")
+            .arg(format!("http://127.0.0.1:{decode_port}/metrics"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        panic!("{e}; metrics:\n{text}\nlogs:\n{}", d.log_tails())
+    });
     // Requests served while the writer is stopped, and while it writes.
     let meanwhile = join_all((0..4).map(|_| d.chat("You are brief.", italy, 24))).await;
     d.signal("prefill-0", libc::SIGCONT);
@@ -1520,13 +1538,8 @@ async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks
     }
     // The late write ended (landed or was cut at its deadline): the
     // fenced blocks come back and the pool is whole again.
-    let (http, port) = (d.http.clone(), d.agent_ref("decode-0").metrics_port);
-    wait_until("the fence is released", Duration::from_secs(30), || {
-        let req = http.get(format!("http://127.0.0.1:{port}/metrics")).send();
-        async move {
-            let text = req.await?.text().await?;
-            Ok::<_, reqwest::Error>(sum_samples(&text, "xpyd_engine_kv_blocks_fenced", "") == 0.0)
-        }
+    wait_until("the fence is released", Duration::from_secs(30), || async {
+        Ok::<_, reqwest::Error>(fenced().await? == 0.0)
     })
     .await
     .unwrap_or_else(|e| panic!("{e}; logs:\n{}", d.log_tails()));

@@ -886,6 +886,23 @@ mod tests {
     }
 
     #[test]
+    fn a_fenced_transfer_falls_back_to_local_prefill_in_other_blocks() {
+        let mut s = sched(8, 64, 8);
+        let r = s.add_remote(SequenceId(1), prompt(1, 6), Some(4)).unwrap();
+        let fence = s.fence_remote(SequenceId(1)).unwrap();
+        assert_eq!(s.pool().fenced_blocks(), r.block_ids.len());
+        let plan = s.schedule();
+        assert_eq!(plan.chunks[0].num_tokens, 6);
+        let table = s.block_table(SequenceId(1)).unwrap().to_vec();
+        assert!(table.iter().all(|b| !r.block_ids.contains(b)), "{table:?}");
+        run_step(&mut s);
+        s.remove(SequenceId(1)).unwrap();
+        assert_eq!(s.pool().fenced_blocks(), r.block_ids.len());
+        assert_eq!(s.release_fence(fence), Ok(r.block_ids.len()));
+        assert_eq!(s.pool().available_blocks(), 8);
+    }
+
+    #[test]
     fn a_remote_reservation_skips_the_cached_prefix() {
         let mut s = sched(16, 64, 8);
         s.add(SequenceId(1), prompt(1, 9), Some(4)).unwrap();

@@ -578,6 +578,7 @@ impl DecodeWorker {
                 // local prefill takes other blocks, now.
                 match parts.engine.fence_remote_prefill(&id).await {
                     Ok(fence) => {
+                        tracing::info!(request_id = %id, %writer, ?fence, "the claimant may still write: its blocks are fenced");
                         let (worker, id) = (self.clone(), id.clone());
                         tokio::spawn(async move {
                             worker
