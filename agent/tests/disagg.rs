@@ -413,26 +413,39 @@ impl Deployment {
         question: &str,
         max_tokens: u32,
     ) -> (u16, Value) {
-        let mut request = self.http.post(format!("{}/v1/chat/completions", self.api));
-        if let Some(session) = session {
-            request = request.header("session-id", session);
-        }
-        let resp = request
-            .json(&json!({
-                "model": MODEL,
-                "temperature": 0,
-                "max_tokens": max_tokens,
-                "messages": [
-                    {"role": "system", "content": system},
-                    {"role": "user", "content": question},
-                ],
-            }))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        post_chat(&self.http, &self.api, session, system, question, max_tokens).await
     }
+}
+
+/// A greedy chat completion sent to the frontend at `api`; the status and
+/// the body.
+async fn post_chat(
+    http: &reqwest::Client,
+    api: &str,
+    session: Option<&str>,
+    system: &str,
+    question: &str,
+    max_tokens: u32,
+) -> (u16, Value) {
+    let mut request = http.post(format!("{api}/v1/chat/completions"));
+    if let Some(session) = session {
+        request = request.header("session-id", session);
+    }
+    let resp = request
+        .json(&json!({
+            "model": MODEL,
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": question},
+            ],
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test]
@@ -1565,4 +1578,87 @@ async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks
         "{}",
         d.log_tails()
     );
+}
+
+/// Fault 4 of the KV handoff: NATS and etcd restart in the middle of a
+/// handoff. The claimant stops itself just before its write; meanwhile
+/// both servers are killed and restarted; then it continues. The request
+/// is answered rightly, its stream to the frontend paused, not failed, by
+/// the outage (the bus waits past its idle timeout while its connection is
+/// or just was down), within its deadline plus a margin; every block comes
+/// back, and the next long prompt goes remote again.
+#[tokio::test]
+async fn nats_and_etcd_restarting_mid_handoff_lose_no_request_and_no_block() {
+    let mut d = Deployment::start(
+        "restart-mid-handoff",
+        0,
+        1,
+        32,
+        &["--remote-prefill-timeout-ms", "30000"],
+    )
+    .await;
+    d.spawn_with_env(
+        "prefill",
+        "prefill-0",
+        &[],
+        &[("XPYD_TEST_FAULT", "stop-before-write")],
+    )
+    .await;
+    let started = Instant::now();
+    let request = tokio::spawn({
+        let (http, api) = (d.http.clone(), d.api.clone());
+        async move {
+            let result = post_chat(&http, &api, None, &long_prompt("Restart"), FRANCE, 8).await;
+            (result, started.elapsed())
+        }
+    });
+    d.await_stopped("prefill-0").await;
+    d.etcd.kill();
+    d.nats.kill();
+    d.etcd.restart().await.unwrap();
+    d.nats.restart().await.unwrap();
+    d.signal("prefill-0", libc::SIGCONT);
+    let ((status, body), took) = request.await.unwrap();
+    let landed = d
+        .metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"remote\"",
+        )
+        .await;
+    let fell_back = d
+        .metric("decode-0", "xpyd_decode_remote_prefill_fallbacks_total", "")
+        .await;
+    eprintln!(
+        "answered {status} {took:?} after the request across NATS and etcd restarts \
+         (write landed: {landed}, fell back: {fell_back})"
+    );
+    assert_eq!(status, 200, "{body}\n{}", d.log_tails());
+    assert!(answer(&body).contains("Paris"), "{body}");
+    assert_eq!(landed + fell_back, 1.0, "{}", d.log_tails());
+    assert!(took < Duration::from_secs(30 + 15), "{took:?}");
+    assert_pool_full(&d, "decode-0").await;
+    // Disaggregation resumes.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for attempt in 0.. {
+        let (status, body) = d
+            .chat(&long_prompt(&format!("After {attempt}")), FRANCE, 8)
+            .await;
+        let remote = d
+            .metric(
+                "decode-0",
+                "xpyd_decode_prefills_total",
+                "location=\"remote\"",
+            )
+            .await;
+        if status == 200 && remote > landed {
+            assert!(answer(&body).contains("Paris"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no remote prefill after the restarts: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

@@ -21,8 +21,15 @@
 //! keep the requester's idle timeout at 3 or more heartbeat intervals.
 //! Heartbeats carry a reply subject of the serving side's, so when the
 //! requester dies (or drops its stream and the explicit cancel is lost),
-//! NATS answers the next heartbeat with no-responders and
-//! [`Responder::cancelled`] resolves within about one heartbeat interval.
+//! NATS answers its heartbeats with no-responders and
+//! [`Responder::cancelled`] resolves after two of them (about two heartbeat
+//! intervals: one alone may be the requester still reconnecting).
+//!
+//! A NATS server restart pauses streams instead of failing them: a
+//! requester whose own connection is down, or changed less than an idle
+//! timeout ago, keeps waiting past the idle timeout (at most
+//! [`OUTAGE_ALLOWANCE`] in all), and a frame lost meanwhile still shows as
+//! a sequence gap.
 //!
 //! Reply inboxes were chosen over a JetStream stream per request: no
 //! per-request server state, one hop, no disk. Measured with
@@ -120,6 +127,30 @@ pub fn subject_token(s: &str) -> String {
         .collect()
 }
 
+/// How long a stream keeps waiting, in all, past its idle timeout while
+/// this process's NATS connection is down or was just re-established (the
+/// other side may still be reconnecting): a server restart should cost the
+/// requests in flight a pause, not an error.
+pub const OUTAGE_ALLOWANCE: Duration = Duration::from_secs(60);
+
+/// This process's NATS connection: whether it is up, and when it last went
+/// down or came back (set from the client's connection events).
+#[derive(Debug)]
+struct Link {
+    client: Client,
+    last_change: Arc<Mutex<std::time::Instant>>,
+}
+
+impl Link {
+    /// Whether silence of `within` may be the connection's fault rather
+    /// than the peer's: the connection is down, or it changed (went down
+    /// or came back) less than `within` ago.
+    fn excuses(&self, within: Duration) -> bool {
+        self.client.connection_state() != async_nats::connection::State::Connected
+            || lock(&self.last_change).elapsed() < within
+    }
+}
+
 /// Subject and stream names of one deployment.
 #[derive(Debug, Clone)]
 struct Names {
@@ -161,6 +192,7 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
 /// The NATS bus of one deployment.
 pub struct NatsBus {
     client: Client,
+    last_change: Arc<Mutex<std::time::Instant>>,
     names: Names,
     options: NatsOptions,
     queue: Arc<PrefillQueue>,
@@ -175,6 +207,7 @@ impl NatsBus {
         scope: Scope,
         options: NatsOptions,
     ) -> Result<Arc<NatsBus>, BusError> {
+        let last_change = Arc::new(Mutex::new(std::time::Instant::now()));
         let connect = ConnectOptions::new()
             .name("xpyd")
             .connection_timeout(options.connect_deadline)
@@ -183,8 +216,20 @@ impl NatsBus {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100 * attempts as u64).min(1000))
             })
-            .event_callback(|event| async move {
-                tracing::info!(%event, "NATS connection event");
+            .event_callback({
+                let last_change = last_change.clone();
+                move |event| {
+                    let last_change = last_change.clone();
+                    async move {
+                        if matches!(
+                            event,
+                            async_nats::Event::Connected | async_nats::Event::Disconnected
+                        ) {
+                            *lock(&last_change) = std::time::Instant::now();
+                        }
+                        tracing::info!(%event, "NATS connection event");
+                    }
+                }
             });
         let client = timeout(options.connect_deadline, connect.connect(url))
             .await
@@ -201,6 +246,7 @@ impl NatsBus {
         });
         Ok(Arc::new(NatsBus {
             client,
+            last_change,
             names,
             options,
             queue,
@@ -289,7 +335,13 @@ impl Drop for TaskGuard {
 struct Open {
     by_inbox: HashMap<String, watch::Sender<bool>>,
     by_beat: HashMap<u64, String>,
+    /// Heartbeats that found nobody, by heartbeat id: since when, how many.
+    missed: HashMap<u64, (std::time::Instant, u32)>,
 }
+
+/// Heartbeats in a row that must find nobody before the requester counts
+/// as gone (see `serve_loop`).
+const MISSED_BEATS: u32 = 2;
 
 type OpenRequests = Arc<Mutex<Open>>;
 
@@ -360,6 +412,7 @@ impl Drop for NatsResponder {
             let mut open = lock(&self.open);
             open.by_inbox.remove(&self.inbox);
             open.by_beat.remove(&self.beat_id);
+            open.missed.remove(&self.beat_id);
         }
         if self.ended || *self.cancel.borrow() {
             return;
@@ -451,10 +504,23 @@ async fn serve_loop(
                 let Some(id) = subject.rsplit('.').next().and_then(|t| t.parse::<u64>().ok()) else {
                     continue;
                 };
-                let open = lock(&open);
-                if let Some(inbox) = open.by_beat.get(&id) {
+                // One unanswered beat may be the requester reconnecting
+                // after a server restart (its inbox is subscribed again
+                // once it is back): only silence across
+                // `MISSED_BEATS` heartbeats counts as gone.
+                let mut open = lock(&open);
+                let Some(inbox) = open.by_beat.get(&id).cloned() else {
+                    continue;
+                };
+                let now = std::time::Instant::now();
+                let missed = open.missed.entry(id).or_insert((now, 0));
+                if now.duration_since(missed.0) > heartbeat_interval * (MISSED_BEATS + 1) {
+                    *missed = (now, 0);
+                }
+                missed.1 += 1;
+                if missed.1 >= MISSED_BEATS {
                     tracing::debug!(%inbox, "requester gone; cancelling its request");
-                    open.cancel(inbox);
+                    open.cancel(&inbox);
                 }
             }
             _ = tx.closed(), if serving => {
@@ -527,6 +593,9 @@ struct Receiving {
     idle: Duration,
     next_seq: u64,
     cancel: CancelOnDrop,
+    link: Link,
+    /// Silence excused so far by the connection (see [`OUTAGE_ALLOWANCE`]).
+    excused: Duration,
 }
 
 enum Step {
@@ -544,6 +613,14 @@ impl Receiving {
     async fn next_step(&mut self, first: bool) -> Step {
         loop {
             let msg = match timeout(self.idle, self.sub.next()).await {
+                Err(_) if self.excused < OUTAGE_ALLOWANCE && self.link.excuses(self.idle) => {
+                    // Our connection is (or just was) down: frames sent
+                    // meanwhile are held by the peer's client or lost, and
+                    // a lost one shows as a sequence gap.
+                    self.excused += self.idle;
+                    tracing::debug!(excused = ?self.excused, "response stream silent during a NATS outage; waiting on");
+                    continue;
+                }
                 Err(_) => return Step::Last(BusError::Timeout(self.idle)),
                 Ok(None) => {
                     return Step::Last(BusError::Unavailable(
@@ -965,6 +1042,11 @@ impl Bus for NatsBus {
             let mut receiving = Receiving {
                 sub,
                 idle: idle_timeout,
+                link: Link {
+                    client: self.client.clone(),
+                    last_change: self.last_change.clone(),
+                },
+                excused: Duration::ZERO,
                 next_seq: 0,
                 cancel: CancelOnDrop {
                     client: self.client.clone(),
