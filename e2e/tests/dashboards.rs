@@ -87,7 +87,7 @@ fn exported() -> BTreeSet<String> {
 
     let registry = Registry::new();
     let frontend = FrontendMetrics::register(&registry).expect("frontend metrics register");
-    let mut timer = frontend.timer("smollm2", "chat");
+    let mut timer = frontend.timer("smollm2", "chat", 5);
     timer.token();
     timer.token();
     timer.finish(200, 5, 2);
