@@ -8,17 +8,19 @@
 //! rates. Each kwok pod is pointed at it through its status `podIP`
 //! (127.0.0.1) and the `prometheus.io/port` annotation the operator
 //! scrapes by. What is under test is the operator: scraping, signal math,
-//! the planner, and the writes.
+//! the planner, and the writes. An HPA targeting the same object makes the
+//! planner stand back and say so.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use xpyd_e2e::{Etcd, Tools, Workdir, wait_until};
 use xpyd_operator::autoscaler::DELETION_COST_ANNOTATION;
@@ -234,6 +236,33 @@ async fn the_planner_scales_prefill_to_its_bound_and_says_why() {
     let later = api.get("planned").await.unwrap();
     assert_eq!(later.spec.num_prefill, 3, "held at max");
     assert_eq!(dd.spec.num_decode, later.spec.num_decode);
+
+    // An HPA on the scale subresource as well: the planner stands back
+    // and says why.
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+    let hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({
+        "metadata": {"name": "planned-decode"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "xpyd.dev/v1alpha1", "kind": "DisaggDeployment", "name": "planned"},
+            "minReplicas": 1,
+            "maxReplicas": 2,
+        },
+    }))
+    .unwrap();
+    hpas.create(&PostParams::default(), &hpa).await.unwrap();
+    let dd = wait_for_dd(&api, "planned", "the planner to report the HPA", |dd| {
+        dd.status
+            .as_ref()
+            .and_then(|s| s.autoscaling.as_ref())
+            .is_some_and(|a| a.reason == "AutoscalingConflict")
+    })
+    .await;
+    let a = dd.status.unwrap().autoscaling.unwrap();
+    assert!(a.message.contains("planned-decode"), "{}", a.message);
+    assert_eq!(a.desired, a.current, "no change while conflicting");
+    hpas.delete("planned-decode", &Default::default())
+        .await
+        .unwrap();
 
     // Autoscaling off: the planner's status goes, the counts stay.
     let mut off = object("planned", spec(&etcd.endpoint(), 3, 1));
