@@ -121,6 +121,18 @@ fn exported() -> BTreeSet<String> {
 
     let operator = xpyd_operator::metrics::Metrics::new();
     operator.observe(Duration::from_millis(3), Some("kube"));
+    operator.observe_planner(
+        "ns",
+        "dd",
+        &xpyd_operator::crd::AutoscalingStatus {
+            reason: "Steady".into(),
+            ..Default::default()
+        },
+    );
+    operator
+        .planner_scrape_failures
+        .with_label_values(&["decode"])
+        .inc();
     names.extend(exposed(&operator.render()));
 
     names
