@@ -47,6 +47,9 @@ const MAX_BODY: usize = 8 << 20;
 
 /// `status.autoscaling.reason` while the first window is being collected.
 pub const COLLECTING: &str = "CollectingSignals";
+/// `status.autoscaling.reason` when no frontend could be scraped over the
+/// window: the planner does not decide on missing data.
+pub const NO_SIGNALS: &str = "NoSignals";
 /// `status.autoscaling.reason` while an HPA also targets the object.
 pub const CONFLICT: &str = "AutoscalingConflict";
 
@@ -79,6 +82,17 @@ pub struct Outcome {
     pub patch: Option<PlannedCounts>,
     /// To send once the status is written.
     pub event: Option<PlannedEvent>,
+}
+
+/// What a reconcile observed that a planner step needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub dd: &'a DisaggDeployment,
+    pub owner: &'a Owner,
+    /// The roles' counts from their Deployments (ready ones, for Pending).
+    pub prefill: &'a RoleStatus,
+    pub decode: &'a RoleStatus,
+    pub now: &'a Time,
 }
 
 /// One deployment's planner and its last scrape.
@@ -163,18 +177,16 @@ impl Autoscaler {
         crate::sync::lock(&self.states).remove(dd).is_some()
     }
 
-    /// Runs one planner step for `dd` when its interval has passed since
-    /// the last one; otherwise `None`. Returns as well when to look again.
+    /// Runs one planner step for `target.dd` when its interval has passed
+    /// since the last one; otherwise `None`. Returns as well when to look
+    /// again.
     pub async fn step(
         &self,
         client: &Client,
         metrics: &Metrics,
-        dd: &DisaggDeployment,
-        owner: &Owner,
-        prefill: &RoleStatus,
-        decode: &RoleStatus,
-        now: &Time,
+        target: Target<'_>,
     ) -> (Option<Outcome>, Duration) {
+        let Target { dd, owner, .. } = target;
         let Some(spec) = dd.spec.autoscaling.as_ref().filter(|a| a.enabled) else {
             return (None, Duration::MAX);
         };
@@ -202,26 +214,26 @@ impl Autoscaler {
             },
         };
         state.last_run = Instant::now();
-        let outcome = self
-            .run(client, metrics, dd, owner, prefill, decode, now, &mut state)
-            .await;
+        let outcome = self.run(client, metrics, target, &mut state).await;
         crate::sync::lock(&self.states).insert(key, state);
         metrics.observe_planner(&owner.namespace, &owner.name, &outcome.status);
         (Some(outcome), interval)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         client: &Client,
         metrics: &Metrics,
-        dd: &DisaggDeployment,
-        owner: &Owner,
-        prefill: &RoleStatus,
-        decode: &RoleStatus,
-        now: &Time,
+        target: Target<'_>,
         state: &mut State,
     ) -> Outcome {
+        let Target {
+            dd,
+            owner,
+            prefill,
+            decode,
+            now,
+        } = target;
         let current = current_counts(dd);
         let old = dd.status.as_ref().and_then(|s| s.autoscaling.as_ref());
         let quiet = |reason: &str, message: String, signals: PlannerSignals| AutoscalingStatus {
@@ -290,6 +302,20 @@ impl Autoscaler {
         };
         let now_scrapes = state.last_scrape.as_ref().map_or(&[][..], |s| &s.1[..]);
         let figures = signals::figures(&before, now_scrapes, taken_at - then);
+        if figures.frontends == 0 {
+            // Silence is not idleness: deciding on it would scale in.
+            return Outcome {
+                status: quiet(
+                    NO_SIGNALS,
+                    format!(
+                        "no frontend pod answered on /metrics at both ends of the window ({failed} scrapes failed); nothing changed"
+                    ),
+                    status_signals(&figures, &context, scraped, failed),
+                ),
+                patch: None,
+                event: None,
+            };
+        }
         let planner_input = signals::planner_signals(&figures, &context);
         let decision = state.planner.decide(&planner_input);
         let desired = PlannedCounts {

@@ -38,7 +38,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use xpyd_api::Scope;
 
-use crate::autoscaler::{self, Autoscaler};
+use crate::autoscaler::{self, Autoscaler, Target};
 use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, RoleAcks, RoleStatus};
 use crate::metrics::Metrics;
 use crate::pod_status::{self, PodProblem};
@@ -444,11 +444,13 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
         .step(
             &ctx.client,
             &ctx.metrics,
-            dd,
-            &owner,
-            &decision.status.prefill,
-            &decision.status.decode,
-            &now,
+            Target {
+                dd,
+                owner: &owner,
+                prefill: &decision.status.prefill,
+                decode: &decision.status.decode,
+                now: &now,
+            },
         )
         .await;
     if spec.autoscaling.as_ref().is_none_or(|a| !a.enabled) {

@@ -153,10 +153,22 @@ impl Exposition {
 }
 
 /// A bucket's upper bound, ordered (`+Inf` last).
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+#[derive(Debug, Clone, Copy)]
 struct Le(f64);
 
+impl PartialEq for Le {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
 impl Eq for Le {}
+
+impl PartialOrd for Le {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Ord for Le {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
@@ -250,6 +262,9 @@ pub struct WindowFigures {
     /// p90 of the frontends' TTFT and ITL histograms over the window, ms.
     pub ttft_p90_ms: Option<f64>,
     pub itl_p90_ms: Option<f64>,
+    /// Frontend pods scraped at both ends of the window. With none, the
+    /// window says nothing about demand (not that there is none).
+    pub frontends: usize,
 }
 
 /// The increase of a counter over the window, summed over the pods of
@@ -354,6 +369,11 @@ pub fn figures(previous: &[PodScrape], current: &[PodScrape], window: Duration) 
         prefill_queue_depth,
         ttft_p90_ms: p90_ms(names::TTFT),
         itl_p90_ms: p90_ms(names::ITL),
+        frontends: current
+            .iter()
+            .filter(|p| p.role == Role::Frontend)
+            .filter(|p| previous.iter().any(|b| b.pod == p.pod))
+            .count(),
     }
 }
 
@@ -550,6 +570,7 @@ xpyd_frontend_time_to_first_token_seconds_bucket{model="m",le="+Inf"} 160
         let ttft = f.ttft_p90_ms.unwrap();
         assert!((ttft - 925.0).abs() < 1e-6, "{f:?}");
         assert_eq!(f.itl_p90_ms, None, "no ITL observed: no figure");
+        assert_eq!(f.frontends, 1);
     }
 
     #[test]
@@ -577,6 +598,9 @@ xpyd_frontend_time_to_first_token_seconds_bucket{model="m",le="+Inf"} 160
         assert!((f.requests_per_s - 3.0).abs() < 1e-9, "{f:?}");
         // No decode workers scraped: all prompt demand is prefill's.
         assert_eq!(f.remote_share, 1.0);
+        assert_eq!(f.frontends, 1, "fe-1 has no start yet");
+        let none = figures(&before, &after[1..], Duration::from_secs(10));
+        assert_eq!(none.frontends, 0);
     }
 
     #[test]
