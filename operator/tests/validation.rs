@@ -403,6 +403,7 @@ async fn the_sample_crs_apply_with_kubectl() {
         "smollm-2p2d",
         "smollm-aggregated",
         "smollm-1p1d-gpu",
+        "smollm-autoscaled",
     ] {
         assert!(stdout.contains(name), "{stdout}");
     }
