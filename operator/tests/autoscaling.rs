@@ -9,11 +9,11 @@
 //! (127.0.0.1) and the `prometheus.io/port` annotation the operator
 //! scrapes by. What is under test is the operator: scraping, signal math,
 //! the planner, and the writes. An HPA targeting the same object makes the
-//! planner stand back and say so.
+//! planner stand back and say so; a role whose pod cannot be scheduled
+//! (Pending) gets no more pods, and the status says Pending.
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -81,6 +81,51 @@ async fn serve_metrics(role: &'static str, start: Instant) -> u16 {
     port
 }
 
+/// Waits for a Running pod of `role` of the deployment `dd` and points it at
+/// the stand-in on `port` (its `podIP` and `prometheus.io/port`); returns
+/// its name.
+async fn point_at_stand_in(pods: &Api<Pod>, dd: &str, role: &str, port: u16) -> String {
+    let selector = format!("xpyd.dev/deployment={dd},xpyd.dev/role={role}");
+    let found = std::sync::Mutex::new(String::new());
+    wait_until(&format!("a Running {role} pod"), TIMEOUT, || {
+        let pods = pods.clone();
+        let selector = selector.clone();
+        let found = &found;
+        async move {
+            let list = pods.list(&ListParams::default().labels(&selector)).await?;
+            let running = list.items.into_iter().find(|p| {
+                p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            });
+            let Some(p) = running else {
+                return Ok::<_, kube::Error>(false);
+            };
+            *found.lock().unwrap() = p.name_any();
+            Ok(true)
+        }
+    })
+    .await
+    .unwrap();
+    let name = found.into_inner().unwrap();
+    pods.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {"prometheus.io/port": port.to_string()}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    pods.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("pointing {name} at 127.0.0.1: {e}"));
+    name
+}
+
 #[tokio::test]
 async fn the_planner_scales_prefill_to_its_bound_and_says_why() {
     let (_plane, client) = plane_with_crd().await;
@@ -92,11 +137,11 @@ async fn the_planner_scales_prefill_to_its_bound_and_says_why() {
     let _controller = spawn_controller(&client, ns);
 
     let start = Instant::now();
-    let ports = Arc::new([
+    let ports = [
         ("frontend", serve_metrics("frontend", start).await),
         ("prefill", serve_metrics("prefill", start).await),
         ("decode", serve_metrics("decode", start).await),
-    ]);
+    ];
 
     // 3000 prompt tokens/s entering against 1000 per prefill worker: 5
     // needed at 70 % utilisation, 3 allowed. Decode: 1000 tokens/s against
@@ -117,47 +162,10 @@ async fn the_planner_scales_prefill_to_its_bound_and_says_why() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let mut pointed = Vec::new();
     for (role, port) in ports.iter() {
-        let selector = format!("xpyd.dev/deployment=planned,xpyd.dev/role={role}");
-        let found = std::sync::Mutex::new(String::new());
-        wait_until(&format!("a Running {role} pod"), TIMEOUT, || {
-            let pods = pods.clone();
-            let selector = selector.clone();
-            let found = &found;
-            async move {
-                let list = pods.list(&ListParams::default().labels(&selector)).await?;
-                let running = list.items.into_iter().find(|p| {
-                    p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
-                        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-                });
-                let Some(p) = running else {
-                    return Ok::<_, kube::Error>(false);
-                };
-                *found.lock().unwrap() = p.name_any();
-                Ok(true)
-            }
-        })
-        .await
-        .unwrap();
-        let name = found.into_inner().unwrap();
-        pods.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"prometheus.io/port": port.to_string()}}}),
-            ),
-        )
-        .await
-        .unwrap();
-        pods.patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"status": {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}}),
-            ),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("pointing {name} at 127.0.0.1: {e}"));
-        pointed.push((*role, name));
+        pointed.push((
+            *role,
+            point_at_stand_in(&pods, "planned", role, *port).await,
+        ));
     }
 
     // The decision reaches status and the spec.
@@ -272,4 +280,61 @@ async fn the_planner_scales_prefill_to_its_bound_and_says_why() {
         dd.status.as_ref().is_some_and(|s| s.autoscaling.is_none())
     })
     .await;
+}
+
+#[tokio::test]
+async fn nothing_is_added_while_a_roles_pods_are_pending_and_status_says_so() {
+    let (_plane, client) = plane_with_crd().await;
+    let ns = "autoscaling-pending";
+    namespace(&client, ns).await;
+    let tools = Tools::locate().unwrap();
+    let dir = Workdir::new("operator-autoscaling-pending").unwrap();
+    let etcd = Etcd::start(&tools, dir.path()).await.unwrap();
+    let _controller = spawn_controller(&client, ns);
+
+    // The same demand as above (5 prefill workers' worth), but no node has
+    // the 64 GPUs a prefill worker asks for: its one pod stays Pending.
+    let start = Instant::now();
+    let mut obj = object("starved", spec(&etcd.endpoint(), 1, 1));
+    obj["spec"]["prefill"] = json!({"resources": {"limits": {"nvidia.com/gpu": "64"}}});
+    obj["spec"]["autoscaling"] = json!({
+        "enabled": true,
+        "prefill": {"min": 1, "max": 8},
+        "decode": {"min": 1, "max": 2},
+        "intervalSeconds": 5,
+        "capacity": {"prefillTokensPerSecond": 1000, "decodeTokensPerSecond": 5000},
+    });
+    let api = apply(&client, ns, obj).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    for role in ["frontend", "decode"] {
+        point_at_stand_in(&pods, "starved", role, serve_metrics(role, start).await).await;
+    }
+
+    let dd = wait_for_dd(
+        &api,
+        "starved",
+        "the planner to decide on a full window",
+        |dd| {
+            dd.status
+                .as_ref()
+                .and_then(|s| s.autoscaling.as_ref())
+                .is_some_and(|a| a.signals.requests_per_second > 0.0)
+        },
+    )
+    .await;
+    let a = dd.status.unwrap().autoscaling.unwrap();
+    assert_eq!(a.reason, "Pending", "{a:?}");
+    assert_eq!(a.signals.prefill_pending, 1, "{a:?}");
+    assert_eq!(a.desired.num_prefill, 1, "{a:?}");
+    assert!(a.message.contains("prefill: need 5 of 1"), "{}", a.message);
+    // Several more windows: still nothing added.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let later = api.get("starved").await.unwrap();
+    assert_eq!(later.spec.num_prefill, 1);
+    let a = later.status.unwrap().autoscaling.unwrap();
+    assert_eq!(
+        (a.reason.as_str(), a.desired.num_prefill),
+        ("Pending", 1),
+        "{a:?}"
+    );
 }
