@@ -113,8 +113,10 @@ impl Default for Autoscaler {
     fn default() -> Self {
         Autoscaler {
             // Pods are scraped on their IPs over plain HTTP, as Prometheus
-            // does; a client that cannot be built falls back to defaults.
+            // does, never through a proxy from the environment; a client
+            // that cannot be built falls back to defaults.
             http: reqwest::Client::builder()
+                .no_proxy()
                 .timeout(SCRAPE_TIMEOUT)
                 .connect_timeout(SCRAPE_TIMEOUT)
                 .build()

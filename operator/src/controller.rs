@@ -11,7 +11,9 @@
 //! lists the deployment's pods and reports an image that cannot be pulled or
 //! a model that cannot be fetched in `Degraded` ([`crate::pod_status`]),
 //! polling until the pods come up (pods are owned through ReplicaSets, so
-//! no owner watch sees them). Not here: what the status, conditions, events
+//! no owner watch sees them). With `spec.autoscaling.enabled` it runs the
+//! SLO planner once per interval ([`crate::autoscaler`]), writes its part
+//! of the status with the rest, and then its counts into the spec. Not here: what the status, conditions, events
 //! and requeue should be ([`crate::status`], pure functions this file calls
 //! with what it observed; events go out only once the status is written),
 //! leader election and the HTTP server (see [`crate::leader`],
