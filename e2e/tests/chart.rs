@@ -132,8 +132,10 @@ fn set(items: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String, Str
 /// the finalizer patches the CR; status is server-side applied; children are
 /// server-side applied (a create when new, so `create` too) and the ones a
 /// spec no longer wants deleted; pods are listed (never watched) to report
-/// why they do not start; the event recorder creates and patches
-/// events.k8s.io Events.
+/// why they do not start, and (the SLO planner) to scrape them, and
+/// patched for their `pod-deletion-cost`; HorizontalPodAutoscalers are
+/// listed to find one that targets an autoscaled CR; the event recorder
+/// creates and patches events.k8s.io Events.
 fn operator_grants() -> BTreeSet<(String, String, String, String)> {
     set(&[
         ("xpyd.dev", "disaggdeployments", &["list", "watch", "patch"]),
@@ -148,7 +150,8 @@ fn operator_grants() -> BTreeSet<(String, String, String, String)> {
             "services",
             &["list", "watch", "create", "patch", "delete"],
         ),
-        ("", "pods", &["list"]),
+        ("", "pods", &["list", "patch"]),
+        ("autoscaling", "horizontalpodautoscalers", &["list"]),
         (
             "networking.k8s.io",
             "ingresses",

@@ -87,7 +87,7 @@ fn exported() -> BTreeSet<String> {
 
     let registry = Registry::new();
     let frontend = FrontendMetrics::register(&registry).expect("frontend metrics register");
-    let mut timer = frontend.timer("smollm2", "chat");
+    let mut timer = frontend.timer("smollm2", "chat", 5);
     timer.token();
     timer.token();
     timer.finish(200, 5, 2);
@@ -121,6 +121,18 @@ fn exported() -> BTreeSet<String> {
 
     let operator = xpyd_operator::metrics::Metrics::new();
     operator.observe(Duration::from_millis(3), Some("kube"));
+    operator.observe_planner(
+        "ns",
+        "dd",
+        &xpyd_operator::crd::AutoscalingStatus {
+            reason: "Steady".into(),
+            ..Default::default()
+        },
+    );
+    operator
+        .planner_scrape_failures
+        .with_label_values(&["decode"])
+        .inc();
     names.extend(exposed(&operator.render()));
 
     names

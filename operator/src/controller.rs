@@ -11,7 +11,9 @@
 //! lists the deployment's pods and reports an image that cannot be pulled or
 //! a model that cannot be fetched in `Degraded` ([`crate::pod_status`]),
 //! polling until the pods come up (pods are owned through ReplicaSets, so
-//! no owner watch sees them). Not here: what the status, conditions, events
+//! no owner watch sees them). With `spec.autoscaling.enabled` it runs the
+//! SLO planner once per interval ([`crate::autoscaler`]), writes its part
+//! of the status with the rest, and then its counts into the spec. Not here: what the status, conditions, events
 //! and requeue should be ([`crate::status`], pure functions this file calls
 //! with what it observed; events go out only once the status is written),
 //! leader election and the HTTP server (see [`crate::leader`],
@@ -38,6 +40,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use xpyd_api::Scope;
 
+use crate::autoscaler::{self, Autoscaler, Target};
 use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, RoleAcks, RoleStatus};
 use crate::metrics::Metrics;
 use crate::pod_status::{self, PodProblem};
@@ -132,6 +135,7 @@ pub struct Context {
     recorder: Recorder,
     cluster: ClusterSettings,
     failures: Mutex<HashMap<ObjectRef<DisaggDeployment>, u32>>,
+    autoscaler: Autoscaler,
 }
 
 impl Context {
@@ -196,6 +200,7 @@ pub async fn run(
         metrics: config.metrics.clone(),
         cluster: config.cluster.clone(),
         failures: Mutex::default(),
+        autoscaler: Autoscaler::default(),
     });
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
@@ -432,18 +437,59 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
         },
         pod_problem,
     };
-    let decision = status::decide(&observed, &Time(k8s_openapi::jiff::Timestamp::now()));
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let mut decision = status::decide(&observed, &now);
+
+    // The SLO planner, once per interval while enabled.
+    let (planned, next_plan) = ctx
+        .autoscaler
+        .step(
+            &ctx.client,
+            &ctx.metrics,
+            Target {
+                dd,
+                owner: &owner,
+                prefill: &decision.status.prefill,
+                decode: &decision.status.decode,
+                now: &now,
+            },
+        )
+        .await;
+    if spec.autoscaling.as_ref().is_none_or(|a| !a.enabled) {
+        decision.status.autoscaling = None;
+        forget_planner(dd, &owner, ctx);
+    }
+    let mut planned_patch = None;
+    if let Some(outcome) = planned {
+        decision.status.autoscaling = Some(outcome.status);
+        planned_patch = outcome.patch;
+        decision.events.extend(outcome.event);
+    }
 
     // Events only once the status says the same: a failed write is retried,
     // and the retry announces it then.
     if Some(&decision.status) != dd.status.as_ref() {
         patch_status(ctx, &owner, &decision.status).await?;
     }
+    // The planner's counts reach the children through the next reconcile
+    // (the spec change triggers it), the threshold through etcd as any
+    // router setting does.
+    if let Some(counts) = &planned_patch {
+        autoscaler::patch_spec(&ctx.client, &owner, counts).await?;
+    }
     ctx.publish_all(dd, decision.events).await;
 
     match etcd {
         Err(e) => Err(e.into()),
-        Ok(_) => Ok(Action::requeue(decision.requeue)),
+        Ok(_) => Ok(Action::requeue(decision.requeue.min(next_plan))),
+    }
+}
+
+/// Drops the planner's memory and series of a deployment that does not
+/// autoscale (any more).
+fn forget_planner(dd: &DisaggDeployment, owner: &Owner, ctx: &Context) {
+    if ctx.autoscaler.forget(&ObjectRef::from_obj(dd)) {
+        ctx.metrics.forget_planner(&owner.namespace, &owner.name);
     }
 }
 
@@ -463,6 +509,7 @@ async fn observe_pods(ctx: &Context, owner: &Owner) -> Option<PodProblem> {
 
 async fn cleanup(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
     let owner = Owner::of(dd)?;
+    forget_planner(dd, &owner, ctx);
     if dd
         .annotations()
         .get(SKIP_CLEANUP_ANNOTATION)

@@ -106,7 +106,11 @@ pub struct DisaggDeploymentSpec {
     /// every prompt locally. Scale it by patch.
     #[schemars(range(min = 0, max = 1024))]
     pub num_prefill: i32,
-    /// Decode workers (the scale subresource's replicas).
+    /// Decode workers (the scale subresource's replicas). With
+    /// `autoscaling.enabled` the SLO planner owns this field and
+    /// `numPrefill`: it patches both, and an HorizontalPodAutoscaler on the
+    /// scale subresource must not be combined with it (the operator then
+    /// leaves the counts alone and reports `AutoscalingConflict`).
     #[schemars(range(min = 1, max = 1024))]
     pub num_decode: i32,
     /// Scheduling and resources of the prefill workers.
@@ -135,6 +139,137 @@ pub struct DisaggDeploymentSpec {
     #[serde(default = "default_termination_grace_period_seconds")]
     #[schemars(range(min = 1, max = 3600))]
     pub termination_grace_period_seconds: i32,
+    /// The SLO planner: scales prefill and decode workers and moves
+    /// `router.maxLocalPrefillLength` to meet TTFT and ITL targets. Off
+    /// unless `enabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// `spec.autoscaling`: the SLO planner's targets and bounds.
+///
+/// While `enabled`, the planner owns `numPrefill`, `numDecode` and (with
+/// `moveThreshold`) `router.maxLocalPrefillLength`: each interval it
+/// scrapes the deployment's pods' `/metrics`, decides, and patches those
+/// fields. Do not point an HorizontalPodAutoscaler at this object's scale
+/// subresource at the same time: the operator sees it, stops planning and
+/// reports `AutoscalingConflict` until one of the two goes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.prefill.min <= self.prefill.max")
+        .message("autoscaling.prefill.min must not exceed autoscaling.prefill.max")
+        .field_path(".prefill.min"),
+    validation = Rule::new("self.decode.min <= self.decode.max")
+        .message("autoscaling.decode.min must not exceed autoscaling.decode.max")
+        .field_path(".decode.min"),
+    validation = Rule::new("self.ttftP90Ms > 0.0")
+        .message("autoscaling.ttftP90Ms must be a positive number of milliseconds")
+        .field_path(".ttftP90Ms"),
+    validation = Rule::new("self.itlP90Ms > 0.0")
+        .message("autoscaling.itlP90Ms must be a positive number of milliseconds")
+        .field_path(".itlP90Ms"),
+    validation = Rule::new("self.decode.min >= 1")
+        .message("autoscaling.decode.min must be at least 1 (numDecode cannot be 0)")
+        .field_path(".decode.min")
+)]
+pub struct AutoscalingSpec {
+    /// Run the planner. Off by default: the counts stay as written.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Target 90th percentile of the time to first token, in ms, as the
+    /// frontends measure it.
+    #[serde(default = "default_ttft_p90_ms")]
+    pub ttft_p90_ms: f64,
+    /// Target 90th percentile of the inter-token latency, in ms.
+    #[serde(default = "default_itl_p90_ms")]
+    pub itl_p90_ms: f64,
+    /// Bounds of `numPrefill` (`min` 0 allows aggregated serving).
+    #[serde(default = "default_prefill_bounds")]
+    pub prefill: ReplicaBounds,
+    /// Bounds of `numDecode`.
+    #[serde(default = "default_decode_bounds")]
+    pub decode: ReplicaBounds,
+    /// A role is scaled in only below every need seen over this many
+    /// seconds, one pod per interval.
+    #[serde(default = "default_scale_down_stabilization_seconds")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub scale_down_stabilization_seconds: i32,
+    /// Whether the planner may move `router.maxLocalPrefillLength` (before
+    /// replicas, when only one side is saturated).
+    #[serde(default)]
+    pub move_threshold: bool,
+    /// Seconds between two decisions (and the window the rates are taken
+    /// over). Unset: 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub interval_seconds: Option<i32>,
+    /// What one worker sustains, from a measured profile. Unset: the
+    /// planner sizes by the latency targets and KV use alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<WorkerCapacity>,
+}
+
+/// Default seconds between two planner decisions.
+pub const DEFAULT_AUTOSCALING_INTERVAL_SECONDS: i32 = 30;
+
+impl AutoscalingSpec {
+    /// Seconds between two decisions.
+    pub fn interval(&self) -> std::time::Duration {
+        let s = self
+            .interval_seconds
+            .unwrap_or(DEFAULT_AUTOSCALING_INTERVAL_SECONDS)
+            .max(1);
+        std::time::Duration::from_secs(u64::from(s.unsigned_abs()))
+    }
+}
+
+fn default_ttft_p90_ms() -> f64 {
+    1000.0
+}
+fn default_itl_p90_ms() -> f64 {
+    50.0
+}
+fn default_prefill_bounds() -> ReplicaBounds {
+    ReplicaBounds { min: 1, max: 8 }
+}
+fn default_decode_bounds() -> ReplicaBounds {
+    ReplicaBounds { min: 1, max: 8 }
+}
+fn default_scale_down_stabilization_seconds() -> i32 {
+    300
+}
+
+/// Lower and upper bound of one role's replicas.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaBounds {
+    /// Fewest replicas.
+    #[schemars(range(min = 0, max = 1024))]
+    pub min: i32,
+    /// Most replicas.
+    #[schemars(range(min = 0, max = 1024))]
+    pub max: i32,
+}
+
+/// Throughput of one worker, from a measured profile.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.prefillTokensPerSecond) || self.prefillTokensPerSecond > 0.0")
+        .message("autoscaling.capacity.prefillTokensPerSecond must be positive")
+        .field_path(".prefillTokensPerSecond"),
+    validation = Rule::new("!has(self.decodeTokensPerSecond) || self.decodeTokensPerSecond > 0.0")
+        .message("autoscaling.capacity.decodeTokensPerSecond must be positive")
+        .field_path(".decodeTokensPerSecond")
+)]
+pub struct WorkerCapacity {
+    /// Prompt tokens one prefill worker computes per second while busy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_tokens_per_second: Option<f64>,
+    /// Tokens one decode worker generates per second at its usual batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_tokens_per_second: Option<f64>,
 }
 
 /// Seconds between the end of the agent's drain and the pod's grace period.
@@ -724,6 +859,71 @@ pub struct DisaggDeploymentStatus {
     /// The router settings in etcd and how many routers run them.
     #[serde(default)]
     pub router: RouterStatus,
+    /// The SLO planner's last decision, while `spec.autoscaling.enabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// What the SLO planner last saw and decided.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// What the planner asks for.
+    pub desired: PlannedCounts,
+    /// What the spec held when it decided.
+    pub current: PlannedCounts,
+    /// `Steady`, `ScaleUp`, `ScaleDown`, `ThresholdRaised`,
+    /// `ThresholdLowered`, `Pending`, `AtMax`; or why it did not decide:
+    /// `CollectingSignals`, `AutoscalingConflict`, `NoSignals`.
+    pub reason: String,
+    /// The figures behind the reason.
+    #[serde(default)]
+    pub message: String,
+    /// The signals of the last window.
+    #[serde(default)]
+    pub signals: PlannerSignals,
+    /// When it last decided (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+/// The counts the planner owns.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedCounts {
+    pub num_prefill: i32,
+    pub num_decode: i32,
+    pub max_local_prefill_length: i32,
+}
+
+/// One window of the signals the planner decided on (see
+/// `docs/autoscaling.md` for where each comes from).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannerSignals {
+    /// Requests entering the frontends, per second.
+    pub requests_per_second: f64,
+    /// Prompt tokens meant for the prefill workers, per second.
+    pub prefill_tokens_per_second: f64,
+    /// Generated tokens per finished request.
+    pub output_tokens_per_request: f64,
+    /// Share of decode KV blocks in use.
+    pub kv_use: f64,
+    /// Jobs waiting on the prefill queue.
+    pub prefill_queue_depth: f64,
+    /// Frontend TTFT p90 over the window, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_p90_ms: Option<f64>,
+    /// Frontend ITL p90 over the window, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub itl_p90_ms: Option<f64>,
+    /// Prefill pods asked for and not Ready.
+    pub prefill_pending: i32,
+    /// Decode pods asked for and not Ready.
+    pub decode_pending: i32,
+    /// Pods scraped, and pods whose scrape failed.
+    pub scraped_pods: i32,
+    pub failed_scrapes: i32,
 }
 
 /// Replica counts of one role, from its Deployment.

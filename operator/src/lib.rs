@@ -3,7 +3,9 @@
 //!
 //! [`crd`] holds the API types, [`resources`] the pure builders of child
 //! objects, [`router_settings`] the etcd key layout, [`pod_status`] what the
-//! pods' statuses say, [`planner`] the SLO planner's decision, [`status`] the reconciler's decisions (status,
+//! pods' statuses say, [`planner`] the SLO planner's decision, [`signals`]
+//! the planner's inputs from the agents' metrics, [`autoscaler`] the
+//! planner's I/O, [`status`] the reconciler's decisions (status,
 //! conditions, events, requeue) as pure functions, [`controller`] the
 //! reconciler's I/O, [`metrics`] and
 //! [`leader`] what the binary adds around it.
@@ -11,6 +13,7 @@
 
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod autoscaler;
 pub mod controller;
 pub mod crd;
 pub mod leader;
@@ -19,5 +22,6 @@ pub mod planner;
 pub mod pod_status;
 pub mod resources;
 pub mod router_settings;
+pub mod signals;
 pub mod status;
 pub mod sync;

@@ -269,6 +269,8 @@ pub fn decide(o: &Observed<'_>, now: &Time) -> Decision {
         decode: decode.clone(),
         frontend: frontend.clone(),
         router,
+        // The planner's own part, written by the controller after it.
+        autoscaling: old.autoscaling.clone(),
     };
 
     let requeue = if status.router.acknowledged < status.frontend.ready {

@@ -265,6 +265,8 @@ async fn helm_install_serve_scale_retune_and_uninstall() {
         ("get", "secrets", "no"),
         ("delete", "disaggdeployments.xpyd.dev", "no"),
         ("create", "pods", "no"),
+        ("patch", "pods", "yes"),
+        ("list", "horizontalpodautoscalers.autoscaling", "yes"),
     ] {
         let kubectl = plane.tools().kubectl();
         let kubeconfig = plane.kubeconfig().display().to_string();

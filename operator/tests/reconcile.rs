@@ -16,23 +16,9 @@ use serde_json::{Value, json};
 use xpyd_e2e::{Etcd, Tools, Workdir, wait_until};
 use xpyd_operator::crd::DisaggDeployment;
 
-use common::{TIMEOUT, apply, kubectl, namespace, object, plane_with_crd, spawn_controller, spec};
-
-async fn wait_for_dd(
-    api: &Api<DisaggDeployment>,
-    name: &str,
-    what: &str,
-    check: impl Fn(&DisaggDeployment) -> bool,
-) -> DisaggDeployment {
-    wait_until(what, TIMEOUT, || {
-        let api = api.clone();
-        let check = &check;
-        async move { Ok::<_, kube::Error>(check(&api.get(name).await?)) }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    api.get(name).await.unwrap()
-}
+use common::{
+    TIMEOUT, apply, kubectl, namespace, object, plane_with_crd, spawn_controller, spec, wait_for_dd,
+};
 
 fn condition(dd: &DisaggDeployment, type_: &str) -> Option<(String, String)> {
     dd.status

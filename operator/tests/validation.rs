@@ -403,6 +403,7 @@ async fn the_sample_crs_apply_with_kubectl() {
         "smollm-2p2d",
         "smollm-aggregated",
         "smollm-1p1d-gpu",
+        "smollm-autoscaled",
     ] {
         assert!(stdout.contains(name), "{stdout}");
     }
@@ -444,4 +445,91 @@ async fn every_device_the_api_server_accepts_is_one_the_agent_parses() {
         accepted,
         ["auto", "cpu", "cuda", "cuda:0", "cuda:7", "cuda:123"]
     );
+}
+
+#[tokio::test]
+async fn autoscaling_bounds_and_targets_are_checked_by_the_api_server() {
+    let (_plane, client) = plane_with_crd().await;
+    let ns = "validation-autoscaling";
+    namespace(&client, ns).await;
+    let api: Api<DisaggDeployment> = Api::namespaced(client, ns);
+
+    let cases: Vec<(&str, Change, &str)> = vec![
+        (
+            "prefill-min-over-max",
+            Box::new(|o| {
+                o["spec"]["autoscaling"] = json!({"enabled": true, "prefill": {"min": 4, "max": 2}})
+            }),
+            "spec.autoscaling.prefill.min: Invalid value: autoscaling.prefill.min must not exceed autoscaling.prefill.max",
+        ),
+        (
+            "decode-min-over-max",
+            Box::new(|o| {
+                o["spec"]["autoscaling"] = json!({"enabled": true, "decode": {"min": 3, "max": 1}})
+            }),
+            "autoscaling.decode.min must not exceed autoscaling.decode.max",
+        ),
+        (
+            "zero-ttft",
+            Box::new(|o| o["spec"]["autoscaling"] = json!({"enabled": true, "ttftP90Ms": 0})),
+            "spec.autoscaling.ttftP90Ms: Invalid value: autoscaling.ttftP90Ms must be a positive number of milliseconds",
+        ),
+        (
+            "negative-itl",
+            Box::new(|o| o["spec"]["autoscaling"] = json!({"enabled": true, "itlP90Ms": -5.5})),
+            "autoscaling.itlP90Ms must be a positive number of milliseconds",
+        ),
+        (
+            "decode-min-zero",
+            Box::new(|o| {
+                o["spec"]["autoscaling"] = json!({"enabled": true, "decode": {"min": 0, "max": 2}})
+            }),
+            "autoscaling.decode.min must be at least 1",
+        ),
+        (
+            "short-interval",
+            Box::new(|o| o["spec"]["autoscaling"] = json!({"intervalSeconds": 1})),
+            "spec.autoscaling.intervalSeconds",
+        ),
+        (
+            "zero-capacity",
+            Box::new(|o| {
+                o["spec"]["autoscaling"] = json!({"capacity": {"prefillTokensPerSecond": 0}})
+            }),
+            "autoscaling.capacity.prefillTokensPerSecond must be positive",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, change, want) in cases {
+        let message = rejection(&api, name, change).await;
+        if !message.contains(want) {
+            failures.push(format!("{name}: wanted {want:?} in {message:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // A valid spec is accepted, and what it leaves out is defaulted.
+    let mut obj = object("autoscaled", spec("http://127.0.0.1:2379", 1, 1));
+    obj["spec"]["autoscaling"] = json!({
+        "enabled": true,
+        "ttftP90Ms": 800,
+        "itlP90Ms": 40.5,
+        "prefill": {"min": 0, "max": 4},
+        "decode": {"min": 1, "max": 1},
+        "moveThreshold": true,
+        "intervalSeconds": 10,
+    });
+    let dd: DisaggDeployment = serde_json::from_value(obj).unwrap();
+    let created = api.create(&PostParams::default(), &dd).await.unwrap();
+    let a = created.spec.autoscaling.expect("autoscaling kept");
+    assert!(a.enabled && a.move_threshold);
+    assert_eq!((a.ttft_p90_ms, a.itl_p90_ms), (800.0, 40.5));
+    assert_eq!((a.prefill.min, a.prefill.max), (0, 4));
+    assert_eq!(a.scale_down_stabilization_seconds, 300);
+    assert_eq!(a.interval_seconds, Some(10));
+    // Without the block autoscaling is off: nothing is added to the spec.
+    let plain: DisaggDeployment =
+        serde_json::from_value(object("fixed", spec("http://127.0.0.1:2379", 1, 1))).unwrap();
+    let created = api.create(&PostParams::default(), &plain).await.unwrap();
+    assert!(created.spec.autoscaling.is_none());
 }

@@ -153,3 +153,20 @@ pub fn repo_root() -> PathBuf {
         .expect("operator/ has a parent")
         .to_path_buf()
 }
+
+/// Waits until `check` holds for the CR `name` and returns it.
+pub async fn wait_for_dd(
+    api: &Api<DisaggDeployment>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&DisaggDeployment) -> bool,
+) -> DisaggDeployment {
+    wait_until(what, TIMEOUT, || {
+        let api = api.clone();
+        let check = &check;
+        async move { Ok::<_, kube::Error>(check(&api.get(name).await?)) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    api.get(name).await.unwrap()
+}

@@ -208,7 +208,11 @@ async fn respond(
         }
     };
     tracing::Span::current().record("model", prepared.model.as_str());
-    let mut timer = state.metrics.timer(&prepared.model, endpoint.name());
+    let mut timer = state.metrics.timer(
+        &prepared.model,
+        endpoint.name(),
+        prepared.prompt_token_ids.len(),
+    );
     let upstream = state
         .backend
         .generate(GenerateRequest {

@@ -2,6 +2,12 @@
 //! (time to first token, inter-token, end to end), requests by model,
 //! endpoint and status, and token counters.
 //!
+//! Two counters are taken as requests arrive rather than as they finish
+//! (`xpyd_frontend_requests_received_total`,
+//! `xpyd_frontend_prompt_tokens_received_total`): they measure demand, which
+//! the operator's SLO planner sizes for; under backpressure the finished
+//! counts lag behind it.
+//!
 //! They are registered in a registry the caller owns (never the global one)
 //! and exposed by `GET /metrics`. Engine-side metrics live with the engine.
 
@@ -18,6 +24,8 @@ pub struct FrontendMetrics {
     requests: IntCounterVec,
     input_tokens: IntCounterVec,
     output_tokens: IntCounterVec,
+    received: IntCounterVec,
+    prompt_tokens_received: IntCounterVec,
 }
 
 impl FrontendMetrics {
@@ -60,6 +68,16 @@ impl FrontendMetrics {
                 "Generated tokens of finished requests.",
                 &["model"],
             )?,
+            received: counter(
+                "xpyd_frontend_requests_received_total",
+                "Requests for a served model, counted as they arrive (demand).",
+                &["model"],
+            )?,
+            prompt_tokens_received: counter(
+                "xpyd_frontend_prompt_tokens_received_total",
+                "Prompt tokens of requests as they arrive, before any is served (demand).",
+                &["model"],
+            )?,
         };
         registry.register(Box::new(metrics.ttft.clone()))?;
         registry.register(Box::new(metrics.itl.clone()))?;
@@ -67,6 +85,8 @@ impl FrontendMetrics {
         registry.register(Box::new(metrics.requests.clone()))?;
         registry.register(Box::new(metrics.input_tokens.clone()))?;
         registry.register(Box::new(metrics.output_tokens.clone()))?;
+        registry.register(Box::new(metrics.received.clone()))?;
+        registry.register(Box::new(metrics.prompt_tokens_received.clone()))?;
         Ok(metrics)
     }
 
@@ -78,8 +98,12 @@ impl FrontendMetrics {
             .inc();
     }
 
-    /// Start timing one request.
-    pub fn timer(&self, model: &str, endpoint: &'static str) -> RequestTimer {
+    /// Count one arriving request of `prompt_tokens` and start timing it.
+    pub fn timer(&self, model: &str, endpoint: &'static str, prompt_tokens: usize) -> RequestTimer {
+        self.received.with_label_values(&[model]).inc();
+        self.prompt_tokens_received
+            .with_label_values(&[model])
+            .inc_by(prompt_tokens as u64);
         RequestTimer {
             metrics: self.clone(),
             model: model.to_string(),
@@ -165,3 +189,31 @@ impl Drop for RequestTimer {
 
 /// The status recorded for a request whose client disconnected.
 pub const CLIENT_CLOSED: u16 = 499;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demand_is_counted_as_requests_arrive_before_they_finish() {
+        let registry = Registry::new();
+        let m = FrontendMetrics::register(&registry).unwrap();
+        let _in_flight = m.timer("m", "chat", 120);
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        assert!(
+            text.contains("xpyd_frontend_requests_received_total{model=\"m\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("xpyd_frontend_prompt_tokens_received_total{model=\"m\"} 120"),
+            "{text}"
+        );
+        // Nothing finished yet: the finish-side counters have no series.
+        assert!(
+            !text.contains("xpyd_frontend_input_tokens_total{"),
+            "{text}"
+        );
+    }
+}
