@@ -478,6 +478,7 @@ fn status_signals(
         prefill_queue_depth: r(f.prefill_queue_depth),
         ttft_p90_ms: f.ttft_p90_ms.map(r),
         itl_p90_ms: f.itl_p90_ms.map(r),
+        prefill_capacity_measured: f.prefill_capacity_measured.map(r),
         prefill_pending: u32_of(c.prefill.pending()),
         decode_pending: u32_of(c.decode.pending()),
         scraped_pods: scraped,

@@ -921,6 +921,11 @@ pub struct PlannerSignals {
     pub prefill_pending: i32,
     /// Decode pods asked for and not Ready.
     pub decode_pending: i32,
+    /// One prefill worker's capacity in prompt tokens per second, measured
+    /// over the window from the workers' own counters (absent when they
+    /// were not busy enough to tell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_capacity_measured: Option<f64>,
     /// Pods scraped, and pods whose scrape failed.
     pub scraped_pods: i32,
     pub failed_scrapes: i32,

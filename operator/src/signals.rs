@@ -233,6 +233,9 @@ pub mod names {
     pub const QUEUE_DEPTH: &str = "xpyd_decode_prefill_queue_depth";
     pub const KV_BLOCKS: &str = "xpyd_engine_kv_blocks";
     pub const KV_BLOCKS_FREE: &str = "xpyd_engine_kv_blocks_free";
+    pub const PREFILL_TOKENS: &str = "xpyd_prefill_tokens_total";
+    pub const PREFILL_BUSY: &str = "xpyd_prefill_busy_seconds_total";
+    pub const PREFILL_JOBS_IN_PROGRESS: &str = "xpyd_prefill_jobs_in_progress";
     pub const RUNNING: &str = "xpyd_engine_running_requests";
     pub const WAITING: &str = "xpyd_engine_waiting_requests";
 }
@@ -265,7 +268,17 @@ pub struct WindowFigures {
     /// Frontend pods scraped at both ends of the window. With none, the
     /// window says nothing about demand (not that there is none).
     pub frontends: usize,
+    /// One prefill worker's measured capacity, in prompt tokens per second:
+    /// the prefill workers' `xpyd_prefill_tokens_total` over their
+    /// `xpyd_prefill_busy_seconds_total` in the window (tokens computed per
+    /// second of being busy). `None` with less than [`MIN_BUSY_SECONDS`]
+    /// of busy time to measure it by.
+    pub prefill_capacity_measured: Option<f64>,
 }
+
+/// Busy seconds of the prefill workers in a window below which their
+/// throughput says too little to measure their capacity by.
+pub const MIN_BUSY_SECONDS: f64 = 1.0;
 
 /// The increase of a counter over the window, summed over the pods of
 /// `role` scraped both times (a pod seen only now has no start to count
@@ -356,7 +369,12 @@ pub fn figures(previous: &[PodScrape], current: &[PodScrape], window: Duration) 
         .fold(0.0, f64::max);
     let p90_ms =
         |name| windowed_quantile(previous, current, Role::Frontend, name, 0.9).map(|s| s * 1000.0);
+    let busy = inc(Role::Prefill, names::PREFILL_BUSY, None);
+    let computed = inc(Role::Prefill, names::PREFILL_TOKENS, None);
+    let prefill_capacity_measured =
+        (busy >= MIN_BUSY_SECONDS && computed > 0.0).then(|| computed / busy);
     WindowFigures {
+        prefill_capacity_measured,
         requests_per_s: requests / secs,
         prefill_tokens_per_s: prompt_tokens / secs * remote_share,
         remote_share,
@@ -396,7 +414,12 @@ pub fn planner_signals(f: &WindowFigures, c: &Context) -> planner::Signals {
         requests_per_s: f.requests_per_s,
         prefill_tokens_per_s: f.prefill_tokens_per_s,
         output_tokens_per_request: f.output_tokens_per_request,
-        prefill_capacity_per_worker: c.prefill_capacity_per_worker,
+        // The spec's profile when given, else what the window measured.
+        prefill_capacity_per_worker: if c.prefill_capacity_per_worker > 0.0 {
+            c.prefill_capacity_per_worker
+        } else {
+            f.prefill_capacity_measured.unwrap_or(0.0)
+        },
         decode_capacity_per_worker: c.decode_capacity_per_worker,
         kv_use: f.kv_use,
         prefill_queue_depth: f.prefill_queue_depth,
@@ -408,15 +431,20 @@ pub fn planner_signals(f: &WindowFigures, c: &Context) -> planner::Signals {
     }
 }
 
-/// Requests a worker holds now (running and waiting in its engine);
-/// `None` when it does not export them.
+/// Work a worker holds now: requests running and waiting in its engine,
+/// and (a prefill worker) remote-prefill jobs claimed, computing or
+/// writing; `None` when it exports none of these.
 pub fn in_flight(metrics: &Exposition) -> Option<f64> {
-    let running = metrics.sum(names::RUNNING, None);
-    let waiting = metrics.sum(names::WAITING, None);
-    if running.is_none() && waiting.is_none() {
+    let held = [
+        names::RUNNING,
+        names::WAITING,
+        names::PREFILL_JOBS_IN_PROGRESS,
+    ]
+    .map(|name| metrics.sum(name, None));
+    if held.iter().all(Option::is_none) {
         return None;
     }
-    Some(running.unwrap_or(0.0) + waiting.unwrap_or(0.0))
+    Some(held.iter().flatten().sum())
 }
 
 /// The `controller.kubernetes.io/pod-deletion-cost` of a worker holding
@@ -636,5 +664,43 @@ xpyd_frontend_time_to_first_token_seconds_bucket{model="m",le="+Inf"} 160
         assert_eq!(deletion_cost(0.0), 0);
         assert_eq!(deletion_cost(f64::NAN), 0);
         assert_eq!(in_flight(&parse("other 1\n").unwrap()), None);
+        // A prefill worker holding a claimed job is busy too.
+        let claimed = parse("xpyd_prefill_jobs_in_progress 1\nxpyd_engine_running_requests 0\n");
+        assert_eq!(in_flight(&claimed.unwrap()), Some(1.0));
+    }
+
+    #[test]
+    fn prefill_capacity_is_measured_from_tokens_over_busy_seconds() {
+        let prefill = |pod: &str, tokens: u64, busy: f64| {
+            scrape(
+                pod,
+                Role::Prefill,
+                &format!(
+                    "xpyd_prefill_tokens_total {tokens}\nxpyd_prefill_busy_seconds_total {busy}\n"
+                ),
+            )
+        };
+        let before = vec![prefill("p-0", 1000, 10.0), prefill("p-1", 0, 0.0)];
+        // p-0 computed 6000 tokens in 3 busy seconds, p-1 2000 in 1.
+        let after = vec![prefill("p-0", 7000, 13.0), prefill("p-1", 2000, 1.0)];
+        let f = figures(&before, &after, Duration::from_secs(30));
+        assert_eq!(f.prefill_capacity_measured, Some(2000.0));
+        // Used when the spec gives no profile; the spec's wins otherwise.
+        let measured = planner_signals(&f, &Context::default());
+        assert_eq!(measured.prefill_capacity_per_worker, 2000.0);
+        let given = Context {
+            prefill_capacity_per_worker: 500.0,
+            ..Context::default()
+        };
+        assert_eq!(
+            planner_signals(&f, &given).prefill_capacity_per_worker,
+            500.0
+        );
+        // Too little busy time measures nothing.
+        let idle = vec![prefill("p-0", 1100, 10.5), prefill("p-1", 0, 0.0)];
+        assert_eq!(
+            figures(&before, &idle, Duration::from_secs(30)).prefill_capacity_measured,
+            None
+        );
     }
 }

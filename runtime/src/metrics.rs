@@ -10,7 +10,10 @@
 
 use std::collections::HashMap;
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 use crate::engine::runner::EngineStats;
 
@@ -53,6 +56,10 @@ pub struct WorkerMetrics {
     pub transfer_seconds: Histogram,
     pub transfer_failures: IntCounterVec,
     pub prefill_jobs: IntCounterVec,
+    pub prefill_tokens: IntCounter,
+    pub prefill_busy_seconds: Counter,
+    pub prefill_jobs_in_progress: IntGauge,
+    pub prefill_queue_wait_seconds: Histogram,
     pub kv_blocks: IntGauge,
     pub kv_blocks_free: IntGauge,
     pub kv_blocks_fenced: IntGauge,
@@ -149,6 +156,33 @@ impl WorkerMetrics {
                 "Remote prefill jobs a prefill worker finished, by result.",
                 "result",
                 PREFILL_JOB_RESULTS,
+            )?,
+            prefill_tokens: {
+                let c = IntCounter::with_opts(opts(
+                    "xpyd_prefill_tokens_total",
+                    "Prompt tokens a prefill worker computed for remote-prefill jobs (its own \
+                     prefix-cache hits excluded).",
+                ))?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            prefill_busy_seconds: {
+                let c = Counter::with_opts(opts(
+                    "xpyd_prefill_busy_seconds_total",
+                    "Seconds a prefill worker had at least one job computing (tokens over \
+                     busy seconds is its measured capacity).",
+                ))?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            prefill_jobs_in_progress: gauge(
+                "xpyd_prefill_jobs_in_progress",
+                "Remote-prefill jobs a prefill worker holds now (claimed, computing or writing).",
+            )?,
+            prefill_queue_wait_seconds: histogram(
+                "xpyd_decode_prefill_queue_wait_seconds",
+                "Time from enqueuing a remote prefill to its first claim by a prefill worker, \
+                 on the decode worker's clock.",
             )?,
             kv_blocks: gauge("xpyd_engine_kv_blocks", "KV cache blocks of the engine.")?,
             kv_blocks_free: gauge(

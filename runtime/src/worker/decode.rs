@@ -95,6 +95,7 @@ impl Default for DecodeConfig {
 /// A remote prefill the worker waits for.
 struct Pending {
     deadline: Instant,
+    enqueued: Instant,
     claimed_by: Option<String>,
     /// Told why, when the prefill worker gives the job up.
     abandoned: Option<oneshot::Sender<String>>,
@@ -284,6 +285,13 @@ impl DecodeWorker {
             Some(owner) => !self.inner.parts.is_alive(owner),
         };
         if may {
+            if p.claimed_by.is_none() {
+                self.inner
+                    .parts
+                    .metrics
+                    .prefill_queue_wait_seconds
+                    .observe(p.enqueued.elapsed().as_secs_f64());
+            }
             p.claimed_by = Some(prefill_instance.to_string());
             ClaimReply::Proceed {
                 remaining_ms: remaining.as_millis() as u64,
@@ -438,6 +446,7 @@ impl DecodeWorker {
             id.clone(),
             Pending {
                 deadline,
+                enqueued: Instant::now(),
                 claimed_by: None,
                 abandoned: Some(abandoned_tx),
             },

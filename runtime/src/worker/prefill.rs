@@ -113,6 +113,10 @@ const FINISHED_MEMORY: Duration = Duration::from_secs(120);
 struct JobBook {
     working: HashMap<String, usize>,
     finished: HashMap<String, Instant>,
+    /// Jobs computing now, and since when at least one has been (the part
+    /// of that time not yet counted in `xpyd_prefill_busy_seconds_total`).
+    computing: usize,
+    busy_since: Option<Instant>,
 }
 
 impl JobBook {
@@ -131,6 +135,35 @@ impl JobBook {
         self.finished
             .retain(|_, at| now.duration_since(*at) < FINISHED_MEMORY);
         self.finished.insert(id.to_string(), now);
+    }
+
+    /// A job starts computing.
+    fn compute_started(&mut self) {
+        self.computing += 1;
+        self.busy_since.get_or_insert_with(Instant::now);
+    }
+
+    /// A job stops computing; returns busy time not yet counted.
+    fn compute_ended(&mut self) -> Duration {
+        self.computing = self.computing.saturating_sub(1);
+        let busy = self.busy_time();
+        if self.computing == 0 {
+            self.busy_since = None;
+        }
+        busy
+    }
+
+    /// Busy time since it was last counted (and restart counting from now).
+    fn busy_time(&mut self) -> Duration {
+        match &mut self.busy_since {
+            Some(since) => {
+                let now = Instant::now();
+                let busy = now.duration_since(*since);
+                *since = now;
+                busy
+            }
+            None => Duration::ZERO,
+        }
     }
 
     fn status(&self, id: &str) -> JobStatus {
@@ -185,6 +218,18 @@ impl PrefillWorker {
 
     fn book(&self) -> std::sync::MutexGuard<'_, JobBook> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refresh the gauges a scrape shows, and count busy time so far.
+    fn observe(&self) {
+        self.parts.observe();
+        let (jobs, busy) = {
+            let mut book = self.book();
+            (book.working.len(), book.busy_time())
+        };
+        let metrics = &self.parts.metrics;
+        metrics.prefill_jobs_in_progress.set(jobs as i64);
+        metrics.prefill_busy_seconds.inc_by(busy.as_secs_f64());
     }
 
     /// Answer status queries on this worker's subject until dropped.
@@ -251,7 +296,7 @@ impl PrefillWorker {
                 // A free slot first: a busy worker leaves jobs to the others.
                 let slot = tokio::select! {
                     _ = &mut shutdown => break 'outer,
-                    _ = observe.tick() => { self.parts.observe(); continue; }
+                    _ = observe.tick() => { self.observe(); continue; }
                     slot = slots.clone().acquire_owned() => match slot {
                         Ok(slot) => slot,
                         Err(_) => break 'outer,
@@ -268,7 +313,7 @@ impl PrefillWorker {
                 let job = loop {
                     tokio::select! {
                         _ = &mut shutdown => break 'outer,
-                        _ = observe.tick() => self.parts.observe(),
+                        _ = observe.tick() => self.observe(),
                         job = jobs.next() => break job,
                     }
                 };
@@ -567,16 +612,28 @@ impl PrefillWorker {
             .map_err(engine_failed)?;
         let limit = deadline.saturating_duration_since(Instant::now());
         let mut first = None;
+        let mut computed = 0;
         let collect = async {
             while let Some(item) = outputs.recv().await {
                 match item {
-                    Ok(o) => first = first.or(Some(o.token_id)),
+                    Ok(o) => {
+                        first = first.or(Some(o.token_id));
+                        if let Some(usage) = o.usage {
+                            computed = usage.prompt_tokens.saturating_sub(usage.cached_tokens);
+                        }
+                    }
                     Err(e) => return Err(engine_failed(e)),
                 }
             }
             Ok(())
         };
-        match tokio::time::timeout(limit, collect).await {
+        let outcome = {
+            // Counted even when the job is dropped mid-compute (handed back).
+            let _computing = Computing::start(self);
+            tokio::time::timeout(limit, collect).await
+        };
+        self.parts.metrics.prefill_tokens.inc_by(computed as u64);
+        match outcome {
             Err(_) => Err(JobEnd::Expired),
             Ok(Err(end)) => Err(end),
             Ok(Ok(())) => {
@@ -654,6 +711,27 @@ impl PrefillWorker {
                 JobEnd::Failed(e.to_string())
             }
         }
+    }
+}
+
+/// One job computing, for `xpyd_prefill_busy_seconds_total`; ends on drop.
+struct Computing<'a>(&'a PrefillWorker);
+
+impl<'a> Computing<'a> {
+    fn start(worker: &'a PrefillWorker) -> Self {
+        worker.book().compute_started();
+        Computing(worker)
+    }
+}
+
+impl Drop for Computing<'_> {
+    fn drop(&mut self) {
+        let busy = self.0.book().compute_ended();
+        self.0
+            .parts
+            .metrics
+            .prefill_busy_seconds
+            .inc_by(busy.as_secs_f64());
     }
 }
 
