@@ -17,7 +17,7 @@ use xpyd_runtime::worker::{DecodeConfig, PrefillConfig};
 
 use crate::node::{self, EngineArgs, ModelArgs};
 use crate::roles::{self, FrontendSpec, WorkerSpec};
-use crate::{connect, gpu, require_nixl, stop_on_signal};
+use crate::{connect, require_nixl, stop_on_signal};
 
 /// How long workers may take to load the model and register.
 const START_DEADLINE: Duration = Duration::from_secs(180);
@@ -71,12 +71,13 @@ fn parse_strategy(s: &str) -> Result<RouterStrategy, String> {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.decode > 0, "--decode must be at least 1");
     node::check_device(args.engine.device)?;
+    let sim = args.engine.sim_profile()?;
     let model_path = args.model.path().await?;
     let engine = args
         .engine
         .config(&model_path, args.prefill + args.decode)?;
     require_nixl()?;
-    let devices = gpu::report();
+    let devices = node::devices(sim.as_ref());
     let (namespace, deployment) = args
         .scope
         .split_once('/')
@@ -125,6 +126,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             },
             prefill: PrefillConfig::default(),
             grace: SHUTDOWN_GRACE,
+            sim: sim.clone(),
         };
         tasks.push(tokio::spawn(roles::run_worker(
             spec,
@@ -185,6 +187,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         println!(
             "(temperature 0 picks the likeliest token each step; this 135M model rambles when it samples at the default 1.0)"
         );
+        if let Some(profile) = &sim {
+            println!(
+                "SIMULATED engines (--device sim, profile {:?}): responses are placeholders, \
+                 not model answers, and carry x-xpyd-simulated: true",
+                profile.name
+            );
+        }
         println!("Ctrl-C stops it.");
     }
     let mut first_error = None;

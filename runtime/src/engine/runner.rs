@@ -24,8 +24,8 @@ use tokio::sync::mpsc::{self, UnboundedSender};
 use tracing::Span;
 
 use super::block_pool::{BlockId, BlockPool, KvEvent, SequenceId, TokenId};
-use super::kv_storage::KvStorage;
 use super::forward::ForwardModel;
+use super::kv_storage::KvStorage;
 use super::model::{LogitsFor, SequenceInput};
 use super::sampling::{FinishReason, Sampler, SamplingParams, SamplingParamsError};
 use super::scheduler::{RemoteReservation, Scheduler, SchedulerConfig, SchedulerError, SeqState};

@@ -247,7 +247,11 @@ mod tests {
         let t = Instant::now();
         let logits = sim.forward(&mut kv, &batch, LogitsFor::LastToken).unwrap();
         // 1 ms + 250 × 0.2 ms.
-        assert!(t.elapsed() >= Duration::from_millis(51), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(51),
+            "{:?}",
+            t.elapsed()
+        );
         let token = argmax(&logits[0]).unwrap() as u32;
         assert!([5, 6, 7].contains(&token), "{token}");
         // Bad input is still an error.
