@@ -120,7 +120,7 @@ fn answers_are_deterministic_placeholders_and_the_prefix_cache_is_real() {
     // The second run found the first's full blocks in the prefix cache.
     let cached = b.usage.unwrap().cached_tokens;
     assert!(
-        cached >= BLOCK_SIZE && cached % BLOCK_SIZE == 0,
+        cached >= BLOCK_SIZE && cached.is_multiple_of(BLOCK_SIZE),
         "{:?}",
         b.usage
     );

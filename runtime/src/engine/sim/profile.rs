@@ -338,11 +338,12 @@ fn least_squares(samples: &[Sample], active: &[bool; 5]) -> [f64; 5] {
         if a[col][col].abs() < 1e-12 {
             continue;
         }
-        for row in 0..k {
+        let pivot_row = a[col].clone();
+        for (row, r) in a.iter_mut().enumerate() {
             if row != col {
-                let f = a[row][col] / a[col][col];
-                for c in col..=k {
-                    a[row][c] -= f * a[col][c];
+                let f = r[col] / pivot_row[col];
+                for (x, p) in r.iter_mut().zip(&pivot_row).skip(col) {
+                    *x -= f * p;
                 }
             }
         }
