@@ -179,9 +179,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "xpyd is serving {} at {url} ({} prefill, {} decode; remote prefill above {} tokens)",
             args.model.served_model_name, args.prefill, args.decode, args.max_local_prefill_length
         );
+        // A simulated engine never ends an answer by itself (no EOS).
+        let max_tokens = if sim.is_some() {
+            "\"max_tokens\": 16, "
+        } else {
+            ""
+        };
         println!(
             "try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' \
-             -d '{{\"model\": \"{}\", \"temperature\": 0, \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'",
+             -d '{{\"model\": \"{}\", {max_tokens}\"temperature\": 0, \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'",
             args.model.served_model_name
         );
         println!(
@@ -190,7 +196,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if let Some(profile) = &sim {
             println!(
                 "SIMULATED engines (--device sim, profile {:?}): responses are placeholders, \
-                 not model answers, and carry x-xpyd-simulated: true",
+                 not model answers, and carry x-xpyd-simulated: true; they end only at \
+                 max_tokens, a stop string or the context window",
                 profile.name
             );
         }

@@ -23,11 +23,17 @@ async fn up_with_simulated_engines_answers_labelled_placeholders() {
         "64",
     ]);
     let url = up.url.clone();
-    // Startup says so, in the lines after the URL.
-    let notice = (0..4)
+    // Startup says so, in the lines after the URL, and the curl line it
+    // prints asks for few tokens (a simulated answer has no EOS).
+    let lines: Vec<String> = (0..4)
         .map(|_| up.next_line(Duration::from_secs(10)))
-        .find(|l| l.starts_with("SIMULATED"));
-    assert!(notice.is_some(), "no SIMULATED notice at startup");
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("SIMULATED")),
+        "no SIMULATED notice at startup: {lines:?}"
+    );
+    let curl = lines.iter().find(|l| l.starts_with("try: curl ")).unwrap();
+    assert!(curl.contains("\"max_tokens\": 16"), "{curl}");
 
     let client = reqwest::Client::new();
     let mut body = common::chat_request(&[("user", common::FRANCE)]);
