@@ -9,6 +9,8 @@
 //! - `xpyd-agent up`: a whole deployment on this machine (frontend, prefill
 //!   and decode workers in one process, with in-process discovery and bus
 //!   unless `--etcd`/`--nats` name real servers), serving the bundled model.
+//! - `xpyd-agent sim-profile`: times the CPU engine on this machine and
+//!   prints a profile for `--device sim` (docs/sim.md).
 
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
@@ -54,6 +56,18 @@ enum Command {
     /// cache, or check a path or claim file, and print where it is. The
     /// operator runs it as each pod's init container.
     FetchModel(FetchModelArgs),
+    /// Time the CPU engine's forward pass on this machine and print the
+    /// `--device sim` timing profile it fits (JSON, for `--sim-profile`).
+    SimProfile(SimProfileArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct SimProfileArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Timed runs per batch shape (the median is kept).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -170,6 +184,9 @@ fn main() -> anyhow::Result<()> {
     if let Command::FetchModel(args) = &cli.command {
         return fetch_model(args);
     }
+    if let Command::SimProfile(args) = &cli.command {
+        return sim_profile(args);
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(async move {
         match cli.command {
@@ -177,7 +194,9 @@ fn main() -> anyhow::Result<()> {
             Command::Frontend(args) => frontend(args).await,
             Command::Prefill(args) => worker(Role::Prefill, args).await,
             Command::Decode(args) => worker(Role::Decode, args).await,
-            Command::FetchModel(_) => unreachable!("handled before the runtime starts"),
+            Command::FetchModel(_) | Command::SimProfile(_) => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     });
     // Tasks still blocked on a dead peer must not hold the exit hostage.
@@ -205,6 +224,45 @@ fn fetch_model(args: &FetchModelArgs) -> anyhow::Result<()> {
             Err(e)
         }
     }
+}
+
+/// `sim-profile`: measure the CPU model at `--model` and print the fitted
+/// profile on stdout, the timed batches on stderr.
+fn sim_profile(args: &SimProfileArgs) -> anyhow::Result<()> {
+    use xpyd_runtime::engine::model::Model;
+    use xpyd_runtime::engine::sim::profile::{fit, measure};
+    let runtime = tokio::runtime::Runtime::new()?;
+    let path = runtime.block_on(args.model.path());
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    let path = path?;
+    let mut model = Model::load_gguf(&path)?;
+    let samples = measure(&mut model, args.repeats.max(1))?;
+    let name = path
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let profile = fit(
+        &samples,
+        &format!("cpu {name}, {threads} threads"),
+        &format!(
+            "xpyd-agent sim-profile --repeats {} (median of each batch, least squares)",
+            args.repeats
+        ),
+    );
+    eprintln!("prefill_tokens prefill_pairs decode_seqs decode_context measured_ms model_ms");
+    for s in &samples {
+        eprintln!(
+            "{:>14} {:>13} {:>11} {:>14} {:>11.2} {:>8.2}",
+            s.work.prefill_tokens,
+            s.work.prefill_pairs,
+            s.work.decode_seqs,
+            s.work.decode_context,
+            s.ms,
+            profile.step_ms(&s.work)
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&profile)?);
+    Ok(())
 }
 
 /// NIXL is the transport between prefill and decode workers; a machine
@@ -254,10 +312,11 @@ async fn start_probes(
 async fn worker(role: Role, args: WorkerArgs) -> anyhow::Result<()> {
     let pod = &args.pod;
     node::check_device(args.engine.device)?;
+    let sim = args.engine.sim_profile()?;
     let model_path = pod.model.path().await?;
     let engine = args.engine.config(&model_path, 1)?;
     require_nixl()?;
-    let devices = gpu::report();
+    let devices = node::devices(sim.as_ref());
     let scope = Scope::new(&pod.namespace, &pod.deployment);
     let cluster = connect::pod_cluster(&pod.etcd_endpoints, &pod.nats_url, scope).await?;
     let (_stop_tx, stop) = stop_on_signal();
@@ -283,6 +342,7 @@ async fn worker(role: Role, args: WorkerArgs) -> anyhow::Result<()> {
             ..PrefillConfig::default()
         },
         grace: Duration::from_secs(pod.grace_seconds),
+        sim,
     };
     roles::run_worker(spec, cluster, registry, ready_tx, stop).await
 }

@@ -1,5 +1,6 @@
-//! What every worker process builds the same way: the model, its engine,
-//! the NIXL agent over the engine's KV memory, and the registration record.
+//! What every worker process builds the same way: the model (the CPU one,
+//! or the simulated one of `--device sim`), its engine, the NIXL agent over
+//! the engine's KV memory, and the registration record.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,10 +13,12 @@ use xpyd_runtime::discovery::{Capacity, InstanceRecord, Role};
 use xpyd_runtime::engine::block_pool::KvEvent;
 use xpyd_runtime::engine::config::ModelConfig;
 use xpyd_runtime::engine::device::{self, DeviceChoice, ResolvedDevice};
+use xpyd_runtime::engine::forward::ForwardModel;
 use xpyd_runtime::engine::gguf::GgufFile;
 use xpyd_runtime::engine::kv_storage::KvShape;
 use xpyd_runtime::engine::model::Model;
 use xpyd_runtime::engine::runner::{Engine, EngineConfig, EngineHandle};
+use xpyd_runtime::engine::sim::{SIM_DEVICE, SimModel, SimProfile};
 use xpyd_runtime::engine::tokenizer::Tokenizer;
 use xpyd_runtime::model_source::{self, ModelSource, ResolveOptions, Resolved};
 use xpyd_runtime::transfer::{KvMemory, TransferAgent, weights_digest};
@@ -125,9 +128,15 @@ pub struct EngineArgs {
     /// Most tokens (prompt plus output) of one request.
     #[arg(long, env = "XPYD_MAX_MODEL_LEN", default_value_t = 2048)]
     pub max_model_len: usize,
-    /// Where the engine computes: auto, cpu, cuda or cuda:N.
+    /// Where the engine computes: auto, cpu, cuda or cuda:N; or sim, a
+    /// simulated engine (real tokenizer, scheduler and KV blocks, timed
+    /// steps, placeholder tokens: never an answer).
     #[arg(long, env = "XPYD_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
+    /// With `--device sim`: the timing profile (JSON, see docs/sim.md);
+    /// default: the CPU engine's, measured on the development machine.
+    #[arg(long, env = "XPYD_SIM_PROFILE")]
+    pub sim_profile: Option<PathBuf>,
 }
 
 /// Check `--device` once at startup. The worker engine runs on the CPU
@@ -142,6 +151,11 @@ pub fn check_device(choice: DeviceChoice) -> anyhow::Result<()> {
             tracing::info!("--device auto chose the CPU: {reason}");
         }
         ResolvedDevice::Cpu { reason: None } => tracing::info!("computing on the CPU"),
+        ResolvedDevice::Sim => tracing::warn!(
+            "--device sim: the engine is SIMULATED; it computes nothing, its steps take the \
+             profiled time and its tokens are placeholders, not model answers \
+             (responses carry x-xpyd-simulated: true)"
+        ),
         ResolvedDevice::Cuda(dev) if choice == DeviceChoice::Auto => tracing::info!(
             gpu = %dev.name,
             "--device auto chose the CPU: the CUDA engine is not enabled in this release"
@@ -156,6 +170,19 @@ pub fn check_device(choice: DeviceChoice) -> anyhow::Result<()> {
 }
 
 impl EngineArgs {
+    /// The simulated engine's profile with `--device sim` (`None`: a real
+    /// engine); `--sim-profile` without `--device sim` is an error.
+    pub fn sim_profile(&self) -> anyhow::Result<Option<SimProfile>> {
+        match (&self.sim_profile, self.device) {
+            (None, DeviceChoice::Sim) => Ok(Some(SimProfile::default_cpu())),
+            (Some(path), DeviceChoice::Sim) => Ok(Some(SimProfile::load(path)?)),
+            (Some(_), device) => anyhow::bail!(
+                "--sim-profile (XPYD_SIM_PROFILE) needs --device sim, not --device {device}"
+            ),
+            (None, _) => Ok(None),
+        }
+    }
+
     /// The engine's configuration for the model at `model` (whose shape
     /// sizes an `auto` KV cache, split between the `engines` of this process).
     pub fn config(&self, model: &Path, engines: usize) -> anyhow::Result<EngineConfig> {
@@ -176,9 +203,18 @@ impl EngineArgs {
                 let gguf = GgufFile::open(model)
                     .with_context(|| format!("reading {}", model.display()))?;
                 let config = ModelConfig::from_gguf(&gguf)?;
-                let shape = KvShape::for_model(&config, 1, self.block_size);
+                let sim = self.device == DeviceChoice::Sim;
+                let shape = if sim {
+                    SimModel::kv_shape_for(1, self.block_size)
+                } else {
+                    KvShape::for_model(&config, 1, self.block_size)
+                };
                 let block_bytes = (shape.n_layers * 2 * shape.block_region_bytes()) as u64;
-                let weights = std::fs::metadata(model).map(|m| m.len()).unwrap_or(0);
+                // A simulated engine never loads the weights.
+                let weights = match sim {
+                    true => 0,
+                    false => std::fs::metadata(model).map(|m| m.len()).unwrap_or(0),
+                };
                 let plan = kv_blocks_for_memory(
                     &memory::available(),
                     engines.max(1) as u64,
@@ -332,6 +368,15 @@ pub fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
     Ok(Tokenizer::from_gguf(&gguf)?)
 }
 
+/// The `devices` of a worker's record: [`SIM_DEVICE`] for a simulated
+/// engine (frontends label its answers by it), else what NVML reports.
+pub fn devices(sim: Option<&SimProfile>) -> Vec<String> {
+    match sim {
+        Some(_) => vec![SIM_DEVICE.to_string()],
+        None => crate::gpu::report(),
+    }
+}
+
 /// An engine over the model at `path` and a NIXL agent named
 /// `agent_name` over its KV memory.
 pub struct Node {
@@ -340,14 +385,23 @@ pub struct Node {
 }
 
 impl Node {
+    /// `sim`: run the simulated engine with this profile instead of the
+    /// CPU model (the checkpoint's shape and tokenizer are still read).
     pub fn start(
         path: &Path,
         config: EngineConfig,
         agent_name: &str,
         kv_events: Option<UnboundedSender<KvEvent>>,
+        sim: Option<&SimProfile>,
     ) -> anyhow::Result<Node> {
         let gguf = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
-        let model = Model::from_gguf(&gguf)?;
+        let model: Box<dyn ForwardModel> = match sim {
+            Some(profile) => {
+                tracing::warn!(profile = %profile.name, "starting a SIMULATED engine");
+                Box::new(SimModel::from_gguf(&gguf, profile.clone())?)
+            }
+            None => Box::new(Model::from_gguf(&gguf)?),
+        };
         let engine = Engine::start(model, Some(Tokenizer::from_gguf(&gguf)?), config, kv_events)?;
         let memory = engine
             // SAFETY: the engine keeps its KV memory in place until it shuts

@@ -15,8 +15,9 @@ use tokio::sync::watch;
 use xpyd_runtime::bus::Bus;
 use xpyd_runtime::discovery::{Discovery, InstanceRecord, Lifecycle, Role};
 use xpyd_runtime::engine::runner::EngineConfig;
+use xpyd_runtime::engine::sim::{SIM_DEVICE, SimProfile};
 use xpyd_runtime::frontend::{self, ClusterBackend, ClusterOptions, Prompts};
-use xpyd_runtime::metrics::WorkerMetrics;
+use xpyd_runtime::metrics::{WorkerMetrics, register_engine_info};
 use xpyd_runtime::worker::{DecodeConfig, DecodeWorker, PrefillConfig, PrefillWorker, WorkerParts};
 
 use crate::node::{self, Node};
@@ -59,6 +60,8 @@ pub struct WorkerSpec {
     pub decode: DecodeConfig,
     pub prefill: PrefillConfig,
     pub grace: Duration,
+    /// `--device sim`: the simulated engine's profile.
+    pub sim: Option<SimProfile>,
 }
 
 /// Run a prefill or decode worker until `stop`.
@@ -80,7 +83,15 @@ pub async fn run_worker(
     };
     let node = tokio::task::spawn_blocking({
         let spec = spec.clone();
-        move || Node::start(&spec.model_path, spec.engine, &spec.instance_id, events_tx)
+        move || {
+            Node::start(
+                &spec.model_path,
+                spec.engine,
+                &spec.instance_id,
+                events_tx,
+                spec.sim.as_ref(),
+            )
+        }
     })
     .await??;
     if let Some(events) = events {
@@ -94,6 +105,12 @@ pub async fn run_worker(
     }
     let label = spec.label_metrics.then_some(id.as_str());
     let metrics = WorkerMetrics::register(&registry, label)?;
+    let device = if spec.sim.is_some() {
+        SIM_DEVICE
+    } else {
+        "cpu"
+    };
+    register_engine_info(&registry, label, device)?;
     let record = node.record(
         &id,
         spec.role,

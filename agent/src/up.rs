@@ -17,7 +17,7 @@ use xpyd_runtime::worker::{DecodeConfig, PrefillConfig};
 
 use crate::node::{self, EngineArgs, ModelArgs};
 use crate::roles::{self, FrontendSpec, WorkerSpec};
-use crate::{connect, gpu, require_nixl, stop_on_signal};
+use crate::{connect, require_nixl, stop_on_signal};
 
 /// How long workers may take to load the model and register.
 const START_DEADLINE: Duration = Duration::from_secs(180);
@@ -71,12 +71,13 @@ fn parse_strategy(s: &str) -> Result<RouterStrategy, String> {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.decode > 0, "--decode must be at least 1");
     node::check_device(args.engine.device)?;
+    let sim = args.engine.sim_profile()?;
     let model_path = args.model.path().await?;
     let engine = args
         .engine
         .config(&model_path, args.prefill + args.decode)?;
     require_nixl()?;
-    let devices = gpu::report();
+    let devices = node::devices(sim.as_ref());
     let (namespace, deployment) = args
         .scope
         .split_once('/')
@@ -125,6 +126,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             },
             prefill: PrefillConfig::default(),
             grace: SHUTDOWN_GRACE,
+            sim: sim.clone(),
         };
         tasks.push(tokio::spawn(roles::run_worker(
             spec,
@@ -177,14 +179,28 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "xpyd is serving {} at {url} ({} prefill, {} decode; remote prefill above {} tokens)",
             args.model.served_model_name, args.prefill, args.decode, args.max_local_prefill_length
         );
+        // A simulated engine never ends an answer by itself (no EOS).
+        let max_tokens = if sim.is_some() {
+            "\"max_tokens\": 16, "
+        } else {
+            ""
+        };
         println!(
             "try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' \
-             -d '{{\"model\": \"{}\", \"temperature\": 0, \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'",
+             -d '{{\"model\": \"{}\", {max_tokens}\"temperature\": 0, \"messages\": [{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'",
             args.model.served_model_name
         );
         println!(
             "(temperature 0 picks the likeliest token each step; this 135M model rambles when it samples at the default 1.0)"
         );
+        if let Some(profile) = &sim {
+            println!(
+                "SIMULATED engines (--device sim, profile {:?}): responses are placeholders, \
+                 not model answers, and carry x-xpyd-simulated: true; they end only at \
+                 max_tokens, a stop string or the context window",
+                profile.name
+            );
+        }
         println!("Ctrl-C stops it.");
     }
     let mut first_error = None;

@@ -1662,3 +1662,87 @@ async fn nats_and_etcd_restarting_mid_handoff_lose_no_request_and_no_block() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+/// Pods with `--device sim` (what the planner's tests run): a separate
+/// frontend process learns from the decode worker's record that its engine
+/// is simulated and labels every answer; the simulated prefill worker's KV
+/// still reaches the decode worker over NIXL, and decodes as a local
+/// prefill of the same prompt does.
+#[tokio::test]
+async fn simulated_workers_serve_labelled_answers_across_processes() {
+    let mut d = Deployment::start("disagg-sim", 0, 1, 32, &["--device", "sim"]).await;
+    d.spawn("prefill", "prefill-0", &["--device", "sim"]).await;
+    // Each attempt its own prompt, so none is a prefix-cache hit of another.
+    let ask = |attempt: u32| {
+        d.http
+            .post(format!("{}/v1/chat/completions", d.api))
+            .json(&json!({
+                "model": MODEL,
+                "max_tokens": 10,
+                "messages": [
+                    {"role": "system", "content": format!("Attempt {attempt}. {LONG_SYSTEM}")},
+                    {"role": "user", "content": FRANCE},
+                ],
+            }))
+            .send()
+    };
+    // The prefill worker registered after the frontend started: wait until
+    // a long prompt goes remote.
+    let mut remote = None;
+    let mut attempt = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while remote.is_none() && Instant::now() < deadline {
+        attempt += 1;
+        let resp = ask(attempt).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers().get("x-xpyd-simulated").map(|v| v.as_bytes()),
+            Some(&b"true"[..])
+        );
+        let body: Value = resp.json().await.unwrap();
+        if d.metric(
+            "decode-0",
+            "xpyd_decode_prefills_total",
+            "location=\"remote\"",
+        )
+        .await
+            > 0.0
+        {
+            remote = Some(body);
+        }
+    }
+    let remote = remote.expect("a long prompt prefilled remotely within 60 s");
+    let text = answer(&remote);
+    assert!(text.contains("sim") && !text.contains("Paris"), "{remote}");
+    // Once more: now a prefix-cache hit on the decode worker, prefilled
+    // there. The same placeholder answer means the NIXL-written blocks
+    // held the prompt.
+    let again: Value = ask(attempt).await.unwrap().json().await.unwrap();
+    assert_eq!(answer(&again), text);
+    let models: Value = d
+        .http
+        .get(format!("{}/v1/models", d.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["owned_by"], "xpyd-simulated", "{models}");
+    for agent in ["decode-0", "prefill-0"] {
+        assert_eq!(
+            d.metric(agent, "xpyd_engine_info", "device=\"sim\"").await,
+            1.0,
+            "{agent}"
+        );
+    }
+    assert!(
+        d.metric(
+            "decode-0",
+            "xpyd_transfer_bytes_total",
+            "direction=\"received\""
+        )
+        .await
+            > 0.0
+    );
+}

@@ -36,6 +36,51 @@ fn cuda_without_a_usable_gpu_fails_at_startup_naming_what_is_missing() {
 }
 
 #[test]
+fn a_bad_sim_profile_names_the_file_and_the_field() {
+    let dir = std::env::temp_dir().join(format!("xpyd-sim-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.json");
+    std::fs::write(
+        &path,
+        r#"{"name": "bad", "step_ms": 1, "prefill_token_ms": -2,
+            "prefill_attention_ns_per_pair": 0, "decode_seq_ms": 1,
+            "decode_context_ns_per_token": 0}"#,
+    )
+    .unwrap();
+    let path = path.to_str().unwrap();
+    let (ok, err) = run(&[
+        "up",
+        "--device",
+        "sim",
+        "--sim-profile",
+        path,
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(path) && err.contains("prefill_token_ms"),
+        "{err}"
+    );
+    // A profile is for the simulated engine only.
+    let (ok, err) = run(&[
+        "up",
+        "--device",
+        "cpu",
+        "--sim-profile",
+        path,
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("--sim-profile") && err.contains("--device sim"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_missing_model_file_is_named() {
     let (ok, err) = run(&[
         "decode",

@@ -39,9 +39,21 @@ pub struct InstanceRecord {
     pub transfer: Option<TransferMetadata>,
     #[serde(default)]
     pub capacity: Option<Capacity>,
-    /// Compute devices in use, e.g. `"cpu"` or `"cuda:0 NVIDIA H100 80GB HBM3"`.
+    /// Compute devices in use, e.g. `"cpu"` or `"cuda:0 NVIDIA H100 80GB HBM3"`;
+    /// exactly [`SIM_DEVICE`] for a simulated engine.
     #[serde(default)]
     pub devices: Vec<String>,
+}
+
+/// The `devices` entry of a worker whose engine is simulated (`--device
+/// sim`): frontends label what such workers answer as simulated.
+pub const SIM_DEVICE: &str = "sim";
+
+impl InstanceRecord {
+    /// Whether this worker's engine is simulated.
+    pub fn is_simulated(&self) -> bool {
+        self.devices.iter().any(|d| d == SIM_DEVICE)
+    }
 }
 
 /// All live instances of a deployment, by instance id.

@@ -24,7 +24,7 @@ pub mod kv_events;
 pub mod messages;
 pub mod settings;
 
-pub use instance::{Capacity, InstanceRecord, InstanceSet, TransferMetadata};
+pub use instance::{Capacity, InstanceRecord, InstanceSet, SIM_DEVICE, TransferMetadata};
 pub use keys::{Role, Scope};
 pub use kv::{KvEvent, KvEventData, PrefixHash, TokenId, prefix_hashes};
 pub use kv_events::{DecodeError, KvEventBatch, KvEventPublisher, WorkerLoad};

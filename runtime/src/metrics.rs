@@ -217,6 +217,30 @@ impl WorkerMetrics {
     }
 }
 
+/// Register `xpyd_engine_info{device=…}` (value 1): which engine a worker
+/// runs, `cpu` or `sim` (simulated: its outputs are not model answers),
+/// labelled with `worker` like [`WorkerMetrics`].
+pub fn register_engine_info(
+    registry: &Registry,
+    worker: Option<&str>,
+    device: &str,
+) -> Result<IntGauge, prometheus::Error> {
+    let mut labels = HashMap::from([("device".to_string(), device.to_string())]);
+    if let Some(w) = worker {
+        labels.insert("worker".to_string(), w.to_string());
+    }
+    let info = IntGauge::with_opts(
+        Opts::new(
+            "xpyd_engine_info",
+            "Which engine this worker runs (device: cpu, or sim for a simulated engine); always 1.",
+        )
+        .const_labels(labels),
+    )?;
+    info.set(1);
+    registry.register(Box::new(info.clone()))?;
+    Ok(info)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

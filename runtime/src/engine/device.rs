@@ -1,6 +1,7 @@
-//! Which device a process computes on: the `--device auto|cpu|cuda|cuda:N`
+//! Which device a process computes on: the `--device auto|cpu|cuda|cuda:N|sim`
 //! choice, parsed ([`DeviceChoice`]) and resolved against what this machine
-//! has ([`resolve`]).
+//! has ([`resolve`]). `sim` is no device: the simulated engine
+//! ([`super::sim`]), which computes nothing and is always available.
 //!
 //! `cuda` is a promise: without the NVIDIA driver (`libcuda.so.1`), a device
 //! at that ordinal or NVRTC, [`resolve`] fails with an error naming what is
@@ -29,12 +30,14 @@ pub enum DeviceChoice {
     Cuda {
         ordinal: u32,
     },
+    /// No computation: the simulated engine ([`super::sim::SimModel`]).
+    Sim,
 }
 
 /// `--device` is not one of `auto`, `cpu`, `cuda`, `cuda:N`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid device {given:?}: expected auto, cpu, cuda or cuda:N (N a device number, e.g. cuda:0)"
+    "invalid device {given:?}: expected auto, cpu, cuda or cuda:N (N a device number, e.g. cuda:0), or sim (a simulated engine)"
 )]
 pub struct DeviceParseError {
     pub given: String,
@@ -51,6 +54,7 @@ impl FromStr for DeviceChoice {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda { ordinal: 0 }),
+            "sim" => Ok(Self::Sim),
             other => {
                 let n = other.strip_prefix("cuda:").ok_or_else(bad)?;
                 if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
@@ -69,6 +73,7 @@ impl std::fmt::Display for DeviceChoice {
             Self::Auto => f.write_str("auto"),
             Self::Cpu => f.write_str("cpu"),
             Self::Cuda { ordinal } => write!(f, "cuda:{ordinal}"),
+            Self::Sim => f.write_str(super::sim::SIM_DEVICE),
         }
     }
 }
@@ -91,6 +96,8 @@ pub enum ResolvedDevice {
         reason: Option<String>,
     },
     Cuda(CudaDevice),
+    /// The simulated engine: nothing is computed.
+    Sim,
 }
 
 /// The oldest GPU the kernels are written for (bf16, Ampere).
@@ -139,6 +146,7 @@ pub enum DeviceError {
 pub fn resolve(choice: DeviceChoice) -> Result<ResolvedDevice, DeviceError> {
     match choice {
         DeviceChoice::Cpu => Ok(ResolvedDevice::Cpu { reason: None }),
+        DeviceChoice::Sim => Ok(ResolvedDevice::Sim),
         DeviceChoice::Cuda { ordinal } => probe_cuda(choice, ordinal).map(ResolvedDevice::Cuda),
         DeviceChoice::Auto => match probe_cuda(choice, 0) {
             Ok(dev) => {
@@ -270,6 +278,9 @@ mod tests {
             assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
         }
         assert_eq!(DeviceChoice::Cuda { ordinal: 2 }.to_string(), "cuda:2");
+        assert_eq!(p("sim"), Ok(DeviceChoice::Sim));
+        assert_eq!(p(&DeviceChoice::Sim.to_string()), Ok(DeviceChoice::Sim));
+        assert_eq!(resolve(DeviceChoice::Sim).unwrap(), ResolvedDevice::Sim);
         assert_eq!(p(&DeviceChoice::Auto.to_string()), Ok(DeviceChoice::Auto));
     }
 

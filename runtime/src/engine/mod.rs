@@ -13,7 +13,10 @@
 //!
 //! Above both, [`scheduler`] decides what runs in each step (continuous
 //! batching under a token budget, chunked prefill, preemption) and [`runner`]
-//! owns the step loop and the handle callers submit requests to.
+//! owns the step loop and the handle callers submit requests to. The step
+//! loop runs any [`forward::ForwardModel`]: the CPU [`model::Model`], or the
+//! simulated [`sim::SimModel`] (`--device sim`), which keeps everything
+//! above but replaces the forward pass with a timing model.
 
 pub mod block_pool;
 pub mod chat_template;
@@ -21,6 +24,7 @@ pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod forward;
 pub mod gguf;
 pub mod handle;
 pub mod kv_storage;
@@ -29,5 +33,6 @@ pub mod runner;
 pub mod safetensors;
 pub mod sampling;
 pub mod scheduler;
+pub mod sim;
 pub mod tokenizer;
 pub mod wire;

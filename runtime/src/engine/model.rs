@@ -201,7 +201,7 @@ pub enum LogitsFor<'a> {
 
 impl LogitsFor<'_> {
     /// How many logit rows sequence `s` of `n_tokens` new tokens gets.
-    fn rows(&self, s: usize, n_tokens: usize) -> usize {
+    pub(crate) fn rows(&self, s: usize, n_tokens: usize) -> usize {
         match self {
             Self::LastToken => 1,
             Self::AllTokens => n_tokens,
@@ -520,6 +520,19 @@ pub(crate) fn validate_batch(
             ),
         });
     }
+    validate_sequences(c, shape, batch, logits_for)
+}
+
+/// The checks of [`validate_batch`] that do not tie the KV cache to the
+/// model's layers and heads (the simulated model keeps a smaller cache):
+/// token ids, context length, block tables against `shape`'s blocks, and
+/// logits flags.
+pub(crate) fn validate_sequences(
+    c: &ModelConfig,
+    shape: KvShape,
+    batch: &[SequenceInput<'_>],
+    logits_for: LogitsFor<'_>,
+) -> Result<(), ModelError> {
     if batch.is_empty() {
         return Err(ModelError::EmptyBatch);
     }

@@ -24,8 +24,9 @@ use tokio::sync::mpsc::{self, UnboundedSender};
 use tracing::Span;
 
 use super::block_pool::{BlockId, BlockPool, FenceId, KvEvent, SequenceId, TokenId};
+use super::forward::ForwardModel;
 use super::kv_storage::KvStorage;
-use super::model::{LogitsFor, Model, SequenceInput};
+use super::model::{LogitsFor, SequenceInput};
 use super::sampling::{FinishReason, Sampler, SamplingParams, SamplingParamsError};
 use super::scheduler::{RemoteReservation, Scheduler, SchedulerConfig, SchedulerError, SeqState};
 use super::tokenizer::{StreamDecoder, Tokenizer};
@@ -250,9 +251,11 @@ impl Engine {
     /// Start the step loop on its own thread. `tokenizer` gives text deltas,
     /// stop strings and the EOS token; without it outputs carry token ids
     /// only and only `stop_token_ids` end generation early. KV events of the
-    /// block pool go to `kv_events`.
-    pub fn start(
-        model: Model,
+    /// block pool go to `kv_events`. `model` is any [`ForwardModel`] (the
+    /// CPU model, the simulated one, or a `Box<dyn ForwardModel>` chosen at
+    /// run time).
+    pub fn start<M: ForwardModel>(
+        model: M,
         tokenizer: Option<Tokenizer>,
         config: EngineConfig,
         kv_events: Option<UnboundedSender<KvEvent>>,
@@ -340,8 +343,8 @@ struct Active {
 }
 
 /// Everything the engine thread owns.
-struct Worker {
-    model: Model,
+struct Worker<M> {
+    model: M,
     tokenizer: Option<Tokenizer>,
     kv: KvStorage,
     scheduler: Scheduler,
@@ -353,7 +356,7 @@ struct Worker {
     steps: u64,
 }
 
-impl Worker {
+impl<M: ForwardModel> Worker<M> {
     fn run(&mut self) {
         tracing::debug!("engine thread started");
         'outer: loop {

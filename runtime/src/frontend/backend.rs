@@ -110,6 +110,13 @@ pub trait CompletionBackend: Send + Sync + 'static {
     fn session_header(&self) -> Option<String> {
         None
     }
+
+    /// Whether the engines behind this backend are simulated (`--device
+    /// sim`): every response then says so (the `x-xpyd-simulated` header,
+    /// the model card's `owned_by`).
+    fn simulated(&self) -> bool {
+        false
+    }
 }
 
 /// How prompts of one model become token ids: its tokenizer and chat

@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
 
 use super::backend::{BackendError, CompletionBackend, GenerateRequest, OutputStream, Prompts};
-use super::protocol::ModelCard;
+use super::protocol::{ModelCard, SIMULATED_OWNER};
 use crate::bus::{Bus, BusError, ResponseStream};
 use crate::discovery::{Discovery, InstanceRecord, Role};
 use crate::engine::chat_template::ChatMessage;
@@ -174,7 +174,17 @@ impl CompletionBackend for ClusterBackend {
             .iter()
             .filter_map(|r| r.capacity.map(|c| c.max_model_len as usize))
             .min();
-        vec![ModelCard::new(self.prompts.model().to_string(), max_len)]
+        let mut card = ModelCard::new(self.prompts.model().to_string(), max_len);
+        if workers.iter().any(InstanceRecord::is_simulated) {
+            card.owned_by = SIMULATED_OWNER.to_string();
+        }
+        vec![card]
+    }
+
+    fn simulated(&self) -> bool {
+        self.decode_workers()
+            .iter()
+            .any(InstanceRecord::is_simulated)
     }
 
     fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError> {

@@ -515,6 +515,9 @@ pub struct CompletionResponse {
     pub usage: Option<Usage>,
 }
 
+/// The `owned_by` of a model served by simulated engines (`--device sim`).
+pub const SIMULATED_OWNER: &str = "xpyd-simulated";
+
 /// One entry of `GET /v1/models`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelCard {

@@ -12,6 +12,8 @@
 //! NOT YET RUN ON A GPU: this compiles, and each kernel it launches is
 //! checked on the CPU model, but the wiring has never executed;
 //! `tests/cuda_gpu.rs` compares it with the CPU model on a GPU machine.
+//! It does not implement [`crate::engine::forward::ForwardModel`] yet: its
+//! KV lives in device memory, and that trait's doc says how it would.
 
 use std::path::Path;
 
