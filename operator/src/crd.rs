@@ -579,8 +579,15 @@ pub struct EngineSpec {
     /// Where the engine computes: `auto` (a GPU when the engine can use it,
     /// else the CPU), `cpu`, `cuda` or `cuda:<N>`. The CUDA engine is not
     /// enabled in this release: `cuda` makes the workers refuse to start.
+    /// `sim` runs a simulated engine (real tokenizer, KV blocks and
+    /// transfers, a timing model instead of the model's forward pass) for
+    /// scale and planner tests: its answers are placeholders, labelled as
+    /// simulated in every response (`docs/sim.md`).
     #[serde(default = "default_device")]
-    #[schemars(length(max = 16), regex(pattern = r"^(auto|cpu|cuda(:[0-9]{1,3})?)$"))]
+    #[schemars(
+        length(max = 16),
+        regex(pattern = r"^(auto|cpu|sim|cuda(:[0-9]{1,3})?)$")
+    )]
     pub device: String,
     /// Most sequences in one engine step.
     #[serde(default = "default_max_seqs")]
