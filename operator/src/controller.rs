@@ -42,6 +42,7 @@ use xpyd_api::Scope;
 
 use crate::autoscaler::{self, Autoscaler, Target};
 use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, RoleAcks, RoleStatus};
+use crate::effectiveness::{self, Effectiveness};
 use crate::metrics::Metrics;
 use crate::pod_status::{self, PodProblem};
 use crate::resources::{
@@ -113,6 +114,9 @@ pub struct Config {
     pub metrics: Metrics,
     /// What every pod gets from the installation (the chart's values).
     pub cluster: ClusterSettings,
+    /// How often the decode workers are read to judge whether long prompts
+    /// really go remote (the `DisaggregationEffective` condition's window).
+    pub disaggregation_check_interval: Duration,
 }
 
 impl Default for Config {
@@ -123,6 +127,7 @@ impl Default for Config {
             instance: "xpyd-operator".to_string(),
             metrics: Metrics::new(),
             cluster: ClusterSettings::default(),
+            disaggregation_check_interval: effectiveness::CHECK_INTERVAL,
         }
     }
 }
@@ -136,6 +141,7 @@ pub struct Context {
     cluster: ClusterSettings,
     failures: Mutex<HashMap<ObjectRef<DisaggDeployment>, u32>>,
     autoscaler: Autoscaler,
+    effectiveness: Effectiveness,
 }
 
 impl Context {
@@ -201,6 +207,7 @@ pub async fn run(
         cluster: config.cluster.clone(),
         failures: Mutex::default(),
         autoscaler: Autoscaler::default(),
+        effectiveness: Effectiveness::new(config.disaggregation_check_interval),
     });
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
@@ -466,6 +473,18 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
         decision.events.extend(outcome.event);
     }
 
+    // Whether long prompts really go to the prefill workers.
+    let check = ctx
+        .effectiveness
+        .check(&ctx.client, &ctx.metrics, dd, &owner, &now)
+        .await;
+    decision
+        .status
+        .conditions
+        .retain(|c| c.type_ != effectiveness::CONDITION);
+    decision.status.conditions.extend(check.condition);
+    decision.events.extend(check.event);
+
     // Events only once the status says the same: a failed write is retried,
     // and the retry announces it then.
     if Some(&decision.status) != dd.status.as_ref() {
@@ -481,7 +500,9 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
 
     match etcd {
         Err(e) => Err(e.into()),
-        Ok(_) => Ok(Action::requeue(decision.requeue.min(next_plan))),
+        Ok(_) => Ok(Action::requeue(
+            decision.requeue.min(next_plan).min(check.next),
+        )),
     }
 }
 
@@ -510,6 +531,7 @@ async fn observe_pods(ctx: &Context, owner: &Owner) -> Option<PodProblem> {
 async fn cleanup(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
     let owner = Owner::of(dd)?;
     forget_planner(dd, &owner, ctx);
+    ctx.effectiveness.forget(&ObjectRef::from_obj(dd));
     if dd
         .annotations()
         .get(SKIP_CLEANUP_ANNOTATION)

@@ -68,6 +68,13 @@ pub const GROUP: &str = "xpyd.dev";
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
+    printcolumn(
+        name = "Disagg",
+        type_ = "string",
+        description = "Whether long prompts really are prefilled remotely (DisaggregationEffective)",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"DisaggregationEffective\")].status"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 40").message(
         "metadata.name must be at most 40 characters (child objects append a role suffix)"

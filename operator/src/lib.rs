@@ -16,12 +16,14 @@
 pub mod autoscaler;
 pub mod controller;
 pub mod crd;
+pub mod effectiveness;
 pub mod leader;
 pub mod metrics;
 pub mod planner;
 pub mod pod_status;
 pub mod resources;
 pub mod router_settings;
+pub mod scrape;
 pub mod signals;
 pub mod status;
 pub mod sync;

@@ -180,6 +180,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cluster: ClusterSettings {
             hf_endpoint: args.hf_endpoint.clone(),
         },
+        ..Config::default()
     };
     let (lost_tx, lost_rx) = watch::channel(false);
     let controller_stop = {

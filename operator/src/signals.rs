@@ -139,6 +139,15 @@ impl Exposition {
         found
     }
 
+    /// The values label `label` takes in the series of `name`.
+    pub fn label_values(&self, name: &str, label: &str) -> std::collections::BTreeSet<String> {
+        self.samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter_map(|s| s.labels.get(label).cloned())
+            .collect()
+    }
+
     /// Cumulative bucket counts of histogram `name`, summed by `le`.
     fn buckets(&self, name: &str) -> BTreeMap<Le, f64> {
         let bucket = format!("{name}_bucket");
@@ -283,7 +292,7 @@ pub const MIN_BUSY_SECONDS: f64 = 1.0;
 /// The increase of a counter over the window, summed over the pods of
 /// `role` scraped both times (a pod seen only now has no start to count
 /// from). A counter that went down restarted: its whole value is new.
-fn increase(
+pub fn increase(
     previous: &[PodScrape],
     current: &[PodScrape],
     role: Role,

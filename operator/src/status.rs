@@ -142,7 +142,21 @@ pub fn condition(
     generation: Option<i64>,
     now: &Time,
 ) -> Condition {
-    let status = if status { "True" } else { "False" }.to_string();
+    let status = if status { "True" } else { "False" };
+    condition_with_status(old, type_, status, reason, message, generation, now)
+}
+
+/// [`condition`] with any status (`True`, `False` or `Unknown`).
+pub fn condition_with_status(
+    old: &[Condition],
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = status.to_string();
     let last_transition_time = old
         .iter()
         .find(|c| c.type_ == type_ && c.status == status)

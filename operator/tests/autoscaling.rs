@@ -23,10 +23,11 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use xpyd_e2e::{Etcd, Tools, Workdir, wait_until};
-use xpyd_operator::autoscaler::DELETION_COST_ANNOTATION;
+use xpyd_operator::scrape::DELETION_COST_ANNOTATION;
 
 use common::{
-    TIMEOUT, apply, namespace, object, plane_with_crd, spawn_controller, spec, wait_for_dd,
+    TIMEOUT, apply, namespace, object, plane_with_crd, spawn_controller, spawn_controller_config,
+    spec, wait_for_dd,
 };
 
 /// What a stand-in serves: the agents' series for one role, growing at
@@ -63,6 +64,20 @@ fn exposition(role: &str, start: Instant) -> String {
              xpyd_engine_running_requests 2\n\
              xpyd_engine_waiting_requests 0\n",
             r = n(10.0),
+        ),
+        // Long prompts keep arriving, and most stay local: 2 per second go
+        // remote, 8 find no prefill worker, 1 times out.
+        "decode-local" => format!(
+            "xpyd_decode_prefills_total{{location=\"local\"}} {l}\n\
+             xpyd_decode_prefills_total{{location=\"remote\"}} {r}\n\
+             xpyd_decode_prefills_total{{location=\"refused\"}} 0\n\
+             xpyd_decode_remote_prefill_fallbacks_total{{reason=\"no_prefill_worker\"}} {n}\n\
+             xpyd_decode_remote_prefill_fallbacks_total{{reason=\"timeout\"}} {t}\n\
+             xpyd_decode_remote_prefill_fallbacks_total{{reason=\"queue_full\"}} 0\n",
+            l = n(9.0),
+            r = n(2.0),
+            n = n(8.0),
+            t = n(1.0),
         ),
         // Idle between jobs.
         _ => "xpyd_engine_running_requests 0\nxpyd_engine_waiting_requests 0\n".to_string(),
@@ -337,4 +352,84 @@ async fn nothing_is_added_while_a_roles_pods_are_pending_and_status_says_so() {
         ("Pending", 1),
         "{a:?}"
     );
+}
+
+/// `DisaggregationEffective`, on every deployment with prefill workers
+/// (autoscaled or not): its decode workers' counters say most long prompts
+/// are prefilled locally, mostly for want of a prefill worker; the
+/// condition turns False naming that, with the figures, and one Warning
+/// event says so. (Metrics from the stand-in, as above.)
+#[tokio::test]
+async fn a_deployment_whose_long_prompts_stay_local_shows_disaggregation_ineffective() {
+    let (_plane, client) = plane_with_crd().await;
+    let ns = "disagg-effective";
+    namespace(&client, ns).await;
+    let tools = Tools::locate().unwrap();
+    let dir = Workdir::new("operator-effectiveness").unwrap();
+    let etcd = Etcd::start(&tools, dir.path()).await.unwrap();
+    let _controller = spawn_controller_config(
+        &client,
+        xpyd_operator::controller::Config {
+            namespace: Some(ns.to_string()),
+            instance: format!("test-{ns}"),
+            disaggregation_check_interval: Duration::from_secs(3),
+            ..Default::default()
+        },
+    );
+    let port = serve_metrics("decode-local", Instant::now()).await;
+    let api = apply(&client, ns, object("local", spec(&etcd.endpoint(), 1, 1))).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    point_at_stand_in(&pods, "local", "decode", port).await;
+
+    let effective = |dd: &xpyd_operator::crd::DisaggDeployment| {
+        dd.status.as_ref().and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "DisaggregationEffective")
+                .cloned()
+        })
+    };
+    let dd = wait_for_dd(&api, "local", "DisaggregationEffective False", |dd| {
+        effective(dd).is_some_and(|c| c.status == "False")
+    })
+    .await;
+    let c = effective(&dd).unwrap();
+    assert_eq!(c.reason, "NoPrefillWorker", "{c:?}");
+    assert!(
+        c.message
+            .contains("prompts over the threshold were prefilled remotely")
+            && c.message.contains("not remote: no_prefill_worker")
+            && c.message.contains("timeout"),
+        "{}",
+        c.message
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    wait_until("the DisaggregationIneffective event", TIMEOUT, || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            Ok::<_, kube::Error>(list.items.iter().any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("local")
+                    && e.reason.as_deref() == Some("DisaggregationIneffective")
+                    && e.type_.as_deref() == Some("Warning")
+            }))
+        }
+    })
+    .await
+    .unwrap();
+    // Without prefill workers there is nothing to judge: no condition.
+    api.patch(
+        "local",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"numPrefill": 0}})),
+    )
+    .await
+    .unwrap();
+    wait_for_dd(
+        &api,
+        "local",
+        "no DisaggregationEffective condition",
+        |dd| effective(dd).is_none(),
+    )
+    .await;
 }

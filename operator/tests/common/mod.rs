@@ -84,12 +84,19 @@ pub fn spawn_controller_with(
     ns: &str,
     cluster: ClusterSettings,
 ) -> RunningController {
-    let config = Config {
-        namespace: Some(ns.to_string()),
-        instance: format!("test-{ns}"),
-        cluster,
-        ..Config::default()
-    };
+    spawn_controller_config(
+        client,
+        Config {
+            namespace: Some(ns.to_string()),
+            instance: format!("test-{ns}"),
+            cluster,
+            ..Config::default()
+        },
+    )
+}
+
+/// Runs the controller with `config`.
+pub fn spawn_controller_config(client: &Client, config: Config) -> RunningController {
     RunningController(tokio::spawn(controller::run(
         client.clone(),
         config,
