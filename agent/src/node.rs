@@ -425,12 +425,13 @@ impl Node {
         devices: Vec<String>,
     ) -> InstanceRecord {
         let config = self.engine.config();
+        let metadata = self.agent.metadata();
         InstanceRecord {
             instance_id: instance_id.to_string(),
             role,
             model: model.to_string(),
             http_address,
-            transfer: Some(self.agent.metadata().to_metadata()),
+            transfer: Some(metadata.to_metadata()),
             capacity: Some(Capacity {
                 num_blocks: config.num_blocks,
                 block_size: config.block_size as u32,
@@ -438,6 +439,7 @@ impl Node {
                 max_seqs: config.max_seqs as u32,
             }),
             devices,
+            kv_layout: Some(metadata.kv_fingerprint(model)),
         }
     }
 }

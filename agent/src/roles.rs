@@ -230,6 +230,7 @@ pub async fn run_frontend(
         transfer: None,
         capacity: None,
         devices: Vec::new(),
+        kv_layout: None,
     };
     let lifecycle = register(&cluster, record, ready, &stop).await?;
     // The server's shutdown future must own what it uses.

@@ -1746,3 +1746,57 @@ async fn simulated_workers_serve_labelled_answers_across_processes() {
             > 0.0
     );
 }
+
+/// Pairs that fit: two KV layouts in one deployment (block sizes 16 and
+/// 32, as during a rolling update that changes it), each with a decode and
+/// a prefill worker. Every long prompt is prefilled remotely by a prefill
+/// worker of its decode worker's layout: none is given to a worker that
+/// cannot write into those blocks, so no job fails and nothing falls back.
+#[tokio::test]
+async fn workers_of_two_kv_layouts_pair_only_among_themselves() {
+    let mut d = Deployment::start("two-layouts", 0, 1, 32, &["--block-size", "16"]).await;
+    d.spawn("decode", "decode-1", &["--block-size", "32"]).await;
+    d.spawn("prefill", "prefill-0", &["--block-size", "16"])
+        .await;
+    d.spawn("prefill", "prefill-1", &["--block-size", "32"])
+        .await;
+    for i in 0..6 {
+        let (status, body) = d
+            .chat(&long_prompt(&format!("Layout {i}")), FRANCE, 8)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(answer(&body).contains("Paris"), "{body}");
+    }
+    for (decode, prefill) in [("decode-0", "prefill-0"), ("decode-1", "prefill-1")] {
+        let remote = d
+            .metric(decode, "xpyd_decode_prefills_total", "location=\"remote\"")
+            .await;
+        assert!(
+            remote >= 1.0,
+            "{decode} got no remote prefill: {}",
+            d.log_tails()
+        );
+        assert_eq!(
+            d.metric(decode, "xpyd_decode_remote_prefill_fallbacks_total", "")
+                .await,
+            0.0,
+            "{decode} fell back: {}",
+            d.log_tails()
+        );
+        // Its pair did exactly its jobs, and none failed.
+        let ok = d
+            .metric(prefill, "xpyd_prefill_jobs_total", "result=\"ok\"")
+            .await;
+        assert_eq!(
+            ok,
+            remote,
+            "{prefill} wrote {decode}'s jobs: {}",
+            d.log_tails()
+        );
+        assert_eq!(
+            d.metric(prefill, "xpyd_prefill_jobs_total", "result=\"failed\"")
+                .await,
+            0.0
+        );
+    }
+}

@@ -43,6 +43,11 @@ pub struct InstanceRecord {
     /// exactly [`SIM_DEVICE`] for a simulated engine.
     #[serde(default)]
     pub devices: Vec<String>,
+    /// The worker's KV-layout fingerprint (model, weights digest, dtype,
+    /// block size, head layout): prefill and decode workers exchange KV
+    /// only when theirs are equal. `None` for frontends and older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_layout: Option<String>,
 }
 
 /// The `devices` entry of a worker whose engine is simulated (`--device
@@ -128,6 +133,7 @@ mod tests {
             transfer: Some(TransferMetadata::encode(&peer)),
             capacity: None,
             devices: vec!["cpu".into()],
+            kv_layout: None,
         };
         let json = serde_json::to_string(&record).unwrap();
         assert!(

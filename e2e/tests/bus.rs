@@ -118,7 +118,7 @@ fn child_process_entry() {
             }
             // Takes one prefill job and sits on it.
             "worker" => {
-                let mut jobs = bus.prefill_jobs().await.unwrap();
+                let mut jobs = bus.prefill_jobs("").await.unwrap();
                 println!("XPYD:READY");
                 let job = jobs.next().await.unwrap();
                 println!(
@@ -310,18 +310,43 @@ async fn a_requester_process_killed_mid_stream_cancels_the_request_on_the_server
 
 // ---------------------------------------------------------------- prefill queue
 
+/// Each KV layout has its own prefill queue: a job reaches only the
+/// workers of its layout, and depths are counted per queue.
+#[tokio::test]
+async fn prefill_queues_of_different_kv_layouts_are_separate() {
+    let (_dir, nats) = start_nats("bus-queues").await;
+    let decode = connect(&nats.url(), "queues").await;
+    decode
+        .enqueue_prefill("layout-a", Bytes::from_static(b"for-a"))
+        .await
+        .unwrap();
+    assert_eq!(decode.prefill_queue_depth("layout-a").await.unwrap(), 1);
+    assert_eq!(decode.prefill_queue_depth("layout-b").await.unwrap(), 0);
+    let worker = connect(&nats.url(), "queues").await;
+    let mut b = worker.prefill_jobs("layout-b").await.unwrap();
+    assert!(
+        timeout(Duration::from_secs(2), b.next()).await.is_err(),
+        "a job of another layout reached a worker of layout b"
+    );
+    let mut a = worker.prefill_jobs("layout-a").await.unwrap();
+    let job = within("the job of layout a", a.next()).await.unwrap();
+    assert_eq!(job.payload, Bytes::from_static(b"for-a"));
+    job.ack().await.unwrap();
+    assert_eq!(decode.prefill_queue_depth("layout-a").await.unwrap(), 0);
+}
+
 #[tokio::test]
 async fn prefill_jobs_reach_one_worker_each_and_depth_counts_waiting_jobs() {
     let (_dir, nats) = start_nats("bus-queue").await;
     let frontend = connect(&nats.url(), "queue").await;
-    assert_eq!(frontend.prefill_queue_depth().await.unwrap(), 0);
+    assert_eq!(frontend.prefill_queue_depth("").await.unwrap(), 0);
     for i in 0..10 {
         frontend
-            .enqueue_prefill(Bytes::from(format!("job{i}")))
+            .enqueue_prefill("", Bytes::from(format!("job{i}")))
             .await
             .unwrap();
     }
-    assert_eq!(frontend.prefill_queue_depth().await.unwrap(), 10);
+    assert_eq!(frontend.prefill_queue_depth("").await.unwrap(), 10);
 
     let (tx, mut done) = mpsc::unbounded_channel();
     let mut workers = Vec::new();
@@ -329,7 +354,7 @@ async fn prefill_jobs_reach_one_worker_each_and_depth_counts_waiting_jobs() {
         let bus = connect(&nats.url(), "queue").await;
         let tx = tx.clone();
         workers.push(tokio::spawn(async move {
-            let mut jobs = bus.prefill_jobs().await.unwrap();
+            let mut jobs = bus.prefill_jobs("").await.unwrap();
             while let Some(job) = jobs.next().await {
                 assert_eq!(job.delivered, 1);
                 // Busy for a while: the other worker must get the next jobs.
@@ -350,7 +375,7 @@ async fn prefill_jobs_reach_one_worker_each_and_depth_counts_waiting_jobs() {
         per_worker[w] += 1;
     }
     assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
-    assert_eq!(frontend.prefill_queue_depth().await.unwrap(), 0);
+    assert_eq!(frontend.prefill_queue_depth("").await.unwrap(), 0);
     // Nothing is delivered twice later either (the ack wait is 2 s).
     assert!(
         timeout(Duration::from_secs(3), done.recv()).await.is_err(),
@@ -368,9 +393,9 @@ async fn a_job_dropped_nacked_or_held_by_a_killed_worker_is_redelivered() {
 
     // Dropped without ack: back after the ack wait (2 s), delivered twice.
     let worker = connect(&nats.url(), "redeliver").await;
-    let mut jobs = worker.prefill_jobs().await.unwrap();
+    let mut jobs = worker.prefill_jobs("").await.unwrap();
     frontend
-        .enqueue_prefill(Bytes::from_static(b"dropped"))
+        .enqueue_prefill("", Bytes::from_static(b"dropped"))
         .await
         .unwrap();
     let job = within("job", jobs.next()).await.unwrap();
@@ -391,13 +416,13 @@ async fn a_job_dropped_nacked_or_held_by_a_killed_worker_is_redelivered() {
     let mut child = spawn_child("worker", &nats.url(), "redeliver");
     expect(&mut child, "READY").await;
     frontend
-        .enqueue_prefill(Bytes::from_static(b"orphan"))
+        .enqueue_prefill("", Bytes::from_static(b"orphan"))
         .await
         .unwrap();
     expect(&mut child, "TOOK orphan 1").await;
-    assert_eq!(frontend.prefill_queue_depth().await.unwrap(), 0);
+    assert_eq!(frontend.prefill_queue_depth("").await.unwrap(), 0);
     child.kill();
-    let mut jobs = worker.prefill_jobs().await.unwrap();
+    let mut jobs = worker.prefill_jobs("").await.unwrap();
     let job = within("redelivery", jobs.next()).await.unwrap();
     assert_eq!((&job.payload[..], job.delivered), (&b"orphan"[..], 2));
     job.ack().await.unwrap();
@@ -452,10 +477,10 @@ async fn everything_works_again_after_nats_is_killed_and_restarted() {
     let client = connect(&nats.url(), "restart").await;
     let mut requests = server.serve("decode-0").await.unwrap();
     let mut events = client.kv_events().await.unwrap();
-    let mut jobs = server.prefill_jobs().await.unwrap();
+    let mut jobs = server.prefill_jobs("").await.unwrap();
     // A job left on the queue across the restart (file storage).
     client
-        .enqueue_prefill(Bytes::from_static(b"before"))
+        .enqueue_prefill("", Bytes::from_static(b"before"))
         .await
         .unwrap();
     let serving = tokio::spawn(async move {
@@ -497,7 +522,10 @@ async fn everything_works_again_after_nats_is_killed_and_restarted() {
     job.ack().await.unwrap();
     within("enqueue after restart", async {
         loop {
-            match client.enqueue_prefill(Bytes::from_static(b"after")).await {
+            match client
+                .enqueue_prefill("", Bytes::from_static(b"after"))
+                .await
+            {
                 Ok(()) => return,
                 Err(e) => eprintln!("enqueue after restart: {e}"),
             }
@@ -508,7 +536,7 @@ async fn everything_works_again_after_nats_is_killed_and_restarted() {
     let job = within("new job", jobs.next()).await.unwrap();
     assert_eq!((&job.payload[..], job.delivered), (&b"after"[..], 1));
     job.ack().await.unwrap();
-    assert_eq!(client.prefill_queue_depth().await.unwrap(), 0);
+    assert_eq!(client.prefill_queue_depth("").await.unwrap(), 0);
 
     // KV events: published until the resubscribed router sees one.
     let (instance, payload) = within("kv event after restart", async {

@@ -62,6 +62,7 @@ fn record(id: &str, role: Role) -> InstanceRecord {
         transfer: None,
         capacity: None,
         devices: vec!["cpu".to_string()],
+        kv_layout: None,
     }
 }
 

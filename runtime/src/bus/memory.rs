@@ -51,7 +51,9 @@ impl Default for MemoryOptions {
 /// The in-process bus.
 pub struct MemoryBus {
     servers: Mutex<HashMap<String, mpsc::UnboundedSender<IncomingRequest>>>,
-    queue: Arc<JobQueue>,
+    /// Prefill queues by name, made on first use.
+    queues: Mutex<HashMap<String, Arc<JobQueue>>>,
+    options: MemoryOptions,
     kv: broadcast::Sender<(String, Bytes)>,
 }
 
@@ -64,13 +66,24 @@ impl MemoryBus {
         let (kv, _) = broadcast::channel(KV_EVENT_BUFFER);
         Arc::new(MemoryBus {
             servers: Mutex::new(HashMap::new()),
-            queue: Arc::new(JobQueue {
-                state: Mutex::new(QueueState::default()),
-                changed: Notify::new(),
-                options,
-            }),
+            queues: Mutex::default(),
+            options,
             kv,
         })
+    }
+
+    /// Prefill queue `name`.
+    fn queue(&self, name: &str) -> Arc<JobQueue> {
+        lock(&self.queues)
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(JobQueue {
+                    state: Mutex::new(QueueState::default()),
+                    changed: Notify::new(),
+                    options: self.options.clone(),
+                })
+            })
+            .clone()
     }
 }
 
@@ -344,19 +357,20 @@ impl Bus for MemoryBus {
         futures::future::ready(result).boxed()
     }
 
-    fn enqueue_prefill(&self, payload: Bytes) -> BoxFuture<'_, Result<(), BusError>> {
-        self.queue.push(payload);
+    fn enqueue_prefill(&self, queue: &str, payload: Bytes) -> BoxFuture<'_, Result<(), BusError>> {
+        self.queue(queue).push(payload);
         futures::future::ready(Ok(())).boxed()
     }
 
-    fn prefill_queue_depth(&self) -> BoxFuture<'_, Result<u64, BusError>> {
-        self.queue.expire(Instant::now());
-        let depth = lock(&self.queue.state).waiting.len() as u64;
+    fn prefill_queue_depth(&self, queue: &str) -> BoxFuture<'_, Result<u64, BusError>> {
+        let queue = self.queue(queue);
+        queue.expire(Instant::now());
+        let depth = lock(&queue.state).waiting.len() as u64;
         futures::future::ready(Ok(depth)).boxed()
     }
 
-    fn prefill_jobs(&self) -> BoxFuture<'_, Result<PrefillJobs, BusError>> {
-        let queue = self.queue.clone();
+    fn prefill_jobs(&self, queue: &str) -> BoxFuture<'_, Result<PrefillJobs, BusError>> {
+        let queue = self.queue(queue);
         // Pull: a job is taken only when the consumer polls for the next.
         let jobs = futures::stream::unfold(queue, |queue| async move {
             let job = queue.clone().take().await;
@@ -482,20 +496,20 @@ mod tests {
     #[tokio::test]
     async fn prefill_jobs_are_redelivered_on_drop_and_nak_and_counted() {
         let bus = MemoryBus::new();
-        bus.enqueue_prefill(Bytes::from_static(b"j1"))
+        bus.enqueue_prefill("", Bytes::from_static(b"j1"))
             .await
             .unwrap();
-        bus.enqueue_prefill(Bytes::from_static(b"j2"))
+        bus.enqueue_prefill("", Bytes::from_static(b"j2"))
             .await
             .unwrap();
-        assert_eq!(bus.prefill_queue_depth().await.unwrap(), 2);
-        let mut jobs = bus.prefill_jobs().await.unwrap();
+        assert_eq!(bus.prefill_queue_depth("").await.unwrap(), 2);
+        let mut jobs = bus.prefill_jobs("").await.unwrap();
         let j = timeout(DEADLINE, jobs.next()).await.unwrap().unwrap();
         assert_eq!(
             (j.payload.clone(), j.delivered),
             (Bytes::from_static(b"j1"), 1)
         );
-        assert_eq!(bus.prefill_queue_depth().await.unwrap(), 1);
+        assert_eq!(bus.prefill_queue_depth("").await.unwrap(), 1);
         drop(j);
         let j = timeout(DEADLINE, jobs.next()).await.unwrap().unwrap();
         assert_eq!(
@@ -515,7 +529,7 @@ mod tests {
             (Bytes::from_static(b"j2"), 1)
         );
         j.ack().await.unwrap();
-        assert_eq!(bus.prefill_queue_depth().await.unwrap(), 0);
+        assert_eq!(bus.prefill_queue_depth("").await.unwrap(), 0);
         // Nothing left: the next pull waits.
         assert!(
             timeout(Duration::from_millis(50), jobs.next())
@@ -530,15 +544,17 @@ mod tests {
             prefill_ack_wait: Duration::from_millis(200),
             prefill_max_deliver: 5,
         });
-        let mut a = bus.prefill_jobs().await.unwrap();
-        let mut b = bus.prefill_jobs().await.unwrap();
-        bus.enqueue_prefill(Bytes::from_static(b"j")).await.unwrap();
+        let mut a = bus.prefill_jobs("").await.unwrap();
+        let mut b = bus.prefill_jobs("").await.unwrap();
+        bus.enqueue_prefill("", Bytes::from_static(b"j"))
+            .await
+            .unwrap();
         let held = timeout(DEADLINE, a.next()).await.unwrap().unwrap();
         let again = timeout(DEADLINE, b.next()).await.unwrap().unwrap();
         assert_eq!(again.delivered, 2);
         again.ack().await.unwrap();
         drop(held);
-        assert_eq!(bus.prefill_queue_depth().await.unwrap(), 0);
+        assert_eq!(bus.prefill_queue_depth("").await.unwrap(), 0);
     }
 
     #[tokio::test]

@@ -158,14 +158,17 @@ pub trait Bus: Send + Sync + 'static {
         idle_timeout: Duration,
     ) -> BoxFuture<'_, Result<ResponseStream, BusError>>;
 
-    /// Put a job on the prefill queue (returns once the queue holds it).
-    fn enqueue_prefill(&self, payload: Bytes) -> BoxFuture<'_, Result<(), BusError>>;
+    /// Put a job on prefill queue `queue` (returns once the queue holds it).
+    /// A deployment has one queue per KV layout (the workers' layout
+    /// fingerprint), so a job only reaches prefill workers that can write
+    /// into its decode worker's blocks; `""` is the unnamed queue.
+    fn enqueue_prefill(&self, queue: &str, payload: Bytes) -> BoxFuture<'_, Result<(), BusError>>;
 
-    /// Jobs waiting on the prefill queue (not yet taken).
-    fn prefill_queue_depth(&self) -> BoxFuture<'_, Result<u64, BusError>>;
+    /// Jobs waiting on prefill queue `queue` (not yet taken).
+    fn prefill_queue_depth(&self, queue: &str) -> BoxFuture<'_, Result<u64, BusError>>;
 
-    /// Become a consumer of the prefill queue.
-    fn prefill_jobs(&self) -> BoxFuture<'_, Result<PrefillJobs, BusError>>;
+    /// Become a consumer of prefill queue `queue`.
+    fn prefill_jobs(&self, queue: &str) -> BoxFuture<'_, Result<PrefillJobs, BusError>>;
 
     fn publish_kv_events(
         &self,

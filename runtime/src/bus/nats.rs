@@ -6,9 +6,11 @@
 //! - requests to an instance: `xpyd.<ns>.<dep>.req.<instance>`, with a fresh
 //!   reply inbox per request; cancels: `xpyd.<ns>.<dep>.cancel.<instance>`
 //!   carrying the inbox;
-//! - prefill queue: stream `XPYD_PREFILL_<ns>_<dep>` (WorkQueue, file
-//!   storage) on subject `xpyd.<ns>.<dep>.prefill`, one durable pull
-//!   consumer `prefill` shared by every prefill worker;
+//! - prefill queues, one per KV layout: stream
+//!   `XPYD_PREFILL_<ns>_<dep>_<queue>` (WorkQueue, file storage) on subject
+//!   `xpyd.<ns>.<dep>.prefill.<queue>` (the unnamed queue `""`: stream
+//!   `XPYD_PREFILL_<ns>_<dep>` on `xpyd.<ns>.<dep>.prefill`), one durable
+//!   pull consumer `prefill` shared by the prefill workers of that layout;
 //! - KV events: `xpyd.<ns>.<dep>.kv.<instance>` (the exact instance id also
 //!   rides in the `Xpyd-Instance` header).
 //!
@@ -174,8 +176,17 @@ impl Names {
     fn cancel(&self, instance: &str) -> String {
         format!("{}.cancel.{}", self.base, subject_token(instance))
     }
-    fn prefill(&self) -> String {
-        format!("{}.prefill", self.base)
+    /// Subject and stream of prefill queue `queue` (`""`: the unnamed one).
+    fn prefill(&self, queue: &str) -> (String, String) {
+        if queue.is_empty() {
+            (format!("{}.prefill", self.base), self.stream.clone())
+        } else {
+            let q = subject_token(queue);
+            (
+                format!("{}.prefill.{q}", self.base),
+                format!("{}_{q}", self.stream),
+            )
+        }
     }
     fn kv(&self, instance: &str) -> String {
         format!("{}.kv.{}", self.base, subject_token(instance))
@@ -195,7 +206,9 @@ pub struct NatsBus {
     last_change: Arc<Mutex<std::time::Instant>>,
     names: Names,
     options: NatsOptions,
-    queue: Arc<PrefillQueue>,
+    js: jetstream::Context,
+    /// Prefill queues by name, made on first use.
+    queues: Mutex<HashMap<String, Arc<PrefillQueue>>>,
 }
 
 impl NatsBus {
@@ -238,19 +251,31 @@ impl NatsBus {
         let names = Names::new(&scope);
         let mut js = jetstream::new(client.clone());
         js.set_timeout(options.call_deadline);
-        let queue = Arc::new(PrefillQueue {
-            js,
-            names: names.clone(),
-            options: options.clone(),
-            consumer: tokio::sync::Mutex::new(None),
-        });
         Ok(Arc::new(NatsBus {
             client,
             last_change,
             names,
             options,
-            queue,
+            js,
+            queues: Mutex::default(),
         }))
+    }
+
+    /// Prefill queue `name`.
+    fn queue(&self, name: &str) -> Arc<PrefillQueue> {
+        lock(&self.queues)
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                let (subject, stream) = self.names.prefill(name);
+                Arc::new(PrefillQueue {
+                    js: self.js.clone(),
+                    subject,
+                    stream,
+                    options: self.options.clone(),
+                    consumer: tokio::sync::Mutex::new(None),
+                })
+            })
+            .clone()
     }
 
     /// Returns once the server has processed everything this connection
@@ -703,7 +728,9 @@ fn response_stream(first: Option<Step>, receiving: Receiving) -> ResponseStream 
 
 struct PrefillQueue {
     js: jetstream::Context,
-    names: Names,
+    /// The queue's subject and stream (see [`Names::prefill`]).
+    subject: String,
+    stream: String,
     options: NatsOptions,
     /// Cached handle; cleared after an error so the next use re-creates the
     /// stream and consumer if the server lost them.
@@ -720,8 +747,8 @@ impl PrefillQueue {
         let stream = timeout(
             deadline,
             self.js.get_or_create_stream(jetstream::stream::Config {
-                name: self.names.stream.clone(),
-                subjects: vec![self.names.prefill()],
+                name: self.stream.clone(),
+                subjects: vec![self.subject.clone()],
                 retention: jetstream::stream::RetentionPolicy::WorkQueue,
                 storage: jetstream::stream::StorageType::File,
                 ..Default::default()
@@ -757,7 +784,7 @@ impl PrefillQueue {
     async fn enqueue_once(&self, payload: Bytes) -> Result<(), BusError> {
         let ack = self
             .js
-            .publish(self.names.prefill(), payload)
+            .publish(self.subject.clone(), payload)
             .await
             .map_err(|e| unavailable("enqueue prefill", e))?;
         ack.await
@@ -850,7 +877,7 @@ impl Puller {
             });
             let subject = format!(
                 "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
-                self.queue.names.stream, PREFILL_CONSUMER
+                self.queue.stream, PREFILL_CONSUMER
             );
             self.client
                 .publish_with_reply(subject, inbox.clone(), Bytes::from(request.to_string()))
@@ -1068,23 +1095,26 @@ impl Bus for NatsBus {
         .boxed()
     }
 
-    fn enqueue_prefill(&self, payload: Bytes) -> BoxFuture<'_, Result<(), BusError>> {
-        self.queue.enqueue(payload).boxed()
+    fn enqueue_prefill(&self, queue: &str, payload: Bytes) -> BoxFuture<'_, Result<(), BusError>> {
+        let queue = self.queue(queue);
+        async move { queue.enqueue(payload).await }.boxed()
     }
 
     /// Jobs not yet taken by any worker (the consumer's `num_pending`); jobs
     /// taken and not yet acked are not counted.
-    fn prefill_queue_depth(&self) -> BoxFuture<'_, Result<u64, BusError>> {
-        self.queue.depth().boxed()
+    fn prefill_queue_depth(&self, queue: &str) -> BoxFuture<'_, Result<u64, BusError>> {
+        let queue = self.queue(queue);
+        async move { queue.depth().await }.boxed()
     }
 
-    fn prefill_jobs(&self) -> BoxFuture<'_, Result<PrefillJobs, BusError>> {
+    fn prefill_jobs(&self, queue: &str) -> BoxFuture<'_, Result<PrefillJobs, BusError>> {
+        let queue = self.queue(queue);
         async move {
             // Fail fast on a bad setup (JetStream off); later errors are
             // retried inside the stream.
-            self.queue.consumer().await?;
+            queue.consumer().await?;
             let puller = Puller {
-                queue: self.queue.clone(),
+                queue,
                 client: self.client.clone(),
                 sub: None,
                 pull_deadline: None,

@@ -869,6 +869,7 @@ mod tests {
             transfer: None,
             capacity: None,
             devices: vec![],
+            kv_layout: None,
         })
         .unwrap()
     }

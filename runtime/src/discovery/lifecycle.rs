@@ -180,6 +180,7 @@ mod tests {
             transfer: None,
             capacity: None,
             devices: Vec::new(),
+            kv_layout: None,
         }
     }
 

@@ -187,6 +187,7 @@ mod tests {
             transfer: None,
             capacity: None,
             devices: vec!["cpu".to_string()],
+            kv_layout: None,
         }
     }
 

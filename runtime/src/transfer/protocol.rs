@@ -29,6 +29,29 @@ pub struct PeerInfo {
 }
 
 impl PeerInfo {
+    /// The KV-layout fingerprint of KV that `model` computes into this
+    /// layout: the model name, the weights digest, the dtype, the block size
+    /// and the head layout (layers, and bytes of one layer's block, which
+    /// fix heads times head size), not the number of blocks. Two workers
+    /// may exchange KV only when theirs are equal; a deployment's prefill
+    /// queues are named by it. Twelve hex digits of a SHA-256.
+    pub fn kv_fingerprint(&self, model: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let l = &self.layout;
+        let canonical = format!(
+            "model={model};weights={};dtype={:?};block_size={};layers={};block_region_bytes={}",
+            self.weights.as_deref().unwrap_or("-"),
+            l.dtype,
+            l.block_size,
+            l.n_layers,
+            l.block_region_bytes,
+        );
+        Sha256::digest(canonical.as_bytes())[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// The opaque form discovery records and prefill jobs carry.
     pub fn to_metadata(&self) -> TransferMetadata {
         TransferMetadata::encode(self)

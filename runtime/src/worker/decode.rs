@@ -113,6 +113,9 @@ struct Inner {
     block_bytes: u64,
     /// What a prefill worker needs to write into our KV memory.
     transfer: TransferMetadata,
+    /// Our KV-layout fingerprint: the prefill queue our jobs go to, read
+    /// only by prefill workers whose KV fits our blocks.
+    kv_layout: String,
 }
 
 /// A decode worker. Cheap to clone.
@@ -127,6 +130,7 @@ impl DecodeWorker {
         let layout = *parts.agent.layout();
         let block_bytes = layout.block_region_bytes * 2 * u64::from(layout.n_layers);
         let transfer = parts.agent.metadata().to_metadata();
+        let kv_layout = parts.kv_layout();
         Ok(DecodeWorker {
             inner: Arc::new(Inner {
                 parts,
@@ -136,6 +140,7 @@ impl DecodeWorker {
                 drain: watch::Sender::new(None),
                 block_bytes,
                 transfer,
+                kv_layout,
             }),
         })
     }
@@ -385,7 +390,7 @@ impl DecodeWorker {
             prompt_len: request.prompt_token_ids.len(),
             threshold,
             disaggregated: settings.disaggregated,
-            prefill_alive: parts.any_alive(Role::Prefill),
+            prefill_alive: parts.any_alive(Role::Prefill, &self.inner.kv_layout),
             max_queue_depth: settings.max_prefill_queue_depth,
             refuse_fallbacks: settings.on_prefill_unavailable == PrefillUnavailable::Fail,
             ..PrefillFacts::default()
@@ -397,7 +402,7 @@ impl DecodeWorker {
         if prefill_step(&facts) == PrefillStep::QueryQueueDepth {
             let depth = tokio::time::timeout(
                 self.inner.config.queue_query_timeout,
-                parts.bus.prefill_queue_depth(),
+                parts.bus.prefill_queue_depth(&self.inner.kv_layout),
             )
             .await;
             facts.queue_depth = Some(match depth {
@@ -453,7 +458,9 @@ impl DecodeWorker {
         );
         let enqueued = tokio::time::timeout(
             self.inner.config.queue_query_timeout * 5,
-            parts.bus.enqueue_prefill(protocol::encode(&job).into()),
+            parts
+                .bus
+                .enqueue_prefill(&self.inner.kv_layout, protocol::encode(&job).into()),
         )
         .await;
         facts.enqueued = Some(matches!(enqueued, Ok(Ok(()))));

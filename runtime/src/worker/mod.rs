@@ -53,13 +53,19 @@ pub struct WorkerParts {
 }
 
 impl WorkerParts {
-    /// Whether an instance of `role` serving our model is alive.
-    fn any_alive(&self, role: Role) -> bool {
-        self.discovery
-            .instances()
-            .borrow()
-            .values()
-            .any(|r| r.role == role && r.model == self.model)
+    /// This worker's KV-layout fingerprint (see
+    /// [`crate::transfer::PeerInfo::kv_fingerprint`]): the name of the
+    /// prefill queue it takes from or feeds.
+    pub fn kv_layout(&self) -> String {
+        self.agent.metadata().kv_fingerprint(&self.model)
+    }
+
+    /// Whether an instance of `role` serving our model with KV layout
+    /// `kv_layout` is alive.
+    fn any_alive(&self, role: Role, kv_layout: &str) -> bool {
+        self.discovery.instances().borrow().values().any(|r| {
+            r.role == role && r.model == self.model && r.kv_layout.as_deref() == Some(kv_layout)
+        })
     }
 
     /// Whether instance `id` is alive.

@@ -272,6 +272,9 @@ impl PrefillWorker {
     /// Take jobs until `shutdown` resolves, then drain (see the module doc)
     /// for at most `grace`.
     pub async fn run(&self, shutdown: impl Future<Output = ()>, grace: Duration) {
+        // Only jobs of decode workers whose blocks our KV fits.
+        let kv_layout = self.parts.kv_layout();
+        tracing::info!(%kv_layout, "taking prefill jobs of this KV layout");
         let slots = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
         let in_flight = InFlight::default();
         let mut observe = tokio::time::interval(Duration::from_secs(1));
@@ -283,7 +286,7 @@ impl PrefillWorker {
         'outer: loop {
             let mut jobs = tokio::select! {
                 _ = &mut shutdown => break,
-                jobs = self.parts.bus.prefill_jobs() => match jobs {
+                jobs = self.parts.bus.prefill_jobs(&kv_layout) => match jobs {
                     Ok(jobs) => jobs,
                     Err(e) => {
                         tracing::warn!("cannot consume the prefill queue: {e}; retrying");
