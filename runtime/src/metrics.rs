@@ -38,6 +38,9 @@ pub const FALLBACK_REASONS: &[&str] = &[
     "prefill_failed",
     // The claimant is gone (nobody serves its subject on the bus).
     "prefill_gone",
+    // The claimant answered nothing for a while (stopped, cut off); the
+    // blocks it may still write are fenced.
+    "prefill_unresponsive",
 ];
 /// Outcomes of a prefill worker's job.
 pub const PREFILL_JOB_RESULTS: &[&str] = &["ok", "expired", "refused", "failed", "handed_back"];

@@ -16,10 +16,12 @@
 //! claimant said it gives the job up ([`DecodeMessage::Abandon`]: it
 //! failed, and wrote nothing more), the claimant is gone (the bus finds
 //! nobody serving its subject when asked for [`PrefillMessage::Status`],
-//! every [`DecodeConfig::claimant_check_interval`]), or the deadline
-//! passed. In the last case (and when the client left or the worker
-//! drains) the claimant may still be writing: a stopped process resumed,
-//! a write posted just before the deadline. Those blocks are then *fenced*:
+//! every [`DecodeConfig::claimant_check_interval`]), the claimant answered
+//! none of those questions for [`DecodeConfig::claimant_silence_limit`]
+//! (stopped, cut off), or the deadline passed. In the last two cases (and
+//! when the client left or the worker drains) the claimant may still be
+//! writing: a stopped process resumed, a write posted just before the
+//! deadline. Those blocks are then *fenced*:
 //! held by no request and out of the pool, while the local prefill takes
 //! other blocks, until the claimant provably stopped (its late
 //! notification arrived, it reports the job over, or it is gone). So a late
@@ -77,6 +79,10 @@ pub struct DecodeConfig {
     /// How often the claimant of a remote prefill we wait for is asked
     /// whether it still works on it (a gone one is noticed within this).
     pub claimant_check_interval: Duration,
+    /// A claimant that answers none of those questions for this long
+    /// (stopped, cut off) is given up: the request is prefilled locally
+    /// and the blocks it may still write stay fenced.
+    pub claimant_silence_limit: Duration,
 }
 
 impl Default for DecodeConfig {
@@ -88,6 +94,7 @@ impl Default for DecodeConfig {
             max_local_prefill_length: None,
             drain_claim_wait: Duration::from_secs(5),
             claimant_check_interval: Duration::from_secs(1),
+            claimant_silence_limit: Duration::from_secs(5),
         }
     }
 }
@@ -516,6 +523,9 @@ impl DecodeWorker {
         let mut notified = notified;
         let withdrawn = self.withdraw_when_draining(&id);
         tokio::pin!(withdrawn);
+        // `prefill_gone`: it is dead and writes nothing more;
+        // `prefill_unresponsive`: it answers nothing (stopped, cut off) and
+        // may still write, so its blocks get fenced.
         let claimant_gone = self.claimant_gone(&id);
         tokio::pin!(claimant_gone);
         let abandoned = async {
@@ -533,7 +543,7 @@ impl DecodeWorker {
                 tracing::info!(request_id = %id, %reason, "the prefill worker gave the job up");
                 Err("prefill_failed")
             }
-            () = &mut claimant_gone => Err("prefill_gone"),
+            gone = &mut claimant_gone => Err(gone),
             Ok(()) = cancelled => {
                 // The client left. An unclaimed request can go at once; a
                 // claimed one may be receiving bytes: wait for them, the
@@ -545,7 +555,7 @@ impl DecodeWorker {
                         n = &mut notified => n.map_err(|_| by_time()),
                         _ = tokio::time::sleep_until(deadline) => Err("timeout"),
                         _ = &mut abandoned => Err("prefill_failed"),
-                        () = &mut claimant_gone => Err("prefill_gone"),
+                        gone = &mut claimant_gone => Err(gone),
                     }
                 }
             }
@@ -634,14 +644,14 @@ impl DecodeWorker {
                 tokio::time::sleep(interval).await;
                 match self.job_status(&writer, &id, interval).await {
                     Err(BusError::NoResponders(_)) => return "the writer is gone",
-                    Ok(JobStatus::Finished) => return "the writer finished the job",
-                    Ok(JobStatus::Unknown) => {
+                    Ok(Some(JobStatus::Finished)) => return "the writer finished the job",
+                    Ok(Some(JobStatus::Unknown)) => {
                         unknown += 1;
                         if unknown >= 2 {
                             return "the writer does not know the job";
                         }
                     }
-                    Ok(JobStatus::Working) | Err(_) => unknown = 0,
+                    Ok(Some(JobStatus::Working) | None) | Err(_) => unknown = 0,
                 }
             }
         };
@@ -656,14 +666,17 @@ impl DecodeWorker {
         }
     }
 
-    /// Resolves once the claimant of remote prefill `id` is gone: the bus
+    /// Resolves once the claimant of remote prefill `id` is gone (the bus
     /// finds nobody serving its subject, or it twice in a row does not know
-    /// the job. Asked every [`DecodeConfig::claimant_check_interval`] while
-    /// the job is claimed; an answer that does not come in time proves
-    /// nothing (a busy or stopped worker), so only the deadline ends that.
-    async fn claimant_gone(&self, id: &str) {
+    /// the job): `"prefill_gone"`; or has answered nothing for
+    /// [`DecodeConfig::claimant_silence_limit`] (a stopped or cut-off
+    /// process, which may still write later): `"prefill_unresponsive"`.
+    /// Asked every [`DecodeConfig::claimant_check_interval`] while the job
+    /// is claimed.
+    async fn claimant_gone(&self, id: &str) -> &'static str {
         let interval = self.inner.config.claimant_check_interval;
         let mut unknown = 0;
+        let mut silent_since: Option<Instant> = None;
         loop {
             tokio::time::sleep(interval).await;
             let owner = lock(&self.inner.pending)
@@ -671,32 +684,45 @@ impl DecodeWorker {
                 .and_then(|p| p.claimed_by.clone());
             let Some(owner) = owner else {
                 unknown = 0;
+                silent_since = None;
                 continue;
             };
-            match self.job_status(&owner, id, interval).await {
+            let answer = self.job_status(&owner, id, interval).await;
+            if !matches!(answer, Ok(None)) {
+                silent_since = None;
+            }
+            match answer {
                 Err(BusError::NoResponders(_)) => {
                     tracing::info!(request_id = %id, prefill = %owner, "the claimant is gone");
-                    return;
+                    return "prefill_gone";
                 }
-                Ok(JobStatus::Unknown) => {
+                Ok(Some(JobStatus::Unknown)) => {
                     unknown += 1;
                     if unknown >= 2 {
                         tracing::info!(request_id = %id, prefill = %owner, "the claimant does not know the job");
-                        return;
+                        return "prefill_gone";
                     }
                 }
-                Ok(JobStatus::Working | JobStatus::Finished) | Err(_) => unknown = 0,
+                Ok(None) => {
+                    let since = *silent_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.inner.config.claimant_silence_limit {
+                        tracing::info!(request_id = %id, prefill = %owner, silent = ?since.elapsed(), "the claimant answers nothing");
+                        return "prefill_unresponsive";
+                    }
+                }
+                Ok(Some(JobStatus::Working | JobStatus::Finished)) | Err(_) => unknown = 0,
             }
         }
     }
 
-    /// Ask prefill worker `owner` about job `id`, within `limit`.
+    /// Ask prefill worker `owner` about job `id`, within `limit`; `None`
+    /// when no answer came in time.
     async fn job_status(
         &self,
         owner: &str,
         id: &str,
         limit: Duration,
-    ) -> Result<JobStatus, BusError> {
+    ) -> Result<Option<JobStatus>, BusError> {
         let message = PrefillMessage::Status {
             request_id: id.to_string(),
         };
@@ -708,15 +734,19 @@ impl DecodeWorker {
                 .request(owner, protocol::encode(&message).into(), limit)
                 .await?;
             match replies.next().await {
-                Some(Ok(bytes)) => Ok(protocol::decode::<JobStatus>("job status", &bytes)
-                    .unwrap_or(JobStatus::Working)),
+                Some(Ok(bytes)) => Ok(Some(
+                    protocol::decode::<JobStatus>("job status", &bytes)
+                        .unwrap_or(JobStatus::Working),
+                )),
+                Some(Err(BusError::Timeout(_))) => Ok(None),
                 Some(Err(e)) => Err(e),
-                None => Ok(JobStatus::Working),
+                None => Ok(Some(JobStatus::Working)),
             }
         };
-        tokio::time::timeout(limit, ask)
-            .await
-            .unwrap_or(Ok(JobStatus::Working))
+        match tokio::time::timeout(limit, ask).await {
+            Ok(Err(BusError::Timeout(_))) | Err(_) => Ok(None),
+            Ok(answer) => answer,
+        }
     }
 
     /// Resolves once the worker is draining and, at the drain's withdrawal
