@@ -416,7 +416,7 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
         .wait()
         .unwrap();
     decode
-        .complete_remote_prefill("d", first_token)
+        .complete_remote_prefill("d", first_token, None)
         .wait()
         .unwrap();
     let remote = collect(rx);

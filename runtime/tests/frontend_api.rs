@@ -434,6 +434,34 @@ fn bad_requests() -> Vec<Bad> {
         ),
         bad("n=2", chat_body(json!({"n": 2})), 400, Some("n")),
         bad(
+            "top_logprobs above 20",
+            chat_body(json!({"logprobs": true, "top_logprobs": 21})),
+            400,
+            Some("top_logprobs"),
+        ),
+        bad(
+            "top_logprobs without logprobs",
+            chat_body(json!({"top_logprobs": 2})),
+            400,
+            Some("top_logprobs"),
+        ),
+        bad(
+            "logprobs not a boolean",
+            chat_body(json!({"logprobs": "yes"})),
+            400,
+            Some("logprobs"),
+        ),
+        Bad {
+            name: "completions logprobs above 5",
+            path: "/v1/completions",
+            content_type: "application/json",
+            body: json!({"model": MODEL, "prompt": "a", "logprobs": 6})
+                .to_string()
+                .into_bytes(),
+            status: 400,
+            param: Some("logprobs"),
+        },
+        bad(
             "unknown role",
             chat_body(json!({"messages": [{"role": "wizard", "content": "hi"}]})),
             400,
@@ -703,6 +731,10 @@ impl CompletionBackend for FailingBackend {
         Ok(vec![1, 2, 3])
     }
 
+    fn token_bytes(&self, _: &str, _: u32) -> Vec<u8> {
+        b"Hi".to_vec()
+    }
+
     fn generate(
         &self,
         request: GenerateRequest,
@@ -716,6 +748,7 @@ impl CompletionBackend for FailingBackend {
                 text: "Hi".into(),
                 finish: None,
                 usage: None,
+                logprobs: None,
             };
             let items = vec![Ok(token), Err(BackendError::Internal("worker lost".into()))];
             Ok(futures::stream::iter(items).boxed())
@@ -819,4 +852,142 @@ async fn sampling_parameters_reach_the_engine() {
     let (_, first) = post_json("/v1/completions", &seeded).await;
     let (_, second) = post_json("/v1/completions", &seeded).await;
     assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"]);
+}
+
+/// A chat answer's `logprobs.content`, checked against what OpenAI
+/// promises: top alternatives sorted, as many as asked, and at temperature 0
+/// the chosen token first among them.
+fn check_chat_logprobs(content: &[Value], top: usize) {
+    for entry in content {
+        let logprob = entry["logprob"].as_f64().unwrap();
+        assert!(logprob <= 0.0, "{entry}");
+        let token = entry["token"].as_str().unwrap();
+        let bytes: Vec<u8> = entry["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(String::from_utf8_lossy(&bytes), token);
+        let alternatives = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(alternatives.len(), top, "{entry}");
+        let values: Vec<f64> = alternatives
+            .iter()
+            .map(|a| a["logprob"].as_f64().unwrap())
+            .collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "{values:?}");
+        if top > 0 {
+            assert_eq!(
+                alternatives[0]["token"], entry["token"],
+                "greedy picks the top"
+            );
+            assert_eq!(values[0], logprob);
+        }
+    }
+}
+
+#[tokio::test]
+async fn logprobs_chat_and_completions_streamed_and_whole() {
+    let _serial = serial().await;
+    let body = chat_body(json!({"logprobs": true, "top_logprobs": 5}));
+    let (status, whole) = post_json("/v1/chat/completions", &body).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    let choice = &whole["choices"][0];
+    assert_eq!(
+        choice["message"]["content"],
+        "The capital of France is Paris."
+    );
+    let content = choice["logprobs"]["content"].as_array().unwrap();
+    check_chat_logprobs(content, 5);
+    // One entry per generated token (the EOS that ended it included).
+    assert_eq!(
+        content.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let text: String = content
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert!(
+        text.starts_with("The capital of France is Paris."),
+        "{text}"
+    );
+    // " Paris" is likely but not certain (FACTS.md: top-1 about 0.77).
+    let paris = content
+        .iter()
+        .find(|e| e["token"] == " Paris")
+        .expect("a Paris token");
+    let p = paris["logprob"].as_f64().unwrap().exp();
+    assert!(p > 0.3 && p < 1.0, "{p}");
+
+    // Streamed: the same tokens and values, spread over the chunks.
+    let mut stream_body = body.clone();
+    merge(&mut stream_body, json!({"stream": true}));
+    let payloads = sse_payloads("/v1/chat/completions", &stream_body).await;
+    let streamed: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    check_chat_logprobs(&streamed, 5);
+    let tokens = |v: &[Value]| -> Vec<Value> { v.iter().map(|e| e["token"].clone()).collect() };
+    assert_eq!(tokens(&streamed), tokens(content));
+
+    // Without logprobs: none, in either shape.
+    let (_, plain) = post_json("/v1/chat/completions", &chat_body(json!({}))).await;
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
+    let (_, zero) = post_json(
+        "/v1/chat/completions",
+        &chat_body(json!({"logprobs": true, "max_tokens": 3})),
+    )
+    .await;
+    check_chat_logprobs(
+        zero["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap(),
+        0,
+    );
+
+    // Legacy completions: parallel lists and text offsets.
+    let body = json!({
+        "model": MODEL, "prompt": "The capital of France is",
+        "temperature": 0, "max_tokens": 3, "logprobs": 3,
+    });
+    let (status, whole) = post_json("/v1/completions", &body).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    let choice = &whole["choices"][0];
+    let lp = &choice["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 3, "{lp}");
+    assert_eq!(lp["tokens"][0], " Paris", "{lp}");
+    let text = choice["text"].as_str().unwrap();
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    for (i, &o) in offsets.iter().enumerate() {
+        assert!(text[o as usize..].starts_with(lp["tokens"][i].as_str().unwrap()));
+    }
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert_eq!(top.len(), 3, "{top:?}");
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(best, lp["token_logprobs"][i].as_f64().unwrap());
+    }
+    let mut stream_body = body.clone();
+    merge(&mut stream_body, json!({"stream": true}));
+    let payloads = sse_payloads("/v1/completions", &stream_body).await;
+    let streamed: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["tokens"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(Value::Array(streamed), lp["tokens"]);
 }

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::engine::chat_template::ChatMessage;
 use crate::engine::runner::Output;
-use crate::engine::sampling::{FinishReason, SamplingParams};
+use crate::engine::sampling::{FinishReason, SamplingParams, TokenLogprobs};
 
 use super::backend::{GenerateRequest, OutputStream, SharedBackend};
 use super::error::ApiError;
@@ -31,8 +31,9 @@ use super::extract::OpenAiJson;
 use super::metrics::{FrontendMetrics, RequestTimer};
 use super::protocol::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
-    ModelList, Prompt, Role, Usage, unix_now,
+    ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatTokenLogprob, CompletionChoice,
+    CompletionLogprobs, CompletionRequest, CompletionResponse, ModelList, Prompt, Role, TopLogprob,
+    Usage, unix_now,
 };
 
 /// What every handler shares.
@@ -234,14 +235,36 @@ async fn respond(
             return e.into_response();
         }
     };
+    let shaper = prepared
+        .sampling
+        .logprobs
+        .is_some()
+        .then(|| LogprobsShaper {
+            backend: state.backend.clone(),
+            model: prepared.model.clone(),
+            endpoint,
+        });
     let mut response = if prepared.stream {
         let shape = Shape::of(&prepared);
-        let events = sse_events(upstream, timer, shape, prepared.prompt_token_ids.len());
+        let events = sse_events(
+            upstream,
+            timer,
+            shape,
+            prepared.prompt_token_ids.len(),
+            ChoiceText::new(shaper),
+        );
         Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response()
     } else {
-        match collect(upstream, &mut timer, prepared.prompt_token_ids.len()).await {
+        match collect(
+            upstream,
+            &mut timer,
+            prepared.prompt_token_ids.len(),
+            shaper,
+        )
+        .await
+        {
             Ok(done) => {
                 timer.finish(200, done.usage.prompt_tokens, done.usage.completion_tokens);
                 Shape::of(&prepared).whole(done).into_response()
@@ -274,6 +297,142 @@ struct Finished {
     text: String,
     finish: Option<FinishReason>,
     usage: Usage,
+    logprobs: Option<ChoiceLogprobs>,
+}
+
+/// The log-probabilities of (part of) one choice, in its endpoint's shape.
+#[derive(Debug, Clone, PartialEq)]
+enum ChoiceLogprobs {
+    Chat(ChatLogprobs),
+    Completions(CompletionLogprobs),
+}
+
+/// What OpenAI clients get for a logprob that is `-inf` (JSON has no
+/// infinity); vLLM's choice too.
+const LOGPROB_FLOOR: f32 = -9999.0;
+
+/// Turns engine logprobs into their wire shape: token ids become the text
+/// and bytes they stand for.
+#[derive(Clone)]
+struct LogprobsShaper {
+    backend: SharedBackend,
+    model: String,
+    endpoint: Endpoint,
+}
+
+impl ChoiceLogprobs {
+    fn chat(self) -> Option<ChatLogprobs> {
+        match self {
+            ChoiceLogprobs::Chat(c) => Some(c),
+            ChoiceLogprobs::Completions(_) => None,
+        }
+    }
+
+    fn completions(self) -> Option<CompletionLogprobs> {
+        match self {
+            ChoiceLogprobs::Completions(c) => Some(c),
+            ChoiceLogprobs::Chat(_) => None,
+        }
+    }
+}
+
+impl LogprobsShaper {
+    /// An empty set for this endpoint.
+    fn empty(&self) -> ChoiceLogprobs {
+        match self.endpoint {
+            Endpoint::Chat => ChoiceLogprobs::Chat(ChatLogprobs::default()),
+            Endpoint::Completions => ChoiceLogprobs::Completions(CompletionLogprobs::default()),
+        }
+    }
+
+    fn token(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.backend.token_bytes(&self.model, id);
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    }
+
+    /// Add one token's logprobs; `text_offset` is where its text starts in
+    /// the choice's text, in characters.
+    fn push(&self, into: &mut ChoiceLogprobs, lp: &TokenLogprobs, text_offset: usize) {
+        let shown = |l: f32| if l.is_finite() { l } else { LOGPROB_FLOOR };
+        match into {
+            ChoiceLogprobs::Chat(chat) => {
+                let (token, bytes) = self.token(lp.token);
+                let top_logprobs = lp
+                    .top
+                    .iter()
+                    .map(|&(id, logprob)| {
+                        let (token, bytes) = self.token(id);
+                        TopLogprob {
+                            token,
+                            logprob: shown(logprob),
+                            bytes,
+                        }
+                    })
+                    .collect();
+                chat.content.push(ChatTokenLogprob {
+                    token,
+                    logprob: shown(lp.logprob),
+                    bytes,
+                    top_logprobs,
+                });
+            }
+            ChoiceLogprobs::Completions(text) => {
+                text.tokens.push(self.token(lp.token).0);
+                text.token_logprobs.push(shown(lp.logprob));
+                let mut top = std::collections::BTreeMap::new();
+                for &(id, logprob) in &lp.top {
+                    // Most likely first: a later token of the same text
+                    // does not overwrite the likelier one.
+                    top.entry(self.token(id).0).or_insert(shown(logprob));
+                }
+                text.top_logprobs.push(top);
+                text.text_offset.push(text_offset);
+            }
+        }
+    }
+}
+
+/// One choice as its tokens arrive: the text and logprobs not yet sent.
+struct ChoiceText {
+    shaper: Option<LogprobsShaper>,
+    text: String,
+    logprobs: Option<ChoiceLogprobs>,
+    /// Characters of text before `text` (already sent, when streaming).
+    sent_chars: usize,
+    generated: usize,
+}
+
+impl ChoiceText {
+    /// `shaper` is set when the request asked for logprobs.
+    fn new(shaper: Option<LogprobsShaper>) -> Self {
+        ChoiceText {
+            logprobs: shaper.as_ref().map(LogprobsShaper::empty),
+            shaper,
+            text: String::new(),
+            sent_chars: 0,
+            generated: 0,
+        }
+    }
+
+    fn push(&mut self, output: &Output) {
+        self.generated += 1;
+        if let (Some(shaper), Some(into), Some(lp)) =
+            (&self.shaper, &mut self.logprobs, &output.logprobs)
+        {
+            let offset = self.sent_chars + self.text.chars().count();
+            shaper.push(into, lp, offset);
+        }
+        self.text.push_str(&output.text);
+    }
+
+    /// The text and logprobs gathered since the last take.
+    fn take(&mut self) -> (String, Option<ChoiceLogprobs>) {
+        let text = std::mem::take(&mut self.text);
+        self.sent_chars += text.chars().count();
+        let fresh = self.shaper.as_ref().map(LogprobsShaper::empty);
+        let logprobs = std::mem::replace(&mut self.logprobs, fresh);
+        (text, logprobs)
+    }
 }
 
 fn usage_of(output: &Output, prompt_tokens: usize, generated: usize) -> Usage {
@@ -289,19 +448,20 @@ async fn collect(
     mut upstream: OutputStream,
     timer: &mut RequestTimer,
     prompt_tokens: usize,
+    shaper: Option<LogprobsShaper>,
 ) -> Result<Finished, ApiError> {
-    let mut text = String::new();
-    let mut generated = 0;
+    let mut choice = ChoiceText::new(shaper);
     while let Some(item) = upstream.next().await {
         let output = item?;
         timer.token();
-        generated += 1;
-        text.push_str(&output.text);
+        choice.push(&output);
         if output.finish.is_some() {
+            let (text, logprobs) = choice.take();
             return Ok(Finished {
                 text,
                 finish: output.finish,
-                usage: usage_of(&output, prompt_tokens, generated),
+                usage: usage_of(&output, prompt_tokens, choice.generated),
+                logprobs,
             });
         }
     }
@@ -341,7 +501,7 @@ impl Shape {
                         role: Role::Assistant,
                         content: done.text,
                     },
-                    logprobs: None,
+                    logprobs: done.logprobs.and_then(ChoiceLogprobs::chat),
                     finish_reason: done.finish,
                 }],
                 usage: done.usage,
@@ -355,7 +515,7 @@ impl Shape {
                 choices: vec![CompletionChoice {
                     index: 0,
                     text: done.text,
-                    logprobs: None,
+                    logprobs: done.logprobs.and_then(ChoiceLogprobs::completions),
                     finish_reason: done.finish,
                 }],
                 usage: Some(done.usage),
@@ -405,7 +565,12 @@ impl Shape {
         }
     }
 
-    fn delta(&self, text: String, finish: Option<FinishReason>) -> Event {
+    fn delta(
+        &self,
+        text: String,
+        logprobs: Option<ChoiceLogprobs>,
+        finish: Option<FinishReason>,
+    ) -> Event {
         match self.endpoint {
             Endpoint::Chat => self.chat_chunk(
                 vec![ChatChunkChoice {
@@ -414,7 +579,7 @@ impl Shape {
                         role: None,
                         content: (!text.is_empty()).then_some(text),
                     },
-                    logprobs: None,
+                    logprobs: logprobs.and_then(ChoiceLogprobs::chat),
                     finish_reason: finish,
                 }],
                 None,
@@ -423,7 +588,7 @@ impl Shape {
                 vec![CompletionChoice {
                     index: 0,
                     text,
-                    logprobs: None,
+                    logprobs: logprobs.and_then(ChoiceLogprobs::completions),
                     finish_reason: finish,
                 }],
                 None,
@@ -462,7 +627,7 @@ struct Streaming {
     shape: Shape,
     pending: VecDeque<Event>,
     prompt_tokens: usize,
-    generated: usize,
+    choice: ChoiceText,
     /// The request's span: the body is polled outside the handler.
     span: tracing::Span,
 }
@@ -472,6 +637,7 @@ fn sse_events(
     timer: RequestTimer,
     shape: Shape,
     prompt_tokens: usize,
+    choice: ChoiceText,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let pending = shape.opening().into_iter().collect();
     let state = Streaming {
@@ -480,7 +646,7 @@ fn sse_events(
         shape,
         pending,
         prompt_tokens,
-        generated: 0,
+        choice,
         span: tracing::Span::current(),
     };
     stream::unfold(state, |mut s| async move {
@@ -492,14 +658,18 @@ fn sse_events(
             match upstream.next().await {
                 Some(Ok(output)) => {
                     s.timer.token();
-                    s.generated += 1;
+                    s.choice.push(&output);
                     let finish = output.finish;
+                    // A token whose text is held back (part of a character,
+                    // a possible stop string) sends its logprobs with the
+                    // next chunk that has text.
                     if !output.text.is_empty() || finish.is_some() {
-                        let chunk = s.shape.delta(output.text.clone(), finish);
+                        let (text, logprobs) = s.choice.take();
+                        let chunk = s.shape.delta(text, logprobs, finish);
                         s.pending.push_back(chunk);
                     }
                     if finish.is_some() {
-                        let usage = usage_of(&output, s.prompt_tokens, s.generated);
+                        let usage = usage_of(&output, s.prompt_tokens, s.choice.generated);
                         if s.shape.include_usage {
                             let chunk = s.shape.usage(usage);
                             s.pending.push_back(chunk);
@@ -527,7 +697,7 @@ fn end_with_error(s: &mut Streaming, e: ApiError) {
     s.pending.push_back(error_event(&e));
     s.pending.push_back(Event::default().data("[DONE]"));
     s.timer
-        .finish(e.status.as_u16(), s.prompt_tokens, s.generated);
+        .finish(e.status.as_u16(), s.prompt_tokens, s.choice.generated);
     s.upstream = None;
 }
 
