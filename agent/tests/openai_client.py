@@ -105,13 +105,13 @@ check(usage.completion_tokens == comp.usage.completion_tokens,
 # top_logprobs, whole and streamed, and both give the same tokens.
 def check_logprobs(content, what):
     check(content, f"{what} has logprobs")
-    for entry in content:
-        top = entry.top_logprobs
-        check(len(top) == 5, f"{what}: five top_logprobs: {top}")
-        check(all(a.logprob >= b.logprob for a, b in zip(top, top[1:])), f"{what}: sorted: {top}")
-        check(top[0].token == entry.token and top[0].logprob == entry.logprob,
-              f"{what}: the chosen token has the largest logprob: {entry}")
-        check(bytes(entry.bytes).decode("utf-8", "replace") == entry.token, f"{what}: bytes spell the token: {entry}")
+    tops = [entry.top_logprobs for entry in content]
+    check(all(len(top) == 5 for top in tops), f"{what}: five top_logprobs each: {tops}")
+    check(all(a.logprob >= b.logprob for top in tops for a, b in zip(top, top[1:])), f"{what}: sorted: {tops}")
+    check(all(e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob for e in content),
+          f"{what}: the chosen token has the largest logprob: {content}")
+    check(all(bytes(e.bytes).decode("utf-8", "replace") == e.token for e in content),
+          f"{what}: bytes spell the token: {content}")
 
 
 lp = client.chat.completions.create(
@@ -153,6 +153,22 @@ check(len(l.tokens) == len(l.token_logprobs) == len(l.top_logprobs) == len(l.tex
 check(all(max(t.values()) == v for t, v in zip(l.top_logprobs, l.token_logprobs)),
       f"completion: the chosen token is the most likely: {l}")
 
+# n=3 with a seed: three choices, each its own sample, the same on a second call.
+def three():
+    r = client.chat.completions.create(
+        model=model, messages=FRANCE, temperature=1.0, max_tokens=12, n=3, seed=1234,
+    )
+    check([c.index for c in r.choices] == [0, 1, 2], f"n=3 gives choices 0, 1, 2: {r.choices}")
+    return r
+
+
+n1, n2 = three(), three()
+texts = [c.message.content for c in n1.choices]
+check(texts == [c.message.content for c in n2.choices], f"n=3 with a seed is reproducible: {texts}")
+check(len(set(texts)) > 1, f"the choices are sampled separately: {texts}")
+check(n1.usage.prompt_tokens == chat.usage.prompt_tokens, f"n=3 counts the prompt once: {n1.usage}")
+usage_adds_up(n1.usage, "n=3")
+
 # Errors arrive as the client's typed exceptions.
 try:
     client.chat.completions.create(model="no-such-model", messages=FRANCE)
@@ -164,5 +180,10 @@ try:
     check(False, "a negative temperature is refused")
 except openai.BadRequestError as e:
     check(e.status_code == 400 and "temperature" in str(e), f"negative temperature is BadRequestError naming it: {e}")
+try:
+    client.chat.completions.create(model=model, messages=FRANCE, n=17)
+    check(False, "n=17 is refused")
+except openai.BadRequestError as e:
+    check(e.status_code == 400 and e.body.get("param") == "n", f"n=17 is BadRequestError naming n: {e}")
 
 print("all OpenAI client checks passed")

@@ -111,6 +111,22 @@ impl SamplingParamsError {
 }
 
 impl SamplingParams {
+    /// The parameters of choice `index` of a request with several (`n`):
+    /// each its own random stream. With a seed, choice `index` draws from a
+    /// seed derived from it and `index`, so every choice is reproducible;
+    /// choice 0 keeps the seed itself (as with `n` = 1).
+    pub fn for_choice(&self, index: u32) -> SamplingParams {
+        // Multiplying by an odd constant (2^64 / golden ratio) maps distinct
+        // indices to distinct, well spread offsets.
+        const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
+        SamplingParams {
+            seed: self
+                .seed
+                .map(|seed| seed ^ u64::from(index).wrapping_mul(SPREAD)),
+            ..self.clone()
+        }
+    }
+
     /// Check every field; the first fault found is returned.
     pub fn validate(&self) -> Result<(), SamplingParamsError> {
         // Written as negated ranges so that NaN is rejected too.
@@ -916,6 +932,22 @@ mod tests {
             .map_err(|e| e.param()),
             Err("top_logprobs")
         );
+    }
+
+    #[test]
+    fn each_choice_has_its_own_reproducible_seed() {
+        let seeded = SamplingParams {
+            seed: Some(42),
+            ..params()
+        };
+        assert_eq!(seeded.for_choice(0), seeded);
+        let seeds: Vec<Option<u64>> = (0..16).map(|i| seeded.for_choice(i).seed).collect();
+        let mut distinct = seeds.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 16, "{seeds:?}");
+        assert_eq!(seeded.for_choice(3), seeded.for_choice(3));
+        assert_eq!(params().for_choice(5).seed, None, "no seed: fresh draws");
     }
 
     proptest::proptest! {

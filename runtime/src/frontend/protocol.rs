@@ -3,7 +3,7 @@
 //! the error body.
 //!
 //! Only shapes live here, plus the checks that need nothing but the request
-//! itself (`n`, `stop`, unsupported options). Turning a request into token
+//! itself (`n`, `stop`, `logprobs`, unsupported options). Turning a request into token
 //! ids and sampling parameters is the handlers' job; which fields a served
 //! model accepts is the engine's.
 
@@ -13,6 +13,8 @@ use crate::engine::sampling::{FinishReason, MAX_TOP_LOGPROBS, SamplingParams};
 
 /// Most stop strings one request may carry (OpenAI's limit).
 pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Most choices (`n`) one request may ask for.
+pub const MAX_CHOICES: u32 = 16;
 /// Most alternatives per token a legacy completion may ask log-probabilities
 /// for (OpenAI's limit).
 pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
@@ -84,14 +86,7 @@ impl CommonParams {
     /// The engine's sampling parameters; `max_tokens` is passed separately
     /// because chat spells it two ways. The engine validates value ranges.
     pub fn sampling(&self, max_tokens: Option<u32>) -> Result<SamplingParams, RequestFault> {
-        if let Some(n) = self.n
-            && n != 1
-        {
-            return Err(RequestFault::new(
-                format!("n must be 1 (only one choice per request is supported), got {n}"),
-                "n",
-            ));
-        }
+        self.choices()?;
         if self.stream_options.is_some() && !self.stream() {
             return Err(RequestFault::new(
                 "stream_options is only allowed when stream is true",
@@ -151,6 +146,18 @@ impl CommonParams {
             // Each endpoint spells it its own way (see theirs).
             logprobs: None,
         })
+    }
+
+    /// How many choices to generate (`n`, 1 to [`MAX_CHOICES`]).
+    pub fn choices(&self) -> Result<u32, RequestFault> {
+        match self.n {
+            None => Ok(1),
+            Some(n) if (1..=MAX_CHOICES).contains(&n) => Ok(n),
+            Some(n) => Err(RequestFault::new(
+                format!("n must be between 1 and {MAX_CHOICES}, got {n}"),
+                "n",
+            )),
+        }
     }
 
     pub fn stream(&self) -> bool {
@@ -759,6 +766,21 @@ mod tests {
         assert_eq!(text(r#""logprobs":5"#), Ok(Some(5)));
         assert_eq!(text(r#""logprobs":null"#), Ok(None));
         assert_eq!(text(r#""logprobs":6"#), Err(Some("logprobs".to_string())));
+    }
+
+    #[test]
+    fn n_is_between_1_and_16() {
+        let n = |v: &str| {
+            serde_json::from_str::<CommonParams>(&format!(r#"{{"n":{v}}}"#))
+                .unwrap()
+                .choices()
+                .map_err(|f| f.param)
+        };
+        assert_eq!(n("1"), Ok(1));
+        assert_eq!(n("16"), Ok(16));
+        assert_eq!(n("null"), Ok(1));
+        assert_eq!(n("0"), Err(Some("n".to_string())));
+        assert_eq!(n("17"), Err(Some("n".to_string())));
     }
 
     #[test]
