@@ -8,6 +8,7 @@ streamed (with stream_options.include_usage), and the typed errors.
 """
 
 import sys
+import urllib.request
 
 import openai
 
@@ -100,6 +101,74 @@ usage_adds_up(usage, "streamed completion")
 check(usage.completion_tokens == comp.usage.completion_tokens,
       f"streamed completion usage equals the whole one: {usage} vs {comp.usage}")
 
+# Logprobs at temperature 0: the chosen token is the most likely of its
+# top_logprobs, whole and streamed, and both give the same tokens.
+def check_logprobs(content, what):
+    check(content, f"{what} has logprobs")
+    tops = [entry.top_logprobs for entry in content]
+    check(all(len(top) == 5 for top in tops), f"{what}: five top_logprobs each: {tops}")
+    check(all(a.logprob >= b.logprob for top in tops for a, b in zip(top, top[1:])), f"{what}: sorted: {tops}")
+    check(all(e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob for e in content),
+          f"{what}: the chosen token has the largest logprob: {content}")
+    check(all(bytes(e.bytes).decode("utf-8", "replace") == e.token for e in content),
+          f"{what}: bytes spell the token: {content}")
+
+
+lp = client.chat.completions.create(
+    model=model, messages=FRANCE, temperature=0, max_tokens=32, logprobs=True, top_logprobs=5,
+)
+check(lp.choices[0].message.content == answer, f"logprobs do not change the answer: {lp.choices[0].message.content!r}")
+check_logprobs(lp.choices[0].logprobs.content, "chat logprobs")
+streamed_lp = []
+for chunk in client.chat.completions.create(
+    model=model, messages=FRANCE, temperature=0, max_tokens=32, logprobs=True, top_logprobs=5, stream=True,
+):
+    if chunk.choices and chunk.choices[0].logprobs is not None:
+        streamed_lp.extend(chunk.choices[0].logprobs.content or [])
+check_logprobs(streamed_lp, "streamed chat logprobs")
+check([e.token for e in streamed_lp] == [e.token for e in lp.choices[0].logprobs.content],
+      "streamed logprobs cover the same tokens")
+
+# A prompt longer than --max-local-prefill-length: its first token is sampled
+# on the prefill worker, and its logprobs travel with the KV.
+LONG = [{"role": "system", "content": "You are a helpful assistant. " * 16}] + FRANCE
+remote = client.chat.completions.create(
+    model=model, messages=LONG, temperature=0, max_tokens=4, logprobs=True, top_logprobs=5,
+)
+check_logprobs(remote.choices[0].logprobs.content, "remote-prefill logprobs")
+check(len(remote.choices[0].logprobs.content) == remote.usage.completion_tokens,
+      f"the remotely sampled first token has logprobs too: {remote.choices[0].logprobs}")
+metrics = urllib.request.urlopen(base_url + "/metrics", timeout=30).read().decode()
+remote_prefills = sum(
+    float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+    if line.startswith("xpyd_decode_prefills_total{") and 'location="remote"' in line
+)
+check(remote_prefills >= 1, f"the long prompt was prefilled remotely: {remote_prefills}")
+
+# Legacy completions logprobs.
+clp = client.completions.create(model=model, prompt=FRANCE_TEXT, temperature=0, max_tokens=5, logprobs=2)
+l = clp.choices[0].logprobs
+check(len(l.tokens) == len(l.token_logprobs) == len(l.top_logprobs) == len(l.text_offset) == 5,
+      f"completion logprobs are parallel lists of 5: {l}")
+check(all(max(t.values()) == v for t, v in zip(l.top_logprobs, l.token_logprobs)),
+      f"completion: the chosen token is the most likely: {l}")
+
+# n=3 with a seed: three choices, each its own sample, the same on a second call.
+def three():
+    r = client.chat.completions.create(
+        model=model, messages=FRANCE, temperature=1.0, max_tokens=12, n=3, seed=1234,
+    )
+    check([c.index for c in r.choices] == [0, 1, 2], f"n=3 gives choices 0, 1, 2: {r.choices}")
+    return r
+
+
+n1, n2 = three(), three()
+texts = [c.message.content for c in n1.choices]
+check(texts == [c.message.content for c in n2.choices], f"n=3 with a seed is reproducible: {texts}")
+check(len(set(texts)) > 1, f"the choices are sampled separately: {texts}")
+check(n1.usage.prompt_tokens == chat.usage.prompt_tokens, f"n=3 counts the prompt once: {n1.usage}")
+usage_adds_up(n1.usage, "n=3")
+
 # Errors arrive as the client's typed exceptions.
 try:
     client.chat.completions.create(model="no-such-model", messages=FRANCE)
@@ -111,5 +180,10 @@ try:
     check(False, "a negative temperature is refused")
 except openai.BadRequestError as e:
     check(e.status_code == 400 and "temperature" in str(e), f"negative temperature is BadRequestError naming it: {e}")
+try:
+    client.chat.completions.create(model=model, messages=FRANCE, n=17)
+    check(False, "n=17 is refused")
+except openai.BadRequestError as e:
+    check(e.status_code == 400 and e.body.get("param") == "n", f"n=17 is BadRequestError naming n: {e}")
 
 print("all OpenAI client checks passed")

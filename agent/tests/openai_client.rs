@@ -39,7 +39,8 @@ fn openai_python_client_works_against_up() {
     let Some(python) = openai_python() else {
         return;
     };
-    let up = common::Up::start(&["--num-blocks", "256"]);
+    // Long prompts (over 64 tokens) are prefilled by the prefill worker.
+    let up = common::Up::start(&["--num-blocks", "256", "--max-local-prefill-length", "64"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     let dir = tempfile_dir();
     let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));

@@ -30,6 +30,6 @@ pub use kv::{KvEvent, KvEventData, PrefixHash, TokenId, prefix_hashes};
 pub use kv_events::{DecodeError, KvEventBatch, KvEventPublisher, WorkerLoad};
 pub use messages::{
     ClaimReply, DecodeMessage, FinishReason, GenerateEvent, GenerateWork, RemotePrefillRequest,
-    WireError, WireErrorKind, WireSamplingParams, WireUsage,
+    WireError, WireErrorKind, WireLogprobs, WireSamplingParams, WireTopLogprob, WireUsage,
 };
 pub use settings::{PrefillUnavailable, RouterAck, RouterSettings, RouterStrategy};

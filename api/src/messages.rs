@@ -27,6 +27,10 @@ pub struct WireSamplingParams {
     pub stop_token_ids: Vec<TokenId>,
     pub ignore_eos: bool,
     pub stop: Vec<String>,
+    /// Return log-probabilities, with this many alternatives per token.
+    /// Absent (not null) when not asked, so older readers see no change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
 }
 
 impl Default for WireSamplingParams {
@@ -42,6 +46,7 @@ impl Default for WireSamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             stop: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -145,6 +150,24 @@ pub struct WireUsage {
     pub cached_tokens: usize,
 }
 
+/// The log-probabilities of one generated token (the model's distribution
+/// before temperature and truncation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireLogprobs {
+    pub token_id: u32,
+    pub logprob: f32,
+    /// Most likely first; as many as the request asked.
+    #[serde(default)]
+    pub top: Vec<WireTopLogprob>,
+}
+
+/// One alternative of [`WireLogprobs::top`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WireTopLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+}
+
 /// Kinds of failure a frontend maps to HTTP statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -166,6 +189,9 @@ pub enum GenerateEvent {
         finish: Option<FinishReason>,
         #[serde(default)]
         usage: Option<WireUsage>,
+        /// Only for requests that asked (`WireSamplingParams::logprobs`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logprobs: Option<WireLogprobs>,
     },
     Error {
         kind: WireErrorKind,
@@ -272,9 +298,14 @@ mod tests {
                 completion_tokens: 1,
                 cached_tokens: 0,
             }),
+            logprobs: None,
         };
         let back: GenerateEvent = decode("event", &encode(&e)).unwrap();
         assert_eq!(back, e);
+        // Events of workers that predate logprobs still read.
+        let old: GenerateEvent =
+            decode("event", br#"{"type":"token","token_id":5,"text":"x"}"#).unwrap();
+        assert!(matches!(old, GenerateEvent::Token { logprobs: None, .. }));
         let err = decode::<RemotePrefillRequest>("prefill job", b"{}").unwrap_err();
         assert!(err.to_string().contains("malformed prefill job"), "{err}");
     }

@@ -38,6 +38,9 @@ impl CompletionBackend for Trivial {
     fn tokenize(&self, _: &str, text: &str, _: bool) -> Result<Vec<u32>, BackendError> {
         Ok(text.bytes().map(u32::from).collect())
     }
+    fn token_bytes(&self, _: &str, token: u32) -> Vec<u8> {
+        u8::try_from(token).map(|b| vec![b]).unwrap_or_default()
+    }
     fn generate(
         &self,
         request: GenerateRequest,
@@ -55,6 +58,7 @@ impl CompletionBackend for Trivial {
                         completion_tokens: TOKENS,
                         cached_tokens: 0,
                     }),
+                    logprobs: None,
                 })
             });
             Ok(Box::pin(stream::iter(outputs)) as OutputStream)

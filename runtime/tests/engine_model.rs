@@ -128,6 +128,17 @@ fn the_tokenizer_matches_smollm2() {
     let text = "Ünïcödé, 世界 and emoji 🎉🚀 — ok";
     assert_eq!(tok.decode(&tok.encode(text).unwrap(), false).unwrap(), text);
     assert!(tok.decode(&[60_000], false).is_err());
+    // Each token's bytes (logprobs' `bytes`) concatenate to the text's.
+    let bytes: Vec<u8> = tok
+        .encode(text)
+        .unwrap()
+        .iter()
+        .flat_map(|&id| tok.token_bytes(id).unwrap())
+        .collect();
+    assert_eq!(bytes, text.as_bytes());
+    assert_eq!(tok.token_bytes(3575).unwrap(), b" capital");
+    assert_eq!(tok.token_bytes(2).unwrap(), b"<|im_end|>");
+    assert_eq!(tok.token_bytes(60_000), None);
 }
 
 #[test]

@@ -18,7 +18,7 @@ use xpyd_runtime::engine::chat_template::{ChatMessage, ChatTemplate};
 use xpyd_runtime::engine::kv_storage::KvStorage;
 use xpyd_runtime::engine::model::{LogitsFor, Model, SequenceInput, argmax};
 use xpyd_runtime::engine::runner::{Engine, EngineConfig, EngineError, EngineHandle, Request};
-use xpyd_runtime::engine::sampling::{FinishReason, SamplingParamsError};
+use xpyd_runtime::engine::sampling::{FinishReason, SamplingParamsError, TokenLogprobs};
 use xpyd_runtime::engine::tokenizer::Tokenizer;
 
 const BLOCK_SIZE: usize = 16;
@@ -416,7 +416,7 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
         .wait()
         .unwrap();
     decode
-        .complete_remote_prefill("d", first_token)
+        .complete_remote_prefill("d", first_token, None)
         .wait()
         .unwrap();
     let remote = collect(rx);
@@ -559,4 +559,82 @@ fn a_prompt_longer_than_the_step_budget_is_prefilled_in_chunks() {
             .unwrap(),
     );
     assert!(again.error.is_none(), "{:?}", again.error);
+}
+
+#[test]
+fn logprobs_come_from_the_model_and_only_when_asked() {
+    let engine = start(config(64));
+    let prompt = [504, 3575, 282, 4649, 314];
+    let mut asked = greedy("lp", &prompt, 2);
+    asked.sampling.logprobs = Some(5);
+    let out = collect(engine.submit(asked).unwrap()).ok();
+    let first = out.logprobs[0].clone().expect("logprobs when asked");
+    assert_eq!(out.logprobs.len(), 2);
+    assert!(out.logprobs.iter().all(Option::is_some));
+
+    // The log-softmax of the model's own logits for the prompt.
+    let model = reference_model();
+    let mut kv = KvStorage::new(model.kv_shape(1, BLOCK_SIZE)).unwrap();
+    let input = SequenceInput {
+        tokens: &prompt,
+        start_pos: 0,
+        block_table: &[0],
+    };
+    let logits = &model
+        .forward(&mut kv, &[input], LogitsFor::LastToken)
+        .unwrap()[0];
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_total = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let expected = |t: u32| (logits[t as usize] as f64 - log_total) as f32;
+    assert_eq!(first.token, out.tokens[0]);
+    assert!(
+        (first.logprob - expected(first.token)).abs() < 1e-3,
+        "{first:?}"
+    );
+    assert_eq!(first.top.len(), 5);
+    assert_eq!(
+        first.top[0],
+        (first.token, first.logprob),
+        "greedy is the top"
+    );
+    assert!(first.top.windows(2).all(|w| w[0].1 >= w[1].1), "{first:?}");
+    for &(t, l) in &first.top {
+        assert!((l - expected(t)).abs() < 1e-3, "{t}: {l}");
+    }
+    // " Paris" at about 0.77 (FACTS.md).
+    let p = first.logprob.exp();
+    assert!((0.6..0.9).contains(&p), "{p}");
+
+    // Not asked: nothing computed, same tokens.
+    let plain = collect(engine.submit(greedy("plain", &prompt, 2)).unwrap()).ok();
+    assert_eq!(plain.tokens, out.tokens);
+    assert!(plain.logprobs.iter().all(Option::is_none));
+
+    // A remote prefill's first token streams with the logprobs the prefill
+    // side sent; the tokens after it get theirs computed here.
+    let mut remote = greedy("remote", &prompt, 3);
+    remote.sampling.logprobs = Some(2);
+    let (rx, _reservation) = engine.begin_remote_prefill(remote).wait().unwrap();
+    let sent = TokenLogprobs {
+        token: first.token,
+        logprob: -0.125,
+        top: vec![(first.token, -0.125), (7, -3.0)],
+    };
+    engine
+        .complete_remote_prefill("remote", first.token, Some(sent.clone()))
+        .wait()
+        .unwrap();
+    let remote = collect(rx).ok();
+    assert_eq!(remote.logprobs[0], Some(sent));
+    assert_eq!(remote.logprobs.len(), 3);
+    assert!(
+        remote.logprobs[1..]
+            .iter()
+            .all(|l| l.as_ref().is_some_and(|l| l.top.len() == 2))
+    );
 }

@@ -185,7 +185,7 @@ fn a_remote_prefill_between_simulated_engines_decodes_like_a_local_one() {
         .wait()
         .unwrap();
     decode
-        .complete_remote_prefill("d", first.tokens[0])
+        .complete_remote_prefill("d", first.tokens[0], None)
         .wait()
         .unwrap();
     let remote = collect(rx).ok();

@@ -432,7 +432,36 @@ fn bad_requests() -> Vec<Bad> {
             400,
             Some("stream_options"),
         ),
-        bad("n=2", chat_body(json!({"n": 2})), 400, Some("n")),
+        bad("n=17", chat_body(json!({"n": 17})), 400, Some("n")),
+        bad("n=0", chat_body(json!({"n": 0})), 400, Some("n")),
+        bad(
+            "top_logprobs above 20",
+            chat_body(json!({"logprobs": true, "top_logprobs": 21})),
+            400,
+            Some("top_logprobs"),
+        ),
+        bad(
+            "top_logprobs without logprobs",
+            chat_body(json!({"top_logprobs": 2})),
+            400,
+            Some("top_logprobs"),
+        ),
+        bad(
+            "logprobs not a boolean",
+            chat_body(json!({"logprobs": "yes"})),
+            400,
+            Some("logprobs"),
+        ),
+        Bad {
+            name: "completions logprobs above 5",
+            path: "/v1/completions",
+            content_type: "application/json",
+            body: json!({"model": MODEL, "prompt": "a", "logprobs": 6})
+                .to_string()
+                .into_bytes(),
+            status: 400,
+            param: Some("logprobs"),
+        },
         bad(
             "unknown role",
             chat_body(json!({"messages": [{"role": "wizard", "content": "hi"}]})),
@@ -687,12 +716,18 @@ fn json_value() -> impl Strategy<Value = Value> {
 }
 
 /// A backend that fails on purpose: model "down" is unavailable, model
-/// "broken" fails after one token, and health is down.
+/// "broken" fails after one token, model "second-fails" fails only the
+/// choice of index 1 (after one token) and answers the others, and health
+/// is down.
 struct FailingBackend;
 
 impl CompletionBackend for FailingBackend {
     fn models(&self) -> Vec<ModelCard> {
-        vec![ModelCard::new("down", None), ModelCard::new("broken", None)]
+        vec![
+            ModelCard::new("down", None),
+            ModelCard::new("broken", None),
+            ModelCard::new("second-fails", None),
+        ]
     }
 
     fn render_chat(&self, _: &str, _: &[ChatMessage]) -> Result<String, BackendError> {
@@ -701,6 +736,10 @@ impl CompletionBackend for FailingBackend {
 
     fn tokenize(&self, _: &str, _: &str, _: bool) -> Result<Vec<u32>, BackendError> {
         Ok(vec![1, 2, 3])
+    }
+
+    fn token_bytes(&self, _: &str, _: u32) -> Vec<u8> {
+        b"Hi".to_vec()
     }
 
     fn generate(
@@ -716,8 +755,18 @@ impl CompletionBackend for FailingBackend {
                 text: "Hi".into(),
                 finish: None,
                 usage: None,
+                logprobs: None,
             };
-            let items = vec![Ok(token), Err(BackendError::Internal("worker lost".into()))];
+            let fails = request.model == "broken" || request.request_id.ends_with("-1");
+            let last = if fails {
+                Err(BackendError::Internal("worker lost".into()))
+            } else {
+                Ok(Output {
+                    finish: Some(xpyd_runtime::engine::sampling::FinishReason::Stop),
+                    ..token.clone()
+                })
+            };
+            let items = vec![Ok(token), last];
             Ok(futures::stream::iter(items).boxed())
         })
     }
@@ -754,6 +803,20 @@ async fn backend_failures_become_503_and_500() {
     assert_eq!(body["error"]["message"], "all workers are busy");
 
     let response = post("broken", false).await.unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "worker lost");
+
+    // With n > 1, one failing choice fails the request: no partial 200.
+    let n = |model: &str, n: u32| {
+        client()
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"model": model, "prompt": "x", "n": n}))
+            .send()
+    };
+    let response = n("second-fails", 1).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "choice 0 alone succeeds");
+    let response = n("second-fails", 3).await.unwrap();
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["message"], "worker lost");
@@ -819,4 +882,240 @@ async fn sampling_parameters_reach_the_engine() {
     let (_, first) = post_json("/v1/completions", &seeded).await;
     let (_, second) = post_json("/v1/completions", &seeded).await;
     assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"]);
+}
+
+/// A chat answer's `logprobs.content`, checked against what OpenAI
+/// promises: top alternatives sorted, as many as asked, and at temperature 0
+/// the chosen token first among them.
+fn check_chat_logprobs(content: &[Value], top: usize) {
+    for entry in content {
+        let logprob = entry["logprob"].as_f64().unwrap();
+        assert!(logprob <= 0.0, "{entry}");
+        let token = entry["token"].as_str().unwrap();
+        let bytes: Vec<u8> = entry["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(String::from_utf8_lossy(&bytes), token);
+        let alternatives = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(alternatives.len(), top, "{entry}");
+        let values: Vec<f64> = alternatives
+            .iter()
+            .map(|a| a["logprob"].as_f64().unwrap())
+            .collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "{values:?}");
+        if top > 0 {
+            assert_eq!(
+                alternatives[0]["token"], entry["token"],
+                "greedy picks the top"
+            );
+            assert_eq!(values[0], logprob);
+        }
+    }
+}
+
+#[tokio::test]
+async fn logprobs_chat_and_completions_streamed_and_whole() {
+    let _serial = serial().await;
+    let body = chat_body(json!({"logprobs": true, "top_logprobs": 5}));
+    let (status, whole) = post_json("/v1/chat/completions", &body).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    let choice = &whole["choices"][0];
+    assert_eq!(
+        choice["message"]["content"],
+        "The capital of France is Paris."
+    );
+    let content = choice["logprobs"]["content"].as_array().unwrap();
+    check_chat_logprobs(content, 5);
+    // One entry per generated token (the EOS that ended it included).
+    assert_eq!(
+        content.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let text: String = content
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert!(
+        text.starts_with("The capital of France is Paris."),
+        "{text}"
+    );
+    // " Paris" is likely but not certain (FACTS.md: top-1 about 0.77).
+    let paris = content
+        .iter()
+        .find(|e| e["token"] == " Paris")
+        .expect("a Paris token");
+    let p = paris["logprob"].as_f64().unwrap().exp();
+    assert!(p > 0.3 && p < 1.0, "{p}");
+
+    // Streamed: the same tokens and values, spread over the chunks.
+    let mut stream_body = body.clone();
+    merge(&mut stream_body, json!({"stream": true}));
+    let payloads = sse_payloads("/v1/chat/completions", &stream_body).await;
+    let streamed: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    check_chat_logprobs(&streamed, 5);
+    let tokens = |v: &[Value]| -> Vec<Value> { v.iter().map(|e| e["token"].clone()).collect() };
+    assert_eq!(tokens(&streamed), tokens(content));
+
+    // Without logprobs: none, in either shape.
+    let (_, plain) = post_json("/v1/chat/completions", &chat_body(json!({}))).await;
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
+    let (_, zero) = post_json(
+        "/v1/chat/completions",
+        &chat_body(json!({"logprobs": true, "max_tokens": 3})),
+    )
+    .await;
+    check_chat_logprobs(
+        zero["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap(),
+        0,
+    );
+
+    // Legacy completions: parallel lists and text offsets.
+    let body = json!({
+        "model": MODEL, "prompt": "The capital of France is",
+        "temperature": 0, "max_tokens": 3, "logprobs": 3,
+    });
+    let (status, whole) = post_json("/v1/completions", &body).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    let choice = &whole["choices"][0];
+    let lp = &choice["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 3, "{lp}");
+    assert_eq!(lp["tokens"][0], " Paris", "{lp}");
+    let text = choice["text"].as_str().unwrap();
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    for (i, &o) in offsets.iter().enumerate() {
+        assert!(text[o as usize..].starts_with(lp["tokens"][i].as_str().unwrap()));
+    }
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert_eq!(top.len(), 3, "{top:?}");
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(best, lp["token_logprobs"][i].as_f64().unwrap());
+    }
+    let mut stream_body = body.clone();
+    merge(&mut stream_body, json!({"stream": true}));
+    let payloads = sse_payloads("/v1/completions", &stream_body).await;
+    let streamed: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str::<Value>(p).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["tokens"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(Value::Array(streamed), lp["tokens"]);
+}
+
+#[tokio::test]
+async fn n_choices_are_seeded_reproducible_and_share_the_prompt() {
+    let _serial = serial().await;
+    let body = chat_body(json!({
+        "n": 3, "seed": 7, "temperature": 1.0, "max_tokens": 12, "logprobs": true,
+    }));
+    let (status, first) = post_json("/v1/chat/completions", &body).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let choices = first["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{first}");
+    let texts: Vec<&str> = choices
+        .iter()
+        .map(|c| c["message"]["content"].as_str().unwrap())
+        .collect();
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i as u64);
+        assert!(c["finish_reason"].is_string(), "{c}");
+    }
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "each choice samples its own stream: {texts:?}"
+    );
+    // The prompt counted once, the completions of all three.
+    let (_, single) = post_json("/v1/chat/completions", &chat_body(json!({"max_tokens": 1}))).await;
+    let usage = &first["usage"];
+    assert_eq!(usage["prompt_tokens"], single["usage"]["prompt_tokens"]);
+    let per_choice: u64 = choices
+        .iter()
+        .map(|c| c["logprobs"]["content"].as_array().unwrap().len() as u64)
+        .sum();
+    assert_eq!(usage["completion_tokens"].as_u64().unwrap(), per_choice);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + per_choice
+    );
+
+    // Same seed, same three answers; the later choices found the prompt in
+    // the prefix cache.
+    let hits_before = server().engine.stats().prefix_hit_blocks;
+    let (_, again) = post_json("/v1/chat/completions", &body).await;
+    let again_texts: Vec<&str> = again["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["message"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(again_texts, texts);
+    let prompt_blocks = usage["prompt_tokens"].as_u64().unwrap() / 16;
+    assert!(prompt_blocks > 0);
+    assert!(
+        server().engine.stats().prefix_hit_blocks - hits_before >= 3 * prompt_blocks,
+        "every choice reuses the cached prompt"
+    );
+
+    // Streamed: chunks of the three choices interleave, tagged by index,
+    // and each adds up to the whole answer's text.
+    let mut stream_body = body.clone();
+    merge(
+        &mut stream_body,
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let payloads = sse_payloads("/v1/chat/completions", &stream_body).await;
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    let mut streamed = vec![String::new(); 3];
+    let mut finishes = 0;
+    for chunk in &chunks {
+        for c in chunk["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            streamed[i].push_str(c["delta"]["content"].as_str().unwrap_or_default());
+            finishes += usize::from(c["finish_reason"].is_string());
+        }
+    }
+    assert_eq!(streamed, texts);
+    assert_eq!(finishes, 3);
+    assert_eq!(
+        counts(&chunks.last().unwrap()["usage"]),
+        counts(&first["usage"])
+    );
+
+    // Completions take n too.
+    let (status, text) = post_json(
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "The capital of France is",
+                "n": 2, "temperature": 0, "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(text["choices"][1]["index"], 1);
+    assert_eq!(
+        text["choices"][0]["text"], text["choices"][1]["text"],
+        "greedy choices agree"
+    );
+    assert_eq!(text["usage"]["completion_tokens"], 8);
 }

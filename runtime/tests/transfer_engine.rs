@@ -77,7 +77,7 @@ fn decode_process_entry() {
     let deadline = Instant::now() + Duration::from_secs(120);
     match agent.wait_notification("d", deadline) {
         Ok(got) => engine
-            .complete_remote_prefill("d", got.notification.first_token)
+            .complete_remote_prefill("d", got.notification.first_token, None)
             .wait()
             .unwrap(),
         Err(e) => {
@@ -114,6 +114,7 @@ fn a_prompt_prefilled_in_another_process_decodes_to_paris() {
     let notification = TransferNotification {
         request_id: "d".into(),
         first_token: first[0],
+        first_logprobs: None,
         num_blocks: blocks.len() as u32,
     };
     let deadline = Instant::now() + Duration::from_secs(60);

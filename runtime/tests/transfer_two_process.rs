@@ -175,6 +175,7 @@ fn child_process_entry() {
                 let want = TransferNotification {
                     request_id: job.request_id.clone(),
                     first_token: job.first_token,
+                    first_logprobs: None,
                     num_blocks: job.dst_blocks.len() as u32,
                 };
                 if got.notification != want || got.from_agent != job.from {
@@ -262,6 +263,7 @@ fn send(agent: &TransferAgent, peer: &str, job: &Job) -> Result<usize, TransferE
     let notification = TransferNotification {
         request_id: job.request_id.clone(),
         first_token: job.first_token,
+        first_logprobs: None,
         num_blocks: job.dst_blocks.len() as u32,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -361,6 +363,7 @@ fn a_receiver_killed_mid_transfer_is_an_error_before_the_deadline() {
     let notification = TransferNotification {
         request_id: "doomed".into(),
         first_token: 1,
+        first_logprobs: None,
         num_blocks: 128,
     };
     let deadline_in = Duration::from_secs(20);
@@ -443,6 +446,7 @@ fn a_peer_with_another_layout_is_refused_naming_the_field() {
     let notification = TransferNotification {
         request_id: "x".into(),
         first_token: 0,
+        first_logprobs: None,
         num_blocks: 1,
     };
     let err = agent
@@ -627,6 +631,7 @@ fn engine_kv_caches_exchange_blocks_through_their_own_memory() {
     let notification = TransferNotification {
         request_id: "cmpl-1".into(),
         first_token: 12,
+        first_logprobs: None,
         num_blocks: 3,
     };
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::block_pool::{BlockId, FenceId, TokenId};
 use super::kv_storage::KvStorage;
 use super::runner::{Command, EngineConfig, EngineError, EngineStats, OutputItem, Request};
-use super::sampling::Sampler;
+use super::sampling::{Sampler, TokenLogprobs};
 use super::scheduler::{RemoteReservation, SchedulerConfig, admission_check};
 use crate::sync::lock;
 
@@ -305,9 +305,15 @@ impl EngineHandle {
     }
 
     /// The prompt KV of `id` is written and the prefill side sampled
-    /// `first_token`: it is streamed as the first output and decoding goes
-    /// on from there.
-    pub fn complete_remote_prefill(&self, id: &str, first_token: TokenId) -> EngineCall<()> {
+    /// `first_token` (with its log-probabilities, when the request asked
+    /// for them): it is streamed as the first output and decoding goes on
+    /// from there.
+    pub fn complete_remote_prefill(
+        &self,
+        id: &str,
+        first_token: TokenId,
+        first_logprobs: Option<TokenLogprobs>,
+    ) -> EngineCall<()> {
         if let Err(e) = self.check_first_token(first_token) {
             return EngineCall::failed(self, e);
         }
@@ -315,6 +321,7 @@ impl EngineHandle {
         self.call_with(move |reply| Command::CompleteRemote {
             id,
             first_token,
+            first_logprobs,
             reply,
         })
     }

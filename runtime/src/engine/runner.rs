@@ -27,7 +27,9 @@ use super::block_pool::{BlockId, BlockPool, FenceId, KvEvent, SequenceId, TokenI
 use super::forward::ForwardModel;
 use super::kv_storage::KvStorage;
 use super::model::{LogitsFor, SequenceInput};
-use super::sampling::{FinishReason, Sampler, SamplingParams, SamplingParamsError};
+use super::sampling::{
+    FinishReason, Sampler, SamplingParams, SamplingParamsError, TokenLogprobs, token_logprobs,
+};
 use super::scheduler::{RemoteReservation, Scheduler, SchedulerConfig, SchedulerError, SeqState};
 use super::tokenizer::{StreamDecoder, Tokenizer};
 use crate::sync::lock;
@@ -74,7 +76,7 @@ pub struct Usage {
 }
 
 /// One generated token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Output {
     pub token_id: TokenId,
     /// Text that became final with this token (may be empty while UTF-8
@@ -85,6 +87,8 @@ pub struct Output {
     pub finish: Option<FinishReason>,
     /// Set on the last output of a request.
     pub usage: Option<Usage>,
+    /// Only for requests whose sampling asked (`SamplingParams::logprobs`).
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// What a request's stream carries.
@@ -219,6 +223,7 @@ pub(super) enum Command {
     CompleteRemote {
         id: String,
         first_token: TokenId,
+        first_logprobs: Option<TokenLogprobs>,
         reply: Reply<()>,
     },
     CancelRemote {
@@ -512,9 +517,10 @@ impl<M: ForwardModel> Worker<M> {
             Command::CompleteRemote {
                 id,
                 first_token,
+                first_logprobs,
                 reply,
             } => {
-                reply.send(self.complete_remote(&id, first_token));
+                reply.send(self.complete_remote(&id, first_token, first_logprobs));
             }
             Command::CancelRemote { id, reply } => {
                 let result = match self.ids.get(&id) {
@@ -565,14 +571,20 @@ impl<M: ForwardModel> Worker<M> {
         true
     }
 
-    fn complete_remote(&mut self, id: &str, first_token: TokenId) -> Result<(), EngineError> {
+    fn complete_remote(
+        &mut self,
+        id: &str,
+        first_token: TokenId,
+        first_logprobs: Option<TokenLogprobs>,
+    ) -> Result<(), EngineError> {
         let &seq = self
             .ids
             .get(id)
             .ok_or_else(|| EngineError::UnknownRequest(id.to_string()))?;
         self.scheduler.complete_remote(seq)?;
-        // The prefill side sampled this token: stream it like a local one.
-        self.emit(seq, first_token);
+        // The prefill side sampled this token (and computed its logprobs
+        // from its logits): stream it like a local one.
+        self.emit(seq, first_token, first_logprobs);
         Ok(())
     }
 
@@ -671,13 +683,19 @@ impl<M: ForwardModel> Worker<M> {
                 continue;
             };
             let token = active.sampler.sample(logits);
-            self.emit(c.seq, token);
+            // Only requests that ask pay for the log-softmax.
+            let logprobs = active
+                .sampler
+                .params()
+                .logprobs
+                .map(|top| token_logprobs(logits, token, top as usize));
+            self.emit(c.seq, token, logprobs);
         }
         true
     }
 
     /// Stream `token` for `seq`, then end it or append it for the next step.
-    fn emit(&mut self, seq: SequenceId, token: TokenId) {
+    fn emit(&mut self, seq: SequenceId, token: TokenId, logprobs: Option<TokenLogprobs>) {
         let last_by_length = self.scheduler.next_token_is_last(seq);
         let Some(active) = self.requests.get_mut(&seq) else {
             return;
@@ -716,6 +734,7 @@ impl<M: ForwardModel> Worker<M> {
             text: step.text,
             finish: step.finish,
             usage,
+            logprobs,
         };
         let delivered = active.tx.try_send(Ok(output)).is_ok();
         match step.finish {

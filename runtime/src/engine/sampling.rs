@@ -7,7 +7,11 @@
 //! It is not the detokenizer (the tokenizer's incremental decoder hands over
 //! each token's text), not the forward pass that produces logits, and not a
 //! batch scheduler: one [`Sampler`] serves one sequence. Penalties
-//! (repetition, presence, frequency) and logprobs are not implemented yet.
+//! (repetition, presence, frequency) are not implemented yet.
+//!
+//! Log-probabilities ([`token_logprobs`]) are those of the model's own
+//! distribution: the log-softmax of the raw logits, before temperature,
+//! top-k and top-p (vLLM's default), computed only for requests that ask.
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -43,7 +47,15 @@ pub struct SamplingParams {
     /// Strings that end generation when they appear in the output text; the
     /// returned text stops just before the match.
     pub stop: Vec<String>,
+    /// Return each sampled token's log-probability and this many most
+    /// likely alternatives (at most [`MAX_TOP_LOGPROBS`]); `None` computes
+    /// nothing.
+    pub logprobs: Option<u32>,
 }
+
+/// Most alternatives a request may ask log-probabilities for (OpenAI's
+/// limit for chat `top_logprobs`).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 impl Default for SamplingParams {
     /// OpenAI's defaults: temperature 1, no top-k, top-p 1, no limits.
@@ -58,6 +70,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             stop: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -78,6 +91,8 @@ pub enum SamplingParamsError {
     MinTokensAboveMax { min_tokens: u32, max_tokens: u32 },
     #[error("stop strings must not be empty, but stop[{0}] is \"\"")]
     EmptyStop(usize),
+    #[error("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {0}")]
+    TopLogprobs(u32),
 }
 
 impl SamplingParamsError {
@@ -90,11 +105,28 @@ impl SamplingParamsError {
             SamplingParamsError::MaxTokensZero => "max_tokens",
             SamplingParamsError::MinTokensAboveMax { .. } => "min_tokens",
             SamplingParamsError::EmptyStop(_) => "stop",
+            SamplingParamsError::TopLogprobs(_) => "top_logprobs",
         }
     }
 }
 
 impl SamplingParams {
+    /// The parameters of choice `index` of a request with several (`n`):
+    /// each its own random stream. With a seed, choice `index` draws from a
+    /// seed derived from it and `index`, so every choice is reproducible;
+    /// choice 0 keeps the seed itself (as with `n` = 1).
+    pub fn for_choice(&self, index: u32) -> SamplingParams {
+        // Multiplying by an odd constant (2^64 / golden ratio) maps distinct
+        // indices to distinct, well spread offsets.
+        const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
+        SamplingParams {
+            seed: self
+                .seed
+                .map(|seed| seed ^ u64::from(index).wrapping_mul(SPREAD)),
+            ..self.clone()
+        }
+    }
+
     /// Check every field; the first fault found is returned.
     pub fn validate(&self) -> Result<(), SamplingParamsError> {
         // Written as negated ranges so that NaN is rejected too.
@@ -120,6 +152,11 @@ impl SamplingParams {
         }
         if let Some(index) = self.stop.iter().position(String::is_empty) {
             return Err(SamplingParamsError::EmptyStop(index));
+        }
+        if let Some(n) = self.logprobs
+            && n > MAX_TOP_LOGPROBS
+        {
+            return Err(SamplingParamsError::TopLogprobs(n));
         }
         Ok(())
     }
@@ -278,6 +315,51 @@ impl Sampler {
             text,
             finish: Some(reason),
         }
+    }
+}
+
+/// The log-probabilities of one sampled token: its own and those of the
+/// most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: TokenId,
+    pub logprob: f32,
+    /// Most likely first (ties: lowest id); as many as the request asked.
+    pub top: Vec<(TokenId, f32)>,
+}
+
+/// `token`'s log-probability under `logits` and the `top_n` most likely
+/// tokens': the log-softmax of the raw logits (no temperature, top-k or
+/// top-p), in f64. A NaN logit counts as impossible (`-inf`).
+pub fn token_logprobs(logits: &[f32], token: TokenId, top_n: usize) -> TokenLogprobs {
+    let finite = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l };
+    let max = logits
+        .iter()
+        .map(|&l| finite(l))
+        .fold(f32::NEG_INFINITY, f32::max);
+    let max = f64::from(max);
+    let sum: f64 = logits
+        .iter()
+        .map(|&l| (f64::from(finite(l)) - max).exp())
+        .sum();
+    let log_total = max + sum.ln();
+    let logprob_of = |t: TokenId| {
+        logits.get(t as usize).map_or(f32::NEG_INFINITY, |&l| {
+            (f64::from(finite(l)) - log_total) as f32
+        })
+    };
+    let mut top: Vec<(TokenId, f32)> = (0..).zip(logits.iter().map(|&l| finite(l))).collect();
+    let order = |a: &(TokenId, f32), b: &(TokenId, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let top_n = top_n.min(top.len());
+    if top_n > 0 && top_n < top.len() {
+        top.select_nth_unstable_by(top_n - 1, order);
+    }
+    top.truncate(top_n);
+    top.sort_unstable_by(order);
+    TokenLogprobs {
+        token,
+        logprob: logprob_of(token),
+        top: top.into_iter().map(|(t, _)| (t, logprob_of(t))).collect(),
     }
 }
 
@@ -793,6 +875,79 @@ mod tests {
         );
         assert_eq!(s.accept(5, "b.c").text, "b");
         assert_eq!(s.finish_reason(), Some(FinishReason::Stop));
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_raw_logits() {
+        let logits = [1.0f32, 3.0, -2.0, 0.5, 3.0, f32::NAN];
+        let total: f64 = logits
+            .iter()
+            .filter(|l| !l.is_nan())
+            .map(|&l| f64::from(l).exp())
+            .sum();
+        let expected = |t: usize| (f64::from(logits[t]) - total.ln()) as f32;
+        let lp = token_logprobs(&logits, 3, 0);
+        assert!((lp.logprob - expected(3)).abs() < 1e-6, "{lp:?}");
+        assert!(lp.top.is_empty(), "top 0 asks for none");
+        assert_eq!(token_logprobs(&logits, 5, 0).logprob, f32::NEG_INFINITY);
+
+        // Temperature does not change them: they describe the model.
+        let lp = token_logprobs(&logits, 0, 3);
+        assert_eq!(
+            lp.top.iter().map(|&(t, _)| t).collect::<Vec<_>>(),
+            vec![1, 4, 0],
+            "most likely first, lowest id on ties"
+        );
+        for &(t, l) in &lp.top {
+            assert!((l - expected(t as usize)).abs() < 1e-6);
+        }
+        let mass: f64 = (0..5)
+            .map(|t| f64::from(token_logprobs(&logits, t, 0).logprob).exp())
+            .sum();
+        assert!((mass - 1.0).abs() < 1e-6, "{mass}");
+        assert_eq!(token_logprobs(&logits, 0, 50).top.len(), logits.len());
+    }
+
+    #[test]
+    fn the_greedy_token_has_the_largest_logprob() {
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01)
+            .collect();
+        let mut s = sampler(SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(20),
+            ..params()
+        });
+        let token = s.sample(&logits);
+        let lp = token_logprobs(&logits, token, 20);
+        assert_eq!(lp.top.len(), 20);
+        assert_eq!(lp.top[0], (token, lp.logprob));
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "{:?}", lp.top);
+        assert_eq!(
+            SamplingParams {
+                logprobs: Some(21),
+                ..params()
+            }
+            .validate()
+            .map_err(|e| e.param()),
+            Err("top_logprobs")
+        );
+    }
+
+    #[test]
+    fn each_choice_has_its_own_reproducible_seed() {
+        let seeded = SamplingParams {
+            seed: Some(42),
+            ..params()
+        };
+        assert_eq!(seeded.for_choice(0), seeded);
+        let seeds: Vec<Option<u64>> = (0..16).map(|i| seeded.for_choice(i).seed).collect();
+        let mut distinct = seeds.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 16, "{seeds:?}");
+        assert_eq!(seeded.for_choice(3), seeded.for_choice(3));
+        assert_eq!(params().for_choice(5).seed, None, "no seed: fresh draws");
     }
 
     proptest::proptest! {

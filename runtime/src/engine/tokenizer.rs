@@ -211,10 +211,41 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The bytes one token stands for (byte-level symbols mapped back to
+    /// bytes; a control token's own text): what OpenAI's logprobs report
+    /// as `bytes`. `None` for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let text = self.inner.id_to_token(id)?;
+        let mut bytes = Vec::with_capacity(text.len());
+        for c in text.chars() {
+            match byte_of_symbol(c) {
+                Some(b) => bytes.push(b),
+                // Not a byte-level symbol (an added token's own text).
+                None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
+        Some(bytes)
+    }
+
     /// The `tokenizer.chat_template` Jinja source, if the file has one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }
+}
+
+/// The byte GPT-2's byte-level alphabet writes as `c`: printable Latin-1
+/// bytes stand for themselves, the other 68 bytes for U+0100.. in order.
+fn byte_of_symbol(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let code = c as u32;
+    if code < 256 && printable(code) {
+        return u8::try_from(code).ok();
+    }
+    let index = code.checked_sub(256)? as usize;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(index)
+        .and_then(|b| u8::try_from(b).ok())
 }
 
 /// Incremental detokenization for streaming: feed ids one at a time, get the

@@ -6,10 +6,12 @@
 //! what other processes read; the conversions live here, once, for every
 //! room that puts engine values on the wire or takes them off it.
 
-use xpyd_api::{GenerateEvent, WireSamplingParams, WireUsage, WorkerLoad};
+use xpyd_api::{
+    GenerateEvent, WireLogprobs, WireSamplingParams, WireTopLogprob, WireUsage, WorkerLoad,
+};
 
 use super::runner::{EngineStats, Output, Usage};
-use super::sampling::SamplingParams;
+use super::sampling::{SamplingParams, TokenLogprobs};
 
 impl From<SamplingParams> for WireSamplingParams {
     fn from(p: SamplingParams) -> Self {
@@ -23,6 +25,7 @@ impl From<SamplingParams> for WireSamplingParams {
             stop_token_ids: p.stop_token_ids,
             ignore_eos: p.ignore_eos,
             stop: p.stop,
+            logprobs: p.logprobs,
         }
     }
 }
@@ -39,6 +42,31 @@ impl From<WireSamplingParams> for SamplingParams {
             stop_token_ids: p.stop_token_ids,
             ignore_eos: p.ignore_eos,
             stop: p.stop,
+            logprobs: p.logprobs,
+        }
+    }
+}
+
+impl From<TokenLogprobs> for WireLogprobs {
+    fn from(l: TokenLogprobs) -> Self {
+        WireLogprobs {
+            token_id: l.token,
+            logprob: l.logprob,
+            top: l
+                .top
+                .into_iter()
+                .map(|(token_id, logprob)| WireTopLogprob { token_id, logprob })
+                .collect(),
+        }
+    }
+}
+
+impl From<WireLogprobs> for TokenLogprobs {
+    fn from(l: WireLogprobs) -> Self {
+        TokenLogprobs {
+            token: l.token_id,
+            logprob: l.logprob,
+            top: l.top.into_iter().map(|t| (t.token_id, t.logprob)).collect(),
         }
     }
 }
@@ -70,6 +98,7 @@ impl From<Output> for GenerateEvent {
             text: o.text,
             finish: o.finish,
             usage: o.usage.map(WireUsage::from),
+            logprobs: o.logprobs.map(WireLogprobs::from),
         }
     }
 }
@@ -82,11 +111,13 @@ pub fn output_of(event: GenerateEvent) -> Option<Output> {
             text,
             finish,
             usage,
+            logprobs,
         } => Some(Output {
             token_id,
             text,
             finish,
             usage: usage.map(Usage::from),
+            logprobs: logprobs.map(TokenLogprobs::from),
         }),
         GenerateEvent::Error { .. } => None,
     }
@@ -122,6 +153,7 @@ mod tests {
             stop_token_ids: vec![4],
             ignore_eos: true,
             stop: vec!["\n".into()],
+            logprobs: Some(5),
             ..SamplingParams::default()
         };
         let wire: WireSamplingParams = decode(
@@ -147,9 +179,15 @@ mod tests {
                 completion_tokens: 1,
                 cached_tokens: 0,
             }),
+            logprobs: Some(TokenLogprobs {
+                token: 5,
+                logprob: -0.25,
+                top: vec![(5, -0.25), (9, -1.5)],
+            }),
         });
         let back: GenerateEvent = decode("event", &encode(&e)).unwrap();
         let out = output_of(back).unwrap();
+        assert_eq!(out.logprobs.as_ref().unwrap().top[1], (9, -1.5));
         assert_eq!(out.usage.unwrap().prompt_tokens, 3);
         assert_eq!(out.finish, Some(FinishReason::Length));
     }

@@ -96,6 +96,10 @@ pub trait CompletionBackend: Send + Sync + 'static {
     fn tokenize(&self, model: &str, text: &str, raw_prompt: bool)
     -> Result<Vec<u32>, BackendError>;
 
+    /// The bytes token `token` of `model` stands for, for logprobs'
+    /// `token` and `bytes` (empty for an id the model does not have).
+    fn token_bytes(&self, model: &str, token: u32) -> Vec<u8>;
+
     /// Start generating.
     fn generate(
         &self,
@@ -193,6 +197,11 @@ impl Prompts {
         template
             .render(messages, true)
             .map_err(|e| BackendError::invalid(e.to_string(), Some("messages")))
+    }
+
+    /// See [`CompletionBackend::token_bytes`].
+    pub fn token_bytes(&self, token: u32) -> Vec<u8> {
+        self.tokenizer.token_bytes(token).unwrap_or_default()
     }
 
     /// See [`CompletionBackend::tokenize`].

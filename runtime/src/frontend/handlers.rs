@@ -2,8 +2,9 @@
 //! server-sent events), the model list, health and metrics.
 //!
 //! Each handler checks the model, turns the request into token ids and
-//! sampling parameters through the backend, and shapes the backend's tokens
-//! into OpenAI's responses. Wire shapes are in `protocol`, error bodies in
+//! sampling parameters through the backend, starts one generation per
+//! choice (`n`), and shapes the backend's tokens (and their logprobs) into
+//! OpenAI's responses. Wire shapes are in `protocol`, error bodies in
 //! `error`; no handler knows whether the engine is local.
 
 use std::collections::VecDeque;
@@ -16,23 +17,24 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use futures::stream::{self, Stream};
+use futures::stream::{self, BoxStream, Stream};
 use prometheus::{Registry, TextEncoder};
 use serde::Serialize;
 use tracing::Instrument;
 
 use crate::engine::chat_template::ChatMessage;
 use crate::engine::runner::Output;
-use crate::engine::sampling::{FinishReason, SamplingParams};
+use crate::engine::sampling::{FinishReason, SamplingParams, TokenLogprobs};
 
-use super::backend::{GenerateRequest, OutputStream, SharedBackend};
+use super::backend::{BackendError, GenerateRequest, SharedBackend};
 use super::error::ApiError;
 use super::extract::OpenAiJson;
 use super::metrics::{FrontendMetrics, RequestTimer};
 use super::protocol::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
-    ModelList, Prompt, Role, Usage, unix_now,
+    ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatTokenLogprob, CompletionChoice,
+    CompletionLogprobs, CompletionRequest, CompletionResponse, ModelList, Prompt, Role, TopLogprob,
+    Usage, unix_now,
 };
 
 /// What every handler shares.
@@ -79,6 +81,8 @@ struct Prepared {
     session: Option<String>,
     stream: bool,
     include_usage: bool,
+    /// Choices to generate (`n`).
+    n: u32,
 }
 
 impl Endpoint {
@@ -129,6 +133,7 @@ pub async fn chat_completions(
                 id,
                 stream: request.common.stream(),
                 include_usage: request.common.include_usage(),
+                n: request.common.choices()?,
                 model: request.model,
                 prompt_token_ids,
                 sampling,
@@ -162,6 +167,7 @@ pub async fn completions(
                 id,
                 stream: request.common.stream(),
                 include_usage: request.common.include_usage(),
+                n: request.common.choices()?,
                 model: request.model,
                 prompt_token_ids,
                 sampling,
@@ -213,16 +219,7 @@ async fn respond(
         endpoint.name(),
         prepared.prompt_token_ids.len(),
     );
-    let upstream = state
-        .backend
-        .generate(GenerateRequest {
-            request_id: prepared.id.clone(),
-            model: prepared.model.clone(),
-            prompt_token_ids: prepared.prompt_token_ids.clone(),
-            sampling: prepared.sampling.clone(),
-            session: prepared.session.clone(),
-        })
-        .await;
+    let upstream = open_choices(state, &prepared).await;
     let upstream = match upstream {
         Ok(s) => s,
         Err(e) => {
@@ -234,16 +231,42 @@ async fn respond(
             return e.into_response();
         }
     };
+    let shaper = prepared
+        .sampling
+        .logprobs
+        .is_some()
+        .then(|| LogprobsShaper {
+            backend: state.backend.clone(),
+            model: prepared.model.clone(),
+            endpoint,
+        });
+    let choices = (0..prepared.n)
+        .map(|_| ChoiceText::new(shaper.clone()))
+        .collect();
     let mut response = if prepared.stream {
         let shape = Shape::of(&prepared);
-        let events = sse_events(upstream, timer, shape, prepared.prompt_token_ids.len());
+        let events = sse_events(
+            upstream,
+            timer,
+            shape,
+            prepared.prompt_token_ids.len(),
+            choices,
+        );
         Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response()
     } else {
-        match collect(upstream, &mut timer, prepared.prompt_token_ids.len()).await {
+        match collect(
+            upstream,
+            &mut timer,
+            prepared.prompt_token_ids.len(),
+            choices,
+        )
+        .await
+        {
             Ok(done) => {
-                timer.finish(200, done.usage.prompt_tokens, done.usage.completion_tokens);
+                let usage = done.usage();
+                timer.finish(200, usage.prompt_tokens, usage.completion_tokens);
                 Shape::of(&prepared).whole(done).into_response()
             }
             Err(e) => {
@@ -265,15 +288,215 @@ async fn respond(
     response
 }
 
+/// The outputs of all choices of a request, each tagged with its index.
+type ChoiceStream = BoxStream<'static, (u32, Result<Output, BackendError>)>;
+
+/// Start the `n` choices of a request: one generation each, sharing the
+/// prompt. The first runs alone until its first token, so that its prompt
+/// KV is in the prefix cache when the others start and they reuse it
+/// instead of computing it again. Dropping the stream cancels them all.
+async fn open_choices(state: &AppState, prepared: &Prepared) -> Result<ChoiceStream, BackendError> {
+    let request = |index: u32| GenerateRequest {
+        request_id: if prepared.n == 1 {
+            prepared.id.clone()
+        } else {
+            format!("{}-{index}", prepared.id)
+        },
+        model: prepared.model.clone(),
+        prompt_token_ids: prepared.prompt_token_ids.clone(),
+        sampling: prepared.sampling.for_choice(index),
+        session: prepared.session.clone(),
+    };
+    let mut first = state.backend.generate(request(0)).await?;
+    let mut streams: Vec<ChoiceStream> = Vec::with_capacity(prepared.n as usize);
+    if prepared.n > 1 {
+        // The backend's stream ends every wait: its last item is an output
+        // with `finish`, or an error.
+        let head = first.next().await;
+        first = stream::iter(head).chain(first).boxed();
+    }
+    streams.push(first.map(|item| (0, item)).boxed());
+    for index in 1..prepared.n {
+        let more = state.backend.generate(request(index)).await?;
+        streams.push(more.map(move |item| (index, item)).boxed());
+    }
+    Ok(stream::select_all(streams).boxed())
+}
+
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Set (`true`) on responses generated by simulated engines (`--device sim`).
 pub const SIMULATED: HeaderName = HeaderName::from_static("x-xpyd-simulated");
 
-/// A finished generation.
+/// A finished generation: its choices in index order, each finished.
 struct Finished {
+    choices: Vec<ChoiceText>,
+}
+
+impl Finished {
+    fn usage(&self) -> Usage {
+        combined_usage(&self.choices)
+    }
+}
+
+/// The usage of a request's choices: the prompt once (as the first choice,
+/// which computed it, saw it), the completions of all.
+fn combined_usage(choices: &[ChoiceText]) -> Usage {
+    let mut usage = choices.first().and_then(|c| c.usage).unwrap_or(Usage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        total_tokens: 0,
+        prompt_tokens_details: super::protocol::PromptTokensDetails { cached_tokens: 0 },
+    });
+    usage.completion_tokens = choices
+        .iter()
+        .map(|c| c.usage.map_or(c.generated, |u| u.completion_tokens))
+        .sum();
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    usage
+}
+
+/// The log-probabilities of (part of) one choice, in its endpoint's shape.
+#[derive(Debug, Clone, PartialEq)]
+enum ChoiceLogprobs {
+    Chat(ChatLogprobs),
+    Completions(CompletionLogprobs),
+}
+
+/// What OpenAI clients get for a logprob that is `-inf` (JSON has no
+/// infinity); vLLM's choice too.
+const LOGPROB_FLOOR: f32 = -9999.0;
+
+/// Turns engine logprobs into their wire shape: token ids become the text
+/// and bytes they stand for.
+#[derive(Clone)]
+struct LogprobsShaper {
+    backend: SharedBackend,
+    model: String,
+    endpoint: Endpoint,
+}
+
+impl ChoiceLogprobs {
+    fn chat(self) -> Option<ChatLogprobs> {
+        match self {
+            ChoiceLogprobs::Chat(c) => Some(c),
+            ChoiceLogprobs::Completions(_) => None,
+        }
+    }
+
+    fn completions(self) -> Option<CompletionLogprobs> {
+        match self {
+            ChoiceLogprobs::Completions(c) => Some(c),
+            ChoiceLogprobs::Chat(_) => None,
+        }
+    }
+}
+
+impl LogprobsShaper {
+    /// An empty set for this endpoint.
+    fn empty(&self) -> ChoiceLogprobs {
+        match self.endpoint {
+            Endpoint::Chat => ChoiceLogprobs::Chat(ChatLogprobs::default()),
+            Endpoint::Completions => ChoiceLogprobs::Completions(CompletionLogprobs::default()),
+        }
+    }
+
+    fn token(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.backend.token_bytes(&self.model, id);
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    }
+
+    /// Add one token's logprobs; `text_offset` is where its text starts in
+    /// the choice's text, in characters.
+    fn push(&self, into: &mut ChoiceLogprobs, lp: &TokenLogprobs, text_offset: usize) {
+        let shown = |l: f32| if l.is_finite() { l } else { LOGPROB_FLOOR };
+        match into {
+            ChoiceLogprobs::Chat(chat) => {
+                let (token, bytes) = self.token(lp.token);
+                let top_logprobs = lp
+                    .top
+                    .iter()
+                    .map(|&(id, logprob)| {
+                        let (token, bytes) = self.token(id);
+                        TopLogprob {
+                            token,
+                            logprob: shown(logprob),
+                            bytes,
+                        }
+                    })
+                    .collect();
+                chat.content.push(ChatTokenLogprob {
+                    token,
+                    logprob: shown(lp.logprob),
+                    bytes,
+                    top_logprobs,
+                });
+            }
+            ChoiceLogprobs::Completions(text) => {
+                text.tokens.push(self.token(lp.token).0);
+                text.token_logprobs.push(shown(lp.logprob));
+                let mut top = std::collections::BTreeMap::new();
+                for &(id, logprob) in &lp.top {
+                    // Most likely first: a later token of the same text
+                    // does not overwrite the likelier one.
+                    top.entry(self.token(id).0).or_insert(shown(logprob));
+                }
+                text.top_logprobs.push(top);
+                text.text_offset.push(text_offset);
+            }
+        }
+    }
+}
+
+/// One choice as its tokens arrive: the text and logprobs not yet sent.
+struct ChoiceText {
+    shaper: Option<LogprobsShaper>,
     text: String,
+    logprobs: Option<ChoiceLogprobs>,
+    /// Characters of text before `text` (already sent, when streaming).
+    sent_chars: usize,
+    generated: usize,
+    /// Set by the choice's last output.
     finish: Option<FinishReason>,
-    usage: Usage,
+    usage: Option<Usage>,
+}
+
+impl ChoiceText {
+    /// `shaper` is set when the request asked for logprobs.
+    fn new(shaper: Option<LogprobsShaper>) -> Self {
+        ChoiceText {
+            logprobs: shaper.as_ref().map(LogprobsShaper::empty),
+            shaper,
+            text: String::new(),
+            sent_chars: 0,
+            generated: 0,
+            finish: None,
+            usage: None,
+        }
+    }
+
+    fn push(&mut self, output: &Output, prompt_tokens: usize) {
+        self.generated += 1;
+        if output.finish.is_some() {
+            self.finish = output.finish;
+            self.usage = Some(usage_of(output, prompt_tokens, self.generated));
+        }
+        if let (Some(shaper), Some(into), Some(lp)) =
+            (&self.shaper, &mut self.logprobs, &output.logprobs)
+        {
+            let offset = self.sent_chars + self.text.chars().count();
+            shaper.push(into, lp, offset);
+        }
+        self.text.push_str(&output.text);
+    }
+
+    /// The text and logprobs gathered since the last take.
+    fn take(&mut self) -> (String, Option<ChoiceLogprobs>) {
+        let text = std::mem::take(&mut self.text);
+        self.sent_chars += text.chars().count();
+        let fresh = self.shaper.as_ref().map(LogprobsShaper::empty);
+        let logprobs = std::mem::replace(&mut self.logprobs, fresh);
+        (text, logprobs)
+    }
 }
 
 fn usage_of(output: &Output, prompt_tokens: usize, generated: usize) -> Usage {
@@ -285,24 +508,23 @@ fn usage_of(output: &Output, prompt_tokens: usize, generated: usize) -> Usage {
     })
 }
 
+/// Gather every choice to its end. One failing choice fails the request
+/// (the others are cancelled as the stream drops): no partial answer.
 async fn collect(
-    mut upstream: OutputStream,
+    mut upstream: ChoiceStream,
     timer: &mut RequestTimer,
     prompt_tokens: usize,
+    mut choices: Vec<ChoiceText>,
 ) -> Result<Finished, ApiError> {
-    let mut text = String::new();
-    let mut generated = 0;
-    while let Some(item) = upstream.next().await {
+    while let Some((index, item)) = upstream.next().await {
         let output = item?;
         timer.token();
-        generated += 1;
-        text.push_str(&output.text);
-        if output.finish.is_some() {
-            return Ok(Finished {
-                text,
-                finish: output.finish,
-                usage: usage_of(&output, prompt_tokens, generated),
-            });
+        let Some(choice) = choices.get_mut(index as usize) else {
+            continue;
+        };
+        choice.push(&output, prompt_tokens);
+        if choices.iter().all(|c| c.finish.is_some()) {
+            return Ok(Finished { choices });
         }
     }
     Err(ApiError::internal("the backend ended the stream early"))
@@ -329,22 +551,29 @@ impl Shape {
     }
 
     fn whole(&self, done: Finished) -> Response {
+        let usage = done.usage();
+        let choices = (0..).zip(done.choices).map(|(index, mut choice)| {
+            let (text, logprobs) = choice.take();
+            (index, text, logprobs, choice.finish)
+        });
         match self.endpoint {
             Endpoint::Chat => Json(ChatCompletionResponse {
                 id: self.id.clone(),
                 object: "chat.completion".into(),
                 created: self.created,
                 model: self.model.clone(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: Role::Assistant,
-                        content: done.text,
-                    },
-                    logprobs: None,
-                    finish_reason: done.finish,
-                }],
-                usage: done.usage,
+                choices: choices
+                    .map(|(index, content, logprobs, finish)| ChatChoice {
+                        index,
+                        message: AssistantMessage {
+                            role: Role::Assistant,
+                            content,
+                        },
+                        logprobs: logprobs.and_then(ChoiceLogprobs::chat),
+                        finish_reason: finish,
+                    })
+                    .collect(),
+                usage,
             })
             .into_response(),
             Endpoint::Completions => Json(CompletionResponse {
@@ -352,13 +581,15 @@ impl Shape {
                 object: "text_completion".into(),
                 created: self.created,
                 model: self.model.clone(),
-                choices: vec![CompletionChoice {
-                    index: 0,
-                    text: done.text,
-                    logprobs: None,
-                    finish_reason: done.finish,
-                }],
-                usage: Some(done.usage),
+                choices: choices
+                    .map(|(index, text, logprobs, finish)| CompletionChoice {
+                        index,
+                        text,
+                        logprobs: logprobs.and_then(ChoiceLogprobs::completions),
+                        finish_reason: finish,
+                    })
+                    .collect(),
+                usage: Some(usage),
             })
             .into_response(),
         }
@@ -386,12 +617,13 @@ impl Shape {
         })
     }
 
-    /// The chunk before any token: chat announces the assistant's role.
-    fn opening(&self) -> Option<Event> {
+    /// The chunk before any token of choice `index`: chat announces the
+    /// assistant's role.
+    fn opening(&self, index: u32) -> Option<Event> {
         match self.endpoint {
             Endpoint::Chat => Some(self.chat_chunk(
                 vec![ChatChunkChoice {
-                    index: 0,
+                    index,
                     delta: ChatDelta {
                         role: Some(Role::Assistant),
                         content: Some(String::new()),
@@ -405,25 +637,31 @@ impl Shape {
         }
     }
 
-    fn delta(&self, text: String, finish: Option<FinishReason>) -> Event {
+    fn delta(
+        &self,
+        index: u32,
+        text: String,
+        logprobs: Option<ChoiceLogprobs>,
+        finish: Option<FinishReason>,
+    ) -> Event {
         match self.endpoint {
             Endpoint::Chat => self.chat_chunk(
                 vec![ChatChunkChoice {
-                    index: 0,
+                    index,
                     delta: ChatDelta {
                         role: None,
                         content: (!text.is_empty()).then_some(text),
                     },
-                    logprobs: None,
+                    logprobs: logprobs.and_then(ChoiceLogprobs::chat),
                     finish_reason: finish,
                 }],
                 None,
             ),
             Endpoint::Completions => self.text_chunk(
                 vec![CompletionChoice {
-                    index: 0,
+                    index,
                     text,
-                    logprobs: None,
+                    logprobs: logprobs.and_then(ChoiceLogprobs::completions),
                     finish_reason: finish,
                 }],
                 None,
@@ -457,30 +695,33 @@ fn error_event(e: &ApiError) -> Event {
 /// State of one event stream. Dropping it (the client went away) drops the
 /// upstream, which cancels the request in the engine.
 struct Streaming {
-    upstream: Option<OutputStream>,
+    upstream: Option<ChoiceStream>,
     timer: RequestTimer,
     shape: Shape,
     pending: VecDeque<Event>,
     prompt_tokens: usize,
-    generated: usize,
+    choices: Vec<ChoiceText>,
     /// The request's span: the body is polled outside the handler.
     span: tracing::Span,
 }
 
 fn sse_events(
-    upstream: OutputStream,
+    upstream: ChoiceStream,
     timer: RequestTimer,
     shape: Shape,
     prompt_tokens: usize,
+    choices: Vec<ChoiceText>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    let pending = shape.opening().into_iter().collect();
+    let pending = (0..choices.len() as u32)
+        .filter_map(|index| shape.opening(index))
+        .collect();
     let state = Streaming {
         upstream: Some(upstream),
         timer,
         shape,
         pending,
         prompt_tokens,
-        generated: 0,
+        choices,
         span: tracing::Span::current(),
     };
     stream::unfold(state, |mut s| async move {
@@ -490,16 +731,23 @@ fn sse_events(
             }
             let upstream = s.upstream.as_mut()?;
             match upstream.next().await {
-                Some(Ok(output)) => {
+                Some((index, Ok(output))) => {
                     s.timer.token();
-                    s.generated += 1;
+                    let Some(choice) = s.choices.get_mut(index as usize) else {
+                        continue;
+                    };
+                    choice.push(&output, s.prompt_tokens);
                     let finish = output.finish;
+                    // A token whose text is held back (part of a character,
+                    // a possible stop string) sends its logprobs with the
+                    // next chunk that has text.
                     if !output.text.is_empty() || finish.is_some() {
-                        let chunk = s.shape.delta(output.text.clone(), finish);
+                        let (text, logprobs) = choice.take();
+                        let chunk = s.shape.delta(index, text, logprobs, finish);
                         s.pending.push_back(chunk);
                     }
-                    if finish.is_some() {
-                        let usage = usage_of(&output, s.prompt_tokens, s.generated);
+                    if s.choices.iter().all(|c| c.finish.is_some()) {
+                        let usage = combined_usage(&s.choices);
                         if s.shape.include_usage {
                             let chunk = s.shape.usage(usage);
                             s.pending.push_back(chunk);
@@ -510,7 +758,7 @@ fn sse_events(
                         s.upstream = None;
                     }
                 }
-                Some(Err(e)) => end_with_error(&mut s, ApiError::from(e)),
+                Some((_, Err(e))) => end_with_error(&mut s, ApiError::from(e)),
                 None => end_with_error(
                     &mut s,
                     ApiError::internal("the backend ended the stream early"),
@@ -526,8 +774,11 @@ fn end_with_error(s: &mut Streaming, e: ApiError) {
     tracing::warn!(message = %e.message, "stream failed");
     s.pending.push_back(error_event(&e));
     s.pending.push_back(Event::default().data("[DONE]"));
-    s.timer
-        .finish(e.status.as_u16(), s.prompt_tokens, s.generated);
+    s.timer.finish(
+        e.status.as_u16(),
+        s.prompt_tokens,
+        s.choices.iter().map(|c| c.generated).sum(),
+    );
     s.upstream = None;
 }
 

@@ -3,16 +3,21 @@
 //! the error body.
 //!
 //! Only shapes live here, plus the checks that need nothing but the request
-//! itself (`n`, `stop`, unsupported options). Turning a request into token
+//! itself (`n`, `stop`, `logprobs`, unsupported options). Turning a request into token
 //! ids and sampling parameters is the handlers' job; which fields a served
 //! model accepts is the engine's.
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::sampling::{FinishReason, SamplingParams};
+use crate::engine::sampling::{FinishReason, MAX_TOP_LOGPROBS, SamplingParams};
 
 /// Most stop strings one request may carry (OpenAI's limit).
 pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Most choices (`n`) one request may ask for.
+pub const MAX_CHOICES: u32 = 16;
+/// Most alternatives per token a legacy completion may ask log-probabilities
+/// for (OpenAI's limit).
+pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
 /// A fault found in a request before it reaches a backend: what to tell the
 /// user and which field is at fault.
@@ -81,14 +86,7 @@ impl CommonParams {
     /// The engine's sampling parameters; `max_tokens` is passed separately
     /// because chat spells it two ways. The engine validates value ranges.
     pub fn sampling(&self, max_tokens: Option<u32>) -> Result<SamplingParams, RequestFault> {
-        if let Some(n) = self.n
-            && n != 1
-        {
-            return Err(RequestFault::new(
-                format!("n must be 1 (only one choice per request is supported), got {n}"),
-                "n",
-            ));
-        }
+        self.choices()?;
         if self.stream_options.is_some() && !self.stream() {
             return Err(RequestFault::new(
                 "stream_options is only allowed when stream is true",
@@ -145,7 +143,21 @@ impl CommonParams {
             stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             stop: stop.unwrap_or_default(),
+            // Each endpoint spells it its own way (see theirs).
+            logprobs: None,
         })
+    }
+
+    /// How many choices to generate (`n`, 1 to [`MAX_CHOICES`]).
+    pub fn choices(&self) -> Result<u32, RequestFault> {
+        match self.n {
+            None => Ok(1),
+            Some(n) if (1..=MAX_CHOICES).contains(&n) => Ok(n),
+            Some(n) => Err(RequestFault::new(
+                format!("n must be between 1 and {MAX_CHOICES}, got {n}"),
+                "n",
+            )),
+        }
     }
 
     pub fn stream(&self) -> bool {
@@ -228,6 +240,11 @@ pub struct ChatCompletionRequest {
     pub messages: Vec<ChatMessageIn>,
     /// Takes precedence over `max_tokens`, as in OpenAI's API.
     pub max_completion_tokens: Option<u32>,
+    /// `true` returns each token's log-probability. Kept as written so
+    /// that a wrong type gets a 400 naming it.
+    pub logprobs: Option<serde_json::Value>,
+    /// Alternatives per token, 0 to [`MAX_TOP_LOGPROBS`]; needs `logprobs`.
+    pub top_logprobs: Option<serde_json::Value>,
     /// Parsed separately (see `extract`), so that its errors name the field.
     #[serde(skip)]
     pub common: CommonParams,
@@ -246,8 +263,6 @@ pub struct UnservedChatFields {
     pub tool_choice: Option<serde_json::Value>,
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
-    pub logprobs: Option<serde_json::Value>,
-    pub top_logprobs: Option<serde_json::Value>,
     pub logit_bias: Option<serde_json::Value>,
     pub modalities: Option<serde_json::Value>,
     pub audio: Option<serde_json::Value>,
@@ -293,12 +308,6 @@ impl UnservedChatFields {
         if !is_null_or(&u.function_call, &|v| v == "none" || v == "auto") {
             return not_yet("function_call", "function calling is not served");
         }
-        if !is_null_or(&u.logprobs, &|v| v == false) {
-            return not_yet("logprobs", "log probabilities are not returned");
-        }
-        if !is_null_or(&u.top_logprobs, &|v| v == 0) {
-            return not_yet("top_logprobs", "log probabilities are not returned");
-        }
         if !is_null_or(&u.logit_bias, &empty) {
             return not_yet("logit_bias", "the sampler takes no token biases");
         }
@@ -334,8 +343,50 @@ impl ChatCompletionRequest {
         if let Some(fault) = self.refused_field() {
             return Err(fault);
         }
-        self.common
-            .sampling(self.max_completion_tokens.or(self.common.max_tokens))
+        let logprobs = self.logprobs()?;
+        Ok(SamplingParams {
+            logprobs,
+            ..self
+                .common
+                .sampling(self.max_completion_tokens.or(self.common.max_tokens))?
+        })
+    }
+
+    /// How many alternatives to return log-probabilities for, if any
+    /// (`logprobs: true`, `top_logprobs`).
+    fn logprobs(&self) -> Result<Option<u32>, RequestFault> {
+        let wanted = match &self.logprobs {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(RequestFault::new(
+                    format!("logprobs must be true or false, got {v}"),
+                    "logprobs",
+                ));
+            }
+        };
+        let top = match &self.top_logprobs {
+            None | Some(serde_json::Value::Null) => 0,
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n <= MAX_TOP_LOGPROBS)
+                .ok_or_else(|| {
+                    RequestFault::new(
+                        format!(
+                            "top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {v}"
+                        ),
+                        "top_logprobs",
+                    )
+                })?,
+        };
+        if top > 0 && !wanted {
+            return Err(RequestFault::new(
+                "top_logprobs needs logprobs set to true",
+                "top_logprobs",
+            ));
+        }
+        Ok(wanted.then_some(top))
     }
 
     /// A field of OpenAI's request this server does not serve yet, set to
@@ -403,15 +454,21 @@ impl CompletionRequest {
         if self.suffix.is_some() {
             return Err(RequestFault::new("suffix is not supported", "suffix"));
         }
-        if self.logprobs.is_some() {
+        if let Some(n) = self.logprobs
+            && n > MAX_COMPLETION_LOGPROBS
+        {
             return Err(RequestFault::new(
-                "logprobs is not supported yet",
+                format!("logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {n}"),
                 "logprobs",
             ));
         }
-        // OpenAI's legacy completions default to 16 tokens.
-        self.common
-            .sampling(Some(self.common.max_tokens.unwrap_or(16)))
+        Ok(SamplingParams {
+            logprobs: self.logprobs,
+            // OpenAI's legacy completions default to 16 tokens.
+            ..self
+                .common
+                .sampling(Some(self.common.max_tokens.unwrap_or(16)))?
+        })
     }
 }
 
@@ -448,15 +505,51 @@ pub struct AssistantMessage {
     pub content: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One alternative of a chat token's `top_logprobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// One generated token of a chat answer with its log-probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// A chat choice's (or chunk's) `logprobs`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// A legacy completion choice's (or chunk's) `logprobs`: parallel lists,
+/// one entry per generated token.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// Token text to log-probability of the most likely tokens (a JSON
+    /// object, so unordered; tokens with the same text share an entry).
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    /// Where each token's text starts in the choice's text (characters).
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<FinishReason>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionResponse {
     pub id: String,
     pub object: String,
@@ -475,15 +568,15 @@ pub struct ChatDelta {
     pub content: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<FinishReason>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionChunk {
     pub id: String,
     pub object: String,
@@ -495,16 +588,16 @@ pub struct ChatCompletionChunk {
 }
 
 /// A text completion choice; also the shape of its streamed chunks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<FinishReason>,
 }
 
 /// A text completion response, or (with `usage` absent) one streamed chunk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompletionResponse {
     pub id: String,
     pub object: String,
@@ -603,8 +696,6 @@ mod tests {
             ),
             (r#""tool_choice":"required""#, "tool_choice"),
             (r#""functions":[{"name":"f"}]"#, "functions"),
-            (r#""logprobs":true"#, "logprobs"),
-            (r#""top_logprobs":5"#, "top_logprobs"),
             (r#""logit_bias":{"50256":-100}"#, "logit_bias"),
             (r#""modalities":["text","audio"]"#, "modalities"),
             (r#""audio":{"voice":"alloy","format":"wav"}"#, "audio"),
@@ -642,6 +733,54 @@ mod tests {
                 serde_json::from_str(&format!("{{{base},{field}}}")).unwrap();
             assert!(r.sampling().is_ok(), "{field}");
         }
+    }
+
+    #[test]
+    fn logprobs_fields_are_checked_by_name() {
+        let chat = |fields: &str| {
+            let r: ChatCompletionRequest = serde_json::from_str(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{fields}}}"#
+            ))
+            .unwrap();
+            r.sampling().map(|s| s.logprobs).map_err(|f| f.param)
+        };
+        assert_eq!(chat(r#""logprobs":true"#), Ok(Some(0)));
+        assert_eq!(chat(r#""logprobs":true,"top_logprobs":20"#), Ok(Some(20)));
+        assert_eq!(chat(r#""logprobs":false,"top_logprobs":0"#), Ok(None));
+        assert_eq!(chat(r#""logprobs":null"#), Ok(None));
+        for (fields, param) in [
+            (r#""logprobs":true,"top_logprobs":21"#, "top_logprobs"),
+            (r#""logprobs":true,"top_logprobs":-1"#, "top_logprobs"),
+            (r#""logprobs":true,"top_logprobs":"5""#, "top_logprobs"),
+            (r#""top_logprobs":3"#, "top_logprobs"),
+            (r#""logprobs":1"#, "logprobs"),
+        ] {
+            assert_eq!(chat(fields), Err(Some(param.to_string())), "{fields}");
+        }
+        let text = |fields: &str| {
+            let r: CompletionRequest =
+                serde_json::from_str(&format!(r#"{{"model":"m","prompt":"x",{fields}}}"#)).unwrap();
+            r.sampling().map(|s| s.logprobs).map_err(|f| f.param)
+        };
+        assert_eq!(text(r#""logprobs":0"#), Ok(Some(0)));
+        assert_eq!(text(r#""logprobs":5"#), Ok(Some(5)));
+        assert_eq!(text(r#""logprobs":null"#), Ok(None));
+        assert_eq!(text(r#""logprobs":6"#), Err(Some("logprobs".to_string())));
+    }
+
+    #[test]
+    fn n_is_between_1_and_16() {
+        let n = |v: &str| {
+            serde_json::from_str::<CommonParams>(&format!(r#"{{"n":{v}}}"#))
+                .unwrap()
+                .choices()
+                .map_err(|f| f.param)
+        };
+        assert_eq!(n("1"), Ok(1));
+        assert_eq!(n("16"), Ok(16));
+        assert_eq!(n("null"), Ok(1));
+        assert_eq!(n("0"), Err(Some("n".to_string())));
+        assert_eq!(n("17"), Err(Some("n".to_string())));
     }
 
     #[test]

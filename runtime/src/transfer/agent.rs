@@ -199,7 +199,7 @@ pub fn plan_descriptors(
 }
 
 /// A notification a peer sent us, with the agent it came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReceivedNotification {
     pub from_agent: String,
     pub notification: TransferNotification,

@@ -5,7 +5,7 @@
 //! Not for: moving bytes or deciding when to transfer (see `agent`).
 
 use serde::{Deserialize, Serialize};
-use xpyd_api::TransferMetadata;
+use xpyd_api::{TransferMetadata, WireLogprobs};
 
 use super::layout::KvLayout;
 
@@ -65,11 +65,15 @@ impl PeerInfo {
 
 /// Sent with a WRITE and delivered to the receiver only after all its bytes
 /// have landed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TransferNotification {
     pub request_id: String,
     /// The first token the prefill side sampled.
     pub first_token: u32,
+    /// Its log-probabilities, when the request asked for them (computed
+    /// from the prefill side's logits). Absent from older senders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_logprobs: Option<WireLogprobs>,
     /// Blocks written, so the receiver can check it got what it reserved.
     pub num_blocks: u32,
 }
@@ -94,9 +98,25 @@ mod tests {
         let n = TransferNotification {
             request_id: "req-1".into(),
             first_token: 7,
+            first_logprobs: None,
             num_blocks: 3,
         };
         assert_eq!(TransferNotification::decode(&n.encode()).unwrap(), n);
+        let with = TransferNotification {
+            first_logprobs: Some(WireLogprobs {
+                token_id: 7,
+                logprob: -0.5,
+                top: vec![xpyd_api::WireTopLogprob {
+                    token_id: 7,
+                    logprob: -0.5,
+                }],
+            }),
+            ..n.clone()
+        };
+        assert_eq!(TransferNotification::decode(&with.encode()).unwrap(), with);
+        // What senders that predate logprobs wrote.
+        let old = br#"{"request_id":"req-1","first_token":7,"num_blocks":3}"#;
+        assert_eq!(TransferNotification::decode(old).unwrap(), n);
         assert!(TransferNotification::decode(b"\xff not json").is_err());
     }
 

@@ -53,6 +53,7 @@ use crate::bus::{BusError, IncomingRequest, RequestStream, Responder};
 use crate::discovery::{Role, RouterSettings};
 use crate::engine::block_pool::FenceId;
 use crate::engine::runner::{EngineError, EngineErrorKind, OutputItem, Request};
+use crate::engine::sampling::TokenLogprobs;
 use crate::sync::lock;
 use crate::transfer::ReceivedNotification;
 use xpyd_api::PrefillUnavailable;
@@ -582,7 +583,11 @@ impl DecodeWorker {
                 metrics.prefills.with_label_values(&["remote"]).inc();
                 if let Err(e) = parts
                     .engine
-                    .complete_remote_prefill(&id, n.notification.first_token)
+                    .complete_remote_prefill(
+                        &id,
+                        n.notification.first_token,
+                        n.notification.first_logprobs.map(TokenLogprobs::from),
+                    )
                     .await
                 {
                     tracing::warn!(request_id = %id, "completing the remote prefill failed: {e}");

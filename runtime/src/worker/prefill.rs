@@ -38,8 +38,9 @@ use tokio::sync::{Semaphore, watch};
 use super::{InFlight, WorkerParts};
 use crate::bus::{IncomingRequest, PrefillJob};
 use crate::engine::runner::{EngineError, Request};
-use crate::engine::sampling::SamplingParams;
+use crate::engine::sampling::{SamplingParams, TokenLogprobs};
 use crate::transfer::{PeerInfo, TransferNotification};
+use xpyd_api::WireLogprobs;
 use xpyd_api::messages::{
     self as protocol, ClaimReply, DecodeMessage, JobStatus, PrefillMessage, RemotePrefillRequest,
 };
@@ -175,6 +176,14 @@ impl JobBook {
             JobStatus::Unknown
         }
     }
+}
+
+/// The token the prefill samples, which rides with the KV to the decode
+/// worker.
+#[derive(Debug)]
+struct FirstToken {
+    token: u32,
+    logprobs: Option<TokenLogprobs>,
 }
 
 /// How a job ended (the `result` label of `xpyd_prefill_jobs_total`).
@@ -585,13 +594,14 @@ impl PrefillWorker {
         tracing::warn!(%request_id, ?fault, "test fault: continued");
     }
 
-    /// Prefill the prompt and sample its first token; the KV stays held.
+    /// Prefill the prompt and sample its first token (with its logprobs,
+    /// when the request asked); the KV stays held.
     async fn first_token(
         &self,
         engine_id: &str,
         request: &RemotePrefillRequest,
         deadline: Instant,
-    ) -> Result<u32, JobEnd> {
+    ) -> Result<FirstToken, JobEnd> {
         // The engine going away is this worker's shutdown, not the job's
         // fault: another worker may still do it.
         let engine_failed = |e: EngineError| match e {
@@ -620,7 +630,12 @@ impl PrefillWorker {
             while let Some(item) = outputs.recv().await {
                 match item {
                     Ok(o) => {
-                        first = first.or(Some(o.token_id));
+                        if first.is_none() {
+                            first = Some(FirstToken {
+                                token: o.token_id,
+                                logprobs: o.logprobs.clone(),
+                            });
+                        }
                         if let Some(usage) = o.usage {
                             computed = usage.prompt_tokens.saturating_sub(usage.cached_tokens);
                         }
@@ -649,7 +664,7 @@ impl PrefillWorker {
         &self,
         engine_id: &str,
         request: &RemotePrefillRequest,
-        first_token: u32,
+        first: FirstToken,
         peer: &str,
         deadline: Instant,
     ) -> JobEnd {
@@ -673,7 +688,8 @@ impl PrefillWorker {
         self.inject(PrefillFault::StopBeforeWrite, &request.request_id);
         let notification = TransferNotification {
             request_id: request.request_id.clone(),
-            first_token,
+            first_token: first.token,
+            first_logprobs: first.logprobs.map(WireLogprobs::from),
             num_blocks: request.dst_blocks.len() as u32,
         };
         let handle = match self.parts.agent.write_blocks(

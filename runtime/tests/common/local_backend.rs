@@ -78,6 +78,10 @@ impl CompletionBackend for LocalBackend {
         self.prompts.tokenize(model, text, raw_prompt)
     }
 
+    fn token_bytes(&self, _model: &str, token: u32) -> Vec<u8> {
+        self.prompts.token_bytes(token)
+    }
+
     fn generate(
         &self,
         request: GenerateRequest,

@@ -14,7 +14,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use xpyd_runtime::assets::bundled_model;
 use xpyd_runtime::engine::gguf::GgufFile;
 use xpyd_runtime::engine::runner::{EngineError, OutputItem, Request, Usage};
-use xpyd_runtime::engine::sampling::{FinishReason, SamplingParams};
+use xpyd_runtime::engine::sampling::{FinishReason, SamplingParams, TokenLogprobs};
 
 /// How long a request's stream may take to end on a loaded machine.
 pub const STREAM_DEADLINE: Duration = Duration::from_secs(300);
@@ -50,6 +50,8 @@ pub struct Collected {
     pub finish: Option<FinishReason>,
     pub usage: Option<Usage>,
     pub error: Option<EngineError>,
+    /// Each output's logprobs, in order.
+    pub logprobs: Vec<Option<TokenLogprobs>>,
 }
 
 impl Collected {
@@ -72,6 +74,7 @@ pub fn collect(mut rx: Receiver<OutputItem>) -> Collected {
             Ok(Ok(o)) => {
                 out.tokens.push(o.token_id);
                 out.text.push_str(&o.text);
+                out.logprobs.push(o.logprobs);
                 if o.finish.is_some() {
                     assert!(out.finish.is_none(), "nothing follows the finish");
                     out.finish = o.finish;
