@@ -1254,7 +1254,7 @@ async fn assert_answered_remotely(d: &Deployment, result: &(u16, Value), took: D
     assert_eq!(*status, 200, "{body}");
     assert!(answer(body).contains("Paris"), "{body}");
     assert!(took < Duration::from_secs(30), "the request took {took:?}");
-    assert_eq!(remote_prefills(&d, "decode-0").await, 1.0);
+    assert_eq!(remote_prefills(d, "decode-0").await, 1.0);
     assert_eq!(
         d.metric("decode-0", "xpyd_decode_remote_prefill_fallbacks_total", "")
             .await,

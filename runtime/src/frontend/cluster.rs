@@ -89,13 +89,13 @@ impl ClusterBackend {
             .collect()
     }
 
-    /// Send `request` to one worker; `Err` with `retry: true` when another
-    /// worker may still take it (nothing was generated yet).
+    /// Send `request` to one worker; on failure, whether another attempt
+    /// may take it (nothing was generated yet).
     async fn attempt(
         &self,
         worker: &str,
         request: &GenerateRequest,
-    ) -> Result<(Output, ResponseStream), (BackendError, bool)> {
+    ) -> Result<(Output, ResponseStream), (BackendError, Retry)> {
         let message = DecodeMessage::Generate(GenerateWork {
             request_id: request.request_id.clone(),
             model: request.model.clone(),
@@ -110,21 +110,43 @@ impl ClusterBackend {
                 self.options.idle_timeout,
             )
             .await
-            .map_err(|e| (bus_error(worker, e), true))?;
+            .map_err(|e| {
+                let retry = match e {
+                    BusError::NoResponders(_) => Retry::Unserved,
+                    _ => Retry::Another,
+                };
+                (bus_error(worker, e), retry)
+            })?;
         match responses.next().await {
             Some(Ok(bytes)) => match event(&bytes) {
                 Ok(first) => Ok((first, responses)),
-                Err(e @ BackendError::Unavailable(_)) => Err((e, true)),
-                Err(e) => Err((e, false)),
+                Err(e @ BackendError::Unavailable(_)) => Err((e, Retry::Another)),
+                Err(e) => Err((e, Retry::No)),
             },
-            Some(Err(e)) => Err((bus_error(worker, e), true)),
+            Some(Err(e)) => Err((bus_error(worker, e), Retry::Another)),
             None => Err((
                 BackendError::Unavailable(format!("decode worker {worker} ended the stream")),
-                true,
+                Retry::Another,
             )),
         }
     }
 }
+
+/// Whether a failed attempt may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// The error is the request's own: no other worker would do better.
+    No,
+    /// Another worker may take it.
+    Another,
+    /// The bus found nobody serving the worker's subject: another worker,
+    /// or the same one once the bus has reconnected.
+    Unserved,
+}
+
+/// Pause before trying the workers again when the bus found none of them
+/// served (times the attempt number).
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 fn bus_error(worker: &str, e: BusError) -> BackendError {
     BackendError::Unavailable(format!("decode worker {worker}: {e}"))
@@ -223,7 +245,20 @@ impl CompletionBackend for ClusterBackend {
                 "no decode worker is serving model {:?}",
                 request.model
             ));
-            for _ in 0..self.options.max_attempts {
+            // Whether every worker tried was answered for by the bus with
+            // "nobody serves it" while still registered: the bus itself is
+            // reconnecting (a NATS restart), so the same workers are worth
+            // another try after a pause.
+            let mut all_unserved = true;
+            for attempt in 0..self.options.max_attempts {
+                if candidates.is_empty() && all_unserved && attempt > 0 {
+                    tokio::time::sleep(RETRY_PAUSE * attempt as u32).await;
+                    candidates = self
+                        .decode_workers()
+                        .into_iter()
+                        .map(|r| r.instance_id)
+                        .collect();
+                }
                 if candidates.is_empty() {
                     break;
                 }
@@ -233,11 +268,12 @@ impl CompletionBackend for ClusterBackend {
                 candidates.retain(|c| *c != worker);
                 match self.attempt(&worker, &request).await {
                     Ok((first, rest)) => return Ok(output_stream(worker, first, rest, finished)),
-                    Err((e, true)) => {
+                    Err((e, Retry::No)) => return Err(e),
+                    Err((e, retry)) => {
                         tracing::warn!(request_id = %request.request_id, %worker, "{e}; trying another worker");
+                        all_unserved &= retry == Retry::Unserved;
                         last = e;
                     }
-                    Err((e, false)) => return Err(e),
                 }
             }
             Err(last)
