@@ -644,19 +644,14 @@ impl DecodeWorker {
         let interval = self.inner.config.claimant_check_interval;
         let held = Instant::now();
         let poll_writer = async {
-            let mut unknown = 0;
+            let mut watch = ClaimantWatch::default();
             loop {
                 tokio::time::sleep(interval).await;
-                match self.job_status(&writer, &id, interval).await {
-                    Err(BusError::NoResponders(_)) => return "the writer is gone",
-                    Ok(Some(JobStatus::Finished)) => return "the writer finished the job",
-                    Ok(Some(JobStatus::Unknown)) => {
-                        unknown += 1;
-                        if unknown >= 2 {
-                            return "the writer does not know the job";
-                        }
-                    }
-                    Ok(Some(JobStatus::Working) | None) | Err(_) => unknown = 0,
+                let answer = self.job_status(&writer, &id, interval).await;
+                match watch.observe(&answer) {
+                    Some(Verdict::Gone) => return "the writer is gone or does not know the job",
+                    Some(Verdict::Finished) => return "the writer finished the job",
+                    Some(Verdict::Silent(_)) | None => {}
                 }
             }
         };
@@ -680,42 +675,30 @@ impl DecodeWorker {
     /// is claimed.
     async fn claimant_gone(&self, id: &str) -> &'static str {
         let interval = self.inner.config.claimant_check_interval;
-        let mut unknown = 0;
-        let mut silent_since: Option<Instant> = None;
+        let mut watch = ClaimantWatch::default();
         loop {
             tokio::time::sleep(interval).await;
             let owner = lock(&self.inner.pending)
                 .get(id)
                 .and_then(|p| p.claimed_by.clone());
             let Some(owner) = owner else {
-                unknown = 0;
-                silent_since = None;
+                watch = ClaimantWatch::default();
                 continue;
             };
             let answer = self.job_status(&owner, id, interval).await;
-            if !matches!(answer, Ok(None)) {
-                silent_since = None;
-            }
-            match answer {
-                Err(BusError::NoResponders(_)) => {
-                    tracing::info!(request_id = %id, prefill = %owner, "the claimant is gone");
+            match watch.observe(&answer) {
+                Some(Verdict::Gone) => {
+                    tracing::info!(request_id = %id, prefill = %owner, ?answer, "the claimant is gone");
                     return "prefill_gone";
                 }
-                Ok(Some(JobStatus::Unknown)) => {
-                    unknown += 1;
-                    if unknown >= 2 {
-                        tracing::info!(request_id = %id, prefill = %owner, "the claimant does not know the job");
-                        return "prefill_gone";
-                    }
+                Some(Verdict::Silent(silent))
+                    if silent >= self.inner.config.claimant_silence_limit =>
+                {
+                    tracing::info!(request_id = %id, prefill = %owner, ?silent, "the claimant answers nothing");
+                    return "prefill_unresponsive";
                 }
-                Ok(None) => {
-                    let since = *silent_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= self.inner.config.claimant_silence_limit {
-                        tracing::info!(request_id = %id, prefill = %owner, silent = ?since.elapsed(), "the claimant answers nothing");
-                        return "prefill_unresponsive";
-                    }
-                }
-                Ok(Some(JobStatus::Working | JobStatus::Finished)) | Err(_) => unknown = 0,
+                // Its notification is on its way.
+                Some(Verdict::Finished | Verdict::Silent(_)) | None => {}
             }
         }
     }
@@ -782,6 +765,50 @@ impl DecodeWorker {
             pending.remove(id);
         }
         unclaimed
+    }
+}
+
+/// What the answers of a claimant to [`PrefillMessage::Status`] add up to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Nobody serves its subject, or it did not know the job twice in a
+    /// row: it writes nothing more.
+    Gone,
+    /// It ended the job (written, failed or expired).
+    Finished,
+    /// It has answered nothing for this long.
+    Silent(Duration),
+}
+
+/// Reads a claimant's successive status answers (see [`Verdict`]).
+#[derive(Debug, Default)]
+struct ClaimantWatch {
+    unknown: u32,
+    silent_since: Option<Instant>,
+}
+
+impl ClaimantWatch {
+    /// Takes one answer of `DecodeWorker::job_status`.
+    fn observe(&mut self, answer: &Result<Option<JobStatus>, BusError>) -> Option<Verdict> {
+        if !matches!(answer, Ok(None)) {
+            self.silent_since = None;
+        }
+        // Silence neither confirms nor refutes an earlier "unknown".
+        if !matches!(answer, Ok(Some(JobStatus::Unknown) | None)) {
+            self.unknown = 0;
+        }
+        match answer {
+            Err(BusError::NoResponders(_)) => Some(Verdict::Gone),
+            Ok(Some(JobStatus::Unknown)) => {
+                self.unknown += 1;
+                (self.unknown >= 2).then_some(Verdict::Gone)
+            }
+            Ok(Some(JobStatus::Finished)) => Some(Verdict::Finished),
+            Ok(None) => Some(Verdict::Silent(
+                self.silent_since.get_or_insert_with(Instant::now).elapsed(),
+            )),
+            Ok(Some(JobStatus::Working)) | Err(_) => None,
+        }
     }
 }
 
@@ -869,5 +896,52 @@ async fn fail(mut responder: Responder, kind: WireErrorKind, message: String) {
         .is_ok()
     {
         let _ = responder.end().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claimants_answers_add_up_to_gone_finished_or_silent() {
+        let unknown = Ok(Some(JobStatus::Unknown));
+        let working = Ok(Some(JobStatus::Working));
+        let mut w = ClaimantWatch::default();
+        assert_eq!(w.observe(&unknown), None);
+        assert_eq!(
+            w.observe(&working),
+            None,
+            "a working answer resets the count"
+        );
+        assert_eq!(w.observe(&unknown), None);
+        assert!(matches!(w.observe(&Ok(None)), Some(Verdict::Silent(_))));
+        assert_eq!(
+            w.observe(&unknown),
+            Some(Verdict::Gone),
+            "silence does not reset it"
+        );
+        let mut w = ClaimantWatch::default();
+        assert_eq!(
+            w.observe(&Err(BusError::NoResponders("p".into()))),
+            Some(Verdict::Gone)
+        );
+        assert_eq!(
+            w.observe(&Ok(Some(JobStatus::Finished))),
+            Some(Verdict::Finished)
+        );
+        let Some(Verdict::Silent(first)) = w.observe(&Ok(None)) else {
+            panic!("silent")
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let Some(Verdict::Silent(later)) = w.observe(&Ok(None)) else {
+            panic!("silent")
+        };
+        assert!(later > first, "silence is counted from its first answer");
+        assert_eq!(w.observe(&working), None);
+        let Some(Verdict::Silent(fresh)) = w.observe(&Ok(None)) else {
+            panic!("silent")
+        };
+        assert!(fresh < later, "an answer ends the silence");
     }
 }
