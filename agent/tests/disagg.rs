@@ -139,6 +139,13 @@ impl Deployment {
         self.spawn_with_env(role, name, extra, &[]).await;
     }
 
+    /// Starts prefill worker `prefill-0` (with `extra` flags) with the test
+    /// fault `fault` injected (`XPYD_TEST_FAULT`, see `PrefillFault`).
+    async fn spawn_faulty_prefill(&mut self, fault: &str, extra: &[&str]) {
+        self.spawn_with_env("prefill", "prefill-0", extra, &[("XPYD_TEST_FAULT", fault)])
+            .await;
+    }
+
     /// [`Deployment::spawn`] with `env` added to the agent's environment.
     async fn spawn_with_env(
         &mut self,
@@ -299,21 +306,31 @@ impl Deployment {
         .unwrap();
     }
 
-    /// The KV blocks of agent `name`'s engine, and how many are free.
-    async fn blocks(&self, name: &str) -> Result<(f64, f64), reqwest::Error> {
-        let port = self
-            .agents
-            .iter()
-            .find(|a| a.name == name)
-            .unwrap()
-            .metrics_port;
-        let text = self
-            .http
+    /// What agent `name` serves on `/metrics`.
+    async fn metrics_text(&self, name: &str) -> Result<String, reqwest::Error> {
+        let port = self.agent_ref(name).metrics_port;
+        self.http
             .get(format!("http://127.0.0.1:{port}/metrics"))
             .send()
             .await?
             .text()
-            .await?;
+            .await
+    }
+
+    /// Sum of agent `name`'s samples of `metric` whose labels include
+    /// `labels`.
+    async fn try_metric(
+        &self,
+        name: &str,
+        metric: &str,
+        labels: &str,
+    ) -> Result<f64, reqwest::Error> {
+        Ok(sum_samples(&self.metrics_text(name).await?, metric, labels))
+    }
+
+    /// The KV blocks of agent `name`'s engine, and how many are free.
+    async fn blocks(&self, name: &str) -> Result<(f64, f64), reqwest::Error> {
+        let text = self.metrics_text(name).await?;
         Ok((
             sum_samples(&text, "xpyd_engine_kv_blocks", ""),
             sum_samples(&text, "xpyd_engine_kv_blocks_free", ""),
@@ -343,24 +360,9 @@ impl Deployment {
             .unwrap_or_else(|| panic!("no agent {name}"))
     }
 
-    /// Sum of the samples of `metric` whose labels include `labels`.
+    /// [`Deployment::try_metric`], which must answer.
     async fn metric(&self, agent: &str, metric: &str, labels: &str) -> f64 {
-        let port = self
-            .agents
-            .iter()
-            .find(|a| a.name == agent)
-            .unwrap()
-            .metrics_port;
-        let text = self
-            .http
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        sum_samples(&text, metric, labels)
+        self.try_metric(agent, metric, labels).await.unwrap()
     }
 
     /// Wait until the frontend acknowledged settings `generation`.
@@ -687,13 +689,12 @@ async fn claimant_fault(
     fault: impl FnOnce(&Deployment),
 ) -> (Deployment, (u16, Value), Duration) {
     let mut d = Deployment::start(name, 0, 1, 32, &["--remote-prefill-timeout-ms", "60000"]).await;
-    let env: &[(&str, &str)] = if stop_after_post {
-        &[("XPYD_TEST_FAULT", "stop-after-post")]
+    if stop_after_post {
+        d.spawn_faulty_prefill("stop-after-post", prefill_args)
+            .await;
     } else {
-        &[]
-    };
-    d.spawn_with_env("prefill", "prefill-0", prefill_args, env)
-        .await;
+        d.spawn("prefill", "prefill-0", prefill_args).await;
+    }
     let started = Instant::now();
     let system = long_prompt("Fault");
     let request = async {
@@ -760,18 +761,12 @@ async fn await_disaggregation(d: &Deployment, before: f64) {
 
 /// Waits until every KV block of `decode` is free again.
 async fn assert_pool_full(d: &Deployment, decode: &str) {
-    let (http, port) = (d.http.clone(), d.agent_ref(decode).metrics_port);
     wait_until(
         &format!("{decode}'s blocks are all free"),
         Duration::from_secs(30),
-        || {
-            let req = http.get(format!("http://127.0.0.1:{port}/metrics")).send();
-            async move {
-                let text = req.await?.text().await?;
-                let total = sum_samples(&text, "xpyd_engine_kv_blocks", "");
-                let free = sum_samples(&text, "xpyd_engine_kv_blocks_free", "");
-                Ok::<_, reqwest::Error>(total > 0.0 && free == total)
-            }
+        || async {
+            let (total, free) = d.blocks(decode).await?;
+            Ok::<_, reqwest::Error>(total > 0.0 && free == total)
         },
     )
     .await
@@ -854,13 +849,7 @@ async fn a_decode_worker_killed_before_the_write_ends_the_job_once_and_the_reque
         &["--remote-prefill-timeout-ms", "20000"],
     )
     .await;
-    d.spawn_with_env(
-        "prefill",
-        "prefill-0",
-        &[],
-        &[("XPYD_TEST_FAULT", "stop-before-write")],
-    )
-    .await;
+    d.spawn_faulty_prefill("stop-before-write", &[]).await;
     let started = Instant::now();
     let request = async {
         let result = d.chat(&long_prompt("Victim"), FRANCE, 8).await;
@@ -1350,26 +1339,14 @@ async fn a_decode_worker_added_under_kv_routing_gets_a_share_of_short_chats() {
 
     // Scale out: the frontend's router must know decode-1 before the burst.
     d.spawn("decode", "decode-1", &[]).await;
-    let frontend_port = d
-        .agents
-        .iter()
-        .find(|a| a.name == "frontend-0")
-        .unwrap()
-        .metrics_port;
-    let http = d.http.clone();
     wait_until(
         "the frontend routes to decode-1",
         Duration::from_secs(30),
-        || {
-            let req = http
-                .get(format!("http://127.0.0.1:{frontend_port}/metrics"))
-                .send();
-            async move {
-                let text = req.await?.text().await?;
-                Ok::<_, reqwest::Error>(text.lines().any(|l| {
-                    l.starts_with("xpyd_router_worker_waiting_requests") && l.contains("decode-1")
-                }))
-            }
+        || async {
+            let text = d.metrics_text("frontend-0").await?;
+            Ok::<_, reqwest::Error>(text.lines().any(|l| {
+                l.starts_with("xpyd_router_worker_waiting_requests") && l.contains("decode-1")
+            }))
         },
     )
     .await
@@ -1443,13 +1420,7 @@ async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks
         ],
     )
     .await;
-    d.spawn_with_env(
-        "prefill",
-        "prefill-0",
-        &[],
-        &[("XPYD_TEST_FAULT", "stop-before-write")],
-    )
-    .await;
+    d.spawn_faulty_prefill("stop-before-write", &[]).await;
     let italy = "Name the capital of Italy.";
     let (status, reference) = d.chat("You are brief.", italy, 24).await;
     assert_eq!(status, 200, "{reference}");
@@ -1480,31 +1451,14 @@ async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks
     assert_eq!(d.process_state("prefill-0"), Some('T'), "still stopped");
     // The claimant may still write: its blocks are out of use (the gauge
     // is refreshed every second).
-    let decode_port = d.agent_ref("decode-0").metrics_port;
-    let fenced = || {
-        let req = d
-            .http
-            .get(format!("http://127.0.0.1:{decode_port}/metrics"))
-            .send();
-        async move {
-            let text = req.await?.text().await?;
-            Ok::<_, reqwest::Error>(sum_samples(&text, "xpyd_engine_kv_blocks_fenced", ""))
-        }
-    };
+    let fenced = || d.try_metric("decode-0", "xpyd_engine_kv_blocks_fenced", "");
     wait_until(
         "the claimant's blocks are fenced",
         Duration::from_secs(5),
         || async { Ok::<_, reqwest::Error>(fenced().await? >= 20.0) },
     )
     .await
-    .unwrap_or_else(|e| {
-        let text = std::process::Command::new("curl")
-            .arg(format!("http://127.0.0.1:{decode_port}/metrics"))
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        panic!("{e}; metrics:\n{text}\nlogs:\n{}", d.log_tails())
-    });
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", d.log_tails()));
     // Requests served while the writer is stopped, and while it writes.
     let meanwhile = join_all((0..4).map(|_| d.chat("You are brief.", italy, 24))).await;
     d.signal("prefill-0", libc::SIGCONT);
@@ -1558,13 +1512,7 @@ async fn nats_and_etcd_restarting_mid_handoff_give_a_right_answer_or_a_clear_err
         &["--remote-prefill-timeout-ms", "30000"],
     )
     .await;
-    d.spawn_with_env(
-        "prefill",
-        "prefill-0",
-        &[],
-        &[("XPYD_TEST_FAULT", "stop-before-write")],
-    )
-    .await;
+    d.spawn_faulty_prefill("stop-before-write", &[]).await;
     let started = Instant::now();
     let request = tokio::spawn({
         let (http, api) = (d.http.clone(), d.api.clone());

@@ -88,12 +88,7 @@ async fn up_with_simulated_engines_answers_labelled_placeholders() {
         "{again}"
     );
 
-    let metrics = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics(&url).await;
     let remote_prefills = common::sum_samples(
         &metrics,
         "xpyd_decode_prefills_total",

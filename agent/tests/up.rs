@@ -44,12 +44,7 @@ async fn up_answers_the_france_question_and_stops_on_ctrl_c() {
         .as_str()
         .unwrap_or_default();
     assert!(text.contains("Paris"), "{resp}");
-    let metrics = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics(&url).await;
     let remote = common::sum_samples(
         &metrics,
         "xpyd_decode_prefills_total",

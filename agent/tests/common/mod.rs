@@ -137,6 +137,16 @@ pub fn answer(body: &Value) -> String {
         .to_string()
 }
 
+/// What the server at `url` serves on `/metrics`.
+pub async fn metrics(url: &str) -> String {
+    reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Sum of the samples of `metric` (exact name) whose label set contains
 /// `labels` (e.g. `location="remote"`; empty: all).
 pub fn sum_samples(text: &str, metric: &str, labels: &str) -> f64 {
