@@ -1493,6 +1493,109 @@ async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks
     );
 }
 
+/// Fault 5 of the KV handoff: the data path from the prefill worker to the
+/// decode worker is cut while NATS stays healthy. On one host UCX moves the
+/// bytes through shared memory, which no firewall rule cuts, so the cut is
+/// made at the write call (`XPYD_TEST_FAULT=cut-writes-while:<file>`); the
+/// claim, the compute, the bus and the NIXL agents around it are real.
+/// Each failed write is reported at once and its request answered by a
+/// local prefill; three in a row quarantine the path, after which long
+/// prompts are prefilled locally without a round trip. Once the path is
+/// back, the probe that ends the quarantine lands and long prompts go
+/// remote again.
+#[tokio::test]
+async fn a_cut_data_path_is_quarantined_and_used_again_once_a_probe_lands() {
+    let mut d = Deployment::start(
+        "cut-path",
+        0,
+        1,
+        32,
+        &[
+            "--remote-prefill-timeout-ms",
+            "60000",
+            "--max-local-prefill-length",
+            "200",
+        ],
+    )
+    .await;
+    let cut = d.dir.path().join("data-path-cut");
+    std::fs::write(&cut, "").unwrap();
+    d.spawn_faulty_prefill(&format!("cut-writes-while:{}", cut.display()), &[])
+        .await;
+    let quarantined = || {
+        d.try_metric(
+            "decode-0",
+            "xpyd_decode_path_quarantined",
+            "prefill=\"prefill-0-",
+        )
+    };
+    for i in 0..3 {
+        let started = Instant::now();
+        let (status, body) = d.chat(&long_prompt(&format!("Cut {i}")), FRANCE, 8).await;
+        let took = started.elapsed();
+        assert_eq!(status, 200, "{body}");
+        assert!(answer(&body).contains("Paris"), "{body}");
+        assert!(
+            took < Duration::from_secs(60),
+            "waited for the deadline: {took:?}"
+        );
+    }
+    assert_eq!(
+        fallbacks(&d, "prefill_failed").await,
+        3.0,
+        "{}",
+        d.log_tails()
+    );
+    wait_until(
+        "the path is quarantined",
+        Duration::from_secs(5),
+        || async { Ok::<_, reqwest::Error>(quarantined().await? == 1.0) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", d.log_tails()));
+    // Quarantined: the next long prompt stays here, and the prefill worker
+    // never sees it.
+    let jobs = || d.metric("prefill-0", "xpyd_prefill_jobs_total", "result=\"failed\"");
+    let failed_jobs = jobs().await;
+    let (status, body) = d.chat(&long_prompt("Quarantined"), FRANCE, 8).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(answer(&body).contains("Paris"), "{body}");
+    assert_eq!(fallbacks(&d, "path_quarantined").await, 1.0);
+    assert_eq!(
+        jobs().await,
+        failed_jobs,
+        "no job reached the quarantined path"
+    );
+    assert_eq!(remote_prefills(&d, "decode-0").await, 0.0);
+
+    // The path comes back: the probe at the end of the quarantine lands
+    // (a probe while it was still cut would double the quarantine).
+    std::fs::remove_file(&cut).unwrap();
+    let probes_ok = || d.try_metric("decode-0", "xpyd_decode_path_probes_total", "result=\"ok\"");
+    wait_until("a probe lands", Duration::from_secs(60), || async {
+        Ok::<_, reqwest::Error>(probes_ok().await? >= 1.0)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", d.log_tails()));
+    wait_until("the path is healthy", Duration::from_secs(5), || async {
+        Ok::<_, reqwest::Error>(quarantined().await? == 0.0)
+    })
+    .await
+    .unwrap();
+    await_disaggregation(&d, 0.0).await;
+    assert!(
+        d.metric(
+            "decode-0",
+            "xpyd_decode_path_latency_seconds",
+            "prefill=\"prefill-0-"
+        )
+        .await
+            > 0.0,
+        "the path's latency is shown"
+    );
+    assert_pool_full(&d, "decode-0").await;
+}
+
 /// Fault 4 of the KV handoff: NATS and etcd restart in the middle of a
 /// handoff. The claimant stops itself just before its write; meanwhile
 /// both servers are killed and restarted; then it continues. The request

@@ -106,6 +106,15 @@ pub enum PrefillMessage {
     /// claimant still works on it; answered by one [`JobStatus`]. A worker
     /// that is gone does not answer at all (the bus says "no responders").
     Status { request_id: String },
+    /// A decode worker probes the path from this worker back to it, after
+    /// a quarantine: compute and write this one-block job as if it came
+    /// from the queue (claim included). Answered by one empty message once
+    /// the job is taken; its outcome travels as a job's does (the
+    /// notification, or [`DecodeMessage::Abandon`]). Its
+    /// `decode_transfer` is `None`: this enum is internally tagged, which
+    /// cannot carry the raw JSON of [`TransferMetadata`]; the prober is
+    /// registered (it probes only while serving), so its record has it.
+    Probe(Box<RemotePrefillRequest>),
 }
 
 /// The answer to [`PrefillMessage::Status`].
@@ -140,6 +149,10 @@ pub enum ClaimReply {
     Proceed { remaining_ms: u64 },
     /// Do not write: the request is gone, done elsewhere or past its deadline.
     Refuse,
+    /// Not you: the path from this prefill worker to the decode worker is
+    /// quarantined (its recent transfers failed). Hand the job back to the
+    /// queue for another worker; write nothing.
+    Decline,
 }
 
 /// Token counts as OpenAI's `usage` reports them.
@@ -288,6 +301,25 @@ mod tests {
         assert_eq!(
             decode::<PrefillMessage>("m", &encode(&status)).unwrap(),
             status
+        );
+        let probe = PrefillMessage::Probe(Box::new(RemotePrefillRequest {
+            request_id: "probe-d-0".into(),
+            model: "m".into(),
+            token_ids: vec![1, 2, 3],
+            sampling: WireSamplingParams::default(),
+            decode_instance: "d".into(),
+            dst_blocks: vec![7],
+            first_block: 0,
+            timeout_ms: 10_000,
+            decode_transfer: None,
+        }));
+        assert_eq!(
+            decode::<PrefillMessage>("m", &encode(&probe)).unwrap(),
+            probe
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&encode(&ClaimReply::Decline)),
+            r#"{"reply":"decline"}"#
         );
         let e = GenerateEvent::Token {
             token_id: 5,

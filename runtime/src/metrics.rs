@@ -11,8 +11,8 @@
 use std::collections::HashMap;
 
 use prometheus::{
-    Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Counter, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 use crate::engine::runner::EngineStats;
@@ -41,9 +41,23 @@ pub const FALLBACK_REASONS: &[&str] = &[
     // The claimant answered nothing for a while (stopped, cut off); the
     // blocks it may still write are fenced.
     "prefill_unresponsive",
+    // Every prefill worker's path here is quarantined, or the job's claims
+    // kept coming from quarantined ones.
+    "path_quarantined",
 ];
 /// Outcomes of a prefill worker's job.
-pub const PREFILL_JOB_RESULTS: &[&str] = &["ok", "expired", "refused", "failed", "handed_back"];
+pub const PREFILL_JOB_RESULTS: &[&str] = &[
+    "ok",
+    "expired",
+    "refused",
+    "failed",
+    "handed_back",
+    // The decode worker declined the claim (our path to it is
+    // quarantined); the job went back to the queue.
+    "declined",
+];
+/// Outcomes of a decode worker's probes of quarantined paths.
+pub const PATH_PROBE_RESULTS: &[&str] = &["ok", "failed", "not_sent"];
 /// Why a KV transfer failed.
 pub const TRANSFER_FAILURE_REASONS: &[&str] = &["peer", "write", "deadline", "notification"];
 
@@ -69,6 +83,11 @@ pub struct WorkerMetrics {
     pub running: IntGauge,
     pub waiting: IntGauge,
     pub instances: IntGaugeVec,
+    pub path_quarantined: IntGaugeVec,
+    pub path_latency_seconds: GaugeVec,
+    pub path_failures: IntCounterVec,
+    pub path_quarantines: IntCounter,
+    pub path_probes: IntCounterVec,
 }
 
 impl WorkerMetrics {
@@ -113,7 +132,52 @@ impl WorkerMetrics {
             instances.with_label_values(&[role]);
         }
         registry.register(Box::new(instances.clone()))?;
+        let by_prefill = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(opts(name, help), &["prefill"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
+        };
+        let path_latency_seconds = GaugeVec::new(
+            opts(
+                "xpyd_decode_path_latency_seconds",
+                "Per prefill worker: time from its claim to the KV having landed, of its last \
+                 remote prefill into this decode worker.",
+            ),
+            &["prefill"],
+        )?;
+        registry.register(Box::new(path_latency_seconds.clone()))?;
+        let path_failures = IntCounterVec::new(
+            opts(
+                "xpyd_decode_path_failures_total",
+                "Per prefill worker: its remote prefills into this decode worker that failed \
+                 (given up, silent, or past the deadline), probes included.",
+            ),
+            &["prefill"],
+        )?;
+        registry.register(Box::new(path_failures.clone()))?;
         Ok(WorkerMetrics {
+            path_quarantined: by_prefill(
+                "xpyd_decode_path_quarantined",
+                "Per prefill worker: 1 while its path to this decode worker is quarantined \
+                 (its claims declined until a probe lands), else 0.",
+            )?,
+            path_latency_seconds,
+            path_failures,
+            path_quarantines: {
+                let c = IntCounter::with_opts(opts(
+                    "xpyd_decode_path_quarantines_total",
+                    "Times a prefill worker's path to this decode worker was quarantined \
+                     (again, after a failed probe, included).",
+                ))?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            path_probes: counter(
+                "xpyd_decode_path_probes_total",
+                "Probes of quarantined paths, by result.",
+                "result",
+                PATH_PROBE_RESULTS,
+            )?,
             prefills: counter(
                 "xpyd_decode_prefills_total",
                 "Prompts a decode worker admitted, by where their KV was computed.",
@@ -207,6 +271,26 @@ impl WorkerMetrics {
             )?,
             instances,
         })
+    }
+
+    /// Show one path's health (see `worker::paths`).
+    pub fn show_path(&self, path: &crate::worker::PathReport) {
+        let prefill = [path.prefill.as_str()];
+        self.path_quarantined
+            .with_label_values(&prefill)
+            .set(i64::from(path.quarantined));
+        if let Some(latency) = path.last_latency {
+            self.path_latency_seconds
+                .with_label_values(&prefill)
+                .set(latency.as_secs_f64());
+        }
+    }
+
+    /// Drop the series of a prefill worker that left.
+    pub fn forget_path(&self, prefill: &str) {
+        let _ = self.path_quarantined.remove_label_values(&[prefill]);
+        let _ = self.path_latency_seconds.remove_label_values(&[prefill]);
+        let _ = self.path_failures.remove_label_values(&[prefill]);
     }
 
     /// Refresh the engine gauges.

@@ -47,13 +47,14 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::notifications::NotificationHub;
+use super::paths::{PathChange, PathConfig, Paths};
 use super::plan::{Fallback, PrefillFacts, PrefillStep, prefill_step};
 use super::{InFlight, WorkerParts};
 use crate::bus::{BusError, IncomingRequest, RequestStream, Responder};
 use crate::discovery::{Role, RouterSettings};
 use crate::engine::block_pool::FenceId;
 use crate::engine::runner::{EngineError, EngineErrorKind, OutputItem, Request};
-use crate::engine::sampling::TokenLogprobs;
+use crate::engine::sampling::{SamplingParams, TokenLogprobs};
 use crate::sync::lock;
 use crate::transfer::ReceivedNotification;
 use xpyd_api::PrefillUnavailable;
@@ -84,6 +85,8 @@ pub struct DecodeConfig {
     /// (stopped, cut off) is given up: the request is prefilled locally
     /// and the blocks it may still write stay fenced.
     pub claimant_silence_limit: Duration,
+    /// When a prefill worker's path to us is quarantined and probed.
+    pub paths: PathConfig,
 }
 
 impl Default for DecodeConfig {
@@ -96,18 +99,52 @@ impl Default for DecodeConfig {
             drain_claim_wait: Duration::from_secs(5),
             claimant_check_interval: Duration::from_secs(1),
             claimant_silence_limit: Duration::from_secs(5),
+            paths: PathConfig::default(),
         }
     }
 }
+
+/// The longest a probe waits for its KV.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Claims a remote prefill may have declined (its claimants' paths
+/// quarantined) before it is prefilled locally instead.
+const MAX_DECLINES: u32 = 3;
 
 /// A remote prefill the worker waits for.
 struct Pending {
     deadline: Instant,
     enqueued: Instant,
     claimed_by: Option<String>,
-    /// Told why, when the prefill worker gives the job up.
-    abandoned: Option<oneshot::Sender<String>>,
+    /// When the current claimant claimed it.
+    claimed_at: Option<Instant>,
+    /// Claims declined because the claimant's path is quarantined.
+    declines: u32,
+    /// For a probe: the one prefill worker whose path it probes (and who
+    /// alone may claim it).
+    probe_of: Option<String>,
+    /// Told the fallback and why, when the job is given up before its KV
+    /// came: the prefill worker failed it, or its claims kept being declined.
+    abandoned: Option<oneshot::Sender<(&'static str, String)>>,
 }
+
+impl Pending {
+    fn new(deadline: Instant, probe_of: Option<String>) -> (Pending, AbandonedRx) {
+        let (tell, told) = oneshot::channel();
+        let pending = Pending {
+            deadline,
+            enqueued: Instant::now(),
+            claimed_by: None,
+            claimed_at: None,
+            declines: 0,
+            probe_of,
+            abandoned: Some(tell),
+        };
+        (pending, told)
+    }
+}
+
+type AbandonedRx = oneshot::Receiver<(&'static str, String)>;
 
 struct Inner {
     parts: WorkerParts,
@@ -124,6 +161,11 @@ struct Inner {
     /// Our KV-layout fingerprint: the prefill queue our jobs go to, read
     /// only by prefill workers whose KV fits our blocks.
     kv_layout: String,
+    /// The health of each prefill worker's path to us. Locked after
+    /// `pending` when both are.
+    paths: Mutex<Paths>,
+    /// Probes sent, for their request ids.
+    probes: std::sync::atomic::AtomicU64,
 }
 
 /// A decode worker. Cheap to clone.
@@ -139,10 +181,13 @@ impl DecodeWorker {
         let block_bytes = layout.block_region_bytes * 2 * u64::from(layout.n_layers);
         let transfer = parts.agent.metadata().to_metadata();
         let kv_layout = parts.kv_layout();
+        let paths = Mutex::new(Paths::new(config.paths.clone()));
         Ok(DecodeWorker {
             inner: Arc::new(Inner {
                 parts,
                 config,
+                paths,
+                probes: Default::default(),
                 hub,
                 pending: Mutex::default(),
                 drain: watch::Sender::new(None),
@@ -227,6 +272,170 @@ impl DecodeWorker {
             .metrics
             .max_local_prefill_length
             .set(i64::from(self.threshold(&self.settings())));
+        self.watch_paths();
+    }
+
+    /// Forget the paths of prefill workers that left, show the others in
+    /// the metrics, and probe those whose quarantine is over.
+    fn watch_paths(&self) {
+        let parts = &self.inner.parts;
+        let metrics = &parts.metrics;
+        let (due, report) = {
+            let mut paths = lock(&self.inner.paths);
+            for gone in paths.retain(|id| parts.is_alive(id)) {
+                metrics.forget_path(&gone);
+            }
+            (paths.due_probes(Instant::now()), paths.report())
+        };
+        for path in report {
+            metrics.show_path(&path);
+        }
+        if self.draining() {
+            return;
+        }
+        for prefill in due {
+            let worker = self.clone();
+            tokio::spawn(async move { worker.probe(prefill).await });
+        }
+    }
+
+    /// Note the verdict of one remote prefill on its path, and say so when
+    /// the path changes.
+    fn judge_path(&self, prefill: &str, verdict: Result<Duration, &str>) {
+        let metrics = &self.inner.parts.metrics;
+        let change = {
+            let mut paths = lock(&self.inner.paths);
+            match verdict {
+                Ok(latency) => paths.succeeded(prefill, latency),
+                Err(reason) => {
+                    metrics.path_failures.with_label_values(&[prefill]).inc();
+                    paths.failed(prefill, reason, Instant::now())
+                }
+            }
+        };
+        match change {
+            Some(PathChange::Quarantined { length, reason }) => {
+                metrics.path_quarantines.inc();
+                tracing::warn!(%prefill, ?length, %reason, "the path from this prefill worker is quarantined: its claims are declined until a probe lands");
+            }
+            Some(PathChange::Restored) => {
+                tracing::info!(%prefill, "a probe landed: the path from this prefill worker is used again");
+            }
+            None => {}
+        }
+    }
+
+    /// Probe the quarantined path from `prefill` (see [`super::paths`]): a
+    /// one-block remote prefill of a prompt no cache holds, sent to that
+    /// worker alone; [`Self::await_remote`] judges the path by its outcome.
+    async fn probe(&self, prefill: String) {
+        let parts = &self.inner.parts;
+        let n = self
+            .inner
+            .probes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("probe-{}-{n}", parts.instance_id);
+        let block_size = parts.engine.config().block_size;
+        let nonce = rand::random::<u32>() as usize;
+        // Token ids every model's vocabulary has; the nonce keeps it out of
+        // both prefix caches.
+        let prompt_token_ids = (0..=block_size)
+            .map(|i| (100 + (nonce + i * 7919) % 1000) as u32)
+            .collect();
+        let request = Request {
+            id: id.clone(),
+            prompt_token_ids,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                max_tokens: Some(1),
+                ..SamplingParams::default()
+            },
+        };
+        let timeout = self.inner.config.remote_prefill_timeout.min(PROBE_TIMEOUT);
+        let sent = async {
+            let (outputs, reservation) = parts
+                .engine
+                .begin_remote_prefill(request.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let job = RemotePrefillRequest {
+                // Read from our discovery record (see `PrefillMessage::Probe`).
+                decode_transfer: None,
+                ..self.remote_job(&request, &reservation, timeout)
+            };
+            let deadline = Instant::now() + timeout;
+            let notified = self.inner.hub.expect(&id);
+            let (pending, abandoned) = Pending::new(deadline, Some(prefill.clone()));
+            lock(&self.inner.pending).insert(id.clone(), pending);
+            let message = PrefillMessage::Probe(Box::new(job));
+            let asked = async {
+                let mut replies = parts
+                    .bus
+                    .request(&prefill, protocol::encode(&message).into(), timeout)
+                    .await?;
+                replies.next().await.transpose()
+            };
+            match tokio::time::timeout(timeout, asked).await {
+                Ok(Ok(_)) => Ok((outputs, notified, abandoned, deadline)),
+                failed => {
+                    lock(&self.inner.pending).remove(&id);
+                    self.inner.hub.forget(&id);
+                    let _ = parts.engine.cancel_remote_prefill(&id).await;
+                    let _ = parts.engine.cancel(&id);
+                    Err(format!("{failed:?}"))
+                }
+            }
+        };
+        match sent.await {
+            Ok((outputs, notified, abandoned, deadline)) => {
+                tracing::info!(%prefill, request_id = %id, "probing a quarantined path");
+                let (_keep, cancelled) = oneshot::channel();
+                self.await_remote(
+                    id.clone(),
+                    notified,
+                    abandoned,
+                    cancelled,
+                    deadline,
+                    Instant::now(),
+                    Some(&prefill),
+                )
+                .await;
+                drop(outputs);
+                let _ = parts.engine.cancel(&id);
+            }
+            Err(e) => {
+                tracing::warn!(%prefill, "a probe could not be sent: {e}");
+                parts
+                    .metrics
+                    .path_probes
+                    .with_label_values(&["not_sent"])
+                    .inc();
+                lock(&self.inner.paths).probe_not_sent(&prefill, Instant::now());
+            }
+        }
+    }
+
+    /// The queue job (or probe) asking a prefill worker for `request`'s KV
+    /// into the blocks of `reservation`.
+    fn remote_job(
+        &self,
+        request: &Request,
+        reservation: &crate::engine::scheduler::RemoteReservation,
+        timeout: Duration,
+    ) -> RemotePrefillRequest {
+        let parts = &self.inner.parts;
+        let block_size = parts.engine.config().block_size;
+        RemotePrefillRequest {
+            request_id: request.id.clone(),
+            model: parts.model.clone(),
+            token_ids: request.prompt_token_ids.clone(),
+            sampling: request.sampling.clone().into(),
+            decode_instance: parts.instance_id.clone(),
+            dst_blocks: reservation.block_ids.clone(),
+            first_block: (reservation.cached_tokens / block_size) as u32,
+            timeout_ms: timeout.as_millis() as u64,
+            decode_transfer: Some(self.inner.transfer.clone()),
+        }
     }
 
     fn settings(&self) -> RouterSettings {
@@ -297,6 +506,28 @@ impl DecodeWorker {
             // The claimant died (its job was redelivered): it writes nothing more.
             Some(owner) => !self.inner.parts.is_alive(owner),
         };
+        let path_open = match &p.probe_of {
+            Some(probed) => probed == prefill_instance,
+            None => {
+                p.claimed_by.as_deref() == Some(prefill_instance)
+                    || lock(&self.inner.paths).open(prefill_instance)
+            }
+        };
+        if may && !path_open {
+            // Back to the queue for another worker; after a few declines
+            // the request is prefilled here instead of bouncing on.
+            p.declines += 1;
+            if p.declines >= MAX_DECLINES
+                && p.claimed_by.is_none()
+                && let Some(tell) = p.abandoned.take()
+            {
+                let _ = tell.send((
+                    "path_quarantined",
+                    format!("{} claims declined: quarantined paths", p.declines),
+                ));
+            }
+            return ClaimReply::Decline;
+        }
         if may {
             if p.claimed_by.is_none() {
                 self.inner
@@ -304,6 +535,9 @@ impl DecodeWorker {
                     .metrics
                     .prefill_queue_wait_seconds
                     .observe(p.enqueued.elapsed().as_secs_f64());
+            }
+            if p.claimed_by.as_deref() != Some(prefill_instance) {
+                p.claimed_at = Some(Instant::now());
             }
             p.claimed_by = Some(prefill_instance.to_string());
             ClaimReply::Proceed {
@@ -333,7 +567,7 @@ impl DecodeWorker {
             _ => {}
         }
         if let Some(tell) = p.abandoned.take() {
-            let _ = tell.send(reason);
+            let _ = tell.send(("prefill_failed", reason));
         }
     }
 
@@ -399,6 +633,11 @@ impl DecodeWorker {
             threshold,
             disaggregated: settings.disaggregated,
             prefill_alive: parts.any_alive(Role::Prefill, &self.inner.kv_layout),
+            paths_open: {
+                let alive = parts.alive(Role::Prefill, &self.inner.kv_layout);
+                let paths = lock(&self.inner.paths);
+                alive.iter().any(|id| paths.open(id))
+            },
             max_queue_depth: settings.max_prefill_queue_depth,
             refuse_fallbacks: settings.on_prefill_unavailable == PrefillUnavailable::Fail,
             ..PrefillFacts::default()
@@ -438,32 +677,13 @@ impl DecodeWorker {
             local(fallback);
             return Ok((outputs, None));
         }
-        let block_size = parts.engine.config().block_size;
         let timeout = self.inner.config.remote_prefill_timeout;
         let deadline = Instant::now() + timeout;
-        let job = RemotePrefillRequest {
-            request_id: id.clone(),
-            model: parts.model.clone(),
-            token_ids: request.prompt_token_ids,
-            sampling: request.sampling.into(),
-            decode_instance: parts.instance_id.clone(),
-            dst_blocks: reservation.block_ids.clone(),
-            first_block: (reservation.cached_tokens / block_size) as u32,
-            timeout_ms: timeout.as_millis() as u64,
-            decode_transfer: Some(self.inner.transfer.clone()),
-        };
+        let job = self.remote_job(&request, &reservation, timeout);
         let notified = self.inner.hub.expect(&id);
         let (cancel_tx, cancel_rx) = oneshot::channel();
-        let (abandoned_tx, abandoned_rx) = oneshot::channel();
-        lock(&self.inner.pending).insert(
-            id.clone(),
-            Pending {
-                deadline,
-                enqueued: Instant::now(),
-                claimed_by: None,
-                abandoned: Some(abandoned_tx),
-            },
-        );
+        let (pending, abandoned_rx) = Pending::new(deadline, None);
+        lock(&self.inner.pending).insert(id.clone(), pending);
         let enqueued = tokio::time::timeout(
             self.inner.config.queue_query_timeout * 5,
             parts
@@ -494,22 +714,35 @@ impl DecodeWorker {
         let started = Instant::now();
         tokio::spawn(async move {
             worker
-                .await_remote(id, notified, abandoned_rx, cancel_rx, deadline, started)
+                .await_remote(
+                    id,
+                    notified,
+                    abandoned_rx,
+                    cancel_rx,
+                    deadline,
+                    started,
+                    None,
+                )
                 .await
         });
         Ok((outputs, Some(cancel_tx)))
     }
 
     /// Wait for the KV of remote prefill `id`, then start decoding, or fall
-    /// back to a local prefill when it does not come.
+    /// back to a local prefill when it does not come. Its outcome is a
+    /// verdict on its claimant's path. A probe (`probe_of`: the prefill
+    /// worker whose path it probes) is not decoded, whatever comes, and
+    /// counts in no request's metrics.
+    #[allow(clippy::too_many_arguments)]
     async fn await_remote(
         &self,
         id: String,
         notified: oneshot::Receiver<ReceivedNotification>,
-        abandoned: oneshot::Receiver<String>,
+        abandoned: AbandonedRx,
         cancelled: oneshot::Receiver<()>,
         deadline: Instant,
         started: Instant,
+        probe_of: Option<&str>,
     ) {
         let parts = &self.inner.parts;
         let metrics = &parts.metrics;
@@ -540,9 +773,9 @@ impl DecodeWorker {
             n = &mut notified => n.map_err(|_| by_time()),
             _ = tokio::time::sleep_until(deadline) => Err("timeout"),
             () = &mut withdrawn => Err("draining"),
-            reason = &mut abandoned => {
-                tracing::info!(request_id = %id, %reason, "the prefill worker gave the job up");
-                Err("prefill_failed")
+            (fallback, reason) = &mut abandoned => {
+                tracing::info!(request_id = %id, %reason, "the remote prefill was given up");
+                Err(fallback)
             }
             gone = &mut claimant_gone => Err(gone),
             Ok(()) = cancelled => {
@@ -555,18 +788,44 @@ impl DecodeWorker {
                     tokio::select! {
                         n = &mut notified => n.map_err(|_| by_time()),
                         _ = tokio::time::sleep_until(deadline) => Err("timeout"),
-                        _ = &mut abandoned => Err("prefill_failed"),
+                        (fallback, _) = &mut abandoned => Err(fallback),
                         gone = &mut claimant_gone => Err(gone),
                     }
                 }
             }
         };
         let pending = lock(&self.inner.pending).remove(&id);
+        let claimant = pending.as_ref().and_then(|p| p.claimed_by.clone());
+        let claimed_at = pending.as_ref().and_then(|p| p.claimed_at);
+        // The verdict on the path: a landed KV, or a failure of the path's
+        // claimant (or of a probe that nobody took).
+        match (&outcome, claimant.as_deref().or(probe_of)) {
+            (Ok(_), Some(prefill)) => {
+                let latency = claimed_at.unwrap_or(started).elapsed();
+                self.judge_path(prefill, Ok(latency));
+            }
+            (
+                Err(reason @ ("prefill_failed" | "prefill_unresponsive" | "timeout")),
+                Some(prefill),
+            ) => self.judge_path(prefill, Err(reason)),
+            (Err(_), Some(prefill)) if probe_of.is_some() => {
+                self.judge_path(prefill, Err("probe_failed"))
+            }
+            _ => {}
+        }
+        if let Some(prefill) = probe_of {
+            // Nobody reads a probe's tokens: its stream ends now, and its
+            // blocks go back as a request's would (below).
+            let _ = parts.engine.cancel(&id);
+            let result = if outcome.is_ok() { "ok" } else { "failed" };
+            metrics.path_probes.with_label_values(&[result]).inc();
+            tracing::info!(%prefill, request_id = %id, result, "probe over");
+        }
         // Who may still write into the blocks: the claimant, unless it gave
         // the job up or is gone.
         let writer = match outcome {
             Err("prefill_failed" | "prefill_gone") | Ok(_) => None,
-            Err(_) => pending.and_then(|p| p.claimed_by),
+            Err(_) => claimant,
         };
         if writer.is_none() {
             self.inner.hub.forget(&id);
@@ -574,12 +833,16 @@ impl DecodeWorker {
         match outcome {
             Ok(n) => {
                 metrics
-                    .remote_prefill_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                metrics
                     .transfer_bytes
                     .with_label_values(&["received"])
                     .inc_by(u64::from(n.notification.num_blocks) * self.inner.block_bytes);
+                if probe_of.is_some() {
+                    let _ = parts.engine.cancel_remote_prefill(&id).await;
+                    return;
+                }
+                metrics
+                    .remote_prefill_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 metrics.prefills.with_label_values(&["remote"]).inc();
                 if let Err(e) = parts
                     .engine
@@ -595,9 +858,11 @@ impl DecodeWorker {
                 }
             }
             Err(reason) => {
-                tracing::info!(request_id = %id, reason, "no remote KV; prefilling locally");
-                metrics.fallbacks.with_label_values(&[reason]).inc();
-                metrics.prefills.with_label_values(&["local"]).inc();
+                if probe_of.is_none() {
+                    tracing::info!(request_id = %id, reason, "no remote KV; prefilling locally");
+                    metrics.fallbacks.with_label_values(&[reason]).inc();
+                    metrics.prefills.with_label_values(&["local"]).inc();
+                }
                 let Some(writer) = writer else {
                     if let Err(e) = parts.engine.cancel_remote_prefill(&id).await {
                         tracing::warn!(request_id = %id, "releasing the remote reservation failed: {e}");

@@ -13,6 +13,7 @@ pub mod decode;
 mod kv_publisher;
 
 mod notifications;
+pub mod paths;
 pub mod plan;
 pub mod prefill;
 
@@ -30,6 +31,7 @@ use crate::transfer::TransferAgent;
 
 pub use decode::{DecodeConfig, DecodeWorker};
 pub use kv_publisher::publish_kv_events;
+pub use paths::{PathConfig, PathReport};
 
 pub use prefill::{PrefillConfig, PrefillFault, PrefillWorker};
 
@@ -63,9 +65,21 @@ impl WorkerParts {
     /// Whether an instance of `role` serving our model with KV layout
     /// `kv_layout` is alive.
     fn any_alive(&self, role: Role, kv_layout: &str) -> bool {
-        self.discovery.instances().borrow().values().any(|r| {
-            r.role == role && r.model == self.model && r.kv_layout.as_deref() == Some(kv_layout)
-        })
+        !self.alive(role, kv_layout).is_empty()
+    }
+
+    /// The live instances of `role` serving our model with KV layout
+    /// `kv_layout`.
+    fn alive(&self, role: Role, kv_layout: &str) -> Vec<String> {
+        self.discovery
+            .instances()
+            .borrow()
+            .iter()
+            .filter(|(_, r)| {
+                r.role == role && r.model == self.model && r.kv_layout.as_deref() == Some(kv_layout)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Whether instance `id` is alive.

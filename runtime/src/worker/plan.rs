@@ -17,6 +17,9 @@ pub enum Fallback {
     QueueFull,
     /// The queue could not be asked, or refused the job.
     EnqueueFailed,
+    /// Every live prefill worker's path to this decode worker is
+    /// quarantined (its recent transfers failed).
+    PathsQuarantined,
 }
 
 impl Fallback {
@@ -26,6 +29,7 @@ impl Fallback {
             Fallback::NoPrefillWorker => "no_prefill_worker",
             Fallback::QueueFull => "queue_full",
             Fallback::EnqueueFailed => "enqueue_failed",
+            Fallback::PathsQuarantined => "path_quarantined",
         }
     }
 }
@@ -59,6 +63,8 @@ pub struct PrefillFacts {
     pub disaggregated: bool,
     /// A prefill worker of this model is alive.
     pub prefill_alive: bool,
+    /// A live prefill worker's path to us is not quarantined.
+    pub paths_open: bool,
     /// The deepest prefill queue the deployment allows.
     pub max_queue_depth: u32,
     /// The queue's depth once asked; `Some(None)`: the query failed.
@@ -87,6 +93,9 @@ fn next_step(f: &PrefillFacts) -> PrefillStep {
     }
     if !f.prefill_alive {
         return Local(Some(Fallback::NoPrefillWorker));
+    }
+    if !f.paths_open {
+        return Local(Some(Fallback::PathsQuarantined));
     }
     match f.queue_depth {
         None => return QueryQueueDepth,
@@ -122,6 +131,7 @@ mod tests {
             threshold: 32,
             disaggregated: true,
             prefill_alive: true,
+            paths_open: true,
             max_queue_depth: 8,
             ..PrefillFacts::default()
         }
@@ -140,6 +150,13 @@ mod tests {
                     ..long()
                 },
                 Refuse(Fallback::NoPrefillWorker),
+            ),
+            (
+                PrefillFacts {
+                    paths_open: false,
+                    ..long()
+                },
+                Refuse(Fallback::PathsQuarantined),
             ),
             (
                 PrefillFacts {

@@ -61,7 +61,7 @@ pub struct PrefillConfig {
 /// A fault a test injects into a prefill worker, at an instant no signal
 /// from outside can hit reliably. Set with `XPYD_TEST_FAULT`; never in
 /// production (the worker logs a warning at startup when one is set).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrefillFault {
     /// `stop-before-write`: the first job that passed its deadline check
     /// stops the whole process (SIGSTOP) just before it posts its write,
@@ -72,6 +72,12 @@ pub enum PrefillFault {
     /// posted its write, with the write in flight: a test then kills this
     /// worker, or its decode worker, mid-write.
     StopAfterPost,
+    /// `cut-writes-while:<file>`: while `<file>` exists, every NIXL write
+    /// fails as a cut data path would (a firewalled transfer port, a
+    /// broken link), with the bus still healthy. On one host UCX moves the
+    /// bytes through shared memory, which no firewall rule can cut, so the
+    /// cut is made at the write call; everything around it is real.
+    CutWrites(std::path::PathBuf),
 }
 
 impl PrefillFault {
@@ -82,10 +88,13 @@ impl PrefillFault {
             Err(_) | Ok("") => Ok(None),
             Ok("stop-before-write") => Ok(Some(PrefillFault::StopBeforeWrite)),
             Ok("stop-after-post") => Ok(Some(PrefillFault::StopAfterPost)),
-            Ok(other) => Err(format!(
-                "XPYD_TEST_FAULT={other:?} is not a fault this worker knows \
-                 (stop-before-write, stop-after-post)"
-            )),
+            Ok(other) => match other.strip_prefix("cut-writes-while:") {
+                Some(file) if !file.is_empty() => Ok(Some(PrefillFault::CutWrites(file.into()))),
+                _ => Err(format!(
+                    "XPYD_TEST_FAULT={other:?} is not a fault this worker knows \
+                     (stop-before-write, stop-after-post, cut-writes-while:<file>)"
+                )),
+            },
         }
     }
 }
@@ -197,6 +206,9 @@ enum JobEnd {
     Failed(String),
     /// Not finished because this worker is shutting down: redeliver it.
     HandedBack(String),
+    /// The decode worker declined our claim (our path to it is
+    /// quarantined): redeliver it, to another worker.
+    Declined,
 }
 
 /// A prefill worker. Cheap to clone.
@@ -213,7 +225,7 @@ pub struct PrefillWorker {
 
 impl PrefillWorker {
     pub fn new(parts: WorkerParts, config: PrefillConfig) -> PrefillWorker {
-        if let Some(fault) = config.fault {
+        if let Some(fault) = &config.fault {
             tracing::warn!(?fault, "a test fault is injected into this prefill worker");
         }
         PrefillWorker {
@@ -260,6 +272,17 @@ impl PrefillWorker {
             {
                 let status = match protocol::decode::<PrefillMessage>("prefill request", &payload) {
                     Ok(PrefillMessage::Status { request_id }) => self.book().status(&request_id),
+                    Ok(PrefillMessage::Probe(job)) => {
+                        // A one-block job sent to us alone: served as a
+                        // queue job, with nothing to ack.
+                        tracing::info!(request_id = %job.request_id, decode = %job.decode_instance, "probed by a decode worker");
+                        let direct =
+                            PrefillJob::new(protocol::encode(&job).into(), 1, Box::new(DirectJob));
+                        let worker = self.clone();
+                        tokio::spawn(async move { worker.process(direct).await });
+                        let _ = responder.end().await;
+                        continue;
+                    }
                     Err(e) => {
                         tracing::debug!("{e}");
                         JobStatus::Unknown
@@ -385,7 +408,7 @@ impl PrefillWorker {
             match &end {
                 JobEnd::Failed(reason) => self.abandon(request, reason, false).await,
                 JobEnd::HandedBack(reason) => self.abandon(request, reason, true).await,
-                JobEnd::Written | JobEnd::Expired | JobEnd::Refused => {}
+                JobEnd::Written | JobEnd::Expired | JobEnd::Refused | JobEnd::Declined => {}
             }
             self.book().finish(&request.request_id);
         }
@@ -393,6 +416,7 @@ impl PrefillWorker {
             JobEnd::Written => "ok",
             JobEnd::Expired => "expired",
             JobEnd::Refused => "refused",
+            JobEnd::Declined => "declined",
             JobEnd::Failed(reason) => {
                 tracing::warn!(delivered = job.delivered, "prefill job failed: {reason}");
                 "failed"
@@ -410,7 +434,7 @@ impl PrefillWorker {
             .prefill_jobs
             .with_label_values(&[result])
             .inc();
-        if let JobEnd::HandedBack(_) = end {
+        if let JobEnd::HandedBack(_) | JobEnd::Declined = end {
             // Another worker can still make the deadline; the queue's
             // `max_deliver` bounds how often this happens to one job.
             if let Err(e) = job.nak().await {
@@ -445,6 +469,7 @@ impl PrefillWorker {
                 sent + Duration::from_millis(remaining_ms)
             }
             Ok((ClaimReply::Refuse, _)) => return JobEnd::Refused,
+            Ok((ClaimReply::Decline, _)) => return JobEnd::Declined,
             Err(reason) => return JobEnd::Failed(format!("claiming {id}: {reason}")),
         };
         // A job that cannot reach its decode worker's memory fails, counted
@@ -580,7 +605,7 @@ impl PrefillWorker {
     /// Stop this process (SIGSTOP) if `fault` is the injected test fault
     /// and it has not fired yet (see [`PrefillFault`]).
     fn inject(&self, fault: PrefillFault, request_id: &str) {
-        if self.config.fault != Some(fault)
+        if self.config.fault.as_ref() != Some(&fault)
             || self
                 .fault_fired
                 .swap(true, std::sync::atomic::Ordering::SeqCst)
@@ -686,6 +711,18 @@ impl PrefillWorker {
             return JobEnd::Expired;
         }
         self.inject(PrefillFault::StopBeforeWrite, &request.request_id);
+        if let Some(PrefillFault::CutWrites(file)) = &self.config.fault
+            && file.exists()
+        {
+            metrics
+                .transfer_failures
+                .with_label_values(&["write"])
+                .inc();
+            return JobEnd::Failed(format!(
+                "NIXL write to {peer} failed: the data path is cut (test fault, while {} exists)",
+                file.display()
+            ));
+        }
         let notification = TransferNotification {
             request_id: request.request_id.clone(),
             first_token: first.token,
@@ -730,6 +767,26 @@ impl PrefillWorker {
                 JobEnd::Failed(e.to_string())
             }
         }
+    }
+}
+
+/// The ack and nak of a job that did not come from the queue (a probe):
+/// there is nothing to tell the queue.
+struct DirectJob;
+
+impl crate::bus::JobControl for DirectJob {
+    fn ack(
+        self: Box<Self>,
+    ) -> futures::future::BoxFuture<'static, Result<(), crate::bus::BusError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn nak(
+        self: Box<Self>,
+    ) -> futures::future::BoxFuture<'static, Result<(), crate::bus::BusError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn progress(&self) -> futures::future::BoxFuture<'_, Result<(), crate::bus::BusError>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
