@@ -100,7 +100,13 @@ fn exported() -> BTreeSet<String> {
     // The workers' and the router's metrics, driven through the code paths
     // that give every label-vector family a series.
     let registry = Registry::new();
-    WorkerMetrics::register(&registry, None).expect("worker metrics register");
+    let worker = WorkerMetrics::register(&registry, None).expect("worker metrics register");
+    worker.show_path(&xpyd_runtime::worker::PathReport {
+        prefill: "prefill-0".into(),
+        quarantined: true,
+        last_latency: Some(Duration::from_millis(40)),
+    });
+    worker.path_failures.with_label_values(&["prefill-0"]).inc();
     let router = Router::new(16, &RouterSettings::default())
         .with_metrics(RouterMetrics::register(&registry).expect("router metrics register"));
     router.set_workers(["decode-0"]);

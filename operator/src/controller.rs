@@ -483,7 +483,11 @@ async fn apply(dd: &DisaggDeployment, ctx: &Context) -> Result<Action, Error> {
         .conditions
         .retain(|c| c.type_ != effectiveness::CONDITION);
     decision.status.conditions.extend(check.condition);
+    if check.kv_paths.is_some() || dd.spec.num_prefill <= 0 {
+        decision.status.kv_paths = check.kv_paths;
+    }
     decision.events.extend(check.event);
+    decision.events.extend(check.path_event);
 
     // Events only once the status says the same: a failed write is retried,
     // and the retry announces it then.

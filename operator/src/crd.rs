@@ -876,6 +876,36 @@ pub struct DisaggDeploymentStatus {
     /// The SLO planner's last decision, while `spec.autoscaling.enabled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
+    /// The KV paths from prefill to decode workers, as the decode workers
+    /// last reported them (read with the `DisaggregationEffective` check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_paths: Option<KvPathsStatus>,
+}
+
+/// The health of the prefill → decode KV paths. A decode worker
+/// quarantines the path from a prefill worker whose transfers into it
+/// keep failing (its jobs go to other prefill workers, or stay local) and
+/// probes it back with a one-block transfer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KvPathsStatus {
+    /// Paths that carried KV and are not quarantined.
+    pub healthy: i32,
+    /// Paths quarantined now.
+    #[serde(default)]
+    pub quarantined: Vec<KvPath>,
+    /// Quarantines (new, or renewed by a failed probe) in the last window.
+    pub quarantines_last_window: i64,
+}
+
+/// One prefill → decode path.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KvPath {
+    /// The decode pod.
+    pub decode: String,
+    /// The prefill worker's instance id (its pod name and a suffix).
+    pub prefill: String,
 }
 
 /// What the SLO planner last saw and decided.

@@ -12,6 +12,11 @@
 //! [`CHECK_INTERVAL`], for every deployment, whether it autoscales or
 //! not; [`window`] and [`verdict`] are pure and table-tested. The
 //! transport UCX chose is not judged here: it shows in the agents' logs.
+//!
+//! The same scrape gives `status.kvPaths` ([`kv_paths`]): the paths from
+//! prefill to decode workers that the decode workers hold healthy or
+//! quarantined, and a `KvPathQuarantined` Warning event for a window in
+//! which paths were quarantined.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -21,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Client;
 use kube::runtime::reflector::ObjectRef;
 
-use crate::crd::DisaggDeployment;
+use crate::crd::{DisaggDeployment, KvPath, KvPathsStatus};
 use crate::metrics::Metrics;
 use crate::resources::{Owner, Role};
 use crate::scrape::Scraper;
@@ -155,6 +160,65 @@ pub fn verdict(w: &DisaggWindow) -> Verdict {
     }
 }
 
+/// The paths the decode workers of `current` report (their
+/// `xpyd_decode_path_quarantined` series), and how many quarantines the
+/// window since `previous` saw.
+pub fn kv_paths(previous: &[PodScrape], current: &[PodScrape]) -> KvPathsStatus {
+    let mut status = KvPathsStatus {
+        quarantines_last_window: increase(
+            previous,
+            current,
+            Role::Decode,
+            names::PATH_QUARANTINES,
+            None,
+        ) as i64,
+        ..KvPathsStatus::default()
+    };
+    for pod in current.iter().filter(|p| p.role == Role::Decode) {
+        for prefill in pod.metrics.label_values(names::PATH_QUARANTINED, "prefill") {
+            let value = pod
+                .metrics
+                .sum(names::PATH_QUARANTINED, Some(("prefill", &prefill)));
+            if value.is_some_and(|v| v > 0.0) {
+                status.quarantined.push(KvPath {
+                    decode: pod.pod.clone(),
+                    prefill,
+                });
+            } else {
+                status.healthy += 1;
+            }
+        }
+    }
+    status
+}
+
+/// The Warning event for a window with quarantines, naming the paths
+/// quarantined now.
+fn path_event(paths: &KvPathsStatus) -> Option<PlannedEvent> {
+    if paths.quarantines_last_window <= 0 {
+        return None;
+    }
+    let now = if paths.quarantined.is_empty() {
+        "none is quarantined now (probed back)".to_string()
+    } else {
+        let listed: Vec<String> = paths
+            .quarantined
+            .iter()
+            .map(|p| format!("{} -> {}", p.prefill, p.decode))
+            .collect();
+        format!("quarantined now: {}", listed.join(", "))
+    };
+    Some(PlannedEvent {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: "KvPathQuarantined",
+        note: format!(
+            "{} prefill -> decode KV path quarantine(s) in the last window (transfers kept \
+             failing; its jobs go to other prefill workers or stay local); {now}",
+            paths.quarantines_last_window
+        ),
+    })
+}
+
 /// The last scrape of one deployment's decode workers.
 struct Memory {
     at: Instant,
@@ -181,6 +245,10 @@ pub struct Check {
     /// without prefill workers).
     pub condition: Option<Condition>,
     pub event: Option<PlannedEvent>,
+    /// The paths' health, when judged afresh (`None`: keep the old).
+    pub kv_paths: Option<KvPathsStatus>,
+    /// A `KvPathQuarantined` event, for a window with quarantines.
+    pub path_event: Option<PlannedEvent>,
     /// When to look again.
     pub next: Duration,
 }
@@ -218,6 +286,8 @@ impl Effectiveness {
             return Check {
                 condition: None,
                 event: None,
+                kv_paths: None,
+                path_event: None,
                 next: Duration::MAX,
             };
         }
@@ -228,6 +298,8 @@ impl Effectiveness {
             return Check {
                 condition: kept,
                 event: None,
+                kv_paths: None,
+                path_event: None,
                 next: self.interval - since,
             };
         }
@@ -242,6 +314,10 @@ impl Effectiveness {
                 at,
                 scrapes: scraped.scrapes.clone(),
             },
+        );
+        let paths = kv_paths(
+            previous.as_ref().map_or(&[], |b| &b.scrapes[..]),
+            &scraped.scrapes,
         );
         let verdict = match previous {
             Some(before) => verdict(&window(
@@ -280,6 +356,8 @@ impl Effectiveness {
                 now,
             )),
             event,
+            path_event: path_event(&paths),
+            kv_paths: Some(paths),
             next: self.interval,
         }
     }
@@ -305,6 +383,59 @@ mod tests {
             role: Role::Decode,
             metrics: parse(&text).expect("valid"),
         }
+    }
+
+    /// A decode worker's path series only.
+    fn with_paths(pod: &str, quarantines: u64, paths: &[(&str, u8)]) -> PodScrape {
+        let mut text = format!("xpyd_decode_path_quarantines_total {quarantines}\n");
+        for (prefill, q) in paths {
+            text += &format!("xpyd_decode_path_quarantined{{prefill=\"{prefill}\"}} {q}\n");
+        }
+        PodScrape {
+            pod: pod.to_string(),
+            role: Role::Decode,
+            metrics: parse(&text).expect("valid"),
+        }
+    }
+
+    #[test]
+    fn kv_paths_lists_quarantined_paths_and_the_windows_quarantines() {
+        let before = [
+            with_paths("d-0", 1, &[("p-0-a", 0), ("p-1-b", 0)]),
+            with_paths("d-1", 0, &[("p-0-a", 0)]),
+        ];
+        let after = [
+            with_paths("d-0", 2, &[("p-0-a", 1), ("p-1-b", 0)]),
+            with_paths("d-1", 0, &[("p-0-a", 0)]),
+        ];
+        let paths = kv_paths(&before, &after);
+        assert_eq!(paths.healthy, 2);
+        assert_eq!(
+            paths.quarantined,
+            vec![KvPath {
+                decode: "d-0".into(),
+                prefill: "p-0-a".into()
+            }]
+        );
+        assert_eq!(paths.quarantines_last_window, 1);
+        let event = path_event(&paths).expect("an event");
+        assert_eq!(event.reason, "KvPathQuarantined");
+        assert!(event.note.contains("p-0-a -> d-0"), "{}", event.note);
+        // Restored within the window: still told, as over.
+        let restored = [
+            with_paths("d-0", 2, &[("p-0-a", 0), ("p-1-b", 0)]),
+            with_paths("d-1", 0, &[("p-0-a", 0)]),
+        ];
+        let paths = kv_paths(&before, &restored);
+        assert!(paths.quarantined.is_empty());
+        assert!(
+            path_event(&paths)
+                .unwrap()
+                .note
+                .contains("none is quarantined now")
+        );
+        // A quiet window: no event.
+        assert_eq!(path_event(&kv_paths(&after, &after)), None);
     }
 
     #[test]

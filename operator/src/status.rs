@@ -285,6 +285,8 @@ pub fn decide(o: &Observed<'_>, now: &Time) -> Decision {
         router,
         // The planner's own part, written by the controller after it.
         autoscaling: old.autoscaling.clone(),
+        // The decode workers' report, read by the effectiveness check.
+        kv_paths: old.kv_paths.clone(),
     };
 
     let requeue = if status.router.acknowledged < status.frontend.ready {

@@ -66,18 +66,24 @@ fn exposition(role: &str, start: Instant) -> String {
             r = n(10.0),
         ),
         // Long prompts keep arriving, and most stay local: 2 per second go
-        // remote, 8 find no prefill worker, 1 times out.
+        // remote, 8 find no prefill worker, 1 times out. The path from
+        // prefill worker `local-prefill-0-a` is quarantined (again and
+        // again), the one from `local-prefill-1-b` healthy.
         "decode-local" => format!(
             "xpyd_decode_prefills_total{{location=\"local\"}} {l}\n\
              xpyd_decode_prefills_total{{location=\"remote\"}} {r}\n\
              xpyd_decode_prefills_total{{location=\"refused\"}} 0\n\
              xpyd_decode_remote_prefill_fallbacks_total{{reason=\"no_prefill_worker\"}} {n}\n\
              xpyd_decode_remote_prefill_fallbacks_total{{reason=\"timeout\"}} {t}\n\
-             xpyd_decode_remote_prefill_fallbacks_total{{reason=\"queue_full\"}} 0\n",
+             xpyd_decode_remote_prefill_fallbacks_total{{reason=\"queue_full\"}} 0\n\
+             xpyd_decode_path_quarantined{{prefill=\"local-prefill-0-a\"}} 1\n\
+             xpyd_decode_path_quarantined{{prefill=\"local-prefill-1-b\"}} 0\n\
+             xpyd_decode_path_quarantines_total {q}\n",
             l = n(9.0),
             r = n(2.0),
             n = n(8.0),
             t = n(1.0),
+            q = n(1.0),
         ),
         // Idle between jobs.
         _ => "xpyd_engine_running_requests 0\nxpyd_engine_waiting_requests 0\n".to_string(),
@@ -379,7 +385,7 @@ async fn a_deployment_whose_long_prompts_stay_local_shows_disaggregation_ineffec
     let port = serve_metrics("decode-local", Instant::now()).await;
     let api = apply(&client, ns, object("local", spec(&etcd.endpoint(), 1, 1))).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    point_at_stand_in(&pods, "local", "decode", port).await;
+    let decode_pod = point_at_stand_in(&pods, "local", "decode", port).await;
 
     let effective = |dd: &xpyd_operator::crd::DisaggDeployment| {
         dd.status.as_ref().and_then(|s| {
@@ -417,6 +423,38 @@ async fn a_deployment_whose_long_prompts_stay_local_shows_disaggregation_ineffec
     })
     .await
     .unwrap();
+    // The paths as the decode worker reports them, and an event saying so.
+    let dd = wait_for_dd(&api, "local", "status.kvPaths with a quarantine", |dd| {
+        dd.status
+            .as_ref()
+            .and_then(|s| s.kv_paths.as_ref())
+            .is_some_and(|p| p.quarantines_last_window > 0)
+    })
+    .await;
+    let paths = dd.status.unwrap().kv_paths.unwrap();
+    assert_eq!(paths.healthy, 1, "{paths:?}");
+    assert_eq!(
+        paths.quarantined,
+        vec![xpyd_operator::crd::KvPath {
+            decode: decode_pod.clone(),
+            prefill: "local-prefill-0-a".into()
+        }]
+    );
+    wait_until("the KvPathQuarantined event", TIMEOUT, || {
+        let events = events.clone();
+        let decode_pod = decode_pod.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            Ok::<_, kube::Error>(list.items.iter().any(|e| {
+                e.reason.as_deref() == Some("KvPathQuarantined")
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains(&format!("local-prefill-0-a -> {decode_pod}")))
+            }))
+        }
+    })
+    .await
+    .unwrap();
     // Without prefill workers there is nothing to judge: no condition.
     api.patch(
         "local",
@@ -429,7 +467,7 @@ async fn a_deployment_whose_long_prompts_stay_local_shows_disaggregation_ineffec
         &api,
         "local",
         "no DisaggregationEffective condition",
-        |dd| effective(dd).is_none(),
+        |dd| effective(dd).is_none() && dd.status.as_ref().is_some_and(|s| s.kv_paths.is_none()),
     )
     .await;
 }
