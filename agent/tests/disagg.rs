@@ -1500,9 +1500,10 @@ async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks
 /// claim, the compute, the bus and the NIXL agents around it are real.
 /// Each failed write is reported at once and its request answered by a
 /// local prefill; three in a row quarantine the path, after which long
-/// prompts are prefilled locally without a round trip. Once the path is
-/// back, the probe that ends the quarantine lands and long prompts go
-/// remote again.
+/// prompts are prefilled locally without a round trip, or, once a healthy
+/// prefill worker joins, go to it: the quarantined worker's claims are
+/// declined and it writes nothing. Once the path is back, the probe that
+/// ends the quarantine lands and the path is used again.
 #[tokio::test]
 async fn a_cut_data_path_is_quarantined_and_used_again_once_a_probe_lands() {
     let mut d = Deployment::start(
@@ -1522,13 +1523,34 @@ async fn a_cut_data_path_is_quarantined_and_used_again_once_a_probe_lands() {
     std::fs::write(&cut, "").unwrap();
     d.spawn_faulty_prefill(&format!("cut-writes-while:{}", cut.display()), &[])
         .await;
-    let quarantined = || {
+    async fn quarantined(d: &Deployment) -> Result<f64, reqwest::Error> {
         d.try_metric(
             "decode-0",
             "xpyd_decode_path_quarantined",
             "prefill=\"prefill-0-",
         )
-    };
+        .await
+    }
+    async fn failed_jobs(d: &Deployment) -> f64 {
+        d.metric("prefill-0", "xpyd_prefill_jobs_total", "result=\"failed\"")
+            .await
+    }
+    // Once quarantined, the only writes prefill-0 tries are the probes
+    // (which fail while the path is cut, every 10 s, then 20 s...).
+    async fn only_probes_tried(d: &Deployment, failed_before: f64, what: &str) {
+        wait_until(what, Duration::from_secs(10), || async {
+            let probes = d
+                .try_metric(
+                    "decode-0",
+                    "xpyd_decode_path_probes_total",
+                    "result=\"failed\"",
+                )
+                .await?;
+            Ok::<_, reqwest::Error>(failed_jobs(d).await - failed_before == probes)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", d.log_tails()));
+    }
     for i in 0..3 {
         let started = Instant::now();
         let (status, body) = d.chat(&long_prompt(&format!("Cut {i}")), FRANCE, 8).await;
@@ -1549,24 +1571,54 @@ async fn a_cut_data_path_is_quarantined_and_used_again_once_a_probe_lands() {
     wait_until(
         "the path is quarantined",
         Duration::from_secs(5),
-        || async { Ok::<_, reqwest::Error>(quarantined().await? == 1.0) },
+        || async { Ok::<_, reqwest::Error>(quarantined(&d).await? == 1.0) },
     )
     .await
     .unwrap_or_else(|e| panic!("{e}; logs:\n{}", d.log_tails()));
     // Quarantined: the next long prompt stays here, and the prefill worker
     // never sees it.
-    let jobs = || d.metric("prefill-0", "xpyd_prefill_jobs_total", "result=\"failed\"");
-    let failed_jobs = jobs().await;
+    // prefill-0 counts a failure once the decode worker has taken it.
+    wait_until(
+        "prefill-0 counts its 3 failures",
+        Duration::from_secs(5),
+        || async { Ok::<_, String>(failed_jobs(&d).await >= 3.0) },
+    )
+    .await
+    .unwrap();
+    let failed = 3.0;
     let (status, body) = d.chat(&long_prompt("Quarantined"), FRANCE, 8).await;
     assert_eq!(status, 200, "{body}");
     assert!(answer(&body).contains("Paris"), "{body}");
     assert_eq!(fallbacks(&d, "path_quarantined").await, 1.0);
-    assert_eq!(
-        jobs().await,
-        failed_jobs,
-        "no job reached the quarantined path"
-    );
+    only_probes_tried(&d, failed, "no job but probes reached the quarantined path").await;
     assert_eq!(remote_prefills(&d, "decode-0").await, 0.0);
+
+    // A healthy prefill worker joins: long prompts go to it. Those the
+    // quarantined worker takes from the queue are declined and handed back
+    // (after three declines a prompt is prefilled here); it writes nothing.
+    d.spawn("prefill", "prefill-1", &[]).await;
+    for i in 0..3 {
+        let (status, body) = d.chat(&long_prompt(&format!("Other {i}")), FRANCE, 8).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(answer(&body).contains("Paris"), "{body}");
+    }
+    let remote = remote_prefills(&d, "decode-0").await;
+    assert!(remote >= 1.0, "none went to prefill-1: {}", d.log_tails());
+    assert_eq!(
+        remote + fallbacks(&d, "path_quarantined").await,
+        4.0,
+        "each went to prefill-1 or stayed here for the quarantine: {}",
+        d.log_tails()
+    );
+    only_probes_tried(&d, failed, "the quarantined path wrote nothing but probes").await;
+    let declined = d
+        .metric(
+            "prefill-0",
+            "xpyd_prefill_jobs_total",
+            "result=\"declined\"",
+        )
+        .await;
+    eprintln!("{remote} of 3 went to prefill-1; prefill-0 had {declined} claims declined");
 
     // The path comes back: the probe at the end of the quarantine lands
     // (a probe while it was still cut would double the quarantine).
@@ -1578,11 +1630,16 @@ async fn a_cut_data_path_is_quarantined_and_used_again_once_a_probe_lands() {
     .await
     .unwrap_or_else(|e| panic!("{e}; logs:\n{}", d.log_tails()));
     wait_until("the path is healthy", Duration::from_secs(5), || async {
-        Ok::<_, reqwest::Error>(quarantined().await? == 0.0)
+        Ok::<_, reqwest::Error>(quarantined(&d).await? == 0.0)
     })
     .await
     .unwrap();
-    await_disaggregation(&d, 0.0).await;
+    assert!(
+        d.metric("prefill-0", "xpyd_prefill_jobs_total", "result=\"ok\"")
+            .await
+            >= 1.0,
+        "the probe was written by prefill-0"
+    );
     assert!(
         d.metric(
             "decode-0",
