@@ -1859,17 +1859,26 @@ async fn handoff_fault_figures() {
         "prefill SIGSTOP 10 s",
         "NATS restart",
         "etcd restart",
+        "data path cut 15 s",
     ];
     let mut rows = Vec::new();
     for (i, fault) in faults.into_iter().enumerate() {
+        let cut = fault.starts_with("data path cut");
         let mut d = Deployment::start(
             &format!("fault-bench-{i}"),
-            1,
+            usize::from(!cut),
             1,
             32,
             &["--remote-prefill-timeout-ms", "30000"],
         )
         .await;
+        // The cut is made at the write call while this file exists (see
+        // the quarantine test).
+        let cut_file = d.dir.path().join("data-path-cut");
+        if cut {
+            d.spawn_faulty_prefill(&format!("cut-writes-while:{}", cut_file.display()), &[])
+                .await;
+        }
         let args = BenchArgs::parse_from([
             "xpyd-bench",
             "--base-url",
@@ -1910,6 +1919,11 @@ async fn handoff_fault_figures() {
                 "etcd restart" => {
                     d.etcd.kill();
                     d.etcd.restart().await.unwrap();
+                }
+                "data path cut 15 s" => {
+                    std::fs::write(&cut_file, "").unwrap();
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    std::fs::remove_file(&cut_file).unwrap();
                 }
                 _ => {}
             }

@@ -121,8 +121,12 @@ pub enum PrefillMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
-    /// Claimed and not finished: computing, or writing.
+    /// Claimed and not finished: computing (or writing, from workers that
+    /// predate [`JobStatus::Writing`]).
     Working,
+    /// Computed, and its write is posted: if it does not land, the data
+    /// path is at fault, not the compute.
+    Writing,
     /// Finished lately (written, or abandoned): its notification or its
     /// [`DecodeMessage::Abandon`] is on the way.
     Finished,

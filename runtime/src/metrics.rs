@@ -88,6 +88,7 @@ pub struct WorkerMetrics {
     pub path_failures: IntCounterVec,
     pub path_quarantines: IntCounter,
     pub path_probes: IntCounterVec,
+    pub prefill_requeues: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -168,6 +169,15 @@ impl WorkerMetrics {
                     "xpyd_decode_path_quarantines_total",
                     "Times a prefill worker's path to this decode worker was quarantined \
                      (again, after a failed probe, included).",
+                ))?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            prefill_requeues: {
+                let c = IntCounter::with_opts(opts(
+                    "xpyd_decode_prefill_requeues_total",
+                    "Remote-prefill jobs a decode worker put on the queue again: unclaimed for 5 s \
+                     while the queue was empty, so lost (a NATS restart, deliveries used up).",
                 ))?;
                 registry.register(Box::new(c.clone()))?;
                 c

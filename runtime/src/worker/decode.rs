@@ -29,6 +29,12 @@
 //! the claimant's time is counted from its claim on its own clock anyway,
 //! so it does not post after our deadline unless it is stalled.
 //!
+//! A job the queue lost (a NATS restart before the server synced it, its
+//! deliveries used up) is put on it again: one unclaimed for
+//! 5 s while the queue is empty cannot be waiting behind
+//! others. The paths from each prefill worker are judged by their
+//! outcomes and quarantined when they keep failing ([`super::paths`]).
+//!
 //! Drain (after `shutdown`, which deregisters the worker first): new
 //! generate requests are turned away as unavailable (the frontend tries
 //! another worker), but the request subscription stays open, since it also
@@ -104,6 +110,14 @@ impl Default for DecodeConfig {
     }
 }
 
+/// An unclaimed job this long on an empty queue was lost (a NATS restart
+/// before the server synced it, `max_deliver` used up by declines): it is
+/// put on the queue again. A second copy is harmless: only one claimant
+/// may write.
+const REQUEUE_AFTER: Duration = Duration::from_secs(5);
+/// Most times one job is put on the queue again.
+const MAX_REQUEUES: u32 = 3;
+
 /// The longest a probe waits for its KV.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -115,9 +129,17 @@ const MAX_DECLINES: u32 = 3;
 struct Pending {
     deadline: Instant,
     enqueued: Instant,
+    /// The job as it went on the queue (`None` for a probe), and when it
+    /// last did: a job lost by the queue is put on it again.
+    job: Option<bytes::Bytes>,
+    last_enqueued: Instant,
+    requeues: u32,
     claimed_by: Option<String>,
     /// When the current claimant claimed it.
     claimed_at: Option<Instant>,
+    /// The claimant's last answer was [`JobStatus::Writing`]: its KV is
+    /// computed and on the wire.
+    claimant_writing: bool,
     /// Claims declined because the claimant's path is quarantined.
     declines: u32,
     /// For a probe: the one prefill worker whose path it probes (and who
@@ -134,8 +156,12 @@ impl Pending {
         let pending = Pending {
             deadline,
             enqueued: Instant::now(),
+            job: None,
+            last_enqueued: Instant::now(),
+            requeues: 0,
             claimed_by: None,
             claimed_at: None,
+            claimant_writing: false,
             declines: 0,
             probe_of,
             abandoned: Some(tell),
@@ -166,6 +192,8 @@ struct Inner {
     paths: Mutex<Paths>,
     /// Probes sent, for their request ids.
     probes: std::sync::atomic::AtomicU64,
+    /// Whether a look for lost jobs is under way.
+    requeueing: std::sync::atomic::AtomicBool,
 }
 
 /// A decode worker. Cheap to clone.
@@ -188,6 +216,7 @@ impl DecodeWorker {
                 config,
                 paths,
                 probes: Default::default(),
+                requeueing: Default::default(),
                 hub,
                 pending: Mutex::default(),
                 drain: watch::Sender::new(None),
@@ -290,12 +319,69 @@ impl DecodeWorker {
         for path in report {
             metrics.show_path(&path);
         }
+        if !self
+            .inner
+            .requeueing
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let worker = self.clone();
+            tokio::spawn(async move {
+                worker.requeue_lost().await;
+                worker
+                    .inner
+                    .requeueing
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
         if self.draining() {
             return;
         }
         for prefill in due {
             let worker = self.clone();
             tokio::spawn(async move { worker.probe(prefill).await });
+        }
+    }
+
+    /// Put the jobs the queue lost on it again: unclaimed for
+    /// [`REQUEUE_AFTER`] while the queue is empty (so they are not waiting
+    /// behind others), at most [`MAX_REQUEUES`] times each.
+    async fn requeue_lost(&self) {
+        let parts = &self.inner.parts;
+        let stale: Vec<(String, bytes::Bytes)> = lock(&self.inner.pending)
+            .iter()
+            .filter(|(_, p)| {
+                p.claimed_by.is_none()
+                    && p.requeues < MAX_REQUEUES
+                    && p.last_enqueued.elapsed() >= REQUEUE_AFTER
+            })
+            .filter_map(|(id, p)| Some((id.clone(), p.job.clone()?)))
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let limit = self.inner.config.queue_query_timeout;
+        let depth =
+            tokio::time::timeout(limit, parts.bus.prefill_queue_depth(&self.inner.kv_layout));
+        if !matches!(depth.await, Ok(Ok(0))) {
+            return;
+        }
+        for (id, job) in stale {
+            let put = tokio::time::timeout(
+                limit * 5,
+                parts.bus.enqueue_prefill(&self.inner.kv_layout, job),
+            )
+            .await;
+            if !matches!(put, Ok(Ok(()))) {
+                return;
+            }
+            let mut pending = lock(&self.inner.pending);
+            let Some(p) = pending.get_mut(&id) else {
+                continue;
+            };
+            p.requeues += 1;
+            p.last_enqueued = Instant::now();
+            parts.metrics.prefill_requeues.inc();
+            tracing::warn!(request_id = %id, requeues = p.requeues, "an unclaimed job was not on the queue any more: put on it again");
         }
     }
 
@@ -682,13 +768,13 @@ impl DecodeWorker {
         let job = self.remote_job(&request, &reservation, timeout);
         let notified = self.inner.hub.expect(&id);
         let (cancel_tx, cancel_rx) = oneshot::channel();
-        let (pending, abandoned_rx) = Pending::new(deadline, None);
+        let (mut pending, abandoned_rx) = Pending::new(deadline, None);
+        let payload = bytes::Bytes::from(protocol::encode(&job));
+        pending.job = Some(payload.clone());
         lock(&self.inner.pending).insert(id.clone(), pending);
         let enqueued = tokio::time::timeout(
             self.inner.config.queue_query_timeout * 5,
-            parts
-                .bus
-                .enqueue_prefill(&self.inner.kv_layout, protocol::encode(&job).into()),
+            parts.bus.enqueue_prefill(&self.inner.kv_layout, payload),
         )
         .await;
         facts.enqueued = Some(matches!(enqueued, Ok(Ok(()))));
@@ -797,17 +883,22 @@ impl DecodeWorker {
         let pending = lock(&self.inner.pending).remove(&id);
         let claimant = pending.as_ref().and_then(|p| p.claimed_by.clone());
         let claimed_at = pending.as_ref().and_then(|p| p.claimed_at);
+        let writing = pending.as_ref().is_some_and(|p| p.claimant_writing);
         // The verdict on the path: a landed KV, or a failure of the path's
-        // claimant (or of a probe that nobody took).
+        // claimant (or of a probe that nobody took). A deadline missed
+        // while computing says the prefill worker is busy, not that the
+        // path is broken; one missed with the write posted does.
         match (&outcome, claimant.as_deref().or(probe_of)) {
             (Ok(_), Some(prefill)) => {
                 let latency = claimed_at.unwrap_or(started).elapsed();
                 self.judge_path(prefill, Ok(latency));
             }
-            (
-                Err(reason @ ("prefill_failed" | "prefill_unresponsive" | "timeout")),
-                Some(prefill),
-            ) => self.judge_path(prefill, Err(reason)),
+            (Err(reason @ ("prefill_failed" | "prefill_unresponsive")), Some(prefill)) => {
+                self.judge_path(prefill, Err(reason))
+            }
+            (Err("timeout"), Some(prefill)) if writing => {
+                self.judge_path(prefill, Err("write_timeout"))
+            }
             (Err(_), Some(prefill)) if probe_of.is_some() => {
                 self.judge_path(prefill, Err("probe_failed"))
             }
@@ -951,6 +1042,11 @@ impl DecodeWorker {
                 continue;
             };
             let answer = self.job_status(&owner, id, interval).await;
+            if let Ok(Some(status)) = &answer
+                && let Some(p) = lock(&self.inner.pending).get_mut(id)
+            {
+                p.claimant_writing = *status == JobStatus::Writing;
+            }
             match watch.observe(&answer) {
                 Some(Verdict::Gone) => {
                     tracing::info!(request_id = %id, prefill = %owner, ?answer, "the claimant is gone");
@@ -1072,7 +1168,7 @@ impl ClaimantWatch {
             Ok(None) => Some(Verdict::Silent(
                 self.silent_since.get_or_insert_with(Instant::now).elapsed(),
             )),
-            Ok(Some(JobStatus::Working)) | Err(_) => None,
+            Ok(Some(JobStatus::Working | JobStatus::Writing)) | Err(_) => None,
         }
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Every remote prefill a prefill worker claimed ends in a verdict for its
 //! path: the KV landed (a success, with the time from the claim to the
-//! notification), or the job failed, went silent or ran out of time (a
-//! failure). [`PathConfig::failures_to_quarantine`] failures in a row
+//! notification), or the job failed, went silent, or missed the deadline
+//! with its write posted (a failure). A deadline missed while computing
+//! says the prefill worker is busy, not that the path is broken: no
+//! verdict. [`PathConfig::failures_to_quarantine`] failures in a row
 //! quarantine the path: the decode worker declines that worker's claims
 //! ([`xpyd_api::messages::ClaimReply::Decline`]), so its jobs go to
 //! another prefill worker or, when every path is quarantined, stay local

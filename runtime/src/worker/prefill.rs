@@ -122,6 +122,8 @@ const FINISHED_MEMORY: Duration = Duration::from_secs(120);
 #[derive(Default)]
 struct JobBook {
     working: HashMap<String, usize>,
+    /// Jobs whose write is posted.
+    writing: std::collections::HashSet<String>,
     finished: HashMap<String, Instant>,
     /// Jobs computing now, and since when at least one has been (the part
     /// of that time not yet counted in `xpyd_prefill_busy_seconds_total`).
@@ -135,6 +137,7 @@ impl JobBook {
     }
 
     fn finish(&mut self, id: &str) {
+        self.writing.remove(id);
         if let Some(n) = self.working.get_mut(id) {
             *n -= 1;
             if *n == 0 {
@@ -177,7 +180,9 @@ impl JobBook {
     }
 
     fn status(&self, id: &str) -> JobStatus {
-        if self.working.contains_key(id) {
+        if self.writing.contains(id) {
+            JobStatus::Writing
+        } else if self.working.contains_key(id) {
             JobStatus::Working
         } else if self.finished.contains_key(id) {
             JobStatus::Finished
@@ -745,6 +750,7 @@ impl PrefillWorker {
                 return JobEnd::Failed(e.to_string());
             }
         };
+        self.book().writing.insert(request.request_id.clone());
         self.inject(PrefillFault::StopAfterPost, &request.request_id);
         match handle.wait_async().await {
             Ok(report) => {
