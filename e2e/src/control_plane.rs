@@ -92,7 +92,7 @@ impl ControlPlane {
     /// Like [`start`](Self::start), ready for a [`crate::RealNode`] to join
     /// (`options.nodes` kwok nodes may run beside it). Claims the host: only
     /// one such control plane runs on a machine at a time, and a second one
-    /// waits for the first (up to two minutes) and then fails naming it.
+    /// waits for the first (up to 15 minutes) and then fails naming it.
     pub async fn start_for_real_node(options: ControlPlaneOptions) -> Result<ControlPlane> {
         // Before any Workdir: the claim cleans up after a killed run's node,
         // whose folder the Workdir sweep would otherwise delete with its

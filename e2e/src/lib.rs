@@ -25,6 +25,9 @@
 //! host-global state, so one runs per host at a time ([`host`]). Traefik
 //! runs on it as a real ingress controller on demand ([`ingress`]).
 //!
+//! [`release`] installs the whole product on a real node (images, a model
+//! mirror, `helm install` of the chart) for the tests that need it running.
+//!
 //! [`child`] starts the running test binary again as a separate process;
 //! [`pod_spec`] reads the pod spec the operator writes.
 //!
@@ -45,6 +48,7 @@ mod nats;
 mod node;
 pub mod pod_spec;
 pub mod process;
+pub mod release;
 mod tools;
 mod wait;
 mod workdir;

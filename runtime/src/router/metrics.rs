@@ -1,12 +1,17 @@
 //! The router's Prometheus metrics (`xpyd_router_*`): decisions by
-//! strategy, prefix-hit and request blocks (hit rate = hit / request), KV
-//! events ingested and lost, and each worker's load as the router sees it.
+//! strategy and how long each took, prefix-hit and request blocks (hit
+//! rate = hit / request), KV events ingested and lost, and each worker's
+//! load as the router sees it.
 //!
 //! Registered in a registry the caller owns (never the global one). Series
 //! labelled by `instance` are removed when the worker leaves, so a churning
 //! deployment does not grow the exposition forever.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::time::Duration;
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use xpyd_api::RouterStrategy;
 
@@ -25,6 +30,7 @@ pub struct RouterMetrics {
     decisions: IntCounterVec,
     /// Resolved once: the select path does no label lookups.
     decisions_by_strategy: [IntCounter; 4],
+    select_seconds: Histogram,
     prefix_hit_blocks: IntCounter,
     request_blocks: IntCounter,
     kv_events: IntCounter,
@@ -32,6 +38,12 @@ pub struct RouterMetrics {
     worker_active_blocks: IntGaugeVec,
     worker_waiting_requests: IntGaugeVec,
 }
+
+/// Buckets of `xpyd_router_select_seconds`: a decision takes microseconds
+/// (`cargo bench --bench router`), far below the request latency buckets.
+const SELECT_BUCKETS: &[f64] = &[
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2,
+];
 
 /// The per-worker series of one worker.
 #[derive(Debug, Clone)]
@@ -59,6 +71,13 @@ impl RouterMetrics {
                 by(RouterStrategy::Session),
             ],
             decisions: decisions.clone(),
+            select_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "xpyd_router_select_seconds",
+                    "Time one routing decision took (index lookup, worker scoring, load update).",
+                )
+                .buckets(SELECT_BUCKETS.to_vec()),
+            )?,
             prefix_hit_blocks: IntCounter::new(
                 "xpyd_router_prefix_hit_blocks_total",
                 "Prompt blocks the chosen worker already held, as the router's index saw it.",
@@ -91,6 +110,7 @@ impl RouterMetrics {
             )?,
         };
         registry.register(Box::new(metrics.decisions.clone()))?;
+        registry.register(Box::new(metrics.select_seconds.clone()))?;
         registry.register(Box::new(metrics.prefix_hit_blocks.clone()))?;
         registry.register(Box::new(metrics.request_blocks.clone()))?;
         registry.register(Box::new(metrics.kv_events.clone()))?;
@@ -100,7 +120,14 @@ impl RouterMetrics {
         Ok(metrics)
     }
 
-    pub(crate) fn decided(&self, strategy: RouterStrategy, request_blocks: u32, hit_blocks: u32) {
+    pub(crate) fn decided(
+        &self,
+        strategy: RouterStrategy,
+        request_blocks: u32,
+        hit_blocks: u32,
+        took: Duration,
+    ) {
+        self.select_seconds.observe(took.as_secs_f64());
         let i = match strategy {
             RouterStrategy::Kv => 0,
             RouterStrategy::RoundRobin => 1,

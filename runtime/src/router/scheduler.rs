@@ -521,6 +521,7 @@ impl Router {
     /// Pick the worker for `request` and count it in that worker's load
     /// until [`Router::finish`].
     pub fn select(&self, request: &RouteRequest<'_>) -> Result<Decision, RouterError> {
+        let started = Instant::now();
         let request_blocks = u32::try_from(request.block_hashes.len()).unwrap_or(u32::MAX);
         let index = self.read_index();
         let matches: OverlapScores = index.find_matches(request.block_hashes);
@@ -586,7 +587,7 @@ impl Router {
             state.release(previous);
         }
         if let Some(m) = &self.metrics {
-            m.decided(strategy, request_blocks, overlap);
+            m.decided(strategy, request_blocks, overlap, started.elapsed());
         }
         Ok(Decision {
             instance_id,
@@ -1106,6 +1107,7 @@ mod tests {
         };
         for line in [
             "xpyd_router_decisions_total{strategy=\"kv\"} 1",
+            "xpyd_router_select_seconds_count 1",
             "xpyd_router_prefix_hit_blocks_total 2",
             "xpyd_router_request_blocks_total 4",
             "xpyd_router_kv_events_total 2",

@@ -1,0 +1,586 @@
+//! The SLO planner on real pods: the operator, installed by the chart on a
+//! real node, autoscales a `DisaggDeployment` whose workers run the
+//! SIMULATED engine (`engine.device: sim`, docs/sim.md: real tokenizer,
+//! block pool, prefill queue and NIXL handoff; a timing model instead of
+//! the forward pass), so a CPU-only node runs several workers.
+//!
+//! Under a load step of long prompts (all prefilled remotely) the operator
+//! scrapes the pods, scales prefill up, and the new pods really start and
+//! serve. When the load drops to a trickle it scales them back in once the
+//! (short) stabilization window has passed, and no request of the trickle
+//! fails while pods go: the ones removed hold no claimed work (their
+//! deletion cost), and what they hold they drain. `status.autoscaling`
+//! shows the reason each time. Every answer here is labelled simulated.
+//!
+//! An ignored test replays a bursty trace against a fixed 1P1D, a fixed
+//! deployment at the planner's peak and the planner, for the figures in
+//! docs/benchmarks.md.
+//!
+//! Needs root and `scripts/setup` (part `node`); waits for the host's
+//! real-node lock. The real CPU engine's path through the same planner is
+//! tested on kwok pods with metrics from a stand-in
+//! (`operator/tests/autoscaling.rs`) and the pods' metrics in the journey.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use kube::api::Api;
+use serde_json::{Value, json};
+use xpyd_e2e::release::{HF_FILE, HF_REPO, RELEASE_NS, Release, STEP};
+
+/// Held by each test of this binary while it runs: both use the real node
+/// (and the namespace), which one process cannot run twice at once.
+static NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const NS: &str = "planner";
+const DD: &str = "sim-planned";
+const SERVED: &str = "smollm2";
+/// Prefill workers the planner may run.
+const MAX_PREFILL: i64 = 3;
+/// Concurrent clients of the load step.
+const STEP_CLIENTS: usize = 6;
+/// The trickle after it: one request, then this pause.
+const TRICKLE_PAUSE: Duration = Duration::from_secs(2);
+
+/// The DisaggDeployment `name`: simulated workers (the default profile,
+/// the CPU engine's measured timings), prompts over 64 tokens prefilled
+/// remotely, `num_prefill` prefill workers to start with, and
+/// `autoscaling` (a YAML flow mapping) when given. Small CPU requests: the
+/// node has 2 CPUs.
+fn manifest(image: &str, name: &str, num_prefill: i64, autoscaling: Option<&str>) -> String {
+    let resources = "{requests: {cpu: 10m, memory: 64Mi}, limits: {memory: 1Gi}}";
+    let autoscaling = autoscaling
+        .map(|a| format!("  autoscaling: {a}\n"))
+        .unwrap_or_default();
+    format!(
+        r#"apiVersion: xpyd.dev/v1alpha1
+kind: DisaggDeployment
+metadata: {{name: {name}}}
+spec:
+  model:
+    name: SmolLM2-135M-Instruct
+    source: hf://{HF_REPO}/{HF_FILE}
+    servedModelName: {SERVED}
+  image: {{name: {image}, pullPolicy: IfNotPresent}}
+  numPrefill: {num_prefill}
+  numDecode: 1
+{autoscaling}  prefill: {{resources: {resources}}}
+  decode: {{resources: {resources}}}
+  frontend: {{resources: {resources}}}
+  engine: {{device: sim, maxModelLen: 2048, maxBatchTokens: 512}}
+  router: {{strategy: kv, maxLocalPrefillLength: 64}}
+  etcd: {{endpoints: ["http://xpyd-etcd.{RELEASE_NS}:2379"]}}
+  nats: {{url: "nats://xpyd-nats.{RELEASE_NS}:4222"}}
+"#
+    )
+}
+
+/// The planner of the load-step test: every 5 s, a 15 s scale-down window,
+/// prefill 1..=3. The capacity says one prefill worker carries 100 prompt
+/// tokens/s, so a handful of concurrent long prompts needs more than one,
+/// and a trickle needs one. Decode is sized generously (one is enough) and
+/// the latency targets are loose: the test is about the planner's loop on
+/// real pods, not the sim's latencies.
+fn planner_spec(ttft_ms: u32, itl_ms: u32) -> String {
+    format!(
+        "{{enabled: true, ttftP90Ms: {ttft_ms}, itlP90Ms: {itl_ms}, \
+         prefill: {{min: 1, max: {MAX_PREFILL}}}, decode: {{min: 1, max: 2}}, \
+         scaleDownStabilizationSeconds: 15, moveThreshold: false, intervalSeconds: 5, \
+         capacity: {{prefillTokensPerSecond: 100, decodeTokensPerSecond: 100000}}}}"
+    )
+}
+
+/// One chat whose prompt (about 150 tokens, distinct per `tag`) is over
+/// the threshold; the answer must say it is simulated.
+async fn long_chat(http: &reqwest::Client, base: &str, tag: &str) -> Result<(), String> {
+    let system = format!("{tag}. {}", "Answer briefly and kindly. ".repeat(30));
+    let resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({
+            "model": SERVED,
+            "max_tokens": 8,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
+        }))
+        .send()
+        .await
+        .map_err(|e| format!("{tag}: request failed: {e}"))?;
+    let status = resp.status();
+    let simulated = resp.headers().get("x-xpyd-simulated").cloned();
+    let body: Value = resp.json().await.map_err(|e| format!("{tag}: body: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{tag}: HTTP {status}: {body}"));
+    }
+    if simulated.as_ref().and_then(|v| v.to_str().ok()) != Some("true") {
+        return Err(format!("{tag}: answer not labelled simulated: {body}"));
+    }
+    Ok(())
+}
+
+/// Clients sending [`long_chat`]s until `stop`, each pausing `pause`
+/// between requests; returns how many answered and the failures.
+fn load(
+    http: &reqwest::Client,
+    base: &str,
+    clients: usize,
+    pause: Duration,
+    label: &'static str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
+    let (http, base) = (http.clone(), base.to_string());
+    tokio::spawn(async move {
+        let results = futures::future::join_all((0..clients).map(|c| {
+            let (http, base, stop) = (http.clone(), base.clone(), stop.clone());
+            async move {
+                let (mut ok, mut failed, mut n) = (0u32, Vec::new(), 0u32);
+                while !stop.load(Ordering::Relaxed) {
+                    match long_chat(&http, &base, &format!("{label} {c}-{n}")).await {
+                        Ok(()) => ok += 1,
+                        Err(e) => failed.push(e),
+                    }
+                    n += 1;
+                    tokio::time::sleep(pause).await;
+                }
+                (ok, failed)
+            }
+        }))
+        .await;
+        results
+            .into_iter()
+            .fold((0, Vec::new()), |(ok, mut failed), (o, f)| {
+                failed.extend(f);
+                (ok + o, failed)
+            })
+    })
+}
+
+/// `status.autoscaling` and the counts in the spec.
+#[derive(Debug, Clone)]
+struct Seen {
+    num_prefill: i64,
+    prefill_ready: i64,
+    reason: String,
+    message: String,
+}
+
+async fn seen(c: &Release, name: &str) -> Result<Seen, String> {
+    let dd = c.dd_json(NS, name).await.map_err(|e| e.to_string())?;
+    let a = &dd["status"]["autoscaling"];
+    Ok(Seen {
+        num_prefill: dd["spec"]["numPrefill"].as_i64().unwrap_or(0),
+        prefill_ready: dd["status"]["prefill"]["ready"].as_i64().unwrap_or(0),
+        reason: a["reason"].as_str().unwrap_or_default().to_string(),
+        message: a["message"].as_str().unwrap_or_default().to_string(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_planner_scales_simulated_pods_up_under_load_and_back_without_failing_requests() {
+    let _node = NODE.lock().await;
+    let t0 = Instant::now();
+    let c = Release::install("planner").await;
+    c.kubectl(&["create", "namespace", NS]);
+    c.kubectl_stdin(
+        &["apply", "-n", NS, "-f", "-"],
+        &manifest(
+            &c.images.agent.reference(),
+            DD,
+            1,
+            Some(&planner_spec(60_000, 10_000)),
+        ),
+    );
+    c.wait_dd_ready(NS, DD, 1, 1).await;
+    let fe: Service = Api::namespaced(c.client.clone(), NS)
+        .get(&format!("{DD}-frontend"))
+        .await
+        .unwrap();
+    let base = format!("http://{}:8000", fe.spec.unwrap().cluster_ip.unwrap());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    // A new Service is routed by kube-proxy within seconds.
+    c.wait(
+        &[NS],
+        "the frontend's Service to answer",
+        Duration::from_secs(30),
+        || {
+            let (http, base) = (http.clone(), base.clone());
+            async move { long_chat(&http, &base, "first").await.map(|()| true) }
+        },
+    )
+    .await;
+    eprintln!(
+        "planner: installed and serving (SIMULATED engines) after {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // The load step: the planner scales prefill up, and the new pods run.
+    let t_step = Instant::now();
+    let stop_step = Arc::new(AtomicBool::new(false));
+    let step = load(
+        &http,
+        &base,
+        STEP_CLIENTS,
+        Duration::ZERO,
+        "step",
+        stop_step.clone(),
+    );
+    // The decision that scaled up, as status showed it (by the time the
+    // new pods are Ready a later interval may say Steady).
+    let up = std::sync::Mutex::new(None);
+    c.wait(
+        &[NS],
+        "the planner to scale prefill up, its pods Ready",
+        STEP,
+        || async {
+            let s = seen(&c, DD).await?;
+            if ["ScaleUp", "AtMax"].contains(&s.reason.as_str()) {
+                *up.lock().unwrap() = Some(s.clone());
+            }
+            let scaled = up.lock().unwrap().is_some();
+            if scaled && s.num_prefill >= 2 && s.prefill_ready == s.num_prefill {
+                Ok(true)
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
+    let up = up
+        .into_inner()
+        .unwrap()
+        .expect("a ScaleUp or AtMax decision");
+    let now = seen(&c, DD).await.unwrap();
+    eprintln!(
+        "planner: load step ({STEP_CLIENTS} clients): numPrefill 1 -> {} with its pods Ready after {:.1}s ({}: {})",
+        now.num_prefill,
+        t_step.elapsed().as_secs_f64(),
+        up.reason,
+        up.message
+    );
+    assert!(
+        up.message.contains("prefill: need"),
+        "status says why it scaled: {up:?}"
+    );
+    assert!(now.num_prefill <= MAX_PREFILL, "bounded: {now:?}");
+    let prefill_pods = c.role_pods(NS, DD, "prefill").await;
+    assert_eq!(
+        prefill_pods.len() as i64,
+        now.num_prefill,
+        "the new pods really run"
+    );
+
+    // The load drops to a trickle: after the window, back to one prefill
+    // worker, and no request of the trickle fails while pods go.
+    let stop_trickle = Arc::new(AtomicBool::new(false));
+    let trickle = load(
+        &http,
+        &base,
+        1,
+        TRICKLE_PAUSE,
+        "trickle",
+        stop_trickle.clone(),
+    );
+    stop_step.store(true, Ordering::Relaxed);
+    let (step_ok, step_failed) = step.await.unwrap();
+    assert!(
+        step_failed.is_empty(),
+        "requests failed during the load step: {step_failed:?}"
+    );
+    let t_down = Instant::now();
+    let down = std::sync::Mutex::new(None);
+    c.wait(
+        &[NS],
+        "the planner to scale prefill back to 1, its pods gone",
+        STEP,
+        || async {
+            let s = seen(&c, DD).await?;
+            if s.reason == "ScaleDown" {
+                *down.lock().unwrap() = Some(s.clone());
+            }
+            let pods = c.role_pods(NS, DD, "prefill").await.len();
+            if s.num_prefill == 1 && s.prefill_ready == 1 && pods == 1 {
+                Ok(true)
+            } else {
+                Err(format!("{s:?}, {pods} prefill pods"))
+            }
+        },
+    )
+    .await;
+    // A few more trickle requests on the one worker left.
+    tokio::time::sleep(TRICKLE_PAUSE * 2).await;
+    stop_trickle.store(true, Ordering::Relaxed);
+    let (trickle_ok, trickle_failed) = trickle.await.unwrap();
+    let down = down
+        .into_inner()
+        .unwrap()
+        .expect("status.autoscaling.reason ScaleDown was seen");
+    eprintln!(
+        "planner: {step_ok} answered in the load step; after it, back to 1 prefill worker in {:.1}s \
+         ({}: {}); trickle: {trickle_ok} answered, {} failed; {:.1}s in all",
+        t_down.elapsed().as_secs_f64(),
+        down.reason,
+        down.message,
+        trickle_failed.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        trickle_failed.is_empty(),
+        "requests failed during scale-in: {trickle_failed:?}"
+    );
+    assert!(trickle_ok > 0, "the trickle sent nothing");
+    assert!(down.message.contains("prefill: need"), "{down:?}");
+}
+
+/// One phase of the bursty trace: how long, requests per second, and the
+/// prompts' mean length and spread (tokens).
+struct Phase {
+    secs: f64,
+    rate: f64,
+    input_len: usize,
+    input_stddev: f64,
+}
+
+/// Quiet, a burst of longer prompts, quiet again; gamma arrivals of shape
+/// [`BURSTINESS`] (burstier than Poisson).
+const TRACE: [Phase; 3] = [
+    Phase {
+        secs: 30.0,
+        rate: 0.3,
+        input_len: 150,
+        input_stddev: 40.0,
+    },
+    Phase {
+        secs: 40.0,
+        rate: 1.2,
+        input_len: 300,
+        input_stddev: 120.0,
+    },
+    Phase {
+        secs: 30.0,
+        rate: 0.3,
+        input_len: 150,
+        input_stddev: 40.0,
+    },
+];
+const BURSTINESS: f64 = 0.5;
+const OUTPUT_LEN: usize = 16;
+/// The SLO of the bursty-trace figures.
+const TTFT_TARGET_MS: u32 = 4000;
+const ITL_TARGET_MS: u32 = 200;
+
+/// What one configuration did over the trace.
+struct TraceOutcome {
+    requests: usize,
+    within_slo: usize,
+    failed: usize,
+    worker_seconds: f64,
+    peak_prefill: i64,
+}
+
+/// Applies `manifest`, replays [`TRACE`] against it while counting its
+/// worker pods each second, then deletes it.
+async fn replay(c: &Release, name: &str, manifest: &str) -> TraceOutcome {
+    use xpyd_e2e::bench::client::Endpoint;
+    use xpyd_e2e::bench::load::{self, LoadShape, Target};
+    use xpyd_e2e::bench::workload::Workload;
+    use xpyd_runtime::engine::gguf::GgufFile;
+    use xpyd_runtime::engine::tokenizer::Tokenizer;
+
+    c.kubectl_stdin(&["apply", "-n", NS, "-f", "-"], manifest);
+    let start_prefill = num_prefill_of(manifest);
+    c.wait_dd_ready(NS, name, start_prefill, 1).await;
+    let fe: Service = Api::namespaced(c.client.clone(), NS)
+        .get(&format!("{name}-frontend"))
+        .await
+        .unwrap();
+    let base = format!("http://{}:8000", fe.spec.unwrap().cluster_ip.unwrap());
+    let http = reqwest::Client::new();
+    c.wait(
+        &[NS],
+        &format!("{name}'s Service to answer"),
+        Duration::from_secs(30),
+        || {
+            let (http, base) = (http.clone(), base.clone());
+            async move { long_chat(&http, &base, "first").await.map(|()| true) }
+        },
+    )
+    .await;
+
+    // Worker pods (prefill and decode, Ready or not) each second.
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = {
+        let (client, name, stop) = (c.client.clone(), name.to_string(), stop.clone());
+        tokio::spawn(async move {
+            let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), NS);
+            let (mut worker_seconds, mut peak_prefill) = (0.0, 0);
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                // (all pods, and those not being deleted)
+                let count = |role: &str| {
+                    let lp = kube::api::ListParams::default()
+                        .labels(&format!("xpyd.dev/deployment={name},xpyd.dev/role={role}"));
+                    let pods = pods.clone();
+                    async move {
+                        let items = pods.list(&lp).await.map(|l| l.items).unwrap_or_default();
+                        let staying = items
+                            .iter()
+                            .filter(|p| p.metadata.deletion_timestamp.is_none())
+                            .count();
+                        (items.len(), staying)
+                    }
+                };
+                let (prefill, prefill_staying) = count("prefill").await;
+                let (decode, _) = count("decode").await;
+                // A terminating pod still holds its share of the node.
+                worker_seconds += (prefill + decode) as f64 * last.elapsed().as_secs_f64();
+                last = Instant::now();
+                peak_prefill = peak_prefill.max(prefill_staying as i64);
+            }
+            (worker_seconds, peak_prefill)
+        })
+    };
+
+    let tokenizer = {
+        let gguf = GgufFile::open(&c.model).expect("the model's GGUF");
+        Arc::new(Tokenizer::from_gguf(&gguf).expect("its tokenizer"))
+    };
+    let target = Target {
+        base_url: base.clone(),
+        endpoint: Endpoint::Chat,
+        model: SERVED.to_string(),
+        request_timeout: Duration::from_secs(120),
+        exact_output: true,
+    };
+    let mut records = Vec::new();
+    for (i, phase) in TRACE.iter().enumerate() {
+        let workload = Workload::Random {
+            input_len: phase.input_len,
+            input_stddev: phase.input_stddev,
+            output_len: OUTPUT_LEN,
+        };
+        let shape = LoadShape {
+            request_rate: phase.rate,
+            burstiness: BURSTINESS,
+            max_concurrency: None,
+            num_requests: None,
+            duration: Some(Duration::from_secs_f64(phase.secs)),
+            warmup: 0,
+            seed: i as u64,
+        };
+        let run = load::run(&workload, &shape, &target, tokenizer.clone(), false)
+            .await
+            .expect("the trace's phase runs");
+        records.extend(run.records);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (worker_seconds, peak_prefill) = counter.await.unwrap();
+    c.kubectl(&[
+        "delete",
+        "dd",
+        name,
+        "-n",
+        NS,
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    c.wait(&[NS], &format!("{name}'s pods to go"), STEP, || async {
+        let n = c.role_pods(NS, name, "prefill").await.len()
+            + c.role_pods(NS, name, "decode").await.len()
+            + c.role_pods(NS, name, "frontend").await.len();
+        Ok::<_, String>(n == 0)
+    })
+    .await;
+
+    // Within the SLO: answered, its TTFT and its own ITL p90 within the
+    // targets (the planner's targets are p90s).
+    let within = |r: &xpyd_e2e::bench::stats::RequestRecord| {
+        let mut gaps = r.itl_s.clone();
+        gaps.sort_by(f64::total_cmp);
+        let p90 = gaps
+            .get((gaps.len() * 9).div_ceil(10).saturating_sub(1))
+            .copied()
+            .unwrap_or(0.0);
+        r.success
+            && r.ttft_s * 1000.0 <= f64::from(TTFT_TARGET_MS)
+            && p90 * 1000.0 <= f64::from(ITL_TARGET_MS)
+    };
+    TraceOutcome {
+        requests: records.len(),
+        within_slo: records.iter().filter(|r| within(r)).count(),
+        failed: records.iter().filter(|r| !r.success).count(),
+        worker_seconds,
+        peak_prefill,
+    }
+}
+
+/// `numPrefill` as a manifest of [`manifest`] writes it.
+fn num_prefill_of(manifest: &str) -> i64 {
+    manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("numPrefill: "))
+        .and_then(|n| n.parse().ok())
+        .expect("numPrefill in the manifest")
+}
+
+/// Figures for docs/benchmarks.md, not a test: the bursty trace ([`TRACE`])
+/// replayed, with SIMULATED engines, against (c) the planner, (a) a fixed
+/// 1P1D and (b) a fixed deployment at the planner's peak prefill count;
+/// SLO attainment (TTFT and the request's ITL p90 within the targets) and the worker
+/// pods' seconds. About 8 minutes:
+/// `cargo test -p xpyd-e2e --test planner -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark (docs/benchmarks.md), about 8 minutes"]
+async fn bursty_trace_against_fixed_and_planned_simulated_deployments() {
+    let _node = NODE.lock().await;
+    let c = Release::install("planner-trace").await;
+    c.kubectl(&["create", "namespace", NS]);
+    let image = c.images.agent.reference();
+    let planner = planner_spec(TTFT_TARGET_MS, ITL_TARGET_MS);
+    let planned = replay(
+        &c,
+        "trace-planner",
+        &manifest(&image, "trace-planner", 1, Some(&planner)),
+    )
+    .await;
+    let fixed = replay(&c, "trace-1p1d", &manifest(&image, "trace-1p1d", 1, None)).await;
+    let peak = planned.peak_prefill.max(1);
+    let at_peak = replay(
+        &c,
+        "trace-peak",
+        &manifest(&image, "trace-peak", peak, None),
+    )
+    .await;
+    eprintln!(
+        "bursty trace (SIMULATED engines; gamma arrivals, shape {BURSTINESS}; phases {}; \
+         output {OUTPUT_LEN}; SLO TTFT <= {TTFT_TARGET_MS} ms and the request's ITL p90 <= {ITL_TARGET_MS} ms)",
+        TRACE
+            .iter()
+            .map(|p| format!(
+                "{}s at {}/s of {}±{} tokens",
+                p.secs, p.rate, p.input_len, p.input_stddev
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    eprintln!(
+        "| deployment (SIMULATED) | requests | within SLO | failed | worker-seconds | peak prefill |"
+    );
+    for (label, o) in [
+        ("(a) fixed 1P1D", &fixed),
+        ("(b) fixed at the planner's peak", &at_peak),
+        ("(c) the planner", &planned),
+    ] {
+        eprintln!(
+            "| {label} | {} | {:.1} % | {} | {:.0} | {} |",
+            o.requests,
+            100.0 * o.within_slo as f64 / o.requests.max(1) as f64,
+            o.failed,
+            o.worker_seconds,
+            o.peak_prefill
+        );
+    }
+}
