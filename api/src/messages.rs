@@ -31,6 +31,10 @@ pub struct WireSamplingParams {
     /// Absent (not null) when not asked, so older readers see no change.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,
+    /// The output must be JSON matching this JSON schema (its text): the
+    /// prefill worker's first token obeys it too. Absent when not asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<String>,
 }
 
 impl Default for WireSamplingParams {
@@ -47,6 +51,7 @@ impl Default for WireSamplingParams {
             ignore_eos: false,
             stop: Vec::new(),
             logprobs: None,
+            json_schema: None,
         }
     }
 }

@@ -145,6 +145,8 @@ impl CommonParams {
             stop: stop.unwrap_or_default(),
             // Each endpoint spells it its own way (see theirs).
             logprobs: None,
+            // Chat's `response_format` (see there).
+            json_schema: None,
         })
     }
 
@@ -245,6 +247,9 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<serde_json::Value>,
     /// Alternatives per token, 0 to [`MAX_TOP_LOGPROBS`]; needs `logprobs`.
     pub top_logprobs: Option<serde_json::Value>,
+    /// `text`, `json_object` or `json_schema`; kept as written so that a
+    /// malformed one gets a 400 naming it.
+    pub response_format: Option<serde_json::Value>,
     /// Parsed separately (see `extract`), so that its errors name the field.
     #[serde(skip)]
     pub common: CommonParams,
@@ -258,7 +263,6 @@ pub struct ChatCompletionRequest {
 /// them (a client asking for JSON must not get prose under HTTP 200).
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 pub struct UnservedChatFields {
-    pub response_format: Option<serde_json::Value>,
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
     pub functions: Option<serde_json::Value>,
@@ -290,12 +294,6 @@ impl UnservedChatFields {
             ))
         };
         let u = self;
-        if !is_null_or(&u.response_format, &|v| v["type"] == "text") {
-            return not_yet(
-                "response_format",
-                "structured output: json_object and json_schema are not served",
-            );
-        }
         if !is_null_or(&u.tools, &empty) {
             return not_yet("tools", "tool calling is not served");
         }
@@ -344,8 +342,10 @@ impl ChatCompletionRequest {
             return Err(fault);
         }
         let logprobs = self.logprobs()?;
+        let json_schema = response_format_schema(self.response_format.as_ref())?;
         Ok(SamplingParams {
             logprobs,
+            json_schema,
             ..self
                 .common
                 .sampling(self.max_completion_tokens.or(self.common.max_tokens))?
@@ -393,6 +393,44 @@ impl ChatCompletionRequest {
     /// a value that asks for it.
     pub fn refused_field(&self) -> Option<RequestFault> {
         self.unserved.refused()
+    }
+}
+
+/// The JSON schema `response_format` asks the output to match, as text:
+/// none for `text`, any JSON object for `json_object`, the given schema for
+/// `json_schema` (enforced whether `strict` is set or not).
+fn response_format_schema(
+    format: Option<&serde_json::Value>,
+) -> Result<Option<String>, RequestFault> {
+    let fault =
+        |why: String| RequestFault::new(format!("response_format {why}"), "response_format");
+    let Some(format) = format.filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    let any_object = || Some(r#"{"type":"object"}"#.to_string());
+    match format.get("type").and_then(serde_json::Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(any_object()),
+        Some("json_schema") => {
+            let Some(spec) = format.get("json_schema").filter(|s| s.is_object()) else {
+                return Err(fault(
+                    "of type json_schema needs a json_schema object ({\"name\": ..., \"schema\": {...}})".into(),
+                ));
+            };
+            match spec.get("schema") {
+                None | Some(serde_json::Value::Null) => Ok(any_object()),
+                Some(schema) if schema.is_object() => Ok(Some(schema.to_string())),
+                Some(other) => Err(fault(format!(
+                    "json_schema.schema must be a JSON object, got {other}"
+                ))),
+            }
+        }
+        Some(other) => Err(fault(format!(
+            "type must be text, json_object or json_schema, got {other:?}"
+        ))),
+        None => Err(fault(format!(
+            "must be an object with a type, got {format}"
+        ))),
     }
 }
 
@@ -682,12 +720,13 @@ mod tests {
     fn unserved_fields_are_refused_by_name_and_harmless_values_pass() {
         let base = r#""model":"m","messages":[{"role":"user","content":"hi"}]"#;
         let refused = [
+            (r#""response_format":{"type":"xml"}"#, "response_format"),
             (
-                r#""response_format":{"type":"json_object"}"#,
+                r#""response_format":{"type":"json_schema"}"#,
                 "response_format",
             ),
             (
-                r#""response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{}}}"#,
+                r#""response_format":{"type":"json_schema","json_schema":{"schema":[1]}}"#,
                 "response_format",
             ),
             (
@@ -733,6 +772,32 @@ mod tests {
                 serde_json::from_str(&format!("{{{base},{field}}}")).unwrap();
             assert!(r.sampling().is_ok(), "{field}");
         }
+    }
+
+    #[test]
+    fn response_format_becomes_the_schema_to_enforce() {
+        let schema = |format: &str| {
+            let r: ChatCompletionRequest = serde_json::from_str(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"response_format":{format}}}"#
+            ))
+            .unwrap();
+            r.sampling().map(|s| s.json_schema).map_err(|f| f.param)
+        };
+        assert_eq!(schema(r#"{"type":"text"}"#), Ok(None));
+        assert_eq!(
+            schema(r#"{"type":"json_object"}"#),
+            Ok(Some(r#"{"type":"object"}"#.into()))
+        );
+        // Property order is the user's: it decides the order of the keys.
+        assert_eq!(
+            schema(
+                r#"{"type":"json_schema","json_schema":{"name":"p","strict":true,"schema":{"type":"object","properties":{"z":{"type":"string"},"a":{"type":"integer"}}}}}"#
+            ),
+            Ok(Some(
+                r#"{"type":"object","properties":{"z":{"type":"string"},"a":{"type":"integer"}}}"#
+                    .into()
+            ))
+        );
     }
 
     #[test]
