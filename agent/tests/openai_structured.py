@@ -1,4 +1,4 @@
-"""Structured output through the official OpenAI Python client.
+"""Structured output and tool calls through the official OpenAI Python client.
 
 Run by agent/tests/openai_client.rs as
     <venv python> openai_structured.py <base URL> <model>
@@ -6,8 +6,10 @@ against `xpyd-agent up` with a prefill worker. Exits non-zero (with the
 failed check's message) unless `chat.completions.parse` with a pydantic
 model returns a parsed object on the local path and with a remote prefill,
 twenty sampled answers to a nested schema (objects, enums, arrays) all
-validate, json_object streams JSON, and a schema that cannot be compiled
-gets a 400 naming response_format.
+validate, json_object streams JSON, a schema that cannot be compiled
+gets a 400 naming response_format; and a tool-call round trip (call, tool
+result, final answer) works whole and streamed, with `required` and named
+`tool_choice`, while `auto` gives text when the model does not call.
 """
 
 import concurrent.futures
@@ -151,5 +153,82 @@ try:
 except openai.BadRequestError as e:
     check(e.status_code == 400 and e.body.get("param") == "response_format" and "schema" in str(e),
           f"an uncompilable schema is a 400 naming response_format: {e}")
+
+# Tools.
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time now"}}]
+WEATHER = [{"role": "user", "content": "What is the weather like in Paris?"}]
+
+call = client.chat.completions.create(
+    model=model, messages=WEATHER, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=100,
+)
+c = call.choices[0]
+check(c.finish_reason == "tool_calls" and c.message.content is None and len(c.message.tool_calls or []) == 1,
+      f"tool_choice=required gives one tool call: {c}")
+tc = c.message.tool_calls[0]
+args = json.loads(tc.function.arguments)
+check(tc.id.startswith("call_") and tc.type == "function" and tc.function.name in ("get_weather", "get_time"),
+      f"the call names a tool: {tc}")
+if tc.function.name == "get_weather":
+    check(isinstance(args.get("city"), str), f"its arguments match the tool's schema: {args}")
+print("   ", tc.function.name, tc.function.arguments, flush=True)
+
+# The round trip: the call and the tool's answer go back in the next turn.
+turn = WEATHER + [c.message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": tc.id, "content": "18 degrees and sunny"}]
+final = client.chat.completions.create(
+    model=model, messages=turn, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=60,
+)
+f = final.choices[0]
+check(f.message.tool_calls is None and isinstance(f.message.content, str) and f.message.content.strip(),
+      f"the answer after the tool result is text: {f.message.content!r}")
+bare = client.chat.completions.create(
+    model=model, messages=WEATHER, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=1,
+)
+check(final.usage.prompt_tokens > bare.usage.prompt_tokens + 10,
+      f"the call and the tool result are in the prompt: {final.usage.prompt_tokens} vs {bare.usage.prompt_tokens}")
+print("   ", f.message.content, flush=True)
+
+# Streamed, with a named function, assembled by the client's own helper.
+with client.chat.completions.stream(
+    model=model, messages=WEATHER, tools=TOOLS, temperature=0, max_tokens=100,
+    tool_choice={"type": "function", "function": {"name": "get_weather"}},
+) as stream:
+    streamed = stream.get_final_completion()
+s0 = streamed.choices[0]
+check(s0.finish_reason == "tool_calls" and s0.message.tool_calls[0].function.name == "get_weather"
+      and isinstance(json.loads(s0.message.tool_calls[0].function.arguments).get("city"), str),
+      f"a streamed named call assembles: {s0.message}")
+turn = WEATHER + [s0.message.model_dump(exclude_none=True, exclude={"parsed", "refusal"}),
+                  {"role": "tool", "tool_call_id": s0.message.tool_calls[0].id, "content": "18 degrees and sunny"}]
+pieces = []
+for chunk in client.chat.completions.create(
+    model=model, messages=turn, tools=TOOLS, temperature=0, max_tokens=60, stream=True,
+    tool_choice="none",
+):
+    if chunk.choices:
+        pieces.append(chunk.choices[0].delta.content or "")
+check("".join(pieces).strip(), f"the streamed answer after the tool result is text: {''.join(pieces)!r}")
+
+# auto: a plain answer stays text.
+FRANCE = [{"role": "user", "content": "Name the capital of France."}]
+auto = client.chat.completions.create(
+    model=model, messages=FRANCE, tools=TOOLS, tool_choice="auto", temperature=0, max_tokens=40,
+)
+a = auto.choices[0]
+check(a.message.tool_calls is None and a.finish_reason in ("stop", "length") and a.message.content,
+      f"tool_choice=auto with a plain answer gives text: {a.message.content!r}")
+
+try:
+    client.chat.completions.create(
+        model=model, messages=WEATHER, tools=TOOLS, max_tokens=5,
+        tool_choice={"type": "function", "function": {"name": "no_such_tool"}},
+    )
+    check(False, "a named tool that is not among the tools is refused")
+except openai.BadRequestError as e:
+    check(e.body.get("param") == "tool_choice", f"an unknown named tool is a 400 naming tool_choice: {e}")
 
 print("all structured output checks passed", flush=True)

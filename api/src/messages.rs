@@ -64,6 +64,11 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` (or the context window) was reached.
     Length,
+    /// The answer is a tool call. Only the frontend reports this, when it
+    /// reads a call out of an answer that ended with `Stop`; workers never
+    /// send it.
+    #[serde(rename = "tool_calls")]
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -71,6 +76,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
