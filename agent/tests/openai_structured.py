@@ -231,4 +231,14 @@ try:
 except openai.BadRequestError as e:
     check(e.body.get("param") == "tool_choice", f"an unknown named tool is a 400 naming tool_choice: {e}")
 
+try:
+    client.chat.completions.create(
+        model=model, messages=WEATHER, max_tokens=5, tool_choice="required",
+        tools=[{"type": "function", "function": {"name": "broken", "parameters": {
+            "type": "object", "properties": {"a": {"$ref": "#/$defs/nowhere"}}}}}],
+    )
+    check(False, "a tool whose parameters cannot be compiled is refused")
+except openai.BadRequestError as e:
+    check(e.body.get("param") == "tools", f"uncompilable tool parameters are a 400 naming tools: {e}")
+
 print("all structured output checks passed", flush=True)

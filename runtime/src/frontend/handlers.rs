@@ -273,6 +273,16 @@ async fn respond(
             if e.param.as_deref() == Some("prompt") {
                 e.param = Some(endpoint.prompt_param().to_string());
             }
+            // The engine knows a schema, not where it came from: a forced
+            // tool call's schema is made of the tools' parameters.
+            if e.param.as_deref() == Some("response_format")
+                && prepared
+                    .tools
+                    .as_ref()
+                    .is_some_and(|t| t.forced_schema().is_some())
+            {
+                e.param = Some("tools".to_string());
+            }
             timer.finish(e.status.as_u16(), 0, 0);
             return e.into_response();
         }
