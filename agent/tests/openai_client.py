@@ -83,6 +83,14 @@ short = client.completions.create(model=model, prompt=FRANCE_TEXT, temperature=0
 check(short.choices[0].finish_reason == "length", f"max_tokens cut gives length: {short.choices[0].finish_reason}")
 check(short.usage.completion_tokens == 5, f"max_tokens=5 gives 5 tokens: {short.usage}")
 check(text.startswith(short.choices[0].text), f"the cut text is a prefix: {short.choices[0].text!r}")
+echoed = client.completions.create(model=model, prompt=FRANCE_TEXT, temperature=0, max_tokens=5, echo=True)
+check(echoed.choices[0].text == FRANCE_TEXT + short.choices[0].text,
+      f"echo puts the prompt before the completion: {echoed.choices[0].text!r}")
+try:
+    client.completions.create(model=model, prompt=FRANCE_TEXT, max_tokens=5, echo=True, logprobs=1)
+    check(False, "echo with logprobs is refused")
+except openai.BadRequestError as e:
+    check(e.status_code == 400 and e.body.get("param") == "echo", f"echo with logprobs is a 400 naming echo: {e}")
 
 # Text completions, streamed, with usage.
 pieces, finish, usage = [], None, None

@@ -31,6 +31,10 @@ pub struct WireSamplingParams {
     /// Absent (not null) when not asked, so older readers see no change.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,
+    /// The output must be JSON matching this JSON schema (its text): the
+    /// prefill worker's first token obeys it too. Absent when not asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<String>,
 }
 
 impl Default for WireSamplingParams {
@@ -47,6 +51,7 @@ impl Default for WireSamplingParams {
             ignore_eos: false,
             stop: Vec::new(),
             logprobs: None,
+            json_schema: None,
         }
     }
 }
@@ -59,6 +64,11 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` (or the context window) was reached.
     Length,
+    /// The answer is a tool call. Only the frontend reports this, when it
+    /// reads a call out of an answer that ended with `Stop`; workers never
+    /// send it.
+    #[serde(rename = "tool_calls")]
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -66,6 +76,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }

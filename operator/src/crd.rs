@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Affinity, EnvVar, ResourceRequirements, Toleration, Volume, VolumeMount,
 };
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiext;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
@@ -1027,5 +1028,41 @@ pub struct RoleAcks {
 
 /// The CRD as YAML, the form checked in under `crds/`.
 pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
-    serde_saphyr::to_string(&DisaggDeployment::crd())
+    let mut crd = DisaggDeployment::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            sort_defaults(schema);
+        }
+    }
+    serde_saphyr::to_string(&crd)
+}
+
+/// Sorts the keys of every `default` object in `schema`. Whether
+/// serde_json keeps insertion order depends on which other crates share
+/// the build (llguidance turns `preserve_order` on), and the checked-in
+/// CRD must not.
+fn sort_defaults(schema: &mut apiext::JSONSchemaProps) {
+    if let Some(default) = &mut schema.default {
+        default.0.sort_all_objects();
+    }
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        sort_defaults(child);
+    }
+    match &mut schema.items {
+        Some(apiext::JSONSchemaPropsOrArray::Schema(item)) => sort_defaults(item),
+        Some(apiext::JSONSchemaPropsOrArray::Schemas(items)) => {
+            items.iter_mut().for_each(sort_defaults)
+        }
+        None => {}
+    }
+    if let Some(apiext::JSONSchemaPropsOrBool::Schema(extra)) = &mut schema.additional_properties {
+        sort_defaults(extra);
+    }
+    for list in [&mut schema.all_of, &mut schema.any_of, &mut schema.one_of] {
+        list.iter_mut().flatten().for_each(sort_defaults);
+    }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::block_pool::{BlockId, FenceId, TokenId};
+use super::grammar::{GrammarCompiler, GrammarError};
 use super::kv_storage::KvStorage;
 use super::runner::{Command, EngineConfig, EngineError, EngineStats, OutputItem, Request};
 use super::sampling::{Sampler, TokenLogprobs};
@@ -112,6 +113,9 @@ pub(super) struct Inner {
     pub(super) sched_config: SchedulerConfig,
     pub(super) vocab: usize,
     pub(super) eos_ids: Vec<TokenId>,
+    /// Compiles the JSON schemas of constrained requests (or why this
+    /// engine cannot).
+    pub(super) grammars: Result<Arc<GrammarCompiler>, GrammarError>,
 }
 
 impl Drop for Inner {
@@ -187,7 +191,11 @@ impl EngineHandle {
         EngineError,
     > {
         self.validate(request)?;
-        let sampler = Sampler::new(request.sampling.clone(), &self.inner.eos_ids)?;
+        let mut sampler = Sampler::new(request.sampling.clone(), &self.inner.eos_ids)?;
+        if let Some(schema) = &request.sampling.json_schema {
+            let compiler = self.inner.grammars.as_ref().map_err(Clone::clone)?;
+            sampler = sampler.with_grammar(compiler.compile(schema)?);
+        }
         // One slot per token that can ever be sent, plus an error: the engine
         // thread never waits on a slow reader.
         let max_new = request

@@ -26,6 +26,7 @@ pub mod cuda;
 pub mod device;
 pub mod forward;
 pub mod gguf;
+pub mod grammar;
 pub mod handle;
 pub mod kv_storage;
 pub mod model;

@@ -25,6 +25,7 @@ use tracing::Span;
 
 use super::block_pool::{BlockId, BlockPool, FenceId, KvEvent, SequenceId, TokenId};
 use super::forward::ForwardModel;
+use super::grammar::{GrammarCompiler, GrammarError};
 use super::kv_storage::KvStorage;
 use super::model::{LogitsFor, SequenceInput};
 use super::sampling::{
@@ -138,6 +139,8 @@ pub enum EngineError {
     Admission(SchedulerError),
     #[error("a request with id {0:?} is already running")]
     DuplicateId(String),
+    #[error(transparent)]
+    Grammar(#[from] GrammarError),
     #[error("no request with id {0:?}")]
     UnknownRequest(String),
     #[error("invalid engine configuration: {0}")]
@@ -160,7 +163,8 @@ impl EngineError {
             EngineError::EmptyPrompt
             | EngineError::TokenOutOfVocab { .. }
             | EngineError::Sampling(_)
-            | EngineError::DuplicateId(_) => true,
+            | EngineError::DuplicateId(_)
+            | EngineError::Grammar(GrammarError::Schema(_) | GrammarError::Unsupported(_)) => true,
             EngineError::Admission(e) => matches!(
                 e,
                 SchedulerError::EmptyPrompt
@@ -169,6 +173,19 @@ impl EngineError {
                     | SchedulerError::NeverFits { .. }
             ),
             _ => false,
+        }
+    }
+
+    /// The request field at fault, for the `param` of an HTTP 400 (the
+    /// frontend's and the decode worker's, which sends it on the bus).
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            EngineError::Sampling(s) => Some(s.param()),
+            EngineError::EmptyPrompt | EngineError::TokenOutOfVocab { .. } => Some("prompt"),
+            EngineError::Admission(SchedulerError::BeyondContext { .. }) => Some("max_tokens"),
+            EngineError::Admission(_) => Some("prompt"),
+            EngineError::Grammar(_) => Some("response_format"),
+            _ => None,
         }
     }
 
@@ -299,6 +316,15 @@ impl Engine {
             .and_then(Tokenizer::eos_token_id)
             .into_iter()
             .collect();
+        // A model without a tokenizer (or EOS) serves no schema; requests
+        // with one are refused by name.
+        let grammars = match tokenizer.as_ref().map(|t| GrammarCompiler::new(t, vocab)) {
+            Some(Ok(compiler)) => Ok(Arc::new(compiler)),
+            Some(Err(e)) => Err(e),
+            None => Err(GrammarError::Unsupported(
+                "the model has no tokenizer".into(),
+            )),
+        };
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let (commands, rx) = std_mpsc::channel();
         let mut worker = Worker {
@@ -326,6 +352,7 @@ impl Engine {
             sched_config,
             vocab,
             eos_ids,
+            grammars,
         }))
     }
 }
@@ -724,6 +751,15 @@ impl<M: ForwardModel> Worker<M> {
             }
         }
         active.completion_tokens += 1;
+        if step.finish.is_some()
+            && let Some(grammar) = active.sampler.grammar()
+        {
+            tracing::debug!(
+                parent: &active.span,
+                mean_mask_us = grammar.mean_mask_time().as_micros() as u64,
+                "constrained output finished"
+            );
+        }
         let usage = step.finish.map(|_| Usage {
             prompt_tokens: active.prompt_tokens,
             completion_tokens: active.completion_tokens,

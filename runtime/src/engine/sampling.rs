@@ -12,11 +12,17 @@
 //! Log-probabilities ([`token_logprobs`]) are those of the model's own
 //! distribution: the log-softmax of the raw logits, before temperature,
 //! top-k and top-p (vLLM's default), computed only for requests that ask.
+//!
+//! A request with a JSON schema gets a [`Grammar`]: its mask sets the
+//! logits of tokens the schema does not allow to `-inf` before anything
+//! else (greedy pick, temperature, top-k, top-p), and each accepted token
+//! advances it. Log-probabilities stay those of the unmasked distribution.
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use super::block_pool::TokenId;
+use super::grammar::Grammar;
 /// Why generation ended; a wire type (it is streamed back to frontends).
 pub use xpyd_api::FinishReason;
 
@@ -51,6 +57,10 @@ pub struct SamplingParams {
     /// likely alternatives (at most [`MAX_TOP_LOGPROBS`]); `None` computes
     /// nothing.
     pub logprobs: Option<u32>,
+    /// The output must be JSON matching this JSON schema (its text): each
+    /// token is drawn only from those the schema's grammar allows, and the
+    /// sequence stops when the JSON is complete. `None` constrains nothing.
+    pub json_schema: Option<String>,
 }
 
 /// Most alternatives a request may ask log-probabilities for (OpenAI's
@@ -71,6 +81,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             stop: Vec::new(),
             logprobs: None,
+            json_schema: None,
         }
     }
 }
@@ -183,6 +194,10 @@ pub struct Sampler {
     generated: u32,
     stop_text: StopText,
     finished: Option<FinishReason>,
+    /// The schema's grammar, for requests with one.
+    grammar: Option<Grammar>,
+    /// The masked logits of the last step (reused to spare an allocation).
+    masked: Vec<f32>,
 }
 
 impl Sampler {
@@ -208,7 +223,21 @@ impl Sampler {
             rng,
             generated: 0,
             finished: None,
+            grammar: None,
+            masked: Vec::new(),
         })
+    }
+
+    /// Constrain this sequence's tokens to `grammar` (compiled from the
+    /// params' `json_schema`).
+    pub fn with_grammar(mut self, grammar: Grammar) -> Self {
+        self.grammar = Some(grammar);
+        self
+    }
+
+    /// The sequence's grammar, if it has one.
+    pub fn grammar(&self) -> Option<&Grammar> {
+        self.grammar.as_ref()
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -229,6 +258,25 @@ impl Sampler {
     /// entry). Greedy when temperature is 0 (ties go to the lowest id);
     /// otherwise temperature, then top-k, then top-p, then a draw.
     pub fn sample(&mut self, logits: &[f32]) -> TokenId {
+        let Some(grammar) = &mut self.grammar else {
+            return self.sample_unmasked(logits);
+        };
+        let mut masked = std::mem::take(&mut self.masked);
+        masked.clear();
+        masked.extend_from_slice(logits);
+        let token = match grammar.mask(&mut masked) {
+            Ok(()) => self.sample_unmasked(&masked),
+            Err(e) => {
+                // `accept` ends the sequence when the grammar cannot go on.
+                tracing::error!(error = %e, "no grammar mask; sampling unconstrained");
+                self.sample_unmasked(logits)
+            }
+        };
+        self.masked = masked;
+        token
+    }
+
+    fn sample_unmasked(&mut self, logits: &[f32]) -> TokenId {
         let suppressed: &[TokenId] = if self.generated < self.params.min_tokens {
             &self.ending_token_ids
         } else {
@@ -280,6 +328,17 @@ impl Sampler {
         };
         if matched {
             return self.finish(released, FinishReason::Stop);
+        }
+        if let Some(grammar) = &mut self.grammar {
+            let advanced = grammar.accept(token);
+            if let Err(e) = &advanced {
+                tracing::error!(error = %e, token, "the grammar refused a token; stopping");
+            }
+            if advanced.is_err() || grammar.is_finished() {
+                // The JSON is complete: nothing may follow it.
+                released.push_str(&self.stop_text.flush());
+                return self.finish(released, FinishReason::Stop);
+            }
         }
         if self
             .params

@@ -26,6 +26,7 @@ impl From<SamplingParams> for WireSamplingParams {
             ignore_eos: p.ignore_eos,
             stop: p.stop,
             logprobs: p.logprobs,
+            json_schema: p.json_schema,
         }
     }
 }
@@ -43,6 +44,7 @@ impl From<WireSamplingParams> for SamplingParams {
             ignore_eos: p.ignore_eos,
             stop: p.stop,
             logprobs: p.logprobs,
+            json_schema: p.json_schema,
         }
     }
 }
@@ -154,6 +156,7 @@ mod tests {
             ignore_eos: true,
             stop: vec!["\n".into()],
             logprobs: Some(5),
+            json_schema: Some(r#"{"type":"object"}"#.into()),
             ..SamplingParams::default()
         };
         let wire: WireSamplingParams = decode(

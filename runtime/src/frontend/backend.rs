@@ -17,7 +17,6 @@ use futures::stream::BoxStream;
 use crate::engine::chat_template::{ChatMessage, ChatTemplate};
 use crate::engine::runner::{EngineError, EngineErrorKind, Output};
 use crate::engine::sampling::SamplingParams;
-use crate::engine::scheduler::SchedulerError;
 use crate::engine::tokenizer::Tokenizer;
 
 use super::protocol::ModelCard;
@@ -44,7 +43,7 @@ pub enum BackendError {
     #[error("{message}")]
     InvalidRequest {
         message: String,
-        param: Option<&'static str>,
+        param: Option<String>,
     },
     #[error("model {0:?} is not served")]
     ModelNotFound(String),
@@ -59,20 +58,14 @@ impl BackendError {
     fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
         BackendError::InvalidRequest {
             message: message.into(),
-            param,
+            param: param.map(str::to_string),
         }
     }
 }
 
 impl From<EngineError> for BackendError {
     fn from(e: EngineError) -> Self {
-        let param = match &e {
-            EngineError::Sampling(s) => Some(s.param()),
-            EngineError::EmptyPrompt | EngineError::TokenOutOfVocab { .. } => Some("prompt"),
-            EngineError::Admission(SchedulerError::BeyondContext { .. }) => Some("max_tokens"),
-            EngineError::Admission(_) => Some("prompt"),
-            _ => None,
-        };
+        let param = e.param();
         match e.kind() {
             EngineErrorKind::InvalidRequest => BackendError::invalid(e.to_string(), param),
             EngineErrorKind::Unavailable => BackendError::Unavailable(e.to_string()),

@@ -160,12 +160,9 @@ fn event(bytes: &[u8]) -> Result<Output, BackendError> {
         GenerateEvent::Error {
             kind,
             message,
-            param: _,
+            param,
         } => Err(match kind {
-            WireErrorKind::InvalidRequest => BackendError::InvalidRequest {
-                message,
-                param: None,
-            },
+            WireErrorKind::InvalidRequest => BackendError::InvalidRequest { message, param },
             WireErrorKind::ModelNotFound => BackendError::Unavailable(message),
             WireErrorKind::Unavailable => BackendError::Unavailable(message),
             WireErrorKind::Internal => BackendError::Internal(message),

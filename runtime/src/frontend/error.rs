@@ -138,7 +138,7 @@ impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
         match e {
             BackendError::InvalidRequest { message, param } => {
-                ApiError::invalid_request(message, param.map(str::to_string))
+                ApiError::invalid_request(message, param)
             }
             BackendError::ModelNotFound(model) => ApiError::model_not_found(&model),
             BackendError::Unavailable(message) => ApiError::unavailable(message),

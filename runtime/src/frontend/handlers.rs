@@ -32,10 +32,11 @@ use super::extract::OpenAiJson;
 use super::metrics::{FrontendMetrics, RequestTimer};
 use super::protocol::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatTokenLogprob, CompletionChoice,
-    CompletionLogprobs, CompletionRequest, CompletionResponse, ModelList, Prompt, Role, TopLogprob,
-    Usage, unix_now,
+    ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessageIn, ChatTokenLogprob,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ModelList, Prompt,
+    Role, ToolCall, ToolCallDelta, TopLogprob, Usage, unix_now,
 };
+use super::tools::{ToolChoice, ToolMode};
 
 /// What every handler shares.
 pub struct AppState {
@@ -83,6 +84,10 @@ struct Prepared {
     include_usage: bool,
     /// Choices to generate (`n`).
     n: u32,
+    /// The tools the model may or must call (chat; not under `none`).
+    tools: Option<Arc<ToolMode>>,
+    /// The prompt text each choice starts with (completions' `echo`).
+    echo: Option<String>,
 }
 
 impl Endpoint {
@@ -118,14 +123,20 @@ pub async fn chat_completions(
         let prepared = body.and_then(|OpenAiJson(request)| {
             check_model(&state, &request.model)?;
             let sampling = request.sampling()?;
-            let messages: Vec<ChatMessage> = request
-                .messages
-                .iter()
-                .map(|m| ChatMessage {
-                    role: m.role.as_str().to_string(),
-                    content: m.content.as_ref().map(|c| c.text()).unwrap_or_default(),
-                })
-                .collect();
+            let tools = request
+                .tool_mode()?
+                .filter(|m| m.choice != ToolChoice::None)
+                .map(Arc::new);
+            let mut messages: Vec<ChatMessage> =
+                request.messages.iter().map(chat_message).collect();
+            if let Some(prompt) = tools.as_ref().and_then(|t| t.system_prompt()) {
+                match messages.first_mut() {
+                    Some(first) if first.role == "system" || first.role == "developer" => {
+                        first.content = format!("{}\n\n{prompt}", first.content);
+                    }
+                    _ => messages.insert(0, ChatMessage::new("system", &prompt)),
+                }
+            }
             let text = state.backend.render_chat(&request.model, &messages)?;
             let prompt_token_ids = state.backend.tokenize(&request.model, &text, false)?;
             Ok(Prepared {
@@ -138,12 +149,34 @@ pub async fn chat_completions(
                 prompt_token_ids,
                 sampling,
                 session: session_of(&state, &headers),
+                tools,
+                echo: None,
             })
         });
         respond(&state, endpoint, prepared).await
     }
     .instrument(span)
     .await
+}
+
+/// A request message as the chat template sees it. An assistant turn's
+/// tool calls are written as the model was asked to write them (one JSON
+/// object each); a `tool` message's content is the tool's answer.
+fn chat_message(m: &ChatMessageIn) -> ChatMessage {
+    let mut content = m.content.as_ref().map(|c| c.text()).unwrap_or_default();
+    for call in m.tool_calls.iter().flatten() {
+        let arguments: serde_json::Value = serde_json::from_str(&call.function.arguments)
+            .unwrap_or_else(|_| serde_json::Value::String(call.function.arguments.clone()));
+        let written = serde_json::json!({"name": call.function.name, "arguments": arguments});
+        if !content.is_empty() {
+            content.push('\n');
+        }
+        content.push_str(&written.to_string());
+    }
+    ChatMessage {
+        role: m.role.as_str().to_string(),
+        content,
+    }
 }
 
 pub async fn completions(
@@ -158,7 +191,18 @@ pub async fn completions(
         let prepared = body.and_then(|OpenAiJson(request)| {
             check_model(&state, &request.model)?;
             let sampling = request.sampling()?;
-            let prompt_token_ids = match request.prompt.clone().into_prompt()? {
+            let prompt = request.prompt.clone().into_prompt()?;
+            let echo = request.echo().then(|| match &prompt {
+                Prompt::Text(text) => text.clone(),
+                Prompt::Tokens(ids) => {
+                    let bytes: Vec<u8> = ids
+                        .iter()
+                        .flat_map(|&id| state.backend.token_bytes(&request.model, id))
+                        .collect();
+                    String::from_utf8_lossy(&bytes).into_owned()
+                }
+            });
+            let prompt_token_ids = match prompt {
                 Prompt::Text(text) => state.backend.tokenize(&request.model, &text, true)?,
                 Prompt::Tokens(ids) => ids,
             };
@@ -172,6 +216,8 @@ pub async fn completions(
                 prompt_token_ids,
                 sampling,
                 session: session_of(&state, &headers),
+                tools: None,
+                echo,
             })
         });
         respond(&state, endpoint, prepared).await
@@ -227,6 +273,16 @@ async fn respond(
             if e.param.as_deref() == Some("prompt") {
                 e.param = Some(endpoint.prompt_param().to_string());
             }
+            // The engine knows a schema, not where it came from: a forced
+            // tool call's schema is made of the tools' parameters.
+            if e.param.as_deref() == Some("response_format")
+                && prepared
+                    .tools
+                    .as_ref()
+                    .is_some_and(|t| t.forced_schema().is_some())
+            {
+                e.param = Some("tools".to_string());
+            }
             timer.finish(e.status.as_u16(), 0, 0);
             return e.into_response();
         }
@@ -241,7 +297,12 @@ async fn respond(
             endpoint,
         });
     let choices = (0..prepared.n)
-        .map(|_| ChoiceText::new(shaper.clone()))
+        .map(|_| {
+            let mut choice = ChoiceText::new(shaper.clone(), prepared.tools.clone());
+            // Sent with the first token (echo and logprobs do not mix).
+            choice.text = prepared.echo.clone().unwrap_or_default();
+            choice
+        })
         .collect();
     let mut response = if prepared.stream {
         let shape = Shape::of(&prepared);
@@ -458,12 +519,16 @@ struct ChoiceText {
     /// Set by the choice's last output.
     finish: Option<FinishReason>,
     usage: Option<Usage>,
+    /// The request's tools: the answer may be a call.
+    tools: Option<Arc<ToolMode>>,
 }
 
 impl ChoiceText {
-    /// `shaper` is set when the request asked for logprobs.
-    fn new(shaper: Option<LogprobsShaper>) -> Self {
+    /// `shaper` is set when the request asked for logprobs, `tools` when
+    /// the model may call one.
+    fn new(shaper: Option<LogprobsShaper>, tools: Option<Arc<ToolMode>>) -> Self {
         ChoiceText {
+            tools,
             logprobs: shaper.as_ref().map(LogprobsShaper::empty),
             shaper,
             text: String::new(),
@@ -487,6 +552,28 @@ impl ChoiceText {
             shaper.push(into, lp, offset);
         }
         self.text.push_str(&output.text);
+    }
+
+    /// Whether to keep the text back while streaming: it is, or may yet
+    /// turn out to be, a tool call (a forced one always; under `auto`, while
+    /// everything so far is a JSON object's beginning).
+    fn holding(&self) -> bool {
+        let Some(tools) = &self.tools else {
+            return false;
+        };
+        self.finish.is_none()
+            && (tools.forced_schema().is_some()
+                || self.sent_chars == 0
+                    && matches!(self.text.trim_start().chars().next(), None | Some('{')))
+    }
+
+    /// The tool call a finished answer `text` makes, if any (an answer cut
+    /// by `length` makes none).
+    fn call_in(&self, text: &str) -> Option<ToolCall> {
+        let tools = self.tools.as_ref()?;
+        (self.finish == Some(FinishReason::Stop))
+            .then(|| tools.parse_call(text))
+            .flatten()
     }
 
     /// The text and logprobs gathered since the last take.
@@ -554,7 +641,8 @@ impl Shape {
         let usage = done.usage();
         let choices = (0..).zip(done.choices).map(|(index, mut choice)| {
             let (text, logprobs) = choice.take();
-            (index, text, logprobs, choice.finish)
+            let call = choice.call_in(&text);
+            (index, text, logprobs, choice.finish, call)
         });
         match self.endpoint {
             Endpoint::Chat => Json(ChatCompletionResponse {
@@ -563,14 +651,31 @@ impl Shape {
                 created: self.created,
                 model: self.model.clone(),
                 choices: choices
-                    .map(|(index, content, logprobs, finish)| ChatChoice {
-                        index,
-                        message: AssistantMessage {
-                            role: Role::Assistant,
-                            content,
-                        },
-                        logprobs: logprobs.and_then(ChoiceLogprobs::chat),
-                        finish_reason: finish,
+                    .map(|(index, content, logprobs, finish, call)| {
+                        let (message, finish) = match call {
+                            Some(call) => (
+                                AssistantMessage {
+                                    role: Role::Assistant,
+                                    content: None,
+                                    tool_calls: Some(vec![call]),
+                                },
+                                Some(FinishReason::ToolCalls),
+                            ),
+                            None => (
+                                AssistantMessage {
+                                    role: Role::Assistant,
+                                    content: Some(content),
+                                    tool_calls: None,
+                                },
+                                finish,
+                            ),
+                        };
+                        ChatChoice {
+                            index,
+                            message,
+                            logprobs: logprobs.and_then(ChoiceLogprobs::chat),
+                            finish_reason: finish,
+                        }
                     })
                     .collect(),
                 usage,
@@ -582,7 +687,7 @@ impl Shape {
                 created: self.created,
                 model: self.model.clone(),
                 choices: choices
-                    .map(|(index, text, logprobs, finish)| CompletionChoice {
+                    .map(|(index, text, logprobs, finish, _)| CompletionChoice {
                         index,
                         text,
                         logprobs: logprobs.and_then(ChoiceLogprobs::completions),
@@ -627,6 +732,7 @@ impl Shape {
                     delta: ChatDelta {
                         role: Some(Role::Assistant),
                         content: Some(String::new()),
+                        tool_calls: None,
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -651,6 +757,7 @@ impl Shape {
                     delta: ChatDelta {
                         role: None,
                         content: (!text.is_empty()).then_some(text),
+                        tool_calls: None,
                     },
                     logprobs: logprobs.and_then(ChoiceLogprobs::chat),
                     finish_reason: finish,
@@ -667,6 +774,23 @@ impl Shape {
                 None,
             ),
         }
+    }
+
+    /// The chunk that streams a finished answer's tool call, whole.
+    fn tool_call(&self, index: u32, call: ToolCall, logprobs: Option<ChoiceLogprobs>) -> Event {
+        self.chat_chunk(
+            vec![ChatChunkChoice {
+                index,
+                delta: ChatDelta {
+                    role: None,
+                    content: None,
+                    tool_calls: Some(vec![ToolCallDelta { index: 0, call }]),
+                },
+                logprobs: logprobs.and_then(ChoiceLogprobs::chat),
+                finish_reason: Some(FinishReason::ToolCalls),
+            }],
+            None,
+        )
     }
 
     fn usage(&self, usage: Usage) -> Event {
@@ -741,9 +865,12 @@ fn sse_events(
                     // A token whose text is held back (part of a character,
                     // a possible stop string) sends its logprobs with the
                     // next chunk that has text.
-                    if !output.text.is_empty() || finish.is_some() {
+                    if (!output.text.is_empty() || finish.is_some()) && !choice.holding() {
                         let (text, logprobs) = choice.take();
-                        let chunk = s.shape.delta(index, text, logprobs, finish);
+                        let chunk = match choice.call_in(&text) {
+                            Some(call) => s.shape.tool_call(index, call, logprobs),
+                            None => s.shape.delta(index, text, logprobs, finish),
+                        };
                         s.pending.push_back(chunk);
                     }
                     if s.choices.iter().all(|c| c.finish.is_some()) {

@@ -24,6 +24,7 @@ pub mod handlers;
 pub mod metrics;
 pub mod protocol;
 pub mod routing;
+pub mod tools;
 
 use std::future::Future;
 use std::sync::Arc;

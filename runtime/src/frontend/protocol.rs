@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::tools::ToolMode;
 use crate::engine::sampling::{FinishReason, MAX_TOP_LOGPROBS, SamplingParams};
 
 /// Most stop strings one request may carry (OpenAI's limit).
@@ -145,6 +146,8 @@ impl CommonParams {
             stop: stop.unwrap_or_default(),
             // Each endpoint spells it its own way (see theirs).
             logprobs: None,
+            // Chat's `response_format` (see there).
+            json_schema: None,
         })
     }
 
@@ -226,6 +229,37 @@ pub struct ChatMessageIn {
     #[serde(default)]
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// The calls an earlier assistant turn made.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+/// A tool call, in a response or in an earlier assistant turn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+/// The function a [`ToolCall`] calls; `arguments` is JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A streamed tool call: the whole call in one chunk, at `index` of the
+/// message's calls (how the `openai` client assembles them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    #[serde(flatten)]
+    pub call: ToolCall,
 }
 
 /// `POST /v1/chat/completions`.
@@ -245,6 +279,13 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<serde_json::Value>,
     /// Alternatives per token, 0 to [`MAX_TOP_LOGPROBS`]; needs `logprobs`.
     pub top_logprobs: Option<serde_json::Value>,
+    /// `text`, `json_object` or `json_schema`; kept as written so that a
+    /// malformed one gets a 400 naming it.
+    pub response_format: Option<serde_json::Value>,
+    /// Functions the model may call (see `tools`), kept as written so that
+    /// a malformed one gets a 400 naming it.
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
     /// Parsed separately (see `extract`), so that its errors name the field.
     #[serde(skip)]
     pub common: CommonParams,
@@ -258,9 +299,6 @@ pub struct ChatCompletionRequest {
 /// them (a client asking for JSON must not get prose under HTTP 200).
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 pub struct UnservedChatFields {
-    pub response_format: Option<serde_json::Value>,
-    pub tools: Option<serde_json::Value>,
-    pub tool_choice: Option<serde_json::Value>,
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
     pub logit_bias: Option<serde_json::Value>,
@@ -290,23 +328,11 @@ impl UnservedChatFields {
             ))
         };
         let u = self;
-        if !is_null_or(&u.response_format, &|v| v["type"] == "text") {
-            return not_yet(
-                "response_format",
-                "structured output: json_object and json_schema are not served",
-            );
-        }
-        if !is_null_or(&u.tools, &empty) {
-            return not_yet("tools", "tool calling is not served");
-        }
-        if !is_null_or(&u.tool_choice, &|v| v == "none" || v == "auto") {
-            return not_yet("tool_choice", "tool calling is not served");
-        }
         if !is_null_or(&u.functions, &empty) {
-            return not_yet("functions", "function calling is not served");
+            return not_yet("functions", "the deprecated form; use tools");
         }
         if !is_null_or(&u.function_call, &|v| v == "none" || v == "auto") {
-            return not_yet("function_call", "function calling is not served");
+            return not_yet("function_call", "the deprecated form; use tool_choice");
         }
         if !is_null_or(&u.logit_bias, &empty) {
             return not_yet("logit_bias", "the sampler takes no token biases");
@@ -344,8 +370,19 @@ impl ChatCompletionRequest {
             return Err(fault);
         }
         let logprobs = self.logprobs()?;
+        let mut json_schema = response_format_schema(self.response_format.as_ref())?;
+        if let Some(forced) = self.tool_mode()?.and_then(|m| m.forced_schema()) {
+            if json_schema.is_some() {
+                return Err(RequestFault::new(
+                    "a forced tool_choice and a JSON response_format cannot both shape the answer",
+                    "tool_choice",
+                ));
+            }
+            json_schema = Some(forced);
+        }
         Ok(SamplingParams {
             logprobs,
+            json_schema,
             ..self
                 .common
                 .sampling(self.max_completion_tokens.or(self.common.max_tokens))?
@@ -389,10 +426,53 @@ impl ChatCompletionRequest {
         Ok(wanted.then_some(top))
     }
 
+    /// The request's tools and `tool_choice`, if it has tools.
+    pub fn tool_mode(&self) -> Result<Option<ToolMode>, RequestFault> {
+        ToolMode::from_request(self.tools.as_ref(), self.tool_choice.as_ref())
+    }
+
     /// A field of OpenAI's request this server does not serve yet, set to
     /// a value that asks for it.
     pub fn refused_field(&self) -> Option<RequestFault> {
         self.unserved.refused()
+    }
+}
+
+/// The JSON schema `response_format` asks the output to match, as text:
+/// none for `text`, any JSON object for `json_object`, the given schema for
+/// `json_schema` (enforced whether `strict` is set or not).
+fn response_format_schema(
+    format: Option<&serde_json::Value>,
+) -> Result<Option<String>, RequestFault> {
+    let fault =
+        |why: String| RequestFault::new(format!("response_format {why}"), "response_format");
+    let Some(format) = format.filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    let any_object = || Some(r#"{"type":"object"}"#.to_string());
+    match format.get("type").and_then(serde_json::Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(any_object()),
+        Some("json_schema") => {
+            let Some(spec) = format.get("json_schema").filter(|s| s.is_object()) else {
+                return Err(fault(
+                    "of type json_schema needs a json_schema object ({\"name\": ..., \"schema\": {...}})".into(),
+                ));
+            };
+            match spec.get("schema") {
+                None | Some(serde_json::Value::Null) => Ok(any_object()),
+                Some(schema) if schema.is_object() => Ok(Some(schema.to_string())),
+                Some(other) => Err(fault(format!(
+                    "json_schema.schema must be a JSON object, got {other}"
+                ))),
+            }
+        }
+        Some(other) => Err(fault(format!(
+            "type must be text, json_object or json_schema, got {other:?}"
+        ))),
+        None => Err(fault(format!(
+            "must be an object with a type, got {format}"
+        ))),
     }
 }
 
@@ -447,9 +527,18 @@ pub struct CompletionRequest {
 }
 
 impl CompletionRequest {
+    /// Whether the prompt is to be repeated before the completion.
+    pub fn echo(&self) -> bool {
+        self.echo == Some(true)
+    }
+
     pub fn sampling(&self) -> Result<SamplingParams, RequestFault> {
-        if self.echo == Some(true) {
-            return Err(RequestFault::new("echo is not supported", "echo"));
+        if self.echo() && self.logprobs.is_some() {
+            return Err(RequestFault::new(
+                "echo together with logprobs is not supported (the prompt's logprobs would need a \
+                 pass over every prompt position); drop one of them",
+                "echo",
+            ));
         }
         if self.suffix.is_some() {
             return Err(RequestFault::new("suffix is not supported", "suffix"));
@@ -502,7 +591,10 @@ impl From<crate::engine::runner::Usage> for Usage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AssistantMessage {
     pub role: Role,
-    pub content: String,
+    /// Null when the answer is a tool call.
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 /// One alternative of a chat token's `top_logprobs`.
@@ -566,6 +658,8 @@ pub struct ChatDelta {
     pub role: Option<Role>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -682,16 +776,17 @@ mod tests {
     fn unserved_fields_are_refused_by_name_and_harmless_values_pass() {
         let base = r#""model":"m","messages":[{"role":"user","content":"hi"}]"#;
         let refused = [
+            (r#""response_format":{"type":"xml"}"#, "response_format"),
             (
-                r#""response_format":{"type":"json_object"}"#,
+                r#""response_format":{"type":"json_schema"}"#,
                 "response_format",
             ),
             (
-                r#""response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{}}}"#,
+                r#""response_format":{"type":"json_schema","json_schema":{"schema":[1]}}"#,
                 "response_format",
             ),
             (
-                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+                r#""tools":[{"type":"function","function":{"name":"a b"}}]"#,
                 "tools",
             ),
             (r#""tool_choice":"required""#, "tool_choice"),
@@ -736,6 +831,32 @@ mod tests {
     }
 
     #[test]
+    fn response_format_becomes_the_schema_to_enforce() {
+        let schema = |format: &str| {
+            let r: ChatCompletionRequest = serde_json::from_str(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"response_format":{format}}}"#
+            ))
+            .unwrap();
+            r.sampling().map(|s| s.json_schema).map_err(|f| f.param)
+        };
+        assert_eq!(schema(r#"{"type":"text"}"#), Ok(None));
+        assert_eq!(
+            schema(r#"{"type":"json_object"}"#),
+            Ok(Some(r#"{"type":"object"}"#.into()))
+        );
+        // Property order is the user's: it decides the order of the keys.
+        assert_eq!(
+            schema(
+                r#"{"type":"json_schema","json_schema":{"name":"p","strict":true,"schema":{"type":"object","properties":{"z":{"type":"string"},"a":{"type":"integer"}}}}}"#
+            ),
+            Ok(Some(
+                r#"{"type":"object","properties":{"z":{"type":"string"},"a":{"type":"integer"}}}"#
+                    .into()
+            ))
+        );
+    }
+
+    #[test]
     fn logprobs_fields_are_checked_by_name() {
         let chat = |fields: &str| {
             let r: ChatCompletionRequest = serde_json::from_str(&format!(
@@ -766,6 +887,11 @@ mod tests {
         assert_eq!(text(r#""logprobs":5"#), Ok(Some(5)));
         assert_eq!(text(r#""logprobs":null"#), Ok(None));
         assert_eq!(text(r#""logprobs":6"#), Err(Some("logprobs".to_string())));
+        assert_eq!(text(r#""echo":true"#), Ok(None));
+        assert_eq!(
+            text(r#""echo":true,"logprobs":1"#),
+            Err(Some("echo".to_string()))
+        );
     }
 
     #[test]

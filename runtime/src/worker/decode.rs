@@ -570,7 +570,13 @@ impl DecodeWorker {
             }
             Err(e) => {
                 tracing::warn!("{e}");
-                fail(responder, WireErrorKind::InvalidRequest, e.to_string()).await;
+                fail(
+                    responder,
+                    WireErrorKind::InvalidRequest,
+                    e.to_string(),
+                    None,
+                )
+                .await;
             }
         }
     }
@@ -661,15 +667,15 @@ impl DecodeWorker {
         let parts = &self.inner.parts;
         if work.model != parts.model {
             let message = format!("model {:?} is not served by this worker", work.model);
-            return fail(responder, WireErrorKind::ModelNotFound, message).await;
+            return fail(responder, WireErrorKind::ModelNotFound, message, None).await;
         }
         if !*parts.registered.borrow() {
             let message = "this worker is not registered; try another".to_string();
-            return fail(responder, WireErrorKind::Unavailable, message).await;
+            return fail(responder, WireErrorKind::Unavailable, message, None).await;
         }
         if self.draining() {
             let message = "this worker is shutting down; try another".to_string();
-            return fail(responder, WireErrorKind::Unavailable, message).await;
+            return fail(responder, WireErrorKind::Unavailable, message, None).await;
         }
         let id = work.request_id.clone();
         let request = Request {
@@ -680,7 +686,8 @@ impl DecodeWorker {
         let (outputs, cancel_remote) = match self.admit(request).await {
             Ok(admitted) => admitted,
             Err(AdmitError::Engine(e)) => {
-                return fail(responder, wire_kind(&e), e.to_string()).await;
+                let param = e.param().map(str::to_string);
+                return fail(responder, wire_kind(&e), e.to_string(), param).await;
             }
             Err(AdmitError::PrefillUnavailable(fallback)) => {
                 let message = format!(
@@ -688,7 +695,7 @@ impl DecodeWorker {
                      router.onPrefillUnavailable is fail",
                     fallback.label()
                 );
-                return fail(responder, WireErrorKind::Unavailable, message).await;
+                return fail(responder, WireErrorKind::Unavailable, message, None).await;
             }
         };
         stream_outputs(&self.inner.parts, &id, outputs, responder, cancel_remote).await;
@@ -1207,7 +1214,7 @@ async fn stream_outputs(
             Some(Err(e)) => GenerateEvent::Error {
                 kind: wire_kind(&e),
                 message: e.to_string(),
-                param: None,
+                param: e.param().map(str::to_string),
             },
         };
         if responder
@@ -1245,11 +1252,16 @@ fn wire_kind(e: &EngineError) -> WireErrorKind {
     }
 }
 
-async fn fail(mut responder: Responder, kind: WireErrorKind, message: String) {
+async fn fail(
+    mut responder: Responder,
+    kind: WireErrorKind,
+    message: String,
+    param: Option<String>,
+) {
     let event = GenerateEvent::Error {
         kind,
         message,
-        param: None,
+        param,
     };
     if responder
         .send(protocol::encode(&event).into())
