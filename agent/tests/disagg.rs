@@ -1091,6 +1091,16 @@ fn long_prompt(tag: &str) -> String {
 }
 
 /// Grace period of the draining decode worker in the two drain tests.
+/// Decode flags of the fault tests: long prompts (about 400 tokens) go
+/// remote, short ones stay local, and the deadline leaves room for seconds
+/// of prefill on busy CPUs (a fault must end the wait, not the deadline).
+const LONG_WAIT_400_REMOTE: &[&str] = &[
+    "--remote-prefill-timeout-ms",
+    "60000",
+    "--max-local-prefill-length",
+    "200",
+];
+
 const DECODE_GRACE: Duration = Duration::from_secs(15);
 
 /// A 1P1D deployment whose prefill worker is stopped (SIGSTOP), so a long
@@ -1410,14 +1420,8 @@ async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks
         0,
         1,
         32,
-        &[
-            // Room for seconds of prefill on busy CPUs before the stop; the
-            // silence of the stopped claimant must end the wait, not this.
-            "--remote-prefill-timeout-ms",
-            "60000",
-            "--max-local-prefill-length",
-            "200",
-        ],
+        // The silence of the stopped claimant must end the wait, not this.
+        LONG_WAIT_400_REMOTE,
     )
     .await;
     d.spawn_faulty_prefill("stop-before-write", &[]).await;
@@ -1506,19 +1510,7 @@ async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks
 /// ends the quarantine lands and the path is used again.
 #[tokio::test]
 async fn a_cut_data_path_is_quarantined_and_used_again_once_a_probe_lands() {
-    let mut d = Deployment::start(
-        "cut-path",
-        0,
-        1,
-        32,
-        &[
-            "--remote-prefill-timeout-ms",
-            "60000",
-            "--max-local-prefill-length",
-            "200",
-        ],
-    )
-    .await;
+    let mut d = Deployment::start("cut-path", 0, 1, 32, LONG_WAIT_400_REMOTE).await;
     let cut = d.dir.path().join("data-path-cut");
     std::fs::write(&cut, "").unwrap();
     d.spawn_faulty_prefill(&format!("cut-writes-while:{}", cut.display()), &[])
