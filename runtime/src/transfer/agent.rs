@@ -291,6 +291,7 @@ impl TransferAgent {
         load_nixl()?;
         let config = AgentConfig {
             thread_sync: ThreadSync::Strict,
+            pthr_delay_us: progress_delay_us(),
             ..AgentConfig::default()
         };
         let agent = Agent::new_configured(name, &config).map_err(nixl("create agent"))?;
@@ -758,6 +759,20 @@ pub fn weights_digest(path: &std::path::Path) -> std::io::Result<String> {
         .map(|b| format!("{b:02x}"))
         .collect())
 }
+
+/// How long NIXL's UCX progress thread waits for an event on its armed
+/// workers before it polls them again, in microseconds. NIXL's own default,
+/// 0, makes it spin: a core per worker, idle or not.
+/// `XPYD_NIXL_PROGRESS_DELAY_US` overrides [`PROGRESS_DELAY_US`].
+fn progress_delay_us() -> u64 {
+    std::env::var("XPYD_NIXL_PROGRESS_DELAY_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PROGRESS_DELAY_US)
+}
+
+/// The default of [`progress_delay_us`].
+pub const PROGRESS_DELAY_US: u64 = 0;
 
 #[cfg(test)]
 mod tests {
