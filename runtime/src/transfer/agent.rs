@@ -761,8 +761,12 @@ pub fn weights_digest(path: &std::path::Path) -> std::io::Result<String> {
 }
 
 /// How long NIXL's UCX progress thread waits for an event on its armed
-/// workers before it polls them again, in microseconds. NIXL's own default,
-/// 0, makes it spin: a core per worker, idle or not.
+/// workers before it polls them again, in microseconds. The nixl-sys
+/// default, 0, makes it spin: an idle `up` with one prefill and one decode
+/// worker took both cores of this machine (198.6 % of a core) and slowed
+/// its own requests fourfold; with 1 ms it takes 3.4 %, and transfers are
+/// as fast or faster (`docs/benchmarks.md`). Incoming events wake the
+/// thread, so the delay bounds only its polling.
 /// `XPYD_NIXL_PROGRESS_DELAY_US` overrides [`PROGRESS_DELAY_US`].
 fn progress_delay_us() -> u64 {
     std::env::var("XPYD_NIXL_PROGRESS_DELAY_US")
@@ -772,7 +776,7 @@ fn progress_delay_us() -> u64 {
 }
 
 /// The default of [`progress_delay_us`].
-pub const PROGRESS_DELAY_US: u64 = 0;
+pub const PROGRESS_DELAY_US: u64 = 1000;
 
 #[cfg(test)]
 mod tests {
