@@ -302,6 +302,21 @@ impl DecodeWorker {
             .max_local_prefill_length
             .set(i64::from(self.threshold(&self.settings())));
         self.watch_paths();
+        self.spawn_requeue_lost();
+    }
+
+    /// Look for lost jobs ([`Self::requeue_lost`]) in the background,
+    /// unless a look is still under way.
+    fn spawn_requeue_lost(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.inner.requeueing.swap(true, SeqCst) {
+            return;
+        }
+        let worker = self.clone();
+        tokio::spawn(async move {
+            worker.requeue_lost().await;
+            worker.inner.requeueing.store(false, SeqCst);
+        });
     }
 
     /// Forget the paths of prefill workers that left, show the others in
@@ -318,20 +333,6 @@ impl DecodeWorker {
         };
         for path in report {
             metrics.show_path(&path);
-        }
-        if !self
-            .inner
-            .requeueing
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            let worker = self.clone();
-            tokio::spawn(async move {
-                worker.requeue_lost().await;
-                worker
-                    .inner
-                    .requeueing
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
-            });
         }
         if self.draining() {
             return;
@@ -486,6 +487,9 @@ impl DecodeWorker {
                     Some(&prefill),
                 )
                 .await;
+                // Nobody reads a probe's tokens. Its reservation is
+                // released (or fenced) by now, which queued it for a local
+                // prefill: end it before that runs.
                 drop(outputs);
                 let _ = parts.engine.cancel(&id);
             }
@@ -721,15 +725,15 @@ impl DecodeWorker {
                     .inc();
             }
         };
+        let alive_prefill = parts.alive(Role::Prefill, &self.inner.kv_layout);
         let mut facts = PrefillFacts {
             prompt_len: request.prompt_token_ids.len(),
             threshold,
             disaggregated: settings.disaggregated,
-            prefill_alive: parts.any_alive(Role::Prefill, &self.inner.kv_layout),
+            prefill_alive: !alive_prefill.is_empty(),
             paths_open: {
-                let alive = parts.alive(Role::Prefill, &self.inner.kv_layout);
                 let paths = lock(&self.inner.paths);
-                alive.iter().any(|id| paths.open(id))
+                alive_prefill.iter().any(|id| paths.open(id))
             },
             max_queue_depth: settings.max_prefill_queue_depth,
             refuse_fallbacks: settings.on_prefill_unavailable == PrefillUnavailable::Fail,
@@ -912,9 +916,8 @@ impl DecodeWorker {
             _ => {}
         }
         if let Some(prefill) = probe_of {
-            // Nobody reads a probe's tokens: its stream ends now, and its
-            // blocks go back as a request's would (below).
-            let _ = parts.engine.cancel(&id);
+            // Its blocks go back (or stay fenced) as a request's would
+            // (below); the prober ends the request after.
             let result = if outcome.is_ok() { "ok" } else { "failed" };
             metrics.path_probes.with_label_values(&[result]).inc();
             tracing::info!(%prefill, request_id = %id, result, "probe over");

@@ -62,12 +62,6 @@ impl WorkerParts {
         self.agent.metadata().kv_fingerprint(&self.model)
     }
 
-    /// Whether an instance of `role` serving our model with KV layout
-    /// `kv_layout` is alive.
-    fn any_alive(&self, role: Role, kv_layout: &str) -> bool {
-        !self.alive(role, kv_layout).is_empty()
-    }
-
     /// The live instances of `role` serving our model with KV layout
     /// `kv_layout`.
     fn alive(&self, role: Role, kv_layout: &str) -> Vec<String> {

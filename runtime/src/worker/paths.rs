@@ -221,6 +221,14 @@ mod tests {
         })
     }
 
+    /// Quarantines `prefill`'s path with three failures at `now`.
+    fn quarantine(p: &mut Paths, prefill: &str, now: Instant) {
+        for _ in 0..3 {
+            p.failed(prefill, "prefill_failed", now);
+        }
+        assert!(!p.open(prefill));
+    }
+
     #[test]
     fn three_failures_in_a_row_quarantine_a_path_and_a_success_resets_the_count() {
         let mut p = paths();
@@ -247,9 +255,7 @@ mod tests {
     fn a_quarantined_path_is_probed_when_its_time_is_up_and_restored_by_a_landed_probe() {
         let mut p = paths();
         let now = Instant::now();
-        for _ in 0..3 {
-            p.failed("a", "prefill_failed", now);
-        }
+        quarantine(&mut p, "a", now);
         assert!(p.due_probes(now + Duration::from_secs(9)).is_empty());
         assert_eq!(p.due_probes(now + Duration::from_secs(10)), vec!["a"]);
         assert!(
@@ -269,9 +275,7 @@ mod tests {
     fn a_failed_probe_doubles_the_quarantine_up_to_the_bound() {
         let mut p = paths();
         let mut now = Instant::now();
-        for _ in 0..3 {
-            p.failed("a", "prefill_failed", now);
-        }
+        quarantine(&mut p, "a", now);
         let mut lengths = Vec::new();
         for _ in 0..4 {
             now += Duration::from_secs(60);
@@ -288,9 +292,7 @@ mod tests {
     fn a_probe_that_was_not_sent_is_retried_after_the_same_length() {
         let mut p = paths();
         let now = Instant::now();
-        for _ in 0..3 {
-            p.failed("a", "prefill_failed", now);
-        }
+        quarantine(&mut p, "a", now);
         let later = now + Duration::from_secs(10);
         assert_eq!(p.due_probes(later), vec!["a"]);
         p.probe_not_sent("a", later);
@@ -302,9 +304,7 @@ mod tests {
     fn the_paths_of_gone_prefill_workers_are_forgotten() {
         let mut p = paths();
         let now = Instant::now();
-        for _ in 0..3 {
-            p.failed("a", "prefill_failed", now);
-        }
+        quarantine(&mut p, "a", now);
         p.succeeded("b", Duration::from_millis(1));
         assert_eq!(p.retain(|id| id == "b"), vec!["a"]);
         assert!(p.open("a"), "a worker that comes back starts healthy");

@@ -716,38 +716,32 @@ impl PrefillWorker {
             return JobEnd::Expired;
         }
         self.inject(PrefillFault::StopBeforeWrite, &request.request_id);
-        if let Some(PrefillFault::CutWrites(file)) = &self.config.fault
-            && file.exists()
-        {
-            metrics
-                .transfer_failures
-                .with_label_values(&["write"])
-                .inc();
-            return JobEnd::Failed(format!(
-                "NIXL write to {peer} failed: the data path is cut (test fault, while {} exists)",
-                file.display()
-            ));
-        }
         let notification = TransferNotification {
             request_id: request.request_id.clone(),
             first_token: first.token,
             first_logprobs: first.logprobs.map(WireLogprobs::from),
             num_blocks: request.dst_blocks.len() as u32,
         };
-        let handle = match self.parts.agent.write_blocks(
-            src,
-            peer,
-            &request.dst_blocks,
-            &notification,
-            deadline,
-        ) {
+        // The injected cut fails the post as NIXL's own error would.
+        let posted = match &self.config.fault {
+            Some(PrefillFault::CutWrites(file)) if file.exists() => Err(format!(
+                "NIXL write to {peer} failed: the data path is cut (test fault, while {} exists)",
+                file.display()
+            )),
+            _ => self
+                .parts
+                .agent
+                .write_blocks(src, peer, &request.dst_blocks, &notification, deadline)
+                .map_err(|e| e.to_string()),
+        };
+        let handle = match posted {
             Ok(handle) => handle,
             Err(e) => {
                 metrics
                     .transfer_failures
                     .with_label_values(&["write"])
                     .inc();
-                return JobEnd::Failed(e.to_string());
+                return JobEnd::Failed(e);
             }
         };
         self.book().writing.insert(request.request_id.clone());
