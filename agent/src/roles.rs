@@ -237,10 +237,18 @@ pub async fn run_frontend(
     let draining = async move { lifecycle.drain_on(stop).await };
     // Streams in flight get the grace period, then the server stops anyway.
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = frontend::serve(listener, app, async move {
-        draining.await;
-        let _ = drained_tx.send(());
-    });
+    // Connections held open by clients are told to close first: a short
+    // part of the grace period, so that streams keep most of it.
+    let window = frontend::CLOSE_WINDOW.min(spec.grace / 4);
+    let serving = frontend::serve(
+        listener,
+        app,
+        async move {
+            draining.await;
+            let _ = drained_tx.send(());
+        },
+        window,
+    );
     tokio::pin!(serving);
     tokio::select! {
         r = &mut serving => r?,

@@ -1642,6 +1642,20 @@ async fn a_cut_data_path_is_quarantined_and_used_again_once_a_probe_lands() {
             > 0.0,
         "the path's latency is shown"
     );
+    // Every process here shares this host's kernel and namespaces, and
+    // UCX_TLS is unset: UCX is inferred to move the KV by shared memory.
+    let on_shm = d
+        .metric(
+            "decode-0",
+            "xpyd_decode_path_transport",
+            "transport=\"shared_memory\"",
+        )
+        .await;
+    let on_any = d.metric("decode-0", "xpyd_decode_path_transport", "").await;
+    assert!(
+        on_shm >= 1.0 && on_any == on_shm,
+        "{on_shm} of {on_any} paths on shared memory"
+    );
     assert_pool_full(&d, "decode-0").await;
 }
 

@@ -122,11 +122,12 @@ impl ServerProcess {
         &self.log
     }
 
-    /// The last `lines` lines of its log.
+    /// The last `lines` lines of its log, backtrace frames left out: an
+    /// error's backtrace would otherwise hide the error itself.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read(&self.log).unwrap_or_default();
         let text = String::from_utf8_lossy(&text);
-        let all: Vec<&str> = text.lines().collect();
+        let all: Vec<&str> = text.lines().filter(|l| !is_backtrace_frame(l)).collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
@@ -365,8 +366,55 @@ where
     }
 }
 
-/// A free TCP port on 127.0.0.1 (asked from the kernel, then released).
+/// A free TCP port on 127.0.0.1 for a server a test starts, from below
+/// the kernel's ephemeral range. A port from inside that range (what
+/// binding port 0 gives) can be taken, between this check and the
+/// server's own bind, by any outgoing connection on the host (a worker's
+/// etcd or NATS client), and the server then fails to start with "address
+/// already in use". A port is not handed out twice by one process; other
+/// processes start their search elsewhere (by process id and time).
 pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Option<std::collections::BTreeSet<u16>>> = Mutex::new(None);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let floor = low.saturating_sub(16384).max(10000);
+    if floor >= low {
+        return kernel_port();
+    }
+    let span = u32::from(low - floor);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(Default::default);
+    for i in 0..span {
+        let port = floor + ((seed.wrapping_add(i)) % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    kernel_port()
+}
+
+/// A frame of a Rust backtrace: `  12: tokio::…` or `      at src/…`.
+fn is_backtrace_frame(line: &str) -> bool {
+    let t = line.trim_start();
+    let indented = t.len() < line.len();
+    let numbered = t
+        .split_once(": ")
+        .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    indented && (numbered || t.starts_with("at "))
+}
+
+/// A port the kernel picks (from its ephemeral range), then released.
+fn kernel_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -376,6 +424,36 @@ pub fn free_port() -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_tail_leaves_backtrace_frames_out() {
+        let log = "Error: binding 127.0.0.1:8000\n\nCaused by:\n    Address already in use (os error 98)\n\
+                   \nStack backtrace:\n   0: anyhow::error::new\n             at /src/error.rs:5:9\n  12: main\n";
+        let kept: Vec<&str> = log.lines().filter(|l| !is_backtrace_frame(l)).collect();
+        assert_eq!(
+            kept,
+            [
+                "Error: binding 127.0.0.1:8000",
+                "",
+                "Caused by:",
+                "    Address already in use (os error 98)",
+                "",
+                "Stack backtrace:"
+            ]
+        );
+    }
+
+    #[test]
+    fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+        let ports: std::collections::BTreeSet<u16> = (0..50).map(|_| free_port()).collect();
+        assert_eq!(ports.len(), 50, "{ports:?}");
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(
+            ports.iter().all(|p| *p < low),
+            "{ports:?} (ephemeral from {low})"
+        );
+    }
 
     fn sleeper(dir: &Path) -> ServerProcess {
         ServerProcess::start(

@@ -101,11 +101,14 @@ fn exported() -> BTreeSet<String> {
     // that give every label-vector family a series.
     let registry = Registry::new();
     let worker = WorkerMetrics::register(&registry, None).expect("worker metrics register");
-    worker.show_path(&xpyd_runtime::worker::PathReport {
-        prefill: "prefill-0".into(),
-        quarantined: true,
-        last_latency: Some(Duration::from_millis(40)),
-    });
+    worker.show_path(
+        &xpyd_runtime::worker::PathReport {
+            prefill: "prefill-0".into(),
+            quarantined: true,
+            last_latency: Some(Duration::from_millis(40)),
+        },
+        Some(xpyd_runtime::transfer::Transport::Tcp),
+    );
     worker.path_failures.with_label_values(&["prefill-0"]).inc();
     let router = Router::new(16, &RouterSettings::default())
         .with_metrics(RouterMetrics::register(&registry).expect("router metrics register"));

@@ -16,10 +16,12 @@
 //! deployment at the planner's peak and the planner, for the figures in
 //! docs/benchmarks.md.
 //!
+//! A second test runs the real CPU engine in the pods: under a real load
+//! step the planner adds a prefill worker, whose pod loads the model and
+//! serves, and status says why.
+//!
 //! Needs root and `scripts/setup` (part `node`); waits for the host's
-//! real-node lock. The real CPU engine's path through the same planner is
-//! tested on kwok pods with metrics from a stand-in
-//! (`operator/tests/autoscaling.rs`) and the pods' metrics in the journey.
+//! real-node lock.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,7 +52,18 @@ const TRICKLE_PAUSE: Duration = Duration::from_secs(2);
 /// `autoscaling` (a YAML flow mapping) when given. Small CPU requests: the
 /// node has 2 CPUs.
 fn manifest(image: &str, name: &str, num_prefill: i64, autoscaling: Option<&str>) -> String {
-    let resources = "{requests: {cpu: 10m, memory: 64Mi}, limits: {memory: 1Gi}}";
+    manifest_on("sim", image, name, num_prefill, autoscaling)
+}
+
+/// [`manifest`] with the engine on `device` (`sim` or `cpu`).
+fn manifest_on(
+    device: &str,
+    image: &str,
+    name: &str,
+    num_prefill: i64,
+    autoscaling: Option<&str>,
+) -> String {
+    let resources = "{requests: {cpu: 10m, memory: 64Mi}, limits: {memory: 2Gi}}";
     let autoscaling = autoscaling
         .map(|a| format!("  autoscaling: {a}\n"))
         .unwrap_or_default();
@@ -69,7 +82,7 @@ spec:
 {autoscaling}  prefill: {{resources: {resources}}}
   decode: {{resources: {resources}}}
   frontend: {{resources: {resources}}}
-  engine: {{device: sim, maxModelLen: 2048, maxBatchTokens: 512}}
+  engine: {{device: {device}, maxModelLen: 2048, maxBatchTokens: 512}}
   router: {{strategy: kv, maxLocalPrefillLength: 64}}
   etcd: {{endpoints: ["http://xpyd-etcd.{RELEASE_NS}:2379"]}}
   nats: {{url: "nats://xpyd-nats.{RELEASE_NS}:4222"}}
@@ -93,8 +106,14 @@ fn planner_spec(ttft_ms: u32, itl_ms: u32) -> String {
 }
 
 /// One chat whose prompt (about 150 tokens, distinct per `tag`) is over
-/// the threshold; the answer must say it is simulated.
-async fn long_chat(http: &reqwest::Client, base: &str, tag: &str) -> Result<(), String> {
+/// the threshold; the answer must be labelled simulated exactly when
+/// `simulated`.
+async fn long_chat(
+    http: &reqwest::Client,
+    base: &str,
+    tag: &str,
+    simulated: bool,
+) -> Result<(), String> {
     let system = format!("{tag}. {}", "Answer briefly and kindly. ".repeat(30));
     let resp = http
         .post(format!("{base}/v1/chat/completions"))
@@ -107,13 +126,14 @@ async fn long_chat(http: &reqwest::Client, base: &str, tag: &str) -> Result<(), 
         .await
         .map_err(|e| format!("{tag}: request failed: {e}"))?;
     let status = resp.status();
-    let simulated = resp.headers().get("x-xpyd-simulated").cloned();
+    let simulated_header = resp.headers().get("x-xpyd-simulated").cloned();
     let body: Value = resp.json().await.map_err(|e| format!("{tag}: body: {e}"))?;
     if !status.is_success() {
         return Err(format!("{tag}: HTTP {status}: {body}"));
     }
-    if simulated.as_ref().and_then(|v| v.to_str().ok()) != Some("true") {
-        return Err(format!("{tag}: answer not labelled simulated: {body}"));
+    let labelled = simulated_header.as_ref().and_then(|v| v.to_str().ok()) == Some("true");
+    if labelled != simulated {
+        return Err(format!("{tag}: labelled simulated: {labelled}: {body}"));
     }
     Ok(())
 }
@@ -126,6 +146,7 @@ fn load(
     clients: usize,
     pause: Duration,
     label: &'static str,
+    simulated: bool,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
     let (http, base) = (http.clone(), base.to_string());
@@ -135,7 +156,8 @@ fn load(
             async move {
                 let (mut ok, mut failed, mut n) = (0u32, Vec::new(), 0u32);
                 while !stop.load(Ordering::Relaxed) {
-                    match long_chat(&http, &base, &format!("{label} {c}-{n}")).await {
+                    let tag = format!("{label} {c}-{n}");
+                    match long_chat(&http, &base, &tag, simulated).await {
                         Ok(()) => ok += 1,
                         Err(e) => failed.push(e),
                     }
@@ -153,6 +175,44 @@ fn load(
                 (ok + o, failed)
             })
     })
+}
+
+/// Applies `manifest` (deployment `name`), waits for it to be Ready and
+/// for its frontend Service to answer a long chat (labelled simulated or
+/// not, as `simulated`); returns the Service's URL and a client.
+async fn serve(
+    c: &Release,
+    name: &str,
+    manifest: &str,
+    simulated: bool,
+) -> (String, reqwest::Client) {
+    c.kubectl_stdin(&["apply", "-n", NS, "-f", "-"], manifest);
+    c.wait_dd_ready(NS, name, num_prefill_of(manifest), 1).await;
+    let fe: Service = Api::namespaced(c.client.clone(), NS)
+        .get(&format!("{name}-frontend"))
+        .await
+        .unwrap();
+    let base = format!("http://{}:8000", fe.spec.unwrap().cluster_ip.unwrap());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    // A new Service is routed by kube-proxy within seconds.
+    c.wait(
+        &[NS],
+        &format!("{name}'s Service to answer"),
+        Duration::from_secs(60),
+        || {
+            let (http, base) = (http.clone(), base.clone());
+            async move {
+                long_chat(&http, &base, "first", simulated)
+                    .await
+                    .map(|()| true)
+            }
+        },
+    )
+    .await;
+    (base, http)
 }
 
 /// `status.autoscaling` and the counts in the spec.
@@ -181,36 +241,13 @@ async fn the_planner_scales_simulated_pods_up_under_load_and_back_without_failin
     let t0 = Instant::now();
     let c = Release::install("planner").await;
     c.kubectl(&["create", "namespace", NS]);
-    c.kubectl_stdin(
-        &["apply", "-n", NS, "-f", "-"],
-        &manifest(
-            &c.images.agent.reference(),
-            DD,
-            1,
-            Some(&planner_spec(60_000, 10_000)),
-        ),
+    let manifest = manifest(
+        &c.images.agent.reference(),
+        DD,
+        1,
+        Some(&planner_spec(60_000, 10_000)),
     );
-    c.wait_dd_ready(NS, DD, 1, 1).await;
-    let fe: Service = Api::namespaced(c.client.clone(), NS)
-        .get(&format!("{DD}-frontend"))
-        .await
-        .unwrap();
-    let base = format!("http://{}:8000", fe.spec.unwrap().cluster_ip.unwrap());
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
-    // A new Service is routed by kube-proxy within seconds.
-    c.wait(
-        &[NS],
-        "the frontend's Service to answer",
-        Duration::from_secs(30),
-        || {
-            let (http, base) = (http.clone(), base.clone());
-            async move { long_chat(&http, &base, "first").await.map(|()| true) }
-        },
-    )
-    .await;
+    let (base, http) = serve(&c, DD, &manifest, true).await;
     eprintln!(
         "planner: installed and serving (SIMULATED engines) after {:.1}s",
         t0.elapsed().as_secs_f64()
@@ -225,6 +262,7 @@ async fn the_planner_scales_simulated_pods_up_under_load_and_back_without_failin
         STEP_CLIENTS,
         Duration::ZERO,
         "step",
+        true,
         stop_step.clone(),
     );
     // The decision that scaled up, as status showed it (by the time the
@@ -281,6 +319,7 @@ async fn the_planner_scales_simulated_pods_up_under_load_and_back_without_failin
         1,
         TRICKLE_PAUSE,
         "trickle",
+        true,
         stop_trickle.clone(),
     );
     stop_step.store(true, Ordering::Relaxed);
@@ -332,6 +371,94 @@ async fn the_planner_scales_simulated_pods_up_under_load_and_back_without_failin
     );
     assert!(trickle_ok > 0, "the trickle sent nothing");
     assert!(down.message.contains("prefill: need"), "{down:?}");
+}
+
+/// The planner reacts to a real load step on pods running the real CPU
+/// engine (SmolLM2-135M on the node's 2 CPUs), and status says why: long
+/// prompts arrive faster than the one prefill worker's stated capacity,
+/// the planner asks for a second prefill worker, and its pod loads the
+/// model, registers and is Ready. Every answer of the step is a model's
+/// (not labelled simulated). Scale-in is tested with simulated pods above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_planner_scales_cpu_engine_pods_up_under_a_real_load_step() {
+    const CPU_DD: &str = "cpu-planned";
+    const CLIENTS: usize = 3;
+    let _node = NODE.lock().await;
+    let t0 = Instant::now();
+    let c = Release::install("planner-cpu").await;
+    c.kubectl(&["create", "namespace", NS]);
+    // Two prefill workers at most: the node has 2 CPUs.
+    let planner = planner_spec(60_000, 10_000).replace(
+        &format!("prefill: {{min: 1, max: {MAX_PREFILL}}}"),
+        "prefill: {min: 1, max: 2}",
+    );
+    assert!(planner.contains("max: 2}"), "{planner}");
+    let manifest = manifest_on(
+        "cpu",
+        &c.images.agent.reference(),
+        CPU_DD,
+        1,
+        Some(&planner),
+    );
+    let (base, http) = serve(&c, CPU_DD, &manifest, false).await;
+    eprintln!(
+        "planner-cpu: installed and serving (CPU engine) after {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    let t_step = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let step = load(
+        &http,
+        &base,
+        CLIENTS,
+        Duration::ZERO,
+        "cpu-step",
+        false,
+        stop.clone(),
+    );
+    let up = std::sync::Mutex::new(None);
+    c.wait(
+        &[NS],
+        "the planner to scale the CPU engine's prefill up, its new pod Ready",
+        STEP,
+        || async {
+            let s = seen(&c, CPU_DD).await?;
+            if ["ScaleUp", "AtMax"].contains(&s.reason.as_str()) {
+                *up.lock().unwrap() = Some(s.clone());
+            }
+            let scaled = up.lock().unwrap().is_some();
+            if scaled && s.num_prefill == 2 && s.prefill_ready == 2 {
+                Ok(true)
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = step.await.unwrap();
+    let up = up
+        .into_inner()
+        .unwrap()
+        .expect("a ScaleUp or AtMax decision");
+    eprintln!(
+        "planner-cpu: load step ({CLIENTS} clients, CPU engine): numPrefill 1 -> 2, its pod Ready after {:.1}s ({}: {}); {ok} answered, {} failed",
+        t_step.elapsed().as_secs_f64(),
+        up.reason,
+        up.message,
+        failed.len()
+    );
+    assert!(
+        up.message.contains("prefill: need"),
+        "status says why it scaled: {up:?}"
+    );
+    assert_eq!(c.role_pods(NS, CPU_DD, "prefill").await.len(), 2);
+    assert!(
+        failed.is_empty(),
+        "requests failed during the step: {failed:?}"
+    );
+    assert!(ok > 0, "the step sent nothing");
 }
 
 /// One phase of the bursty trace: how long, requests per second, and the
@@ -389,25 +516,7 @@ async fn replay(c: &Release, name: &str, manifest: &str) -> TraceOutcome {
     use xpyd_runtime::engine::gguf::GgufFile;
     use xpyd_runtime::engine::tokenizer::Tokenizer;
 
-    c.kubectl_stdin(&["apply", "-n", NS, "-f", "-"], manifest);
-    let start_prefill = num_prefill_of(manifest);
-    c.wait_dd_ready(NS, name, start_prefill, 1).await;
-    let fe: Service = Api::namespaced(c.client.clone(), NS)
-        .get(&format!("{name}-frontend"))
-        .await
-        .unwrap();
-    let base = format!("http://{}:8000", fe.spec.unwrap().cluster_ip.unwrap());
-    let http = reqwest::Client::new();
-    c.wait(
-        &[NS],
-        &format!("{name}'s Service to answer"),
-        Duration::from_secs(30),
-        || {
-            let (http, base) = (http.clone(), base.clone());
-            async move { long_chat(&http, &base, "first").await.map(|()| true) }
-        },
-    )
-    .await;
+    let (base, _) = serve(c, name, manifest, true).await;
 
     // Worker pods (prefill and decode, Ready or not) each second.
     let stop = Arc::new(AtomicBool::new(false));

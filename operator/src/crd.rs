@@ -897,6 +897,12 @@ pub struct KvPathsStatus {
     pub quarantined: Vec<KvPath>,
     /// Quarantines (new, or renewed by a failed probe) in the last window.
     pub quarantines_last_window: i64,
+    /// Paths by the transport UCX is *inferred* to move their KV over:
+    /// `shared_memory`, `rdma`, `tcp`, or `none` (no transport both
+    /// workers allow reaches the other). Inferred from both workers'
+    /// `UCX_TLS`, RDMA devices, kernel and namespaces, not read from UCX.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub transports: BTreeMap<String, i32>,
 }
 
 /// One prefill → decode path.

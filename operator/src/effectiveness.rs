@@ -11,7 +11,8 @@
 //! The decode workers' own counters are read ([`crate::scrape`]) once per
 //! [`CHECK_INTERVAL`], for every deployment, whether it autoscales or
 //! not; [`window`] and [`verdict`] are pure and table-tested. The
-//! transport UCX chose is not judged here: it shows in the agents' logs.
+//! transport UCX is inferred to use ([`kv_paths`]'s `transports`) is
+//! named in the condition's message.
 //!
 //! The same scrape gives `status.kvPaths` ([`kv_paths`]): the paths from
 //! prefill to decode workers that the decode workers hold healthy or
@@ -188,8 +189,34 @@ pub fn kv_paths(previous: &[PodScrape], current: &[PodScrape]) -> KvPathsStatus 
                 status.healthy += 1;
             }
         }
+        for transport in pod.metrics.label_values(names::PATH_TRANSPORT, "transport") {
+            let paths = pod
+                .metrics
+                .sum(names::PATH_TRANSPORT, Some(("transport", &transport)))
+                .unwrap_or(0.0);
+            if paths > 0.0 {
+                *status.transports.entry(transport).or_default() += paths as i32;
+            }
+        }
     }
     status
+}
+
+/// What the condition's message says of the transports, e.g. "KV moves
+/// over tcp (2 paths; inferred from UCX_TLS and where the workers run)".
+fn transport_note(paths: &KvPathsStatus) -> Option<String> {
+    if paths.transports.is_empty() {
+        return None;
+    }
+    let listed: Vec<String> = paths
+        .transports
+        .iter()
+        .map(|(t, n)| format!("{t} ({n} path{})", if *n == 1 { "" } else { "s" }))
+        .collect();
+    Some(format!(
+        "KV moves over {}, inferred from UCX_TLS and where the workers run",
+        listed.join(", ")
+    ))
 }
 
 /// The Warning event for a window with quarantines, naming the paths
@@ -334,6 +361,10 @@ impl Effectiveness {
                 ),
             },
         };
+        let mut verdict = verdict;
+        if let Some(note) = transport_note(&paths) {
+            verdict.message = format!("{}; {note}", verdict.message);
+        }
         let status = match verdict.effective {
             Some(true) => "True",
             Some(false) => "False",
@@ -385,11 +416,14 @@ mod tests {
         }
     }
 
-    /// A decode worker's path series only.
+    /// A decode worker's path series only; every path over TCP.
     fn with_paths(pod: &str, quarantines: u64, paths: &[(&str, u8)]) -> PodScrape {
         let mut text = format!("xpyd_decode_path_quarantines_total {quarantines}\n");
         for (prefill, q) in paths {
             text += &format!("xpyd_decode_path_quarantined{{prefill=\"{prefill}\"}} {q}\n");
+            text += &format!(
+                "xpyd_decode_path_transport{{prefill=\"{prefill}\",transport=\"tcp\"}} 1\n"
+            );
         }
         PodScrape {
             pod: pod.to_string(),
@@ -418,6 +452,11 @@ mod tests {
             }]
         );
         assert_eq!(paths.quarantines_last_window, 1);
+        assert_eq!(paths.transports, BTreeMap::from([("tcp".to_string(), 3)]));
+        assert_eq!(
+            transport_note(&paths).as_deref(),
+            Some("KV moves over tcp (3 paths), inferred from UCX_TLS and where the workers run")
+        );
         let event = path_event(&paths).expect("an event");
         assert_eq!(event.reason, "KvPathQuarantined");
         assert!(event.note.contains("p-0-a -> d-0"), "{}", event.note);

@@ -241,6 +241,7 @@ pub mod names {
     pub const FALLBACKS: &str = "xpyd_decode_remote_prefill_fallbacks_total";
     pub const PATH_QUARANTINED: &str = "xpyd_decode_path_quarantined";
     pub const PATH_QUARANTINES: &str = "xpyd_decode_path_quarantines_total";
+    pub const PATH_TRANSPORT: &str = "xpyd_decode_path_transport";
     pub const QUEUE_DEPTH: &str = "xpyd_decode_prefill_queue_depth";
     pub const KV_BLOCKS: &str = "xpyd_engine_kv_blocks";
     pub const KV_BLOCKS_FREE: &str = "xpyd_engine_kv_blocks_free";

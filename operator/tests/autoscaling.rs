@@ -78,6 +78,8 @@ fn exposition(role: &str, start: Instant) -> String {
              xpyd_decode_remote_prefill_fallbacks_total{{reason=\"queue_full\"}} 0\n\
              xpyd_decode_path_quarantined{{prefill=\"local-prefill-0-a\"}} 1\n\
              xpyd_decode_path_quarantined{{prefill=\"local-prefill-1-b\"}} 0\n\
+             xpyd_decode_path_transport{{prefill=\"local-prefill-0-a\",transport=\"tcp\"}} 1\n\
+             xpyd_decode_path_transport{{prefill=\"local-prefill-1-b\",transport=\"shared_memory\"}} 1\n\
              xpyd_decode_path_quarantines_total {q}\n",
             l = n(9.0),
             r = n(2.0),
@@ -431,8 +433,30 @@ async fn a_deployment_whose_long_prompts_stay_local_shows_disaggregation_ineffec
             .is_some_and(|p| p.quarantines_last_window > 0)
     })
     .await;
+    let condition = dd
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "DisaggregationEffective")
+        })
+        .cloned()
+        .expect("the condition");
+    assert!(
+        condition
+            .message
+            .contains("KV moves over shared_memory (1 path), tcp (1 path), inferred"),
+        "{}",
+        condition.message
+    );
     let paths = dd.status.unwrap().kv_paths.unwrap();
     assert_eq!(paths.healthy, 1, "{paths:?}");
+    assert_eq!(
+        paths.transports,
+        std::collections::BTreeMap::from([("shared_memory".into(), 1), ("tcp".into(), 1)]),
+        "the transports UCX is inferred to use"
+    );
     assert_eq!(
         paths.quarantined,
         vec![xpyd_operator::crd::KvPath {

@@ -133,7 +133,7 @@ fn main() {
         let app = router(Arc::new(Trivial), prometheus::Registry::new()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let xpyd = format!("http://{}/v1/completions", listener.local_addr().unwrap());
-        tokio::spawn(serve(listener, app, std::future::pending()));
+        tokio::spawn(serve(listener, app, std::future::pending(), Duration::ZERO));
 
         // The baseline answers what xpyd answers, without any of its work.
         let canned = {

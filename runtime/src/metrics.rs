@@ -87,6 +87,7 @@ pub struct WorkerMetrics {
     pub path_latency_seconds: GaugeVec,
     pub path_failures: IntCounterVec,
     pub path_quarantines: IntCounter,
+    pub path_transport: IntGaugeVec,
     pub path_probes: IntCounterVec,
     pub prefill_requeues: IntCounter,
 }
@@ -164,6 +165,20 @@ impl WorkerMetrics {
             )?,
             path_latency_seconds,
             path_failures,
+            path_transport: {
+                let g = IntGaugeVec::new(
+                    opts(
+                        "xpyd_decode_path_transport",
+                        "Per prefill worker: 1 for the transport UCX is inferred to move its KV \
+                         into this decode worker over (shared_memory, rdma, tcp; none: no \
+                         transport both allow reaches). Inferred from both agents' UCX_TLS, \
+                         RDMA devices, kernel and namespaces, not read from UCX.",
+                    ),
+                    &["prefill", "transport"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             path_quarantines: {
                 let c = IntCounter::with_opts(opts(
                     "xpyd_decode_path_quarantines_total",
@@ -284,7 +299,16 @@ impl WorkerMetrics {
     }
 
     /// Show one path's health (see `worker::paths`).
-    pub fn show_path(&self, path: &crate::worker::PathReport) {
+    pub fn show_path(
+        &self,
+        path: &crate::worker::PathReport,
+        transport: Option<crate::transfer::Transport>,
+    ) {
+        if let Some(transport) = transport {
+            self.path_transport
+                .with_label_values(&[path.prefill.as_str(), transport.as_str()])
+                .set(1);
+        }
         let prefill = [path.prefill.as_str()];
         self.path_quarantined
             .with_label_values(&prefill)
@@ -301,6 +325,11 @@ impl WorkerMetrics {
         let _ = self.path_quarantined.remove_label_values(&[prefill]);
         let _ = self.path_latency_seconds.remove_label_values(&[prefill]);
         let _ = self.path_failures.remove_label_values(&[prefill]);
+        for transport in crate::transfer::Transport::ALL {
+            let _ = self
+                .path_transport
+                .remove_label_values(&[prefill, transport.as_str()]);
+        }
     }
 
     /// Refresh the engine gauges.

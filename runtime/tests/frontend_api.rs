@@ -27,7 +27,8 @@ use xpyd_runtime::engine::tokenizer::Tokenizer;
 use xpyd_runtime::frontend::extract::parse_request;
 use xpyd_runtime::frontend::protocol::{ChatCompletionRequest, CompletionRequest, ModelCard};
 use xpyd_runtime::frontend::{
-    BODY_LIMIT, BackendError, CompletionBackend, GenerateRequest, OutputStream, router, serve,
+    BODY_LIMIT, BackendError, CLOSE_WINDOW, CompletionBackend, GenerateRequest, OutputStream,
+    router, serve,
 };
 
 const MODEL: &str = "SmolLM2-135M-Instruct";
@@ -74,7 +75,7 @@ fn server() -> &'static Server {
                 addr_tx
                     .send(listener.local_addr().expect("address"))
                     .expect("send address");
-                serve(listener, app, std::future::pending())
+                serve(listener, app, std::future::pending(), CLOSE_WINDOW)
                     .await
                     .expect("serve");
             });
@@ -786,9 +787,14 @@ async fn backend_failures_become_503_and_500() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, app, async move {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(serve(
+        listener,
+        app,
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::ZERO,
+    ));
     let post = |model: &str, stream: bool| {
         client()
             .post(format!("{base}/v1/completions"))
@@ -839,6 +845,106 @@ async fn backend_failures_become_503_and_500() {
 
     let _ = stop.send(());
     server.await.unwrap().unwrap();
+}
+
+/// One HTTP/1.1 exchange on a held connection: the response head
+/// (lower-cased) and body.
+async fn exchange(conn: &mut tokio::net::TcpStream, request: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(request.as_bytes())
+        .await
+        .expect("request written");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("a content-length");
+                if buf.len() >= end + 4 + length {
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]);
+                    return (head, body.into_owned());
+                }
+            }
+            let n = conn.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "the connection closed before an answer came");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("an answer in time")
+}
+
+/// A frontend told to stop keeps answering on the connections clients
+/// hold, for a short window, each answer saying `Connection: close`; then
+/// it closes them and stops. A client that keeps its pooled connection
+/// busy (a rolling update under load) loses no request to a socket closed
+/// under it.
+#[tokio::test]
+async fn a_stopping_frontend_answers_held_connections_and_asks_them_to_close() {
+    use tokio::io::AsyncReadExt;
+    let _serial = serial().await;
+    let gguf = GgufFile::open(&bundled_model().unwrap()).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&gguf).unwrap();
+    let backend = LocalBackend::new(MODEL, server().engine.clone(), tokenizer).unwrap();
+    let app = router(std::sync::Arc::new(backend), prometheus::Registry::new()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let window = Duration::from_secs(2);
+    let serving = tokio::spawn(serve(
+        listener,
+        app,
+        async move {
+            let _ = stopped.await;
+        },
+        window,
+    ));
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 4,
+        "temperature": 0,
+    })
+    .to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: xpyd\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut conn = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (head, first) = exchange(&mut conn, &request).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "kept alive: {head}");
+
+    let _ = stop.send(());
+    tokio::time::sleep(window / 4).await;
+    let (head, second) = exchange(&mut conn, &request).await;
+    assert!(
+        head.starts_with("http/1.1 200"),
+        "answered while draining: {head}"
+    );
+    assert!(head.contains("connection: close"), "{head}");
+    let answer = |b: &str| {
+        serde_json::from_str::<Value>(b).unwrap()["choices"][0]["message"]["content"].clone()
+    };
+    assert_eq!(answer(&second), answer(&first), "the same greedy answer");
+    let mut byte = [0u8; 1];
+    let eof = tokio::time::timeout(DEADLINE, conn.read(&mut byte)).await;
+    assert!(
+        matches!(eof, Ok(Ok(0))),
+        "the server closes the connection after it: {eof:?}"
+    );
+
+    tokio::time::timeout(DEADLINE, serving)
+        .await
+        .expect("the server stops after the window")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]

@@ -12,7 +12,8 @@
 //! let app = xpyd_runtime::frontend::router(backend, prometheus::Registry::new())
 //!     .expect("metrics register");
 //! let listener = tokio::net::TcpListener::bind("0.0.0.0:8000").await?;
-//! xpyd_runtime::frontend::serve(listener, app, std::future::pending()).await
+//! let window = xpyd_runtime::frontend::CLOSE_WINDOW;
+//! xpyd_runtime::frontend::serve(listener, app, std::future::pending(), window).await
 //! # }
 //! ```
 
@@ -28,9 +29,13 @@ pub mod tools;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderValue;
+use axum::http::header::CONNECTION;
 use axum::routing::{get, post};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -68,14 +73,46 @@ pub fn router(backend: SharedBackend, registry: Registry) -> Result<Router, prom
         .with_state(state))
 }
 
-/// Serve `app` on `listener` until `shutdown` resolves; requests in flight
-/// then finish first.
+/// How long a draining frontend keeps serving the connections it has, each
+/// answer saying `Connection: close`, before it stops (see [`serve`]).
+pub const CLOSE_WINDOW: Duration = Duration::from_secs(2);
+
+/// Serve `app` on `listener` until `shutdown` resolves, then drain: for
+/// `close_window` every answer carries `Connection: close` (clients with
+/// a pooled keep-alive connection reconnect, through their Service, to
+/// another replica); then idle connections are closed and requests in
+/// flight finish first.
+///
+/// Closing an idle keep-alive connection at once races a client that is
+/// sending on it just then: that request fails with a connection error
+/// and was never seen. A client that keeps its connection busy is always
+/// in that race, so a rolling update of the frontend lost requests.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    close_window: Duration,
 ) -> std::io::Result<()> {
+    let closing = Arc::new(AtomicBool::new(false));
+    let flag = closing.clone();
+    let app = app.layer(axum::middleware::map_response(
+        move |mut response: axum::response::Response| {
+            let closing = flag.load(Ordering::Relaxed);
+            async move {
+                if closing {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
+            }
+        },
+    ));
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            closing.store(true, Ordering::Relaxed);
+            tokio::time::sleep(close_window).await;
+        })
         .await
 }

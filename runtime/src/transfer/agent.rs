@@ -21,6 +21,7 @@ use nixl_sys::{
 use super::layout::{KvLayout, LayoutMismatch};
 use super::library::{NixlLoadError, load_nixl};
 use super::protocol::{PeerInfo, TransferNotification};
+use super::transport::Endpoint;
 use crate::engine::kv_storage::{KvKind, KvStorage};
 
 /// Something went wrong moving KV blocks. Every variant is final for the
@@ -237,6 +238,8 @@ struct Shared {
     /// Digest of the model weights whose KV this agent's memory holds.
     weights: Option<String>,
     metadata: Vec<u8>,
+    /// Read when the UCX backend was created (when UCX read `UCX_TLS`).
+    endpoint: Endpoint,
     state: Mutex<State>,
 }
 
@@ -295,6 +298,7 @@ impl TransferAgent {
             ..AgentConfig::default()
         };
         let agent = Agent::new_configured(name, &config).map_err(nixl("create agent"))?;
+        let endpoint = Endpoint::local();
         let (_mems, params) = agent
             .get_plugin_params("UCX")
             .map_err(nixl("get UCX params"))?;
@@ -322,6 +326,7 @@ impl TransferAgent {
                 memory,
                 weights,
                 metadata,
+                endpoint,
                 state: Mutex::new(State {
                     agent,
                     _registrations: registrations,
@@ -341,6 +346,11 @@ impl TransferAgent {
         &self.shared.memory.layout
     }
 
+    /// What UCX's choice of transport to this agent depends on.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.shared.endpoint
+    }
+
     /// What peers need to write into our memory.
     pub fn metadata(&self) -> PeerInfo {
         PeerInfo {
@@ -355,6 +365,7 @@ impl TransferAgent {
                 .iter()
                 .map(|&a| a as u64)
                 .collect(),
+            endpoint: Some(self.shared.endpoint.clone()),
         }
     }
 

@@ -9,6 +9,7 @@ mod agent;
 mod layout;
 mod library;
 mod protocol;
+mod transport;
 
 pub use agent::{
     DescRange, KvMemory, PeerLoad, ReceivedNotification, TransferAgent, TransferError,
@@ -18,3 +19,4 @@ pub use agent::{
 pub use layout::{KvDtype, KvLayout, LayoutMismatch};
 pub use library::{NixlLibrary, NixlLoadError, load_nixl};
 pub use protocol::{PeerInfo, TransferNotification};
+pub use transport::{Endpoint, Transport, infer as infer_transport};

@@ -26,6 +26,10 @@ pub struct PeerInfo {
     /// layer; `2 * layout.n_layers` entries. Blocks follow at
     /// `layout.block_region_bytes` strides.
     pub region_addrs: Vec<u64>,
+    /// What UCX's choice of transport to this agent depends on
+    /// ([`super::infer_transport`]); `None` from agents that do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<super::Endpoint>,
 }
 
 impl PeerInfo {
@@ -134,6 +138,11 @@ mod tests {
             },
             weights: Some("0123456789abcdef".into()),
             region_addrs: vec![0x1000, 0x2000, 0x3000, 0x4000],
+            endpoint: Some(crate::transfer::Endpoint {
+                system: "boot ipc:[1] pid:[2]".into(),
+                ucx_tls: "tcp".into(),
+                rdma_devices: vec!["mlx5_0".into()],
+            }),
         };
         let metadata = peer.to_metadata();
         // What records written before the opaque form held, byte for byte.

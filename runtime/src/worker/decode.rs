@@ -332,7 +332,7 @@ impl DecodeWorker {
             (paths.due_probes(Instant::now()), paths.report())
         };
         for path in report {
-            metrics.show_path(&path);
+            metrics.show_path(&path, parts.transport_to(&path.prefill));
         }
         if self.draining() {
             return;

@@ -27,7 +27,7 @@ use crate::bus::Bus;
 use crate::discovery::{Discovery, Role};
 use crate::engine::runner::EngineHandle;
 use crate::metrics::WorkerMetrics;
-use crate::transfer::TransferAgent;
+use crate::transfer::{PeerInfo, TransferAgent, Transport, infer_transport};
 
 pub use decode::{DecodeConfig, DecodeWorker};
 pub use kv_publisher::publish_kv_events;
@@ -60,6 +60,24 @@ impl WorkerParts {
     /// prefill queue it takes from or feeds.
     pub fn kv_layout(&self) -> String {
         self.agent.metadata().kv_fingerprint(&self.model)
+    }
+
+    /// The transport UCX is inferred to use between this worker and
+    /// instance `peer` ([`crate::transfer::infer_transport`]); `None` while
+    /// its record does not say (an older worker, or one that left).
+    fn transport_to(&self, peer: &str) -> Option<Transport> {
+        let metadata = self
+            .discovery
+            .instances()
+            .borrow()
+            .get(peer)?
+            .transfer
+            .clone()?;
+        let info = PeerInfo::from_metadata(&metadata).ok()?;
+        Some(infer_transport(
+            self.agent.endpoint(),
+            info.endpoint.as_ref()?,
+        ))
     }
 
     /// The live instances of `role` serving our model with KV layout
