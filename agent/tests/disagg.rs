@@ -678,20 +678,19 @@ async fn a_prefill_worker_killed_mid_run_loses_no_request_and_leaks_no_block() {
 }
 
 /// The prefill worker that claims the (only) long prompt is hit by
-/// `fault` once it computes (or, with `stop_after_post`, once it stopped
-/// itself with its write in flight: `XPYD_TEST_FAULT=stop-after-post`);
+/// `fault` once it computes (or, with `stops_at` a test fault such as
+/// `stop-after-post`, once that fault stopped it: see `XPYD_TEST_FAULT`);
 /// the decode worker's remote-prefill deadline is 60 s. Returns the
 /// answer and how long it took.
 async fn claimant_fault(
     name: &str,
     prefill_args: &[&str],
-    stop_after_post: bool,
+    stops_at: Option<&str>,
     fault: impl FnOnce(&Deployment),
 ) -> (Deployment, (u16, Value), Duration) {
     let mut d = Deployment::start(name, 0, 1, 32, &["--remote-prefill-timeout-ms", "60000"]).await;
-    if stop_after_post {
-        d.spawn_faulty_prefill("stop-after-post", prefill_args)
-            .await;
+    if let Some(stop) = stops_at {
+        d.spawn_faulty_prefill(stop, prefill_args).await;
     } else {
         d.spawn("prefill", "prefill-0", prefill_args).await;
     }
@@ -702,7 +701,7 @@ async fn claimant_fault(
         (result, started.elapsed())
     };
     let drive = async {
-        if stop_after_post {
+        if stops_at.is_some() {
             d.await_stopped("prefill-0").await;
         } else {
             let log_path = d.agent_ref("prefill-0").process.log_path().to_path_buf();
@@ -795,7 +794,7 @@ async fn assert_fell_back_at_once(
 
 #[tokio::test]
 async fn a_prefill_worker_killed_after_claiming_costs_detection_time_not_the_deadline() {
-    let (d, result, took) = claimant_fault("fault-kill", &[], false, |d| {
+    let (d, result, took) = claimant_fault("fault-kill", &[], None, |d| {
         d.signal("prefill-0", libc::SIGKILL);
     })
     .await;
@@ -812,10 +811,11 @@ async fn a_prefill_worker_killed_after_claiming_costs_detection_time_not_the_dea
 /// every block comes back.
 #[tokio::test]
 async fn a_prefill_worker_killed_during_its_write_costs_detection_time_and_leaks_no_block() {
-    let (d, (status, body), took) = claimant_fault("kill-mid-write", &[], true, |d| {
-        d.signal("prefill-0", libc::SIGKILL);
-    })
-    .await;
+    let (d, (status, body), took) =
+        claimant_fault("kill-mid-write", &[], Some("stop-after-post"), |d| {
+            d.signal("prefill-0", libc::SIGKILL);
+        })
+        .await;
     let landed = remote_prefills(&d, "decode-0").await;
     let gone = fallbacks(&d, "prefill_gone").await;
     eprintln!(
@@ -831,6 +831,37 @@ async fn a_prefill_worker_killed_during_its_write_costs_detection_time_and_leaks
         "ran to the deadline: {took:?}"
     );
     assert_pool_full(&d, "decode-0").await;
+}
+
+/// Fault 1, with the window made certain: the prefill worker dies in the
+/// middle of its write. It writes the first half of the blocks (a NIXL
+/// write of its own, complete: those bytes are in the decode worker's
+/// blocks), stops itself before the second half
+/// (`XPYD_TEST_FAULT=stop-mid-write`), and is SIGKILLed. No notification
+/// ever comes; the decode worker falls back as soon as it finds the
+/// claimant gone, never uses the half-written KV, answers rightly, and
+/// every block comes back.
+#[tokio::test]
+async fn a_prefill_worker_killed_with_half_its_kv_written_costs_detection_time_and_no_wrong_answer()
+{
+    let (d, (status, body), took) =
+        claimant_fault("kill-half-written", &[], Some("stop-mid-write"), |d| {
+            d.signal("prefill-0", libc::SIGKILL);
+        })
+        .await;
+    let log = std::fs::read_to_string(d.agent_ref("prefill-0").process.log_path()).unwrap();
+    eprintln!("answered {took:?} after the request; prefill-0 SIGKILLed with half its KV written");
+    assert!(
+        log.contains("test fault: the first half of the write landed"),
+        "the write was cut in the middle: {}",
+        d.log_tails()
+    );
+    assert_eq!(
+        remote_prefills(&d, "decode-0").await,
+        0.0,
+        "no notification came"
+    );
+    assert_fell_back_at_once(&d, &(status, body), took, "prefill_gone").await;
 }
 
 /// Fault 2 of the KV handoff: the decode worker dies while the prefill
@@ -921,7 +952,7 @@ async fn a_prefill_job_that_fails_is_reported_and_decode_falls_back_at_once() {
     let (d, result, took) = claimant_fault(
         "fault-fail",
         &["--max-model-len", "256", "--num-blocks", "64"],
-        false,
+        None,
         |_| {},
     )
     .await;

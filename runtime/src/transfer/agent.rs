@@ -453,6 +453,40 @@ impl TransferAgent {
         notification: &TransferNotification,
         deadline: Instant,
     ) -> Result<TransferHandle, TransferError> {
+        let request_id = notification.request_id.as_str();
+        self.post_write(
+            src_blocks,
+            peer,
+            dst_blocks,
+            request_id,
+            Some(notification),
+            deadline,
+        )
+    }
+
+    /// As [`write_blocks`](Self::write_blocks), but the peer is not told:
+    /// no notification rides with the write. Only a test fault uses it, to
+    /// leave a peer's blocks half written with the writer gone.
+    pub fn write_blocks_unannounced(
+        &self,
+        src_blocks: &[u32],
+        peer: &str,
+        dst_blocks: &[u32],
+        request_id: &str,
+        deadline: Instant,
+    ) -> Result<TransferHandle, TransferError> {
+        self.post_write(src_blocks, peer, dst_blocks, request_id, None, deadline)
+    }
+
+    fn post_write(
+        &self,
+        src_blocks: &[u32],
+        peer: &str,
+        dst_blocks: &[u32],
+        request_id: &str,
+        notification: Option<&TransferNotification>,
+        deadline: Instant,
+    ) -> Result<TransferHandle, TransferError> {
         let layout = self.shared.memory.layout;
         if src_blocks.len() != dst_blocks.len() || src_blocks.is_empty() {
             return Err(TransferError::BadBlocks(format!(
@@ -499,19 +533,31 @@ impl TransferAgent {
         for &(addr, len) in &remote {
             remote_list.add_desc(addr, len, 0);
         }
-        let mut args = OptArgs::new().map_err(nixl("opt args"))?;
-        args.set_has_notification(true)
-            .map_err(nixl("set notification"))?;
-        args.set_notification_message(&notification.encode())
-            .map_err(nixl("set notification"))?;
+        let args = match notification {
+            Some(notification) => {
+                let mut args = OptArgs::new().map_err(nixl("opt args"))?;
+                args.set_has_notification(true)
+                    .map_err(nixl("set notification"))?;
+                args.set_notification_message(&notification.encode())
+                    .map_err(nixl("set notification"))?;
+                Some(args)
+            }
+            None => None,
+        };
         let request = state
             .agent
-            .create_xfer_req(XferOp::Write, &local_list, &remote_list, peer, Some(&args))
+            .create_xfer_req(
+                XferOp::Write,
+                &local_list,
+                &remote_list,
+                peer,
+                args.as_ref(),
+            )
             .map_err(nixl("create transfer"))?;
         let started = Instant::now();
         let failed = |reason: String| TransferError::Failed {
             peer: peer.to_string(),
-            request_id: notification.request_id.clone(),
+            request_id: request_id.to_string(),
             reason,
         };
         let in_progress = state
@@ -524,7 +570,7 @@ impl TransferAgent {
             request: Some(request),
             done: !in_progress,
             peer: peer.to_string(),
-            request_id: notification.request_id.clone(),
+            request_id: request_id.to_string(),
             deadline,
             started,
             bytes: local.iter().map(|&(_, len)| len as u64).sum(),

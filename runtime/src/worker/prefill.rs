@@ -72,6 +72,12 @@ pub enum PrefillFault {
     /// posted its write, with the write in flight: a test then kills this
     /// worker, or its decode worker, mid-write.
     StopAfterPost,
+    /// `stop-mid-write`: the first job writes the first half of its blocks
+    /// (a complete NIXL write of their bytes, without a notification),
+    /// then stops the process before the second half: a test that then
+    /// kills this worker leaves the decode worker's blocks half written,
+    /// with certainty, whatever the transport's speed.
+    StopMidWrite,
     /// `cut-writes-while:<file>`: while `<file>` exists, every NIXL write
     /// fails as a cut data path would (a firewalled transfer port, a
     /// broken link), with the bus still healthy. On one host UCX moves the
@@ -88,11 +94,13 @@ impl PrefillFault {
             Err(_) | Ok("") => Ok(None),
             Ok("stop-before-write") => Ok(Some(PrefillFault::StopBeforeWrite)),
             Ok("stop-after-post") => Ok(Some(PrefillFault::StopAfterPost)),
+            Ok("stop-mid-write") => Ok(Some(PrefillFault::StopMidWrite)),
             Ok(other) => match other.strip_prefix("cut-writes-while:") {
                 Some(file) if !file.is_empty() => Ok(Some(PrefillFault::CutWrites(file.into()))),
                 _ => Err(format!(
                     "XPYD_TEST_FAULT={other:?} is not a fault this worker knows \
-                     (stop-before-write, stop-after-post, cut-writes-while:<file>)"
+                     (stop-before-write, stop-after-post, stop-mid-write, \
+                     cut-writes-while:<file>)"
                 )),
             },
         }
@@ -624,6 +632,40 @@ impl PrefillWorker {
         tracing::warn!(%request_id, ?fault, "test fault: continued");
     }
 
+    /// With the `stop-mid-write` test fault, on the first job: write the
+    /// first half of the blocks unannounced, wait until those bytes are
+    /// written, then stop the process. Returns the blocks still to write
+    /// (all of them without the fault).
+    async fn write_half_then_stop<'a>(
+        &self,
+        src: &'a [u32],
+        peer: &str,
+        request: &'a RemotePrefillRequest,
+        deadline: Instant,
+    ) -> Result<(&'a [u32], &'a [u32]), String> {
+        let dst = &request.dst_blocks[..];
+        let armed = self.config.fault == Some(PrefillFault::StopMidWrite)
+            && !self.fault_fired.load(std::sync::atomic::Ordering::SeqCst);
+        if !armed || src.len() < 2 {
+            return Ok((src, dst));
+        }
+        let half = src.len() / 2;
+        let id = &request.request_id;
+        let report = self
+            .parts
+            .agent
+            .write_blocks_unannounced(&src[..half], peer, &dst[..half], id, deadline)
+            .map_err(|e| e.to_string())?
+            .wait_async()
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::warn!(request_id = %id, blocks = half, of = src.len(), bytes = report.bytes,
+            "test fault: the first half of the write landed, unannounced");
+        self.book().writing.insert(id.clone());
+        self.inject(PrefillFault::StopMidWrite, id);
+        Ok((&src[half..], &dst[half..]))
+    }
+
     /// Prefill the prompt and sample its first token (with its logprobs,
     /// when the request asked); the KV stays held.
     async fn first_token(
@@ -716,6 +758,13 @@ impl PrefillWorker {
             return JobEnd::Expired;
         }
         self.inject(PrefillFault::StopBeforeWrite, &request.request_id);
+        let (src, dst) = match self
+            .write_half_then_stop(src, peer, request, deadline)
+            .await
+        {
+            Ok(rest) => rest,
+            Err(e) => return JobEnd::Failed(e),
+        };
         let notification = TransferNotification {
             request_id: request.request_id.clone(),
             first_token: first.token,
@@ -731,7 +780,7 @@ impl PrefillWorker {
             _ => self
                 .parts
                 .agent
-                .write_blocks(src, peer, &request.dst_blocks, &notification, deadline)
+                .write_blocks(src, peer, dst, &notification, deadline)
                 .map_err(|e| e.to_string()),
         };
         let handle = match posted {
