@@ -178,6 +178,13 @@ fn init_logging() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// mimalloc, not glibc's malloc: the frontend's request path allocates
+/// per request and per token, and malloc and free were 15% of its CPU
+/// profile; with mimalloc the frontend benchmark serves 1.9x the
+/// requests/s (`docs/benchmarks.md`, "Frontend overhead per request").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     init_logging()?;
     let cli = Cli::parse();

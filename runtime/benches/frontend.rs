@@ -6,6 +6,7 @@
 //! loopback HTTP. The baseline, in the same process and run, is a bare axum
 //! handler returning a response of the same size: what HTTP alone costs.
 //! The figure is the difference per request, and the ratio of throughputs.
+//! Both servers run on the agent's global allocator (mimalloc).
 //!
 //! `cargo bench -p xpyd-runtime --bench frontend` (`XPYD_BENCH_REQUESTS`,
 //! default 20000; `XPYD_BENCH_CONCURRENCY`, default 64).
@@ -22,6 +23,11 @@ use xpyd_runtime::frontend::protocol::ModelCard;
 use xpyd_runtime::frontend::{
     BackendError, CompletionBackend, GenerateRequest, OutputStream, router, serve,
 };
+
+/// The agent's allocator (`agent/src/main.rs`), so that the figures are
+/// the product's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const TOKENS: usize = 16;
 

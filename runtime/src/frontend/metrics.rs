@@ -110,6 +110,7 @@ impl FrontendMetrics {
             endpoint,
             start: Instant::now(),
             last_token: None,
+            itl: None,
             finished: false,
         }
     }
@@ -123,6 +124,9 @@ pub struct RequestTimer {
     endpoint: &'static str,
     start: Instant,
     last_token: Option<Instant>,
+    /// This request's model's inter-token histogram, looked up at its
+    /// second token (a label lookup per token showed in the profile).
+    itl: Option<prometheus::Histogram>,
     finished: bool,
 }
 
@@ -138,9 +142,8 @@ impl RequestTimer {
                 .with_label_values(&model)
                 .observe((now - self.start).as_secs_f64()),
             Some(last) => self
-                .metrics
                 .itl
-                .with_label_values(&model)
+                .get_or_insert_with(|| self.metrics.itl.with_label_values(&model))
                 .observe((now - last).as_secs_f64()),
         }
         self.last_token = Some(now);
