@@ -367,7 +367,7 @@ where
 }
 
 /// A free TCP port on 127.0.0.1 for a server a test starts, from below
-/// the kernel's ephemeral range. A port from inside that range (what
+/// the kernel's ephemeral range and Kubernetes' NodePort range. A port from inside that range (what
 /// binding port 0 gives) can be taken, between this check and the
 /// server's own bind, by any outgoing connection on the host (a worker's
 /// etcd or NATS client), and the server then fails to start with "address
@@ -379,11 +379,14 @@ pub fn free_port() -> u16 {
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
-    let floor = low.saturating_sub(16384).max(10000);
-    if floor >= low {
+    // Below Kubernetes' NodePort range (30000-32767) too: kube-proxy
+    // rewrites traffic to a NodePort on the real node's addresses.
+    let ceiling = low.min(30000);
+    let floor = ceiling.saturating_sub(14000).max(10000);
+    if floor >= ceiling {
         return kernel_port();
     }
-    let span = u32::from(low - floor);
+    let span = u32::from(ceiling - floor);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos())
@@ -450,8 +453,8 @@ mod tests {
         let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
         let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
         assert!(
-            ports.iter().all(|p| *p < low),
-            "{ports:?} (ephemeral from {low})"
+            ports.iter().all(|p| *p < low.min(30000)),
+            "{ports:?} (ephemeral from {low}, NodePorts from 30000)"
         );
     }
 
