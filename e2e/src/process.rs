@@ -374,7 +374,8 @@ where
 /// already in use". A port is not handed out twice by one process; other
 /// processes start their search elsewhere (by process id and time).
 pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Option<std::collections::BTreeSet<u16>>> = Mutex::new(None);
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
@@ -392,7 +393,6 @@ pub fn free_port() -> u16 {
         .map_or(0, |d| d.subsec_nanos())
         ^ std::process::id().wrapping_mul(2_654_435_761);
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    let given = given.get_or_insert_with(Default::default);
     for i in 0..span {
         let port = floor + ((seed.wrapping_add(i)) % span) as u16;
         if given.contains(&port) {

@@ -91,15 +91,15 @@ spec:
 }
 
 /// The planner of the load-step test: every 5 s, a 15 s scale-down window,
-/// prefill 1..=3. The capacity says one prefill worker carries 100 prompt
+/// prefill 1..=`max_prefill`. The capacity says one prefill worker carries 100 prompt
 /// tokens/s, so a handful of concurrent long prompts needs more than one,
 /// and a trickle needs one. Decode is sized generously (one is enough) and
 /// the latency targets are loose: the test is about the planner's loop on
 /// real pods, not the sim's latencies.
-fn planner_spec(ttft_ms: u32, itl_ms: u32) -> String {
+fn planner_spec(ttft_ms: u32, itl_ms: u32, max_prefill: i64) -> String {
     format!(
         "{{enabled: true, ttftP90Ms: {ttft_ms}, itlP90Ms: {itl_ms}, \
-         prefill: {{min: 1, max: {MAX_PREFILL}}}, decode: {{min: 1, max: 2}}, \
+         prefill: {{min: 1, max: {max_prefill}}}, decode: {{min: 1, max: 2}}, \
          scaleDownStabilizationSeconds: 15, moveThreshold: false, intervalSeconds: 5, \
          capacity: {{prefillTokensPerSecond: 100, decodeTokensPerSecond: 100000}}}}"
     )
@@ -245,7 +245,7 @@ async fn the_planner_scales_simulated_pods_up_under_load_and_back_without_failin
         &c.images.agent.reference(),
         DD,
         1,
-        Some(&planner_spec(60_000, 10_000)),
+        Some(&planner_spec(60_000, 10_000, MAX_PREFILL)),
     );
     let (base, http) = serve(&c, DD, &manifest, true).await;
     eprintln!(
@@ -388,11 +388,7 @@ async fn the_planner_scales_cpu_engine_pods_up_under_a_real_load_step() {
     let c = Release::install("planner-cpu").await;
     c.kubectl(&["create", "namespace", NS]);
     // Two prefill workers at most: the node has 2 CPUs.
-    let planner = planner_spec(60_000, 10_000).replace(
-        &format!("prefill: {{min: 1, max: {MAX_PREFILL}}}"),
-        "prefill: {min: 1, max: 2}",
-    );
-    assert!(planner.contains("max: 2}"), "{planner}");
+    let planner = planner_spec(60_000, 10_000, 2);
     let manifest = manifest_on(
         "cpu",
         &c.images.agent.reference(),
@@ -648,7 +644,7 @@ async fn bursty_trace_against_fixed_and_planned_simulated_deployments() {
     let c = Release::install("planner-trace").await;
     c.kubectl(&["create", "namespace", NS]);
     let image = c.images.agent.reference();
-    let planner = planner_spec(TTFT_TARGET_MS, ITL_TARGET_MS);
+    let planner = planner_spec(TTFT_TARGET_MS, ITL_TARGET_MS, MAX_PREFILL);
     let planned = replay(
         &c,
         "trace-planner",

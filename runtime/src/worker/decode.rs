@@ -62,7 +62,7 @@ use crate::engine::block_pool::FenceId;
 use crate::engine::runner::{EngineError, EngineErrorKind, OutputItem, Request};
 use crate::engine::sampling::{SamplingParams, TokenLogprobs};
 use crate::sync::lock;
-use crate::transfer::ReceivedNotification;
+use crate::transfer::{ReceivedNotification, Transport};
 use xpyd_api::PrefillUnavailable;
 use xpyd_api::TransferMetadata;
 use xpyd_api::messages::{
@@ -190,6 +190,10 @@ struct Inner {
     /// The health of each prefill worker's path to us. Locked after
     /// `pending` when both are.
     paths: Mutex<Paths>,
+    /// The transport UCX is inferred to use from each prefill worker that
+    /// has a path here: worked out once, since both records are fixed for
+    /// the two processes' lifetimes. Locked after `paths` when both are.
+    transports: Mutex<HashMap<String, Transport>>,
     /// Probes sent, for their request ids.
     probes: std::sync::atomic::AtomicU64,
     /// Whether a look for lost jobs is under way.
@@ -215,6 +219,7 @@ impl DecodeWorker {
                 parts,
                 config,
                 paths,
+                transports: Mutex::default(),
                 probes: Default::default(),
                 requeueing: Default::default(),
                 hub,
@@ -328,11 +333,12 @@ impl DecodeWorker {
             let mut paths = lock(&self.inner.paths);
             for gone in paths.retain(|id| parts.is_alive(id)) {
                 metrics.forget_path(&gone);
+                lock(&self.inner.transports).remove(&gone);
             }
             (paths.due_probes(Instant::now()), paths.report())
         };
         for path in report {
-            metrics.show_path(&path, parts.transport_to(&path.prefill));
+            metrics.show_path(&path, self.transport_from(&path.prefill));
         }
         if self.draining() {
             return;
@@ -341,6 +347,18 @@ impl DecodeWorker {
             let worker = self.clone();
             tokio::spawn(async move { worker.probe(prefill).await });
         }
+    }
+
+    /// The transport UCX is inferred to use from `prefill` (its record is
+    /// read and parsed the first time only).
+    fn transport_from(&self, prefill: &str) -> Option<Transport> {
+        let mut known = lock(&self.inner.transports);
+        if let Some(transport) = known.get(prefill) {
+            return Some(*transport);
+        }
+        let transport = self.inner.parts.transport_to(prefill)?;
+        known.insert(prefill.to_string(), transport);
+        Some(transport)
     }
 
     /// Put the jobs the queue lost on it again: unclaimed for
