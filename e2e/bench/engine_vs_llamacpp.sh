@@ -86,10 +86,14 @@ LOAD_END="$(loadavg)"
 import re, sys
 logs, rounds, one_t = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 pat = {
-    "prefill 512 tok": r"^prefill 512 tokens: .*?, ([\d.]+) tok/s; ([\d.]+) tok per CPU-s",
-    "decode batch 1": r"^decode batch 1: .*?, ([\d.]+) tok/s .*?; ([\d.]+) tok per CPU-s",
-    "decode batch 8": r"^decode batch 8: .*?, ([\d.]+) tok/s .*?; ([\d.]+) tok per CPU-s",
+    f"prefill {n} tok": rf"^prefill {n} tokens: .*?, ([\d.]+) tok/s; ([\d.]+) tok per CPU-s"
+    for n in (512, 2048)
 }
+pat.update({
+    f"decode batch {b}, context {c}":
+        rf"^decode batch {b}, context {c}: .*?, ([\d.]+) tok/s .*?; ([\d.]+) tok per CPU-s"
+    for c in (16, 1024) for b in (1, 8)
+})
 def best(side):
     out = {}
     for r in range(1, rounds + 1):

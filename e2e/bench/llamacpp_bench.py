@@ -3,16 +3,17 @@
 Mirrors runtime/benches/engine.rs workload for workload, through the
 low-level ctypes API of llama-cpp-python:
 
-* prefill: one 512-token prompt, token i = 100 + (i * 37) % 40000, decoded
-  in a single llama_decode call (n_batch = n_ubatch = 512), logits for the
-  last token only; the timed region is that one call (no warm-up call before
-  it, as in engine.rs).
-* decode batch B (1 and 8): sequence s gets prompt[s*16:(s+1)*16] at
-  positions 0..15 (all B prompts in one untimed llama_decode call), then
-  STEPS timed greedy steps; each step is ONE llama_decode call holding one
-  token per sequence (distinct seq ids 0..B-1, position 16 + step), followed
-  by a greedy argmax over each sequence's logits (the argmax is inside the
-  timed region, as in engine.rs).
+* prefill: one 512- and one 2048-token prompt, token i = 100 + (i * 37) %
+  40000, each decoded in a single llama_decode call (n_batch = n_ubatch =
+  the prompt), logits for the last token only; the timed region is that one
+  call (no warm-up call before it, as in engine.rs).
+* decode batch B (1 and 8) at context C (16 and 1024): sequence s gets the
+  tokens s*C .. (s+1)*C of the same stream at positions 0..C-1 (untimed,
+  one llama_decode call per sequence), then STEPS timed greedy steps; each
+  step is ONE llama_decode call holding one token per sequence (distinct seq
+  ids 0..B-1, position C + step), followed by a greedy argmax over each
+  sequence's logits (the argmax is inside the timed region, as in
+  engine.rs). Both sides decode at the same context length and batch.
 
 Prints lines in the same format as engine.rs so the driver script parses
 both the same way. n_threads = n_threads_batch = 2 by default (XPYD_BENCH_THREADS).
@@ -26,8 +27,12 @@ import time
 import numpy as np
 import llama_cpp as L
 
-PROMPT = 512
-SHORT = 16
+PROMPTS = (512, 2048)
+DECODES = ((16, 1), (16, 8), (1024, 1), (1024, 8))
+
+
+def token(k):
+    return 100 + (k * 37) % 40_000
 
 
 def first(*names):
@@ -44,11 +49,11 @@ def cpu_secs():
     return time.process_time()
 
 
-def new_context(model, n_ctx, n_seq_max, threads):
+def new_context(model, n_ctx, n_seq_max, threads, n_batch):
     p = L.llama_context_default_params()
     p.n_ctx = n_ctx
-    p.n_batch = PROMPT
-    p.n_ubatch = PROMPT
+    p.n_batch = n_batch
+    p.n_ubatch = n_batch
     p.n_seq_max = n_seq_max
     p.n_threads = threads
     p.n_threads_batch = threads
@@ -115,37 +120,39 @@ def main():
     sysinfo = sysinfo.decode() if isinstance(sysinfo, bytes) else str(sysinfo)
     print(f"llama.cpp (llama-cpp-python {L.__version__}) threads: {threads}; {sysinfo.strip()}")
 
-    prompt = [100 + (i * 37) % 40_000 for i in range(PROMPT)]
-    ctx_len = -(-(PROMPT + steps) // 256) * 256
+    for plen in PROMPTS:
+        # Prefill: one prompt, one llama_decode call, last-token logits.
+        prompt = [token(i) for i in range(plen)]
+        ctx = new_context(model, -(-plen // 256) * 256, 1, threads, plen)
+        batch = L.llama_batch_init(plen, 0, 1)
+        start, cpu = time.perf_counter(), cpu_secs()
+        decode(ctx, batch, [(0, prompt, 0)], True)
+        secs, cpu = time.perf_counter() - start, cpu_secs() - cpu
+        print(
+            f"prefill {plen} tokens: {secs:.2f} s wall, {plen / secs:.1f} tok/s; "
+            f"{plen / cpu:.1f} tok per CPU-s"
+        )
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
 
-    # Prefill: one 512-token prompt, one llama_decode call, last-token logits.
-    ctx = new_context(model, ctx_len, 1, threads)
-    batch = L.llama_batch_init(PROMPT, 0, 1)
-    start, cpu = time.perf_counter(), cpu_secs()
-    decode(ctx, batch, [(0, prompt, 0)], True)
-    secs, cpu = time.perf_counter() - start, cpu_secs() - cpu
-    print(
-        f"prefill {PROMPT} tokens: {secs:.2f} s wall, {PROMPT / secs:.1f} tok/s; "
-        f"{PROMPT / cpu:.1f} tok per CPU-s"
-    )
-    L.llama_batch_free(batch)
-    L.llama_free(ctx)
-
-    for bsz in (1, 8):
-        # Context: every sequence gets room for its whole run (same as engine.rs's
-        # blocks_per_seq, which is sized for prompt + steps).
-        ctx = new_context(model, bsz * ctx_len, bsz, threads)
-        batch = L.llama_batch_init(bsz * SHORT, 0, bsz)
-        prompts = [prompt[i * SHORT : (i + 1) * SHORT] for i in range(bsz)]
-        rows = decode(ctx, batch, [(i, prompts[i], 0) for i in range(bsz)], True)
-        nxt = argmax_rows(ctx, rows, n_vocab)
+    for context, bsz in DECODES:
+        # Every sequence gets room for its whole run (as engine.rs's
+        # blocks_per_seq, sized for context + steps).
+        ctx_len = -(-(context + steps) // 256) * 256
+        ctx = new_context(model, bsz * ctx_len, bsz, threads, max(context, bsz))
+        batch = L.llama_batch_init(max(context, bsz), 0, bsz)
+        nxt = []
+        for i in range(bsz):
+            toks = [token(k) for k in range(i * context, (i + 1) * context)]
+            rows = decode(ctx, batch, [(i, toks, 0)], True)
+            nxt += argmax_rows(ctx, rows, n_vocab)
         start, cpu = time.perf_counter(), cpu_secs()
         for step in range(steps):
-            rows = decode(ctx, batch, [(i, [nxt[i]], SHORT + step) for i in range(bsz)], True)
+            rows = decode(ctx, batch, [(i, [nxt[i]], context + step) for i in range(bsz)], True)
             nxt = argmax_rows(ctx, rows, n_vocab)
         secs, cpu = time.perf_counter() - start, cpu_secs() - cpu
         print(
-            f"decode batch {bsz}: {steps} steps in {secs:.2f} s wall, "
+            f"decode batch {bsz}, context {context}: {steps} steps in {secs:.2f} s wall, "
             f"{bsz * steps / secs:.1f} tok/s ({secs * 1000 / steps:.1f} ms/step); "
             f"{bsz * steps / cpu:.1f} tok per CPU-s"
         )

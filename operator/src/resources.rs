@@ -217,6 +217,13 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
+/// Seconds between startup probes: at most this long after its agent
+/// answers, a pod counts as started.
+pub const STARTUP_PROBE_PERIOD: i32 = 1;
+/// Seconds between readiness probes: at most this long after starting (or
+/// registering), a pod is Ready and in its Services' endpoints.
+pub const READINESS_PROBE_PERIOD: i32 = 2;
+
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -431,10 +438,14 @@ pub fn deployment(
         env: Some(env),
         ports: Some(ports),
         resources: worker.resources.clone(),
-        // Loading a model can take minutes; liveness starts after this.
-        startup_probe: Some(http_probe("/health", 10, 60)),
+        // Loading a model can take minutes (up to 10 here); liveness starts
+        // after this. Probed each second, so a pod the planner adds is
+        // found started, and then Ready, within a second or two of its
+        // agent (a 10 s period made every new pod wait up to 15 s more).
+        startup_probe: Some(http_probe("/health", STARTUP_PROBE_PERIOD, 600)),
         liveness_probe: Some(http_probe("/health", 10, 3)),
-        readiness_probe: Some(http_probe("/ready", 5, 2)),
+        // Unready after 10 s of failed probes, as before.
+        readiness_probe: Some(http_probe("/ready", READINESS_PROBE_PERIOD, 5)),
         // Keep serving while the pod leaves the Services' endpoints, then
         // drain on SIGTERM: a rolling update loses no new connection.
         lifecycle: (spec.pre_stop_seconds() > 0).then(|| Lifecycle {

@@ -1,9 +1,11 @@
 //! Throughput of the CPU forward pass on the bundled SmolLM2-135M (Q4_1):
-//! prefill of a 512-token prompt, and greedy decode at batch 1 and 8.
+//! prefill of a 512- and a 2,048-token prompt, and greedy decode at batch 1
+//! and 8 after 16 and after 1,024 tokens of context per sequence.
 //!
 //! Run with `cargo bench -p xpyd-runtime --bench engine`; it prints tokens
 //! per second and asserts nothing. `XPYD_BENCH_STEPS` sets the decode steps
-//! (default 32).
+//! (default 32); `XPYD_CPU_KERNELS=avx2` runs the AVX2 kernels on a CPU
+//! with AVX-512.
 
 use std::time::Instant;
 
@@ -23,7 +25,17 @@ fn cpu_secs() -> f64 {
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
     t(u.ru_utime) + t(u.ru_stime)
 }
-const PROMPT: usize = 512;
+/// Prompt lengths of the prefill figures.
+const PROMPTS: [usize; 2] = [512, 2048];
+/// (context, batch) of the decode figures: every sequence has `context`
+/// tokens in its cache before the timed steps.
+const DECODES: [(usize, usize); 4] = [(16, 1), (16, 8), (1024, 1), (1024, 8)];
+
+/// Token `k` of the bench's token stream (sequence `i` of a decode figure
+/// starts at `i * context`).
+fn token(k: usize) -> u32 {
+    100 + ((k * 37) % 40_000) as u32
+}
 
 fn main() {
     let model = Model::load_gguf(&bundled_model().expect("bundled model")).expect("model loads");
@@ -32,41 +44,43 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(32);
     println!(
-        "threads: {}, SIMD: {}",
+        "threads: {}, kernels: {} ({} lowers them)",
         rayon::current_num_threads(),
-        xpyd_runtime::engine::cpu::matmul::simd_available()
+        xpyd_runtime::engine::cpu::kernels().as_str(),
+        xpyd_runtime::engine::cpu::matmul::KERNELS_ENV
     );
 
-    // Prefill: one 512-token prompt.
-    let prompt: Vec<u32> = (0..PROMPT as u32)
-        .map(|i| 100 + (i * 37) % 40_000)
-        .collect();
-    let blocks_per_seq = (PROMPT + steps).div_ceil(BLOCK_SIZE);
-    let mut kv = KvStorage::new(model.kv_shape(8 * blocks_per_seq, BLOCK_SIZE)).unwrap();
-    let table: Vec<u32> = (0..blocks_per_seq as u32).collect();
-    let seq = SequenceInput {
-        tokens: &prompt,
-        start_pos: 0,
-        block_table: &table,
-    };
-    let (start, cpu) = (Instant::now(), cpu_secs());
-    model
-        .forward(&mut kv, &[seq], LogitsFor::LastToken)
-        .unwrap();
-    let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
-    println!(
-        "prefill {PROMPT} tokens: {secs:.2} s wall, {:.1} tok/s; {:.1} tok per CPU-s",
-        PROMPT as f64 / secs,
-        PROMPT as f64 / cpu
-    );
+    // Prefill: one prompt, logits for its last token.
+    for prompt_len in PROMPTS {
+        let prompt: Vec<u32> = (0..prompt_len).map(token).collect();
+        let blocks = prompt_len.div_ceil(BLOCK_SIZE);
+        let mut kv = KvStorage::new(model.kv_shape(blocks, BLOCK_SIZE)).unwrap();
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let seq = SequenceInput {
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: &table,
+        };
+        let (start, cpu) = (Instant::now(), cpu_secs());
+        model
+            .forward(&mut kv, &[seq], LogitsFor::LastToken)
+            .unwrap();
+        let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
+        println!(
+            "prefill {prompt_len} tokens: {secs:.2} s wall, {:.1} tok/s; {:.1} tok per CPU-s",
+            prompt_len as f64 / secs,
+            prompt_len as f64 / cpu
+        );
+    }
 
-    for batch in [1usize, 8] {
-        let short = 16;
+    for (context, batch) in DECODES {
+        let blocks_per_seq = (context + steps).div_ceil(BLOCK_SIZE);
+        let mut kv = KvStorage::new(model.kv_shape(batch * blocks_per_seq, BLOCK_SIZE)).unwrap();
         let tables: Vec<Vec<u32>> = (0..batch)
             .map(|i| ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect())
             .collect();
         let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|i| prompt[i * short..(i + 1) * short].to_vec())
+            .map(|i| (i * context..(i + 1) * context).map(token).collect())
             .collect();
         let inputs: Vec<SequenceInput> = (0..batch)
             .map(|i| SequenceInput {
@@ -84,7 +98,7 @@ fn main() {
             let inputs: Vec<SequenceInput> = (0..batch)
                 .map(|i| SequenceInput {
                     tokens: &next[i],
-                    start_pos: short + step,
+                    start_pos: context + step,
                     block_table: &tables[i],
                 })
                 .collect();
@@ -95,7 +109,7 @@ fn main() {
         }
         let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
         println!(
-            "decode batch {batch}: {steps} steps in {secs:.2} s wall, {:.1} tok/s ({:.1} ms/step); {:.1} tok per CPU-s",
+            "decode batch {batch}, context {context}: {steps} steps in {secs:.2} s wall, {:.1} tok/s ({:.1} ms/step); {:.1} tok per CPU-s",
             (batch * steps) as f64 / secs,
             secs * 1000.0 / steps as f64,
             (batch * steps) as f64 / cpu

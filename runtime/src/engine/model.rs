@@ -442,28 +442,76 @@ impl Model {
         let c = &self.config;
         let hd = c.head_dim;
         let group = c.n_heads / c.n_kv_heads;
-        let bs = kv.block_size();
         let scale = 1.0 / (hd as f32).sqrt();
         let simd = simd_available();
+        // A sequence with many new tokens (a prefill chunk) on the tiled
+        // kernel; decode steps and short chunks one head at a time below.
+        let mut tiled = vec![false; tokens.len()];
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu::kernels() == super::cpu::Kernels::Avx512 && hd.is_multiple_of(16) {
+            let mut t = 0;
+            while t < tokens.len() {
+                let s = tokens[t].0;
+                let e = t + tokens[t..].iter().take_while(|x| x.0 == s).count();
+                if e - t >= TILED_ATTENTION_MIN {
+                    self.prefill_attention(l, q, &tokens[t..e], t, batch[s].block_table, kv, out);
+                    tiled[t..e].fill(true);
+                }
+                t = e;
+            }
+        }
+        // The rest (decode steps): on AVX-512, the query heads that share a
+        // KV head attend together, each key and value read once for them.
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu::kernels() == super::cpu::Kernels::Avx512 && hd.is_multiple_of(16) {
+            let one_group = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
+                let (t, g) = (i / c.n_kv_heads, i % c.n_kv_heads);
+                if tiled[t] {
+                    return;
+                }
+                let (s, pos) = tokens[t];
+                let table = batch[s].block_table;
+                let key_value = kv_reader(kv, l, table, g * hd..(g + 1) * hd);
+                let heads =
+                    (t * c.n_heads + g * group) * hd..(t * c.n_heads + (g + 1) * group) * hd;
+                let qs: Vec<&[f32]> = q[heads].chunks(hd).collect();
+                let mut os: Vec<&mut [f32]> = o.chunks_mut(hd).collect();
+                // SAFETY: `kernels()` said Avx512.
+                unsafe {
+                    super::cpu::avx512::attend_group(
+                        &qs,
+                        pos + 1,
+                        scale,
+                        key_value,
+                        scores,
+                        &mut os,
+                    )
+                };
+            };
+            if self.small_attention(tokens, &tiled) {
+                let mut scores = Vec::new();
+                out.chunks_mut(group * hd)
+                    .enumerate()
+                    .for_each(|item| one_group(&mut scores, item));
+            } else {
+                out.par_chunks_mut(group * hd)
+                    .enumerate()
+                    .for_each_init(Vec::new, one_group);
+            }
+            return;
+        }
         let one_head = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
             let (t, head) = (i / c.n_heads, i % c.n_heads);
+            if tiled[t] {
+                return;
+            }
             let (s, pos) = tokens[t];
             let table = batch[s].block_table;
-            let kv_head = (head / group) * hd..(head / group + 1) * hd;
-            let key_value = |j: usize| {
-                let (block, slot) = (table[j / bs] as usize, j % bs);
-                (
-                    &kv.slot(l, KvKind::K, block, slot)[kv_head.clone()],
-                    &kv.slot(l, KvKind::V, block, slot)[kv_head.clone()],
-                )
-            };
+            let key_value = kv_reader(kv, l, table, (head / group) * hd..(head / group + 1) * hd);
             let qh = &q[i * hd..(i + 1) * hd];
-            ops::attend(qh, pos + 1, scale, key_value, scores, o, simd);
+            ops::attend(qh, pos + 1, scale, &key_value, scores, o, simd);
         };
-        // (query head, key) pairs: below a few thousand, threads cost more
-        // than they save.
-        let work: usize = tokens.iter().map(|&(_, pos)| pos + 1).sum::<usize>() * c.n_heads;
-        if work < 4096 {
+        if self.small_attention(tokens, &tiled) {
             let mut scores = Vec::new();
             out.chunks_mut(hd)
                 .enumerate()
@@ -473,6 +521,97 @@ impl Model {
                 .enumerate()
                 .for_each_init(Vec::new, one_head);
         }
+    }
+}
+
+impl Model {
+    /// Whether the attention of the `tokens` not `tiled` is too little
+    /// work to fan out: below a few thousand (query head, key) pairs,
+    /// threads cost more than they save.
+    fn small_attention(&self, tokens: &[(usize, usize)], tiled: &[bool]) -> bool {
+        let work: usize = tokens
+            .iter()
+            .zip(tiled)
+            .filter(|(_, tiled)| !**tiled)
+            .map(|(&(_, pos), _)| pos + 1)
+            .sum::<usize>()
+            * self.config.n_heads;
+        work < 4096
+    }
+}
+
+/// New tokens of one sequence in a step from which its attention runs on
+/// the tiled AVX-512 kernel (the same results as one query at a time).
+#[cfg(target_arch = "x86_64")]
+const TILED_ATTENTION_MIN: usize = 8;
+
+impl Model {
+    /// Attention of one sequence's new tokens `toks` (rows `first..` of
+    /// `q` and `out`) on the tiled AVX-512 kernel: tiles of 4 tokens per
+    /// head, in parallel, each key and value read once per tile.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_attention(
+        &self,
+        l: usize,
+        q: &[f32],
+        toks: &[(usize, usize)],
+        first: usize,
+        table: &[u32],
+        kv: &KvStorage,
+        out: &mut [f32],
+    ) {
+        use super::cpu::avx512::attend;
+        let c = &self.config;
+        let (hd, nh) = (c.head_dim, c.n_heads);
+        let (group, qd) = (nh / c.n_kv_heads, nh * hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let rows = first * qd..(first + toks.len()) * qd;
+        out[rows.clone()]
+            .par_chunks_mut(4 * qd)
+            .zip(q[rows].par_chunks(4 * qd))
+            .zip(toks.par_chunks(4))
+            .for_each_init(Vec::new, |scores, ((o, qt), tt)| {
+                for h in 0..nh {
+                    let dims = h * hd..(h + 1) * hd;
+                    let key_value = kv_reader(kv, l, table, (h / group) * hd..(h / group + 1) * hd);
+                    let qs: Vec<&[f32]> = qt.chunks(qd).map(|r| &r[dims.clone()]).collect();
+                    let os: Vec<&mut [f32]> =
+                        o.chunks_mut(qd).map(|r| &mut r[dims.clone()]).collect();
+                    match (<[&[f32]; 4]>::try_from(qs), <[&mut [f32]; 4]>::try_from(os)) {
+                        (Ok(qs), Ok(os)) => {
+                            let lens = [tt[0].1 + 1, tt[1].1 + 1, tt[2].1 + 1, tt[3].1 + 1];
+                            // SAFETY: `kernels()` said Avx512 (the caller).
+                            unsafe { attend(qs, lens, scale, &key_value, scores, os) };
+                        }
+                        (Err(qs), Err(os)) => {
+                            for ((qk, ok), t) in qs.into_iter().zip(os).zip(tt) {
+                                // SAFETY: as above.
+                                unsafe { attend([qk], [t.1 + 1], scale, &key_value, scores, [ok]) };
+                            }
+                        }
+                        _ => unreachable!("as many query rows as output rows"),
+                    }
+                }
+            });
+    }
+}
+
+/// Position `j`'s key and value of one KV head (`dims`) in layer `l`, read
+/// in place from the paged cache through the sequence's block `table`.
+fn kv_reader<'a>(
+    kv: &'a KvStorage,
+    l: usize,
+    table: &'a [u32],
+    dims: std::ops::Range<usize>,
+) -> impl Fn(usize) -> (&'a [f32], &'a [f32]) {
+    let bs = kv.block_size();
+    move |j| {
+        let (block, slot) = (table[j / bs] as usize, j % bs);
+        (
+            &kv.slot(l, KvKind::K, block, slot)[dims.clone()],
+            &kv.slot(l, KvKind::V, block, slot)[dims.clone()],
+        )
     }
 }
 

@@ -157,24 +157,48 @@ impl QMatrix {
 
     /// [`QMatrix::matmul`] with a choice of activation precision.
     pub fn matmul_with(&self, x: &[f32], n: usize, out: &mut [f32], act: Activations) {
+        self.matmul_using(x, n, out, act, kernels());
+    }
+
+    /// [`QMatrix::matmul_with`] on the given kernels (at most what
+    /// [`Kernels::detect`] found; tests and benchmarks compare them).
+    pub fn matmul_using(
+        &self,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+        act: Activations,
+        kernels: Kernels,
+    ) {
         assert_eq!(x.len(), n * self.cols, "{self:?}: activation shape");
         assert_eq!(out.len(), n * self.rows, "{self:?}: output shape");
         // A step of only partial prefills asks for no logits at all.
         if n == 0 {
             return;
         }
-        let simd = simd_available();
+        let kernels = kernels.min(Kernels::detect());
+        let simd = kernels >= Kernels::Avx2;
         // Rows per task: enough work to amortise scheduling, enough tasks to
         // balance the pool.
         let threads = rayon::current_num_threads().max(1);
         let chunk = (self.rows / (threads * 4)).clamp(16, 1024);
+        #[cfg(target_arch = "x86_64")]
+        if act == Activations::Q8 && kernels == Kernels::Avx512 {
+            let format = match self.ty {
+                GgmlType::Q4_0 => Some(super::avx512::Q4::Q4_0),
+                GgmlType::Q4_1 => Some(super::avx512::Q4::Q4_1),
+                _ => None,
+            };
+            if let Some(format) = format {
+                // SAFETY: `kernels` is at most what `detect()` found, and it
+                // finds Avx512 only where `avx512::available()`.
+                unsafe { self.matmul_avx512(format, x, n, out, threads, chunk) };
+                return;
+            }
+        }
         // Results are produced transposed ([rows, n]) so that each task owns
         // one contiguous slice, then transposed back.
-        let mut tmp = if n == 1 {
-            Vec::new()
-        } else {
-            vec![0f32; n * self.rows]
-        };
+        let mut tmp = split_scratch(n, self.rows);
         let dst: &mut [f32] = if n == 1 { out } else { &mut tmp };
 
         if uses_q8_activations(self.ty) && act == Activations::Q8 {
@@ -224,7 +248,79 @@ impl QMatrix {
             }
         }
     }
+
+    /// The AVX-512 product of a Q4 matrix. A prefill (at least
+    /// [`TOKEN_SPLIT`] tokens) is split by tokens: each task computes whole
+    /// output rows of its tokens in place, so nothing is transposed or
+    /// gathered on one thread after. Every (row, token) is computed the
+    /// same way whatever the split and the tile, so a token's result does
+    /// not depend on the batch it is in.
+    ///
+    /// # Safety
+    /// The CPU must have what `avx512::available()` checks.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn matmul_avx512(
+        &self,
+        format: super::avx512::Q4,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+        threads: usize,
+        chunk: usize,
+    ) {
+        use super::avx512::{self, Q8Act};
+        let act = Q8Act::quantize(x, n, self.cols);
+        let all = self.bytes.as_slice();
+        if n >= TOKEN_SPLIT {
+            let tile = n
+                .div_ceil(threads * 4)
+                .next_multiple_of(4)
+                .clamp(16, TOKEN_TILE);
+            out.par_chunks_mut(tile * self.rows)
+                .enumerate()
+                .for_each(|(i, o)| {
+                    let t0 = i * tile;
+                    let tokens = t0..t0 + o.len() / self.rows;
+                    // SAFETY: the caller's promise.
+                    unsafe { avx512::gemm(format, all, &act, tokens, o) };
+                });
+            return;
+        }
+        // A few tokens (a decode step): split by weight rows; each task
+        // writes its rows of every token, then they are copied into place.
+        let mut tmp = split_scratch(n, self.rows);
+        let dst: &mut [f32] = if n == 1 { out } else { &mut tmp };
+        dst.par_chunks_mut(chunk * n)
+            .enumerate()
+            .for_each(|(ci, o)| {
+                let (r0, rows) = (ci * chunk, o.len() / n);
+                let w = &all[r0 * self.row_bytes..(r0 + rows) * self.row_bytes];
+                // SAFETY: the caller's promise.
+                unsafe { avx512::gemm(format, w, &act, 0..n, o) };
+            });
+        if n > 1 {
+            for (ci, part) in tmp.chunks(chunk * n).enumerate() {
+                let rows = part.len() / n;
+                for (t, src) in part.chunks_exact(rows).enumerate() {
+                    out[t * self.rows + ci * chunk..][..rows].copy_from_slice(src);
+                }
+            }
+        }
+    }
 }
+
+/// Scratch for a product split by weight rows: none for one token (the
+/// tasks write the output directly), else `n * rows` floats.
+fn split_scratch(n: usize, rows: usize) -> Vec<f32> {
+    if n == 1 {
+        Vec::new()
+    } else {
+        vec![0f32; n * rows]
+    }
+}
+
+/// From this many tokens on, the AVX-512 product splits by tokens.
+const TOKEN_SPLIT: usize = 16;
 
 /// How activations meet quantized weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -244,6 +340,78 @@ const TOKEN_TILE: usize = 64;
 
 /// `out[t] = row · x[t * nb..(t + 1) * nb]` for every `t < out.len()`.
 type Q8Dot = fn(&[u8], &[BlockQ8], usize, &mut [f32]);
+
+/// Which kernels the quantized matrix products use: the scalar reference,
+/// AVX2/FMA/F16C (one weight row by a few tokens), or AVX-512 VNNI
+/// (register-blocked tiles, for Q4_0 and Q4_1; the other types use AVX2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kernels {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Kernels {
+    /// The best set this CPU runs.
+    pub fn detect() -> Kernels {
+        static BEST: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if super::avx512::available() {
+                return Kernels::Avx512;
+            }
+            if simd_available() {
+                Kernels::Avx2
+            } else {
+                Kernels::Scalar
+            }
+        })
+    }
+
+    fn from_env(v: &str) -> Option<Kernels> {
+        match v {
+            "avx512" => Some(Kernels::Avx512),
+            "avx2" => Some(Kernels::Avx2),
+            "scalar" => Some(Kernels::Scalar),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kernels::Scalar => "scalar",
+            Kernels::Avx2 => "avx2",
+            Kernels::Avx512 => "avx512",
+        }
+    }
+}
+
+/// Environment variable that lowers the kernels the engine uses
+/// (`avx2` or `scalar`), to compare them or to work around a CPU.
+pub const KERNELS_ENV: &str = "XPYD_CPU_KERNELS";
+
+/// The kernels [`QMatrix::matmul`] uses: [`Kernels::detect`], lowered by
+/// [`KERNELS_ENV`] when it names a lesser set (an unknown value is ignored
+/// with a warning).
+pub fn kernels() -> Kernels {
+    static CHOSEN: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let best = Kernels::detect();
+        match std::env::var(KERNELS_ENV) {
+            Ok(v) => match Kernels::from_env(&v) {
+                Some(k) => k.min(best),
+                None => {
+                    tracing::warn!(
+                        "{KERNELS_ENV}={v} is not one of avx512, avx2, scalar; using {}",
+                        best.as_str()
+                    );
+                    best
+                }
+            },
+            Err(_) => best,
+        }
+    })
+}
 
 /// Whether the AVX2/FMA/F16C kernels can run here.
 pub fn simd_available() -> bool {

@@ -49,12 +49,12 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
         // SAFETY: `available()` checked the target features.
         return unsafe { super::x86::quantize_q8(x, out) };
     }
-    quantize_q8_inline(x, out);
+    quantize_q8_scalar(x, out);
 }
 
-/// The body of [`quantize_q8`], inlined into a SIMD-enabled caller.
-#[inline(always)]
-pub(crate) fn quantize_q8_inline(x: &[f32], out: &mut [BlockQ8]) {
+/// The scalar [`quantize_q8`]: the reference its AVX2 version matches bit
+/// for bit.
+pub(crate) fn quantize_q8_scalar(x: &[f32], out: &mut [BlockQ8]) {
     for (xs, block) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;

@@ -62,11 +62,66 @@ fn h2f(b: &[u8], at: usize) -> f32 {
 /// used against this many activation rows. (`rows_kernel` spells out 4.)
 const TILE: usize = 4;
 
-/// [`super::quant::quantize_q8`] compiled for AVX2, so its rounding and
-/// max-abs loops vectorize; same results.
+/// [`super::quant::quantize_q8`] in AVX2, bit for bit the same results.
+/// (The scalar loop compiled for AVX2 kept its max-abs reduction and the
+/// rounding scalar: 8 % of a prefill.) `round` is half away from zero, as
+/// `f32::round`: `trunc(v + copysign(0.49999997, v))`, the form LLVM
+/// lowers it to.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
-    super::quant::quantize_q8_inline(x, out);
+    let sign = _mm256_set1_ps(-0.0);
+    let below_half = _mm256_set1_ps(0.499_999_97);
+    // packs interleave the 128-bit lanes; this puts the bytes back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (xs, block) in x.chunks_exact(super::quant::QK).zip(out.iter_mut()) {
+        // SAFETY: `xs` has 32 floats.
+        let v: [__m256; 4] = unsafe {
+            let p = xs.as_ptr();
+            [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ]
+        };
+        let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+        let m = _mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+        let amax = _mm_cvtss_f32(m);
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let mut q = [_mm256_setzero_si256(); 4];
+        let mut sum = _mm256_setzero_si256();
+        for (qi, &vi) in q.iter_mut().zip(&v) {
+            let s = _mm256_mul_ps(vi, id);
+            let half = _mm256_or_ps(_mm256_and_ps(s, sign), below_half);
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm256_add_ps(
+                s, half,
+            ));
+            *qi = _mm256_cvttps_epi32(r);
+            sum = _mm256_add_epi32(sum, *qi);
+        }
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let packed = _mm256_permutevar8x32_epi32(packed, order);
+        // SAFETY: `qs` has 32 bytes.
+        unsafe { _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), packed) };
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+        block.d = d;
+        block.s = d * _mm_cvtsi128_si32(s) as f32;
+    }
 }
 
 /// Runs `kernel` over `out.len()` activation rows of `nb` blocks each, in
@@ -223,6 +278,21 @@ rows_kernel!(
 #[target_feature(enable = "avx2,fma")]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
+    let mut sum = hsum(dot_lanes(a, b));
+    for i in n / 16 * 16..n {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+/// The 8 lanes [`dot_f32`] sums horizontally: its products over the first
+/// `16 * (n / 16)` elements in two accumulators (elements `16i..16i + 8`
+/// and `16i + 8..16i + 16`), added. Shared with the AVX-512 attention,
+/// which sums 8 of these at once and must get the same bits.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub fn dot_lanes(a: &[f32], b: &[f32]) -> __m256 {
+    let n = a.len().min(b.len());
     let mut acc0 = _mm256_setzero_ps();
     let mut acc1 = _mm256_setzero_ps();
     let mut i = 0;
@@ -236,12 +306,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         }
         i += 16;
     }
-    let mut sum = hsum(_mm256_add_ps(acc0, acc1));
-    while i < n {
-        sum += a[i] * b[i];
-        i += 1;
-    }
-    sum
+    _mm256_add_ps(acc0, acc1)
 }
 
 /// [`super::ops::attend`] with the AVX2 dot and axpy inlined.
@@ -289,23 +354,42 @@ mod tests {
     use super::super::quant;
     use super::*;
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use super::super::test_data as data;
 
     type RowsKernel = unsafe fn(&[u8], &[BlockQ8], usize, &mut [f32]);
     type ScalarKernel = fn(&[u8], &[BlockQ8]) -> f32;
 
     fn close(a: f32, b: f32) -> bool {
         (a - b).abs() <= 1e-4 * (1.0 + a.abs().max(b.abs()))
+    }
+
+    #[test]
+    fn quantizing_activations_equals_the_scalar_quantizer_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        let mut x = data(64 * 32, 11);
+        // Exact ties of the rounding (v * 127 / amax = k + 0.5), zeros,
+        // a zero block and large values.
+        for (i, v) in x.iter_mut().enumerate().take(32) {
+            *v = (i as f32 - 16.0) + 0.5;
+        }
+        x[40] = 127.0;
+        x[41] = -63.5;
+        for v in &mut x[64..96] {
+            *v = 0.0;
+        }
+        x[100] = 3.0e30;
+        let mut simd = vec![BlockQ8::ZERO; 64];
+        let mut scalar = vec![BlockQ8::ZERO; 64];
+        // SAFETY: `available()` above.
+        unsafe { quantize_q8(&x, &mut simd) };
+        quant::quantize_q8_scalar(&x, &mut scalar);
+        for (b, (a, e)) in simd.iter().zip(&scalar).enumerate() {
+            assert_eq!(a.qs, e.qs, "block {b}");
+            assert_eq!(a.d.to_bits(), e.d.to_bits(), "block {b}");
+            assert_eq!(a.s.to_bits(), e.s.to_bits(), "block {b}");
+        }
     }
 
     #[test]

@@ -1,0 +1,651 @@
+//! AVX-512 VNNI matrix products of Q4_0/Q4_1 weights with Q8 activations,
+//! register-blocked: a tile of 4 weight rows by 4 tokens keeps 16
+//! accumulators in registers, so each unpacked weight block is used 4 times
+//! and each activation block 4 times from registers. Two 32-value blocks
+//! fill one 512-bit register; `vpdpbusd` multiplies the unsigned nibbles by
+//! the signed activations and sums groups of 4 into 32-bit lanes in one
+//! instruction (AVX2 needs `maddubs`, `madd` and a constant for that).
+//!
+//! The activations are the same Q8 blocks the AVX2 kernels use
+//! ([`super::quant::quantize_q8`]), relaid for 512-bit loads ([`Q8Act`]), so
+//! both paths compute the same sums in a different order; the tests below
+//! hold each product to the scalar reference. Callers check [`available`].
+//!
+//! Per block: Q4_1 weight `j` is `nibble_j * d + m`, Q4_0's is
+//! `(nibble_j - 8) * d`. So `row · x = sum_b d_b dx_b (nibbles · qx)_b +
+//! sum_b c_b s_b` with `c_b = m_b` (Q4_1) or `-8 d_b` (Q4_0) and
+//! `s_b = dx_b * sum(qx)_b`; the second sum is a short f32 dot product per
+//! (row, token), done after the integer part.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::quant::{self, BlockQ8, Q4_0_BYTES, Q4_1_BYTES, QK, f16_at};
+
+/// Whether this CPU runs the kernels of this module (AVX-512 F, BW and
+/// VNNI, and the AVX2/F16C set the rest of the engine uses).
+pub fn available() -> bool {
+    super::x86::available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// Which 4-bit format a weight matrix has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Q4 {
+    Q4_0,
+    Q4_1,
+}
+
+impl Q4 {
+    fn block_bytes(self) -> usize {
+        match self {
+            Q4::Q4_0 => Q4_0_BYTES,
+            Q4::Q4_1 => Q4_1_BYTES,
+        }
+    }
+
+    /// Where a block's 16 bytes of nibbles start.
+    fn quants_at(self) -> usize {
+        match self {
+            Q4::Q4_0 => 2,
+            Q4::Q4_1 => 4,
+        }
+    }
+
+    /// `c_b` of the module doc for the block `b`.
+    fn constant(self, b: &[u8]) -> f32 {
+        match self {
+            Q4::Q4_0 => -8.0 * f16_at(b, 0),
+            Q4::Q4_1 => f16_at(b, 2),
+        }
+    }
+}
+
+/// One token's share of a [`Q8Act`] being filled, and its activations:
+/// `(((quants, scales), sums), x)`.
+type TokenRow<'a> = (((&'a mut [i8], &'a mut [f32]), &'a mut [f32]), &'a [f32]);
+
+/// `n` tokens' Q8 activations for 512-bit loads: each token's quants
+/// contiguous, its block scales `d` and scaled sums `s` in their own
+/// arrays, every token padded to an even number of blocks with zeros.
+pub struct Q8Act {
+    n: usize,
+    nb: usize,
+    /// Blocks per token after padding (even).
+    width: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl Q8Act {
+    /// Quantizes `n` rows of `cols` activations (a multiple of 32) to Q8,
+    /// exactly as [`super::quant::quantize_q8`] does, in parallel over the
+    /// tokens for a prefill.
+    pub fn quantize(x: &[f32], n: usize, cols: usize) -> Q8Act {
+        assert_eq!(x.len(), n * cols, "activation shape");
+        let nb = cols / QK;
+        let width = nb.next_multiple_of(2);
+        let mut qs = vec![0i8; n * width * QK];
+        let mut d = vec![0f32; n * width];
+        let mut s = vec![0f32; n * width];
+        let one = |scratch: &mut Vec<BlockQ8>, (((qs, d), s), x): TokenRow<'_>| {
+            quant::quantize_q8(x, scratch);
+            for (b, block) in scratch.iter().enumerate() {
+                qs[b * QK..(b + 1) * QK].copy_from_slice(&block.qs);
+                d[b] = block.d;
+                s[b] = block.s;
+            }
+        };
+        let rows = qs
+            .par_chunks_mut(width * QK)
+            .zip(d.par_chunks_mut(width))
+            .zip(s.par_chunks_mut(width))
+            .zip(x.par_chunks(cols.max(1)));
+        // Fanning out costs more than it saves for a few tokens (decode).
+        if n >= 8 {
+            rows.for_each_init(|| vec![BlockQ8::ZERO; nb], one);
+        } else {
+            let mut scratch = vec![BlockQ8::ZERO; nb];
+            for row in qs
+                .chunks_mut(width * QK)
+                .zip(d.chunks_mut(width))
+                .zip(s.chunks_mut(width))
+                .zip(x.chunks(cols.max(1)))
+            {
+                one(&mut scratch, row);
+            }
+        }
+        Q8Act {
+            n,
+            nb,
+            width,
+            qs,
+            d,
+            s,
+        }
+    }
+}
+
+/// Row `r` of the `weights` (whole rows of `format` blocks) dotted with
+/// each token `t` of `tokens`, into `out[(t - tokens.start) * rows + r]`:
+/// a task's share of tokens, laid out as the caller's output rows are.
+///
+/// # Safety
+/// The CPU must have the features [`available`] checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn gemm(format: Q4, weights: &[u8], act: &Q8Act, tokens: Range<usize>, out: &mut [f32]) {
+    assert!(tokens.end <= act.n, "tokens out of range");
+    let row_bytes = act.nb * format.block_bytes();
+    let rows = weights.len() / row_bytes.max(1);
+    let count = tokens.len();
+    assert_eq!(out.len(), rows * count, "output shape");
+    // Each row's constants (`c_b`), padded like the activations.
+    let mut consts = vec![0f32; rows * act.width];
+    for (r, c) in consts.chunks_exact_mut(act.width).enumerate() {
+        let row = &weights[r * row_bytes..(r + 1) * row_bytes];
+        for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
+            c[b] = format.constant(block);
+        }
+    }
+    let row = |r: usize| &weights[r * row_bytes..(r + 1) * row_bytes];
+    let mut put = |r0: usize, t0: usize, v: &[&[f32]]| {
+        for (i, vr) in v.iter().enumerate() {
+            let c = &consts[(r0 + i) * act.width..(r0 + i + 1) * act.width];
+            for (j, &vt) in vr.iter().enumerate() {
+                let t = t0 + j;
+                let s = &act.s[t * act.width..(t + 1) * act.width];
+                out[(t - tokens.start) * rows + r0 + i] = vt + dot(c, s);
+            }
+        }
+    };
+    for t0 in tokens.clone().step_by(TOKEN_TILE) {
+        let t1 = tokens.end.min(t0 + TOKEN_TILE);
+        let mut r = 0;
+        while r < rows {
+            if r + 4 <= rows {
+                let ws = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+                let mut t = t0;
+                while t + 4 <= t1 {
+                    // SAFETY: the features are the caller's promise.
+                    let v = unsafe { tile::<4, 4>(format, ws, act, t) };
+                    put(r, t, &[&v[0], &v[1], &v[2], &v[3]]);
+                    t += 4;
+                }
+                while t < t1 {
+                    // SAFETY: as above.
+                    let v = unsafe { tile::<4, 1>(format, ws, act, t) };
+                    put(r, t, &[&v[0], &v[1], &v[2], &v[3]]);
+                    t += 1;
+                }
+                r += 4;
+            } else {
+                let ws = [row(r)];
+                let mut t = t0;
+                while t + 4 <= t1 {
+                    // SAFETY: as above.
+                    let v = unsafe { tile::<1, 4>(format, ws, act, t) };
+                    put(r, t, &[&v[0]]);
+                    t += 4;
+                }
+                while t < t1 {
+                    // SAFETY: as above.
+                    let v = unsafe { tile::<1, 1>(format, ws, act, t) };
+                    put(r, t, &[&v[0]]);
+                    t += 1;
+                }
+                r += 1;
+            }
+        }
+    }
+}
+
+/// Tokens per pass over a task's weight rows: their activations (about
+/// 60-120 KiB at this model's widths) stay in L2 while the rows stream.
+const TOKEN_TILE: usize = 64;
+
+/// f32 dot product of two equally long slices.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let len = a.len().min(b.len());
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < len {
+        let left = len - i;
+        let mask: __mmask16 = if left >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << left) - 1
+        };
+        // SAFETY: the mask covers only the `left` elements in bounds.
+        unsafe {
+            let va = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(i));
+            let vb = _mm512_maskz_loadu_ps(mask, b.as_ptr().add(i));
+            acc = _mm512_fmadd_ps(va, vb, acc);
+        }
+        i += 16;
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
+/// The integer part (`sum_b d_b dx_b (nibbles · qx)_b`) of `R` weight rows
+/// times the `T` tokens from `t0`.
+///
+/// # Safety
+/// The CPU must have the features [`available`] checks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+// The accumulators are a register array indexed by row, token and lane.
+#[allow(clippy::needless_range_loop)]
+unsafe fn tile<const R: usize, const T: usize>(
+    format: Q4,
+    rows: [&[u8]; R],
+    act: &Q8Act,
+    t0: usize,
+) -> [[f32; T]; R] {
+    let (bytes, quants_at, nb) = (format.block_bytes(), format.quants_at(), act.nb);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let low = _mm512_set1_epi8(0x0F);
+    // 128-bit lanes [q0, q0, q1, q1] from [q0, q1].
+    let spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
+    // Lanes 0-7 take element 0, lanes 8-15 element 1.
+    let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for p in 0..act.width / 2 {
+        let (b0, second) = (2 * p, 2 * p + 1 < nb);
+        let mut wq = [_mm512_setzero_si512(); R];
+        let mut wd = [_mm512_setzero_ps(); R];
+        for i in 0..R {
+            let block0 = &rows[i][b0 * bytes..(b0 + 1) * bytes];
+            let block1 = if second {
+                &rows[i][(b0 + 1) * bytes..(b0 + 2) * bytes]
+            } else {
+                block0
+            };
+            // SAFETY: both blocks hold 16 bytes of nibbles at `quants_at`.
+            let (q0, q1) = unsafe {
+                (
+                    _mm_loadu_si128(block0.as_ptr().add(quants_at).cast()),
+                    _mm_loadu_si128(block1.as_ptr().add(quants_at).cast()),
+                )
+            };
+            let q1 = if second { q1 } else { _mm_setzero_si128() };
+            let v =
+                _mm512_permutexvar_epi64(spread, _mm512_castsi256_si512(_mm256_set_m128i(q1, q0)));
+            // Lanes 1 and 3 (qwords 2, 3, 6, 7) take the high nibbles.
+            let v = _mm512_mask_blend_epi64(0xCC, v, _mm512_srli_epi16::<4>(v));
+            wq[i] = _mm512_and_si512(v, low);
+            let d0 = u16::from_le_bytes([block0[0], block0[1]]);
+            let d1 = if second {
+                u16::from_le_bytes([block1[0], block1[1]])
+            } else {
+                0
+            };
+            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(d0) | (i32::from(d1) << 16)));
+            wd[i] = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(dd));
+        }
+        for j in 0..T {
+            let at = (t0 + j) * act.width + b0;
+            // SAFETY: a token's padded row holds `width` (even) blocks of
+            // 32 quants and `width` scales; `b0 + 1 < width`.
+            let (x, xd) = unsafe {
+                (
+                    _mm512_loadu_si512(act.qs.as_ptr().add(at * QK).cast()),
+                    _mm_castsi128_ps(_mm_loadl_epi64(act.d.as_ptr().add(at).cast())),
+                )
+            };
+            let xd = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(xd));
+            for i in 0..R {
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[i], x);
+                acc[i][j] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd[i], xd), acc[i][j]);
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for i in 0..R {
+        for j in 0..T {
+            out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+        }
+    }
+    out
+}
+
+/// Causal attention of `Q` queries of one head (of one sequence): query
+/// `i` attends to positions `0..lens[i]`, `out[i] = sum_j softmax_j(scale *
+/// q_i·k_j) v_j`, where `kv(j)` gives position `j`'s key and value in
+/// place in the paged cache. Each key and value is looked up once for all
+/// `Q` queries, and the weighted values are summed in registers (the
+/// per-query path sums them through memory).
+///
+/// Bit for bit what [`super::ops::attend`] gives each query alone on the
+/// AVX2 path: the same dot product ([`super::x86::dot_f32`]), the same
+/// softmax, and the same fused multiply-adds in the same key order, so a
+/// token's attention does not depend on how many tokens share its step
+/// (a prefill at once equals one in chunks, a prefix-cache hit a cold
+/// prefill). `scores` is scratch (`Q` rows); `head_dim` must be a multiple
+/// of 16 and at most 64 per pass (larger ones take several passes).
+///
+/// # Safety
+/// The CPU must have the features [`available`] checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+// The accumulators are a register array indexed by query and lane.
+#[allow(clippy::needless_range_loop)]
+pub unsafe fn attend<'a, K, const Q: usize>(
+    q: [&[f32]; Q],
+    lens: [usize; Q],
+    scale: f32,
+    kv: K,
+    scores: &mut Vec<f32>,
+    out: [&mut [f32]; Q],
+) where
+    K: Fn(usize) -> (&'a [f32], &'a [f32]),
+{
+    let hd = q.first().map_or(0, |q| q.len());
+    assert!(
+        hd.is_multiple_of(16),
+        "head_dim {hd} is not a multiple of 16"
+    );
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    scores.clear();
+    scores.resize(Q * longest, 0.0);
+    let mut j = 0;
+    while j + 8 <= longest {
+        let keys: [&[f32]; 8] = std::array::from_fn(|m| kv(j + m).0);
+        for i in 0..Q {
+            let row = &mut scores[i * longest..(i + 1) * longest];
+            if j + 8 <= lens[i] {
+                let s = _mm256_mul_ps(dots8(q[i], &keys), _mm256_set1_ps(scale));
+                // SAFETY: `j + 8 <= longest`, the row's length.
+                unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(j), s) };
+            } else {
+                for (m, k) in keys.iter().enumerate().take(lens[i].saturating_sub(j)) {
+                    row[j + m] = super::x86::dot_f32(q[i], k) * scale;
+                }
+            }
+        }
+        j += 8;
+    }
+    for j in j..longest {
+        let k = kv(j).0;
+        for i in 0..Q {
+            if j < lens[i] {
+                scores[i * longest + j] = super::x86::dot_f32(q[i], k) * scale;
+            }
+        }
+    }
+    for (i, &len) in lens.iter().enumerate() {
+        super::ops::softmax(&mut scores[i * longest..i * longest + len]);
+    }
+    let mut out = out;
+    for c0 in (0..hd).step_by(64) {
+        let width = (hd - c0).min(64) / 16;
+        let mut acc = [[_mm512_setzero_ps(); 4]; Q];
+        for j in 0..longest {
+            let v = &kv(j).1[c0..c0 + 16 * width];
+            let mut vv = [_mm512_setzero_ps(); 4];
+            for (c, vc) in vv.iter_mut().enumerate().take(width) {
+                // SAFETY: `16 * c + 16 <= v.len()`.
+                *vc = unsafe { _mm512_loadu_ps(v.as_ptr().add(16 * c)) };
+            }
+            for i in 0..Q {
+                if j < lens[i] {
+                    let p = _mm512_set1_ps(scores[i * longest + j]);
+                    for c in 0..width {
+                        acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
+                    }
+                }
+            }
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            let o = &mut o[c0..c0 + 16 * width];
+            for c in 0..width {
+                // SAFETY: `16 * c + 16 <= o.len()`.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), acc[i][c]) };
+            }
+        }
+    }
+}
+
+/// `[dot_f32(q, keys[m]) for m in 0..8]`, bit for bit what
+/// [`super::x86::dot_f32`] gives each key (`q.len()` a multiple of 16):
+/// the same lanes per key ([`super::x86::dot_lanes`]), and the 8 horizontal sums done
+/// together with the same pairing as its `hsum` (lane `m` with `m + 4`,
+/// then `m` with `m + 2`, then the two left), which is what the
+/// per-key dot spends most of its time on.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn dots8(q: &[f32], keys: &[&[f32]; 8]) -> __m256 {
+    let n = q.len();
+    let mut x = [_mm256_setzero_ps(); 8];
+    for (xk, k) in x.iter_mut().zip(keys) {
+        assert!(k.len() >= n, "key shorter than the query");
+        *xk = super::x86::dot_lanes(q, k);
+    }
+    // Lane m + lane m + 4, keys in pairs: [key 2p | key 2p + 1].
+    let s: [__m256; 4] = std::array::from_fn(|p| {
+        let (a, b) = (x[2 * p], x[2 * p + 1]);
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        )
+    });
+    // Lane m + lane m + 2: [k0 k0 k2 k2 | k1 k1 k3 k3] and the same for 4-7.
+    let t = |a: __m256, b: __m256| {
+        _mm256_add_ps(
+            _mm256_shuffle_ps::<0b01_00_01_00>(a, b),
+            _mm256_shuffle_ps::<0b11_10_11_10>(a, b),
+        )
+    };
+    let (t0, t1) = (t(s[0], s[1]), t(s[2], s[3]));
+    // The two left: [r0 r2 r4 r6 | r1 r3 r5 r7], then in key order.
+    let r = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(t0, t1),
+        _mm256_shuffle_ps::<0b11_01_11_01>(t0, t1),
+    );
+    _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+/// [`attend`] for any number of queries that attend to the same `len`
+/// positions (the query heads that share a KV head, in a decode step), up
+/// to 4 at a time: each key and value is looked up once per group.
+///
+/// # Safety
+/// The CPU must have the features [`available`] checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn attend_group<'a, K>(
+    q: &[&[f32]],
+    len: usize,
+    scale: f32,
+    kv: K,
+    scores: &mut Vec<f32>,
+    out: &mut [&mut [f32]],
+) where
+    K: Fn(usize) -> (&'a [f32], &'a [f32]),
+{
+    assert_eq!(q.len(), out.len(), "a query per output");
+    let mut i = 0;
+    while i < q.len() {
+        match &mut out[i..] {
+            // SAFETY: the caller's promise (and in each arm below).
+            [a, b, c, d, ..] => unsafe {
+                let qs = [q[i], q[i + 1], q[i + 2], q[i + 3]];
+                attend(
+                    qs,
+                    [len; 4],
+                    scale,
+                    &kv,
+                    scores,
+                    [&mut **a, &mut **b, &mut **c, &mut **d],
+                );
+                i += 4;
+            },
+            // SAFETY: as above.
+            [a, b, c] => unsafe {
+                let qs = [q[i], q[i + 1], q[i + 2]];
+                attend(
+                    qs,
+                    [len; 3],
+                    scale,
+                    &kv,
+                    scores,
+                    [&mut **a, &mut **b, &mut **c],
+                );
+                i += 3;
+            },
+            // SAFETY: as above.
+            [a, b] => unsafe {
+                attend(
+                    [q[i], q[i + 1]],
+                    [len; 2],
+                    scale,
+                    &kv,
+                    scores,
+                    [&mut **a, &mut **b],
+                );
+                i += 2;
+            },
+            // SAFETY: as above.
+            [a] => unsafe {
+                attend([q[i]], [len], scale, &kv, scores, [&mut **a]);
+                i += 1;
+            },
+            [] => unreachable!("i < q.len() == out.len()"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::super::test_data as data;
+
+    /// The tiled attention equals the AVX2 per-query path bit for bit, for
+    /// queries of different lengths, one and four at a time, and the
+    /// scalar reference within float rounding.
+    #[test]
+    fn tiled_attention_equals_the_per_query_path_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        let (hd, n) = (64, 37);
+        let keys = data(n * hd, 21);
+        let values = data(n * hd, 22);
+        let kv = |j: usize| (&keys[j * hd..(j + 1) * hd], &values[j * hd..(j + 1) * hd]);
+        let qs = data(4 * hd, 23);
+        let q = |i: usize| &qs[i * hd..(i + 1) * hd];
+        let lens = [1, 16, 17, 37];
+        let scale = 0.125;
+        let (mut simd, mut scalar) = (vec![0f32; 4 * hd], vec![0f32; 4 * hd]);
+        let mut scratch = Vec::new();
+        for (i, (s, r)) in simd.chunks_mut(hd).zip(scalar.chunks_mut(hd)).enumerate() {
+            super::super::ops::attend(q(i), lens[i], scale, kv, &mut scratch, s, true);
+            super::super::ops::attend(q(i), lens[i], scale, kv, &mut scratch, r, false);
+        }
+        let mut four = vec![0f32; 4 * hd];
+        let mut one = vec![0f32; hd];
+        {
+            let (a, rest) = four.split_at_mut(hd);
+            let (b, rest) = rest.split_at_mut(hd);
+            let (c, d) = rest.split_at_mut(hd);
+            // SAFETY: `available()` above.
+            unsafe {
+                attend(
+                    [q(0), q(1), q(2), q(3)],
+                    lens,
+                    scale,
+                    kv,
+                    &mut scratch,
+                    [a, b, c, d],
+                );
+                attend([q(2)], [lens[2]], scale, kv, &mut scratch, [&mut one]);
+            }
+        }
+        let mut three = vec![0f32; 3 * hd];
+        {
+            let mut outs: Vec<&mut [f32]> = three.chunks_mut(hd).collect();
+            // SAFETY: `available()` above.
+            unsafe { attend_group(&[q(3), q(2), q(1)], 17, scale, kv, &mut scratch, &mut outs) };
+        }
+        for (i, o) in three.chunks(hd).enumerate() {
+            let mut alone = vec![0f32; hd];
+            super::super::ops::attend(q(3 - i), 17, scale, kv, &mut scratch, &mut alone, true);
+            assert_eq!(o, alone, "a group of three, query {i}");
+        }
+        assert_eq!(four, simd, "four at a time, against the AVX2 path");
+        assert_eq!(
+            one,
+            simd[2 * hd..3 * hd],
+            "one alone, against the AVX2 path"
+        );
+        for (i, (g, w)) in four.iter().zip(&scalar).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5,
+                "query {} dim {}: {g} vs {w}",
+                i / hd,
+                i % hd
+            );
+        }
+    }
+
+    /// Every (row, token) of odd and even block counts, row counts that
+    /// are not a multiple of 4 and token counts that are not a multiple of
+    /// 4 (and over one token tile) equals the scalar dot within float
+    /// rounding.
+    #[test]
+    fn blocked_products_equal_scalar_dots() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI here");
+            return;
+        }
+        for (format, quantize, scalar) in [
+            (
+                Q4::Q4_1,
+                quant::quantize_q4_1 as fn(&[f32]) -> Vec<u8>,
+                quant::dot_q4_1_q8 as fn(&[u8], &[BlockQ8]) -> f32,
+            ),
+            (Q4::Q4_0, quant::quantize_q4_0, quant::dot_q4_0_q8),
+        ] {
+            for (rows, nb, n) in [(9, 3, 70), (8, 18, 5), (5, 1, 1), (4, 48, 4)] {
+                let cols = nb * QK;
+                let w = quantize(&data(rows * cols, 7 + nb as u32));
+                let x = data(n * cols, 3 + n as u32);
+                let mut xq = vec![BlockQ8::ZERO; n * nb];
+                quant::quantize_q8(&x, &mut xq);
+                let act = Q8Act::quantize(&x, n, cols);
+                // All tokens, and a later share of them.
+                let some = n / 3..n;
+                let mut all = vec![0f32; rows * n];
+                let mut part = vec![0f32; rows * some.len()];
+                // SAFETY: `available()` above.
+                unsafe {
+                    gemm(format, &w, &act, 0..n, &mut all);
+                    gemm(format, &w, &act, some.clone(), &mut part);
+                }
+                let row_bytes = w.len() / rows;
+                for r in 0..rows {
+                    for t in 0..n {
+                        let want = scalar(
+                            &w[r * row_bytes..(r + 1) * row_bytes],
+                            &xq[t * nb..(t + 1) * nb],
+                        );
+                        let got = all[t * rows + r];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "{format:?} {rows}x{cols} by {n}: row {r} token {t}: {got} vs {want}"
+                        );
+                        if some.contains(&t) {
+                            let got = part[(t - some.start) * rows + r];
+                            assert_eq!(got, all[t * rows + r], "a share: row {r} token {t}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
