@@ -444,11 +444,14 @@ impl Model {
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let simd = simd_available();
-        // A sequence with many new tokens (a prefill chunk) on the tiled
-        // kernel; decode steps and short chunks one head at a time below.
+        // On AVX-512: a sequence with many new tokens (a prefill chunk) on
+        // the tiled kernel, the rest by KV group; elsewhere one head at a
+        // time (all three give the same bits).
         let mut tiled = vec![false; tokens.len()];
         #[cfg(target_arch = "x86_64")]
-        if super::cpu::kernels() == super::cpu::Kernels::Avx512 && hd.is_multiple_of(16) {
+        let avx512 = super::cpu::kernels() == super::cpu::Kernels::Avx512 && hd.is_multiple_of(16);
+        #[cfg(target_arch = "x86_64")]
+        if avx512 {
             let mut t = 0;
             while t < tokens.len() {
                 let s = tokens[t].0;
@@ -463,7 +466,7 @@ impl Model {
         // The rest (decode steps): on AVX-512, the query heads that share a
         // KV head attend together, each key and value read once for them.
         #[cfg(target_arch = "x86_64")]
-        if super::cpu::kernels() == super::cpu::Kernels::Avx512 && hd.is_multiple_of(16) {
+        if avx512 {
             let one_group = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
                 let (t, g) = (i / c.n_kv_heads, i % c.n_kv_heads);
                 if tiled[t] {
@@ -474,17 +477,16 @@ impl Model {
                 let key_value = kv_reader(kv, l, table, g * hd..(g + 1) * hd);
                 let heads =
                     (t * c.n_heads + g * group) * hd..(t * c.n_heads + (g + 1) * group) * hd;
-                let qs: Vec<&[f32]> = q[heads].chunks(hd).collect();
-                let mut os: Vec<&mut [f32]> = o.chunks_mut(hd).collect();
                 // SAFETY: `kernels()` said Avx512.
                 unsafe {
                     super::cpu::avx512::attend_group(
-                        &qs,
+                        &q[heads],
+                        hd,
                         pos + 1,
                         scale,
                         key_value,
                         scores,
-                        &mut os,
+                        o,
                     )
                 };
             };
@@ -502,9 +504,6 @@ impl Model {
         }
         let one_head = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
             let (t, head) = (i / c.n_heads, i % c.n_heads);
-            if tiled[t] {
-                return;
-            }
             let (s, pos) = tokens[t];
             let table = batch[s].block_table;
             let key_value = kv_reader(kv, l, table, (head / group) * hd..(head / group + 1) * hd);
@@ -522,9 +521,7 @@ impl Model {
                 .for_each_init(Vec::new, one_head);
         }
     }
-}
 
-impl Model {
     /// Whether the attention of the `tokens` not `tiled` is too little
     /// work to fan out: below a few thousand (query head, key) pairs,
     /// threads cost more than they save.
@@ -538,14 +535,7 @@ impl Model {
             * self.config.n_heads;
         work < 4096
     }
-}
 
-/// New tokens of one sequence in a step from which its attention runs on
-/// the tiled AVX-512 kernel (the same results as one query at a time).
-#[cfg(target_arch = "x86_64")]
-const TILED_ATTENTION_MIN: usize = 8;
-
-impl Model {
     /// Attention of one sequence's new tokens `toks` (rows `first..` of
     /// `q` and `out`) on the tiled AVX-512 kernel: tiles of 4 tokens per
     /// head, in parallel, each key and value read once per tile.
@@ -575,27 +565,30 @@ impl Model {
                 for h in 0..nh {
                     let dims = h * hd..(h + 1) * hd;
                     let key_value = kv_reader(kv, l, table, (h / group) * hd..(h / group + 1) * hd);
-                    let qs: Vec<&[f32]> = qt.chunks(qd).map(|r| &r[dims.clone()]).collect();
-                    let os: Vec<&mut [f32]> =
-                        o.chunks_mut(qd).map(|r| &mut r[dims.clone()]).collect();
-                    match (<[&[f32]; 4]>::try_from(qs), <[&mut [f32]; 4]>::try_from(os)) {
-                        (Ok(qs), Ok(os)) => {
-                            let lens = [tt[0].1 + 1, tt[1].1 + 1, tt[2].1 + 1, tt[3].1 + 1];
-                            // SAFETY: `kernels()` said Avx512 (the caller).
-                            unsafe { attend(qs, lens, scale, &key_value, scores, os) };
+                    let mut qs = qt.chunks(qd).map(|r| &r[dims.clone()]);
+                    let mut os = o.chunks_mut(qd).map(|r| &mut r[dims.clone()]);
+                    if let [t0, t1, t2, t3] = tt {
+                        let lens = [t0.1 + 1, t1.1 + 1, t2.1 + 1, t3.1 + 1];
+                        // 4 tokens: 4 rows of each (the defaults are never taken).
+                        let qs = std::array::from_fn(|_| qs.next().unwrap_or_default());
+                        let os = std::array::from_fn(|_| os.next().unwrap_or_default());
+                        // SAFETY: `kernels()` said Avx512 (the caller).
+                        unsafe { attend(qs, lens, scale, &key_value, scores, os) };
+                    } else {
+                        for ((qk, ok), t) in qs.zip(os).zip(tt) {
+                            // SAFETY: as above.
+                            unsafe { attend([qk], [t.1 + 1], scale, &key_value, scores, [ok]) };
                         }
-                        (Err(qs), Err(os)) => {
-                            for ((qk, ok), t) in qs.into_iter().zip(os).zip(tt) {
-                                // SAFETY: as above.
-                                unsafe { attend([qk], [t.1 + 1], scale, &key_value, scores, [ok]) };
-                            }
-                        }
-                        _ => unreachable!("as many query rows as output rows"),
                     }
                 }
             });
     }
 }
+
+/// New tokens of one sequence in a step from which its attention runs on
+/// the tiled AVX-512 kernel (the same results as one query at a time).
+#[cfg(target_arch = "x86_64")]
+const TILED_ATTENTION_MIN: usize = 8;
 
 /// Position `j`'s key and value of one KV head (`dims`) in layer `l`, read
 /// in place from the paged cache through the sequence's block `table`.

@@ -131,27 +131,51 @@ impl Q8Act {
     }
 }
 
-/// Row `r` of the `weights` (whole rows of `format` blocks) dotted with
-/// each token `t` of `tokens`, into `out[(t - tokens.start) * rows + r]`:
-/// a task's share of tokens, laid out as the caller's output rows are.
+/// Each row's constants (`c_b` of the module doc) of `weights` (whole rows
+/// of `nb` blocks), padded as [`Q8Act`] pads a token: `rows *
+/// nb.next_multiple_of(2)` floats. They depend only on the weights, so a
+/// matrix computes them once and every product reuses them.
+pub fn constants(format: Q4, weights: &[u8], nb: usize) -> Vec<f32> {
+    let (width, row_bytes) = (nb.next_multiple_of(2), nb * format.block_bytes());
+    let rows = weights.len() / row_bytes.max(1);
+    let mut consts = vec![0f32; rows * width];
+    for (c, row) in consts
+        .chunks_exact_mut(width)
+        .zip(weights.chunks_exact(row_bytes))
+    {
+        for (c, block) in c.iter_mut().zip(row.chunks_exact(format.block_bytes())) {
+            *c = format.constant(block);
+        }
+    }
+    consts
+}
+
+/// Row `r` of the `weights` (whole rows of `format` blocks, their
+/// [`constants`] in `consts`) dotted with each token `t` of `tokens`, into
+/// `out[(t - tokens.start) * rows + r]`: a task's share of tokens, laid out
+/// as the caller's output rows are.
 ///
 /// # Safety
 /// The CPU must have the features [`available`] checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn gemm(format: Q4, weights: &[u8], act: &Q8Act, tokens: Range<usize>, out: &mut [f32]) {
+pub unsafe fn gemm(
+    format: Q4,
+    weights: &[u8],
+    consts: &[f32],
+    act: &Q8Act,
+    tokens: Range<usize>,
+    out: &mut [f32],
+) {
     assert!(tokens.end <= act.n, "tokens out of range");
     let row_bytes = act.nb * format.block_bytes();
     let rows = weights.len() / row_bytes.max(1);
     let count = tokens.len();
     assert_eq!(out.len(), rows * count, "output shape");
-    // Each row's constants (`c_b`), padded like the activations.
-    let mut consts = vec![0f32; rows * act.width];
-    for (r, c) in consts.chunks_exact_mut(act.width).enumerate() {
-        let row = &weights[r * row_bytes..(r + 1) * row_bytes];
-        for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
-            c[b] = format.constant(block);
-        }
-    }
+    assert_eq!(
+        consts.len(),
+        rows * act.width,
+        "one constant per padded block"
+    );
     let row = |r: usize| &weights[r * row_bytes..(r + 1) * row_bytes];
     let mut put = |r0: usize, t0: usize, v: &[&[f32]]| {
         for (i, vr) in v.iter().enumerate() {
@@ -450,71 +474,60 @@ fn dots8(q: &[f32], keys: &[&[f32]; 8]) -> __m256 {
     _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
-/// [`attend`] for any number of queries that attend to the same `len`
-/// positions (the query heads that share a KV head, in a decode step), up
-/// to 4 at a time: each key and value is looked up once per group.
+/// [`attend`] for the query heads `q` (`head_dim` each, contiguous: the
+/// heads that share a KV head, in a decode step) that attend to the same
+/// `len` positions, into `out` (laid out as `q`), up to 4 heads at a time:
+/// each key and value is looked up once per group.
 ///
 /// # Safety
 /// The CPU must have the features [`available`] checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn attend_group<'a, K>(
-    q: &[&[f32]],
+    q: &[f32],
+    head_dim: usize,
     len: usize,
     scale: f32,
     kv: K,
     scores: &mut Vec<f32>,
-    out: &mut [&mut [f32]],
+    out: &mut [f32],
 ) where
     K: Fn(usize) -> (&'a [f32], &'a [f32]),
 {
     assert_eq!(q.len(), out.len(), "a query per output");
-    let mut i = 0;
-    while i < q.len() {
-        match &mut out[i..] {
+    for (qg, og) in q.chunks(4 * head_dim).zip(out.chunks_mut(4 * head_dim)) {
+        // `chunks_exact` gives exactly `qg.len() / head_dim` of each, the
+        // count matched below, so the defaults are never taken.
+        let mut qs = qg.chunks_exact(head_dim);
+        let mut os = og.chunks_exact_mut(head_dim);
+        let mut next = || (qs.next().unwrap_or_default(), os.next().unwrap_or_default());
+        match qg.len() / head_dim {
             // SAFETY: the caller's promise (and in each arm below).
-            [a, b, c, d, ..] => unsafe {
-                let qs = [q[i], q[i + 1], q[i + 2], q[i + 3]];
+            4 => unsafe {
+                let [(q0, o0), (q1, o1), (q2, o2), (q3, o3)] = std::array::from_fn(|_| next());
                 attend(
-                    qs,
+                    [q0, q1, q2, q3],
                     [len; 4],
                     scale,
                     &kv,
                     scores,
-                    [&mut **a, &mut **b, &mut **c, &mut **d],
+                    [o0, o1, o2, o3],
                 );
-                i += 4;
             },
             // SAFETY: as above.
-            [a, b, c] => unsafe {
-                let qs = [q[i], q[i + 1], q[i + 2]];
-                attend(
-                    qs,
-                    [len; 3],
-                    scale,
-                    &kv,
-                    scores,
-                    [&mut **a, &mut **b, &mut **c],
-                );
-                i += 3;
+            3 => unsafe {
+                let [(q0, o0), (q1, o1), (q2, o2)] = std::array::from_fn(|_| next());
+                attend([q0, q1, q2], [len; 3], scale, &kv, scores, [o0, o1, o2]);
             },
             // SAFETY: as above.
-            [a, b] => unsafe {
-                attend(
-                    [q[i], q[i + 1]],
-                    [len; 2],
-                    scale,
-                    &kv,
-                    scores,
-                    [&mut **a, &mut **b],
-                );
-                i += 2;
+            2 => unsafe {
+                let [(q0, o0), (q1, o1)] = std::array::from_fn(|_| next());
+                attend([q0, q1], [len; 2], scale, &kv, scores, [o0, o1]);
             },
             // SAFETY: as above.
-            [a] => unsafe {
-                attend([q[i]], [len], scale, &kv, scores, [&mut **a]);
-                i += 1;
+            _ => unsafe {
+                let (q0, o0) = next();
+                attend([q0], [len], scale, &kv, scores, [o0]);
             },
-            [] => unreachable!("i < q.len() == out.len()"),
         }
     }
 }
@@ -567,14 +580,11 @@ mod tests {
             }
         }
         let mut three = vec![0f32; 3 * hd];
-        {
-            let mut outs: Vec<&mut [f32]> = three.chunks_mut(hd).collect();
-            // SAFETY: `available()` above.
-            unsafe { attend_group(&[q(3), q(2), q(1)], 17, scale, kv, &mut scratch, &mut outs) };
-        }
+        // SAFETY: `available()` above.
+        unsafe { attend_group(&qs[..3 * hd], hd, 17, scale, kv, &mut scratch, &mut three) };
         for (i, o) in three.chunks(hd).enumerate() {
             let mut alone = vec![0f32; hd];
-            super::super::ops::attend(q(3 - i), 17, scale, kv, &mut scratch, &mut alone, true);
+            super::super::ops::attend(q(i), 17, scale, kv, &mut scratch, &mut alone, true);
             assert_eq!(o, alone, "a group of three, query {i}");
         }
         assert_eq!(four, simd, "four at a time, against the AVX2 path");
@@ -622,10 +632,11 @@ mod tests {
                 let some = n / 3..n;
                 let mut all = vec![0f32; rows * n];
                 let mut part = vec![0f32; rows * some.len()];
+                let consts = constants(format, &w, nb);
                 // SAFETY: `available()` above.
                 unsafe {
-                    gemm(format, &w, &act, 0..n, &mut all);
-                    gemm(format, &w, &act, some.clone(), &mut part);
+                    gemm(format, &w, &consts, &act, 0..n, &mut all);
+                    gemm(format, &w, &consts, &act, some.clone(), &mut part);
                 }
                 let row_bytes = w.len() / rows;
                 for r in 0..rows {

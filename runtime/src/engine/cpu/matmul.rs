@@ -49,6 +49,10 @@ pub struct QMatrix {
     cols: usize,
     row_bytes: usize,
     bytes: WeightBytes,
+    /// A Q4 matrix's per-block constants for the AVX-512 products,
+    /// computed on its first such product.
+    #[cfg(target_arch = "x86_64")]
+    q4_constants: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -112,6 +116,8 @@ impl QMatrix {
             cols,
             row_bytes,
             bytes,
+            #[cfg(target_arch = "x86_64")]
+            q4_constants: std::sync::OnceLock::new(),
         })
     }
 
@@ -155,43 +161,31 @@ impl QMatrix {
         self.matmul_with(x, n, out, Activations::Q8);
     }
 
-    /// [`QMatrix::matmul`] with a choice of activation precision.
+    /// [`QMatrix::matmul`] with a choice of activation precision, on the
+    /// [`kernels`].
     pub fn matmul_with(&self, x: &[f32], n: usize, out: &mut [f32], act: Activations) {
-        self.matmul_using(x, n, out, act, kernels());
-    }
-
-    /// [`QMatrix::matmul_with`] on the given kernels (at most what
-    /// [`Kernels::detect`] found; tests and benchmarks compare them).
-    pub fn matmul_using(
-        &self,
-        x: &[f32],
-        n: usize,
-        out: &mut [f32],
-        act: Activations,
-        kernels: Kernels,
-    ) {
         assert_eq!(x.len(), n * self.cols, "{self:?}: activation shape");
         assert_eq!(out.len(), n * self.rows, "{self:?}: output shape");
         // A step of only partial prefills asks for no logits at all.
         if n == 0 {
             return;
         }
-        let kernels = kernels.min(Kernels::detect());
-        let simd = kernels >= Kernels::Avx2;
+        let chosen = kernels();
+        let simd = chosen >= Kernels::Avx2;
         // Rows per task: enough work to amortise scheduling, enough tasks to
         // balance the pool.
         let threads = rayon::current_num_threads().max(1);
         let chunk = (self.rows / (threads * 4)).clamp(16, 1024);
         #[cfg(target_arch = "x86_64")]
-        if act == Activations::Q8 && kernels == Kernels::Avx512 {
+        if act == Activations::Q8 && chosen == Kernels::Avx512 {
             let format = match self.ty {
                 GgmlType::Q4_0 => Some(super::avx512::Q4::Q4_0),
                 GgmlType::Q4_1 => Some(super::avx512::Q4::Q4_1),
                 _ => None,
             };
             if let Some(format) = format {
-                // SAFETY: `kernels` is at most what `detect()` found, and it
-                // finds Avx512 only where `avx512::available()`.
+                // SAFETY: `kernels()` is at most what `detect()` found, and
+                // it finds Avx512 only where `avx512::available()`.
                 unsafe { self.matmul_avx512(format, x, n, out, threads, chunk) };
                 return;
             }
@@ -271,6 +265,9 @@ impl QMatrix {
         use super::avx512::{self, Q8Act};
         let act = Q8Act::quantize(x, n, self.cols);
         let all = self.bytes.as_slice();
+        let consts = self
+            .q4_constants
+            .get_or_init(|| avx512::constants(format, all, self.cols / QK));
         if n >= TOKEN_SPLIT {
             let tile = n
                 .div_ceil(threads * 4)
@@ -282,7 +279,7 @@ impl QMatrix {
                     let t0 = i * tile;
                     let tokens = t0..t0 + o.len() / self.rows;
                     // SAFETY: the caller's promise.
-                    unsafe { avx512::gemm(format, all, &act, tokens, o) };
+                    unsafe { avx512::gemm(format, all, consts, &act, tokens, o) };
                 });
             return;
         }
@@ -295,8 +292,10 @@ impl QMatrix {
             .for_each(|(ci, o)| {
                 let (r0, rows) = (ci * chunk, o.len() / n);
                 let w = &all[r0 * self.row_bytes..(r0 + rows) * self.row_bytes];
+                let width = consts.len() / self.rows;
+                let c = &consts[r0 * width..(r0 + rows) * width];
                 // SAFETY: the caller's promise.
-                unsafe { avx512::gemm(format, w, &act, 0..n, o) };
+                unsafe { avx512::gemm(format, w, c, &act, 0..n, o) };
             });
         if n > 1 {
             for (ci, part) in tmp.chunks(chunk * n).enumerate() {
