@@ -5,7 +5,8 @@
 //! Run with `cargo bench -p xpyd-runtime --bench engine`; it prints tokens
 //! per second and asserts nothing. `XPYD_BENCH_STEPS` sets the decode steps
 //! (default 32); `XPYD_CPU_KERNELS=avx2` runs the AVX2 kernels on a CPU
-//! with AVX-512.
+//! with AVX-512; `XPYD_BENCH_ONLY=decode batch 1` runs only the figures
+//! whose label contains that text (for a profile of one of them).
 
 use std::time::Instant;
 
@@ -37,6 +38,11 @@ fn token(k: usize) -> u32 {
     100 + ((k * 37) % 40_000) as u32
 }
 
+/// Whether the figure labelled `label` runs (see `XPYD_BENCH_ONLY`).
+fn wanted(label: &str) -> bool {
+    std::env::var("XPYD_BENCH_ONLY").map_or(true, |only| label.contains(only.as_str()))
+}
+
 fn main() {
     let model = Model::load_gguf(&bundled_model().expect("bundled model")).expect("model loads");
     let steps: usize = std::env::var("XPYD_BENCH_STEPS")
@@ -52,6 +58,10 @@ fn main() {
 
     // Prefill: one prompt, logits for its last token.
     for prompt_len in PROMPTS {
+        let label = format!("prefill {prompt_len} tokens");
+        if !wanted(&label) {
+            continue;
+        }
         let prompt: Vec<u32> = (0..prompt_len).map(token).collect();
         let blocks = prompt_len.div_ceil(BLOCK_SIZE);
         let mut kv = KvStorage::new(model.kv_shape(blocks, BLOCK_SIZE)).unwrap();
@@ -67,13 +77,17 @@ fn main() {
             .unwrap();
         let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
         println!(
-            "prefill {prompt_len} tokens: {secs:.2} s wall, {:.1} tok/s; {:.1} tok per CPU-s",
+            "{label}: {secs:.2} s wall, {:.1} tok/s; {:.1} tok per CPU-s",
             prompt_len as f64 / secs,
             prompt_len as f64 / cpu
         );
     }
 
     for (context, batch) in DECODES {
+        let label = format!("decode batch {batch}, context {context}");
+        if !wanted(&label) {
+            continue;
+        }
         let blocks_per_seq = (context + steps).div_ceil(BLOCK_SIZE);
         let mut kv = KvStorage::new(model.kv_shape(batch * blocks_per_seq, BLOCK_SIZE)).unwrap();
         let tables: Vec<Vec<u32>> = (0..batch)
@@ -109,7 +123,7 @@ fn main() {
         }
         let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu);
         println!(
-            "decode batch {batch}, context {context}: {steps} steps in {secs:.2} s wall, {:.1} tok/s ({:.1} ms/step); {:.1} tok per CPU-s",
+            "{label}: {steps} steps in {secs:.2} s wall, {:.1} tok/s ({:.1} ms/step); {:.1} tok per CPU-s",
             (batch * steps) as f64 / secs,
             secs * 1000.0 / steps as f64,
             (batch * steps) as f64 / cpu

@@ -235,6 +235,13 @@ impl KvStorage {
         Ok(())
     }
 
+    /// Every block's K or V of one layer, block after block (a slot's
+    /// vector at `block * block_elems + slot * token_elems`).
+    pub(crate) fn layer(&self, layer: usize, kind: KvKind) -> &[f32] {
+        let at = self.offset(layer, kind, 0);
+        &self.data[at..at + self.shape.num_blocks * self.shape.block_elems()]
+    }
+
     /// The K or V vector of one token slot: `[n_kv_heads * head_dim]`.
     /// Unchecked beyond slice bounds; the forward pass validates block tables.
     pub(crate) fn slot(&self, layer: usize, kind: KvKind, block: usize, slot: usize) -> &[f32] {

@@ -326,6 +326,22 @@ impl Model {
         logits_for: LogitsFor<'_>,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         validate_batch(&self.config, kv.shape(), batch, logits_for)?;
+        // The whole step on a worker of the thread pool: its products and
+        // attention then fan out to the other workers directly, where from
+        // any other thread each of the step's ~250 parallel parts would be
+        // queued into the pool and the caller put to sleep until it ends.
+        Ok(rayon::scope(|_| {
+            self.forward_in_pool(kv, batch, logits_for)
+        }))
+    }
+
+    /// [`Model::forward`] on a pool worker, once the batch is validated.
+    fn forward_in_pool(
+        &self,
+        kv: &mut KvStorage,
+        batch: &[SequenceInput<'_>],
+        logits_for: LogitsFor<'_>,
+    ) -> Vec<Vec<f32>> {
         let c = &self.config;
         let (h, vocab) = (c.hidden, c.vocab);
         // One entry per new token of the batch: (sequence, position).
@@ -371,7 +387,7 @@ impl Model {
             out.push(mine.to_vec());
             rest = tail;
         }
-        Ok(out)
+        out
     }
 
     /// One transformer block over all `n` tokens of the batch, in place on
@@ -508,7 +524,7 @@ impl Model {
             let table = batch[s].block_table;
             let key_value = kv_reader(kv, l, table, (head / group) * hd..(head / group + 1) * hd);
             let qh = &q[i * hd..(i + 1) * hd];
-            ops::attend(qh, pos + 1, scale, &key_value, scores, o, simd);
+            ops::attend(qh, pos + 1, scale, key_value, scores, o, simd);
         };
         if self.small_attention(tokens, &tiled) {
             let mut scores = Vec::new();
@@ -573,11 +589,11 @@ impl Model {
                         let qs = std::array::from_fn(|_| qs.next().unwrap_or_default());
                         let os = std::array::from_fn(|_| os.next().unwrap_or_default());
                         // SAFETY: `kernels()` said Avx512 (the caller).
-                        unsafe { attend(qs, lens, scale, &key_value, scores, os) };
+                        unsafe { attend(qs, lens, scale, key_value, scores, os) };
                     } else {
                         for ((qk, ok), t) in qs.zip(os).zip(tt) {
                             // SAFETY: as above.
-                            unsafe { attend([qk], [t.1 + 1], scale, &key_value, scores, [ok]) };
+                            unsafe { attend([qk], [t.1 + 1], scale, key_value, scores, [ok]) };
                         }
                     }
                 }
@@ -592,19 +608,29 @@ const TILED_ATTENTION_MIN: usize = 8;
 
 /// Position `j`'s key and value of one KV head (`dims`) in layer `l`, read
 /// in place from the paged cache through the sequence's block `table`.
+/// The reader is `Copy` and divides by the block size only when it is not
+/// a power of two, so the kernels inline it into their loops.
 fn kv_reader<'a>(
     kv: &'a KvStorage,
     l: usize,
     table: &'a [u32],
     dims: std::ops::Range<usize>,
-) -> impl Fn(usize) -> (&'a [f32], &'a [f32]) {
-    let bs = kv.block_size();
-    move |j| {
-        let (block, slot) = (table[j / bs] as usize, j % bs);
-        (
-            &kv.slot(l, KvKind::K, block, slot)[dims.clone()],
-            &kv.slot(l, KvKind::V, block, slot)[dims.clone()],
-        )
+) -> impl Fn(usize) -> (&'a [f32], &'a [f32]) + Copy {
+    let (keys, values) = (kv.layer(l, KvKind::K), kv.layer(l, KvKind::V));
+    let shape = kv.shape();
+    let (bs, block_elems, token_elems) =
+        (kv.block_size(), shape.block_elems(), shape.token_elems());
+    let (shift, pow2) = (bs.trailing_zeros(), bs.is_power_of_two());
+    let (d0, d1) = (dims.start, dims.end);
+    #[inline(always)]
+    move |j: usize| {
+        let (block, slot) = if pow2 {
+            (j >> shift, j & (bs - 1))
+        } else {
+            (j / bs, j % bs)
+        };
+        let at = table[block] as usize * block_elems + slot * token_elems;
+        (&keys[at + d0..at + d1], &values[at + d0..at + d1])
     }
 }
 

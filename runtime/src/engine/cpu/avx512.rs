@@ -367,7 +367,7 @@ pub unsafe fn attend<'a, K, const Q: usize>(
     scores: &mut Vec<f32>,
     out: [&mut [f32]; Q],
 ) where
-    K: Fn(usize) -> (&'a [f32], &'a [f32]),
+    K: Fn(usize) -> (&'a [f32], &'a [f32]) + Copy,
 {
     let hd = q.first().map_or(0, |q| q.len());
     assert!(
@@ -379,7 +379,10 @@ pub unsafe fn attend<'a, K, const Q: usize>(
     scores.resize(Q * longest, 0.0);
     let mut j = 0;
     while j + 8 <= longest {
-        let keys: [&[f32]; 8] = std::array::from_fn(|m| kv(j + m).0);
+        let mut keys: [&[f32]; 8] = [&[]; 8];
+        for (m, k) in keys.iter_mut().enumerate() {
+            *k = kv(j + m).0;
+        }
         for i in 0..Q {
             let row = &mut scores[i * longest..(i + 1) * longest];
             if j + 8 <= lens[i] {
@@ -406,31 +409,63 @@ pub unsafe fn attend<'a, K, const Q: usize>(
         super::ops::softmax(&mut scores[i * longest..i * longest + len]);
     }
     let mut out = out;
-    for c0 in (0..hd).step_by(64) {
-        let width = (hd - c0).min(64) / 16;
-        let mut acc = [[_mm512_setzero_ps(); 4]; Q];
-        for j in 0..longest {
-            let v = &kv(j).1[c0..c0 + 16 * width];
-            let mut vv = [_mm512_setzero_ps(); 4];
-            for (c, vc) in vv.iter_mut().enumerate().take(width) {
-                // SAFETY: `16 * c + 16 <= v.len()`.
-                *vc = unsafe { _mm512_loadu_ps(v.as_ptr().add(16 * c)) };
+    let mut c0 = 0;
+    while c0 < hd {
+        // SAFETY: the caller's promise; `c0 + 16 * W <= hd` in each arm.
+        unsafe {
+            match (hd - c0) / 16 {
+                1 => weigh_values::<K, Q, 1>(kv, c0, lens, scores, longest, &mut out),
+                2 => weigh_values::<K, Q, 2>(kv, c0, lens, scores, longest, &mut out),
+                3 => weigh_values::<K, Q, 3>(kv, c0, lens, scores, longest, &mut out),
+                _ => weigh_values::<K, Q, 4>(kv, c0, lens, scores, longest, &mut out),
             }
-            for i in 0..Q {
-                if j < lens[i] {
-                    let p = _mm512_set1_ps(scores[i * longest + j]);
-                    for c in 0..width {
-                        acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
-                    }
+        }
+        c0 += 64.min(hd - c0);
+    }
+}
+
+/// Columns `c0..c0 + 16 * W` of each query's output in [`attend`]: the
+/// values weighted by its probabilities (`scores`, `longest` per query),
+/// summed in key order. `W` is a constant so that the accumulators and
+/// the loaded values stay in registers.
+///
+/// # Safety
+/// The CPU must have the features [`available`] checks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn weigh_values<'a, K, const Q: usize, const W: usize>(
+    kv: K,
+    c0: usize,
+    lens: [usize; Q],
+    scores: &[f32],
+    longest: usize,
+    out: &mut [&mut [f32]; Q],
+) where
+    K: Fn(usize) -> (&'a [f32], &'a [f32]) + Copy,
+{
+    let mut acc = [[_mm512_setzero_ps(); W]; Q];
+    for j in 0..longest {
+        let v = &kv(j).1[c0..c0 + 16 * W];
+        let mut vv = [_mm512_setzero_ps(); W];
+        for c in 0..W {
+            // SAFETY: `16 * c + 16 <= v.len()`.
+            vv[c] = unsafe { _mm512_loadu_ps(v.as_ptr().add(16 * c)) };
+        }
+        for i in 0..Q {
+            if j < lens[i] {
+                let p = _mm512_set1_ps(scores[i * longest + j]);
+                for c in 0..W {
+                    acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
                 }
             }
         }
-        for (i, o) in out.iter_mut().enumerate() {
-            let o = &mut o[c0..c0 + 16 * width];
-            for c in 0..width {
-                // SAFETY: `16 * c + 16 <= o.len()`.
-                unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), acc[i][c]) };
-            }
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        let o = &mut o[c0..c0 + 16 * W];
+        for c in 0..W {
+            // SAFETY: `16 * c + 16 <= o.len()`.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), acc[i][c]) };
         }
     }
 }
@@ -491,7 +526,7 @@ pub unsafe fn attend_group<'a, K>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) where
-    K: Fn(usize) -> (&'a [f32], &'a [f32]),
+    K: Fn(usize) -> (&'a [f32], &'a [f32]) + Copy,
 {
     assert_eq!(q.len(), out.len(), "a query per output");
     for (qg, og) in q.chunks(4 * head_dim).zip(out.chunks_mut(4 * head_dim)) {
@@ -508,7 +543,7 @@ pub unsafe fn attend_group<'a, K>(
                     [q0, q1, q2, q3],
                     [len; 4],
                     scale,
-                    &kv,
+                    kv,
                     scores,
                     [o0, o1, o2, o3],
                 );
@@ -516,17 +551,17 @@ pub unsafe fn attend_group<'a, K>(
             // SAFETY: as above.
             3 => unsafe {
                 let [(q0, o0), (q1, o1), (q2, o2)] = std::array::from_fn(|_| next());
-                attend([q0, q1, q2], [len; 3], scale, &kv, scores, [o0, o1, o2]);
+                attend([q0, q1, q2], [len; 3], scale, kv, scores, [o0, o1, o2]);
             },
             // SAFETY: as above.
             2 => unsafe {
                 let [(q0, o0), (q1, o1)] = std::array::from_fn(|_| next());
-                attend([q0, q1], [len; 2], scale, &kv, scores, [o0, o1]);
+                attend([q0, q1], [len; 2], scale, kv, scores, [o0, o1]);
             },
             // SAFETY: as above.
             _ => unsafe {
                 let (q0, o0) = next();
-                attend([q0], [len], scale, &kv, scores, [o0]);
+                attend([q0], [len], scale, kv, scores, [o0]);
             },
         }
     }
