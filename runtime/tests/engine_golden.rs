@@ -14,8 +14,13 @@
 //!   about as far from each other as from the reference.
 //!
 //! In both modes the argmax must match wherever the reference's top-1/top-2
-//! logit gap exceeds `ARGMAX_GAP`, and after "The capital of France is" the
-//! top-5 set must match with " Paris" first.
+//! logit gap exceeds `ARGMAX_GAP`, and after "The capital of France is"
+//! " Paris" must come first and the top-5 set must match: exactly with f32
+//! activations; with Q8 up to near-ties, since the reference's ranks 3 to 8
+//! there lie within 0.55 of each other, below the Q8 noise (a token of the
+//! engine's top 5 must be within `NEAR_TIE` of the reference's 5th logit,
+//! and a reference top-5 token more than `NEAR_TIE` above the 6th must be
+//! in the engine's top 5).
 
 use serde_json::Value;
 use xpyd_runtime::assets::bundled_model;
@@ -27,6 +32,8 @@ const Q8_TOL: f32 = 1.5;
 const Q8_MEAN_TOL: f32 = 0.3;
 const ARGMAX_GAP: f32 = 1.0;
 const PARIS: u32 = 7042;
+/// Reference logits closer than this are a near-tie under Q8 activations.
+const NEAR_TIE: f32 = 0.5;
 
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array()
@@ -53,7 +60,7 @@ fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
 
 /// Checks one activation mode against the golden file; returns the largest
 /// and the mean difference on the strided last-position logits.
-fn check(model: &Model, golden: &Value, tol: f32, mode: &str) -> (f32, f32) {
+fn check(model: &Model, golden: &Value, tol: f32, near_tie: f32, mode: &str) -> (f32, f32) {
     let tokens = ids(&golden["tokens"]);
     let vocab = model.config().vocab;
     let mut kv = KvStorage::new(model.kv_shape(1, 16)).unwrap();
@@ -94,12 +101,26 @@ fn check(model: &Model, golden: &Value, tol: f32, mode: &str) -> (f32, f32) {
     }
 
     let prompt_end = &all[4 * vocab..5 * vocab];
-    let mut got5 = top_k(prompt_end, 5);
-    let mut want5 = ids(&golden["positions"][4]["top20_ids"])[..5].to_vec();
+    let got5 = top_k(prompt_end, 5);
+    let (ref_ids, ref_vals) = (
+        ids(&golden["positions"][4]["top20_ids"]),
+        floats(&golden["positions"][4]["top20_logits"]),
+    );
     assert_eq!(got5[0], PARIS, "{mode}");
-    got5.sort();
-    want5.sort();
-    assert_eq!(got5, want5, "{mode}");
+    for id in &got5 {
+        let at = ref_ids.iter().position(|r| r == id);
+        assert!(
+            at.is_some_and(|i| ref_vals[i] >= ref_vals[4] - near_tie),
+            "{mode}: {id} in the engine's top 5 ({got5:?}) is not near the reference's ({:?})",
+            &ref_ids[..5]
+        );
+    }
+    for (id, &v) in ref_ids.iter().zip(&ref_vals).take(5) {
+        assert!(
+            v < ref_vals[5] + near_tie || got5.contains(id),
+            "{mode}: the reference's {id} is missing from the engine's top 5 {got5:?}"
+        );
+    }
 
     let last = &all[(tokens.len() - 1) * vocab..];
     let stride = golden["last_stride"].as_u64().unwrap() as usize;
@@ -125,9 +146,10 @@ fn logits_match_the_numpy_reference() {
     let golden: Value = serde_json::from_str(include_str!("data/golden_logits.json")).unwrap();
     let mut model = Model::load_gguf(&bundled_model().unwrap()).unwrap();
     model.set_activations(Activations::F32);
-    let (f32_worst, f32_mean) = check(&model, &golden, F32_TOL, "f32 activations");
+    // Exactly the reference's top 5 (a near-tie of 0 is none).
+    let (f32_worst, f32_mean) = check(&model, &golden, F32_TOL, 0.0, "f32 activations");
     model.set_activations(Activations::Q8);
-    let (q8_worst, q8_mean) = check(&model, &golden, Q8_TOL, "Q8 activations");
+    let (q8_worst, q8_mean) = check(&model, &golden, Q8_TOL, NEAR_TIE, "Q8 activations");
     assert!(
         q8_mean < Q8_MEAN_TOL,
         "Q8 activations: mean abs diff {q8_mean}"

@@ -291,6 +291,11 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
+        layers
+            .par_iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+            .chain([&output].into_par_iter())
+            .for_each(QMatrix::prepare);
         Ok(Self {
             norm: vector("output_norm.weight", h)?,
             rope_freqs: ops::rope_freqs(c.head_dim, c.rope_base),
@@ -483,20 +488,29 @@ impl Model {
         // KV head attend together, each key and value read once for them.
         #[cfg(target_arch = "x86_64")]
         if avx512 {
-            let one_group = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
-                let (t, g) = (i / c.n_kv_heads, i % c.n_kv_heads);
+            // Heads per task: a KV group, or one head when the groups are
+            // too few to keep every thread busy (a decode step of one or
+            // two sequences); either gives the same bits.
+            let untiled = tiled.iter().filter(|t| !**t).count();
+            let per_task = if untiled * c.n_kv_heads >= 2 * rayon::current_num_threads() {
+                group
+            } else {
+                1
+            };
+            let one_task = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
+                let first = i * per_task;
+                let (t, head) = (first / c.n_heads, first % c.n_heads);
                 if tiled[t] {
                     return;
                 }
                 let (s, pos) = tokens[t];
                 let table = batch[s].block_table;
+                let g = head / group;
                 let key_value = kv_reader(kv, l, table, g * hd..(g + 1) * hd);
-                let heads =
-                    (t * c.n_heads + g * group) * hd..(t * c.n_heads + (g + 1) * group) * hd;
                 // SAFETY: `kernels()` said Avx512.
                 unsafe {
                     super::cpu::avx512::attend_group(
-                        &q[heads],
+                        &q[first * hd..(first + per_task) * hd],
                         hd,
                         pos + 1,
                         scale,
@@ -508,13 +522,13 @@ impl Model {
             };
             if self.small_attention(tokens, &tiled) {
                 let mut scores = Vec::new();
-                out.chunks_mut(group * hd)
+                out.chunks_mut(per_task * hd)
                     .enumerate()
-                    .for_each(|item| one_group(&mut scores, item));
+                    .for_each(|item| one_task(&mut scores, item));
             } else {
-                out.par_chunks_mut(group * hd)
+                out.par_chunks_mut(per_task * hd)
                     .enumerate()
-                    .for_each_init(Vec::new, one_group);
+                    .for_each_init(Vec::new, one_task);
             }
             return;
         }

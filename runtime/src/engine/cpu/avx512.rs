@@ -1,15 +1,20 @@
 //! AVX-512 VNNI matrix products of Q4_0/Q4_1 weights with Q8 activations,
 //! register-blocked: a tile of 4 weight rows by 4 tokens keeps 16
-//! accumulators in registers, so each unpacked weight block is used 4 times
-//! and each activation block 4 times from registers. Two 32-value blocks
-//! fill one 512-bit register; `vpdpbusd` multiplies the unsigned nibbles by
-//! the signed activations and sums groups of 4 into 32-bit lanes in one
-//! instruction (AVX2 needs `maddubs`, `madd` and a constant for that).
+//! accumulators in registers, so each unpacked weight group is used 4 times
+//! and each activation group 4 times from registers.
+//!
+//! The weights are repacked once per matrix ([`Packed`]): each row's
+//! blocks in groups of 4, the 4 blocks' 16 bytes of nibbles side by side
+//! (one 512-bit load), their scales as f32. The low nibbles of a group are
+//! its blocks' values 0-15 and the high nibbles values 16-31, so one `and`
+//! and one shift unpack 128 weights, and two `vpdpbusd` multiply them by
+//! the activations laid out to match ([`Q8Act`]) and sum each block's
+//! products into its own four 32-bit lanes.
 //!
 //! The activations are the same Q8 blocks the AVX2 kernels use
-//! ([`super::quant::quantize_q8`]), relaid for 512-bit loads ([`Q8Act`]), so
-//! both paths compute the same sums in a different order; the tests below
-//! hold each product to the scalar reference. Callers check [`available`].
+//! ([`super::quant::quantize_q8`]), relaid, so both paths compute the same
+//! sums in a different order; the tests below hold each product to the
+//! scalar reference. Callers check [`available`].
 //!
 //! Per block: Q4_1 weight `j` is `nibble_j * d + m`, Q4_0's is
 //! `(nibble_j - 8) * d`. So `row · x = sum_b d_b dx_b (nibbles · qx)_b +
@@ -65,18 +70,21 @@ impl Q4 {
     }
 }
 
+/// Blocks per group: a group's nibbles fill one 512-bit register.
+const GROUP: usize = 4;
+
 /// One token's share of a [`Q8Act`] being filled, and its activations:
 /// `(((quants, scales), sums), x)`.
 type TokenRow<'a> = (((&'a mut [i8], &'a mut [f32]), &'a mut [f32]), &'a [f32]);
 
-/// `n` tokens' Q8 activations for 512-bit loads: each token's quants
-/// contiguous, its block scales `d` and scaled sums `s` in their own
-/// arrays, every token padded to an even number of blocks with zeros.
+/// `n` tokens' Q8 activations laid out as [`Packed`] lays out a row: per
+/// token and group of 4 blocks, 128 quants (the 4 blocks' values 0-15,
+/// then their values 16-31) and 16 scales (each block's `dx` once per
+/// 32-bit lane of its products); the blocks' scaled sums `s` in their own
+/// array; the last group padded with zeros.
 pub struct Q8Act {
     n: usize,
-    nb: usize,
-    /// Blocks per token after padding (even).
-    width: usize,
+    groups: usize,
     qs: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
@@ -89,22 +97,25 @@ impl Q8Act {
     pub fn quantize(x: &[f32], n: usize, cols: usize) -> Q8Act {
         assert_eq!(x.len(), n * cols, "activation shape");
         let nb = cols / QK;
-        let width = nb.next_multiple_of(2);
-        let mut qs = vec![0i8; n * width * QK];
-        let mut d = vec![0f32; n * width];
-        let mut s = vec![0f32; n * width];
+        let groups = nb.div_ceil(GROUP);
+        let mut qs = vec![0i8; n * groups * GROUP * QK];
+        let mut d = vec![0f32; n * groups * 4 * GROUP];
+        let mut s = vec![0f32; n * groups * GROUP];
         let one = |scratch: &mut Vec<BlockQ8>, (((qs, d), s), x): TokenRow<'_>| {
             quant::quantize_q8(x, scratch);
             for (b, block) in scratch.iter().enumerate() {
-                qs[b * QK..(b + 1) * QK].copy_from_slice(&block.qs);
-                d[b] = block.d;
+                let (g, k) = (b / GROUP, b % GROUP);
+                let at = g * GROUP * QK + k * 16;
+                qs[at..at + 16].copy_from_slice(&block.qs[..16]);
+                qs[at + 64..at + 80].copy_from_slice(&block.qs[16..]);
+                d[4 * b..4 * b + 4].fill(block.d);
                 s[b] = block.s;
             }
         };
         let rows = qs
-            .par_chunks_mut(width * QK)
-            .zip(d.par_chunks_mut(width))
-            .zip(s.par_chunks_mut(width))
+            .par_chunks_mut(groups * GROUP * QK)
+            .zip(d.par_chunks_mut(groups * 4 * GROUP))
+            .zip(s.par_chunks_mut(groups * GROUP))
             .zip(x.par_chunks(cols.max(1)));
         // Fanning out costs more than it saves for a few tokens (decode).
         if n >= 8 {
@@ -112,9 +123,9 @@ impl Q8Act {
         } else {
             let mut scratch = vec![BlockQ8::ZERO; nb];
             for row in qs
-                .chunks_mut(width * QK)
-                .zip(d.chunks_mut(width))
-                .zip(s.chunks_mut(width))
+                .chunks_mut(groups * GROUP * QK)
+                .zip(d.chunks_mut(groups * 4 * GROUP))
+                .zip(s.chunks_mut(groups * GROUP))
                 .zip(x.chunks(cols.max(1)))
             {
                 one(&mut scratch, row);
@@ -122,8 +133,7 @@ impl Q8Act {
         }
         Q8Act {
             n,
-            nb,
-            width,
+            groups,
             qs,
             d,
             s,
@@ -131,94 +141,118 @@ impl Q8Act {
     }
 }
 
-/// Each row's constants (`c_b` of the module doc) of `weights` (whole rows
-/// of `nb` blocks), padded as [`Q8Act`] pads a token: `rows *
-/// nb.next_multiple_of(2)` floats. They depend only on the weights, so a
-/// matrix computes them once and every product reuses them.
-pub fn constants(format: Q4, weights: &[u8], nb: usize) -> Vec<f32> {
-    let (width, row_bytes) = (nb.next_multiple_of(2), nb * format.block_bytes());
-    let rows = weights.len() / row_bytes.max(1);
-    let mut consts = vec![0f32; rows * width];
-    for (c, row) in consts
-        .chunks_exact_mut(width)
-        .zip(weights.chunks_exact(row_bytes))
-    {
-        for (c, block) in c.iter_mut().zip(row.chunks_exact(format.block_bytes())) {
-            *c = format.constant(block);
-        }
-    }
-    consts
+/// A Q4_0/Q4_1 matrix repacked for [`gemm`]: per row and group of 4
+/// blocks, the blocks' 64 bytes of nibbles, their 4 scales and their 4
+/// constants (`c_b` of the module doc) as f32, the last group padded with
+/// zero blocks. It takes 24 bytes per 32 weights (Q4_1 takes 20, Q4_0
+/// 18) and is built once per matrix, on its first product.
+#[derive(Clone)]
+pub struct Packed {
+    rows: usize,
+    groups: usize,
+    nibbles: Vec<u8>,
+    scales: Vec<f32>,
+    consts: Vec<f32>,
 }
 
-/// Row `r` of the `weights` (whole rows of `format` blocks, their
-/// [`constants`] in `consts`) dotted with each token `t` of `tokens`, into
-/// `out[(t - tokens.start) * rows + r]`: a task's share of tokens, laid out
-/// as the caller's output rows are.
+impl Packed {
+    /// Repacks `weights`: whole rows of `nb` blocks of `format`.
+    pub fn new(format: Q4, weights: &[u8], nb: usize) -> Packed {
+        let (bytes, at) = (format.block_bytes(), format.quants_at());
+        let rows = weights.len() / (nb * bytes).max(1);
+        let groups = nb.div_ceil(GROUP);
+        let mut nibbles = vec![0u8; rows * groups * GROUP * 16];
+        let mut scales = vec![0f32; rows * groups * GROUP];
+        let mut consts = vec![0f32; rows * groups * GROUP];
+        for (r, row) in weights.chunks_exact(nb * bytes).enumerate() {
+            for (b, block) in row.chunks_exact(bytes).enumerate() {
+                let k = r * groups * GROUP + b;
+                nibbles[16 * k..16 * k + 16].copy_from_slice(&block[at..at + 16]);
+                scales[k] = f16_at(block, 0);
+                consts[k] = format.constant(block);
+            }
+        }
+        Packed {
+            rows,
+            groups,
+            nibbles,
+            scales,
+            consts,
+        }
+    }
+
+    /// Rows of the matrix.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Rows `rows` of the packed `weights` dotted with each token `t` of
+/// `tokens`, into `out[(t - tokens.start) * rows.len() + r - rows.start]`:
+/// a task's share of rows or tokens, laid out as the caller's output is.
+/// Each (row, token) is computed the same way whatever the shares.
 ///
 /// # Safety
 /// The CPU must have the features [`available`] checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn gemm(
-    format: Q4,
-    weights: &[u8],
-    consts: &[f32],
+    weights: &Packed,
+    rows: Range<usize>,
     act: &Q8Act,
     tokens: Range<usize>,
     out: &mut [f32],
 ) {
+    let w = weights;
     assert!(tokens.end <= act.n, "tokens out of range");
-    let row_bytes = act.nb * format.block_bytes();
-    let rows = weights.len() / row_bytes.max(1);
-    let count = tokens.len();
-    assert_eq!(out.len(), rows * count, "output shape");
+    assert!(rows.end <= w.rows, "rows out of range");
     assert_eq!(
-        consts.len(),
-        rows * act.width,
-        "one constant per padded block"
+        w.groups, act.groups,
+        "weights and activations differ in width"
     );
-    let row = |r: usize| &weights[r * row_bytes..(r + 1) * row_bytes];
+    assert_eq!(out.len(), rows.len() * tokens.len(), "output shape");
+    let width = w.groups * GROUP;
     let mut put = |r0: usize, t0: usize, v: &[&[f32]]| {
         for (i, vr) in v.iter().enumerate() {
-            let c = &consts[(r0 + i) * act.width..(r0 + i + 1) * act.width];
+            let r = r0 + i;
+            let c = &w.consts[r * width..(r + 1) * width];
             for (j, &vt) in vr.iter().enumerate() {
                 let t = t0 + j;
-                let s = &act.s[t * act.width..(t + 1) * act.width];
-                out[(t - tokens.start) * rows + r0 + i] = vt + dot(c, s);
+                let s = &act.s[t * width..(t + 1) * width];
+                out[(t - tokens.start) * rows.len() + r - rows.start] = vt + dot(c, s);
             }
         }
     };
     for t0 in tokens.clone().step_by(TOKEN_TILE) {
         let t1 = tokens.end.min(t0 + TOKEN_TILE);
-        let mut r = 0;
-        while r < rows {
-            if r + 4 <= rows {
-                let ws = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+        let mut r = rows.start;
+        while r < rows.end {
+            if r + 4 <= rows.end {
                 let mut t = t0;
                 while t + 4 <= t1 {
-                    // SAFETY: the features are the caller's promise.
-                    let v = unsafe { tile::<4, 4>(format, ws, act, t) };
+                    // SAFETY: the features are the caller's promise; the
+                    // rows and tokens are in range (asserted above).
+                    let v = unsafe { tile::<4, 4>(w, r, act, t) };
                     put(r, t, &[&v[0], &v[1], &v[2], &v[3]]);
                     t += 4;
                 }
                 while t < t1 {
                     // SAFETY: as above.
-                    let v = unsafe { tile::<4, 1>(format, ws, act, t) };
+                    let v = unsafe { tile::<4, 1>(w, r, act, t) };
                     put(r, t, &[&v[0], &v[1], &v[2], &v[3]]);
                     t += 1;
                 }
                 r += 4;
             } else {
-                let ws = [row(r)];
                 let mut t = t0;
                 while t + 4 <= t1 {
                     // SAFETY: as above.
-                    let v = unsafe { tile::<1, 4>(format, ws, act, t) };
+                    let v = unsafe { tile::<1, 4>(w, r, act, t) };
                     put(r, t, &[&v[0]]);
                     t += 4;
                 }
                 while t < t1 {
                     // SAFETY: as above.
-                    let v = unsafe { tile::<1, 1>(format, ws, act, t) };
+                    let v = unsafe { tile::<1, 1>(w, r, act, t) };
                     put(r, t, &[&v[0]]);
                     t += 1;
                 }
@@ -257,76 +291,63 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     _mm512_reduce_add_ps(acc)
 }
 
-/// The integer part (`sum_b d_b dx_b (nibbles · qx)_b`) of `R` weight rows
-/// times the `T` tokens from `t0`.
+/// The integer part (`sum_b d_b dx_b (nibbles · qx)_b`) of the `R` packed
+/// weight rows from `r0` times the `T` tokens from `t0`.
 ///
 /// # Safety
-/// The CPU must have the features [`available`] checks.
+/// The CPU must have the features [`available`] checks, and the rows and
+/// tokens must be in range.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 // The accumulators are a register array indexed by row, token and lane.
 #[allow(clippy::needless_range_loop)]
 unsafe fn tile<const R: usize, const T: usize>(
-    format: Q4,
-    rows: [&[u8]; R],
+    w: &Packed,
+    r0: usize,
     act: &Q8Act,
     t0: usize,
 ) -> [[f32; T]; R] {
-    let (bytes, quants_at, nb) = (format.block_bytes(), format.quants_at(), act.nb);
+    let groups = w.groups;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let low = _mm512_set1_epi8(0x0F);
-    // 128-bit lanes [q0, q0, q1, q1] from [q0, q1].
-    let spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
-    // Lanes 0-7 take element 0, lanes 8-15 element 1.
-    let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    for p in 0..act.width / 2 {
-        let (b0, second) = (2 * p, 2 * p + 1 < nb);
-        let mut wq = [_mm512_setzero_si512(); R];
+    // Block k's scale into lanes 4k..4k + 3.
+    let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    let (nib, sc) = (w.nibbles.as_ptr(), w.scales.as_ptr());
+    let (xq, xd) = (act.qs.as_ptr(), act.d.as_ptr());
+    for g in 0..groups {
+        let mut lo = [_mm512_setzero_si512(); R];
+        let mut hi = [_mm512_setzero_si512(); R];
         let mut wd = [_mm512_setzero_ps(); R];
         for i in 0..R {
-            let block0 = &rows[i][b0 * bytes..(b0 + 1) * bytes];
-            let block1 = if second {
-                &rows[i][(b0 + 1) * bytes..(b0 + 2) * bytes]
-            } else {
-                block0
-            };
-            // SAFETY: both blocks hold 16 bytes of nibbles at `quants_at`.
-            let (q0, q1) = unsafe {
+            let k = (r0 + i) * groups + g;
+            // SAFETY: row `r0 + i` is in range (the caller's promise): its
+            // group `g` has 64 bytes of nibbles and 4 scales.
+            let (v, d) = unsafe {
                 (
-                    _mm_loadu_si128(block0.as_ptr().add(quants_at).cast()),
-                    _mm_loadu_si128(block1.as_ptr().add(quants_at).cast()),
+                    _mm512_loadu_si512(nib.add(64 * k).cast()),
+                    _mm_loadu_ps(sc.add(GROUP * k)),
                 )
             };
-            let q1 = if second { q1 } else { _mm_setzero_si128() };
-            let v =
-                _mm512_permutexvar_epi64(spread, _mm512_castsi256_si512(_mm256_set_m128i(q1, q0)));
-            // Lanes 1 and 3 (qwords 2, 3, 6, 7) take the high nibbles.
-            let v = _mm512_mask_blend_epi64(0xCC, v, _mm512_srli_epi16::<4>(v));
-            wq[i] = _mm512_and_si512(v, low);
-            let d0 = u16::from_le_bytes([block0[0], block0[1]]);
-            let d1 = if second {
-                u16::from_le_bytes([block1[0], block1[1]])
-            } else {
-                0
-            };
-            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(d0) | (i32::from(d1) << 16)));
-            wd[i] = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(dd));
+            lo[i] = _mm512_and_si512(v, low);
+            hi[i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+            wd[i] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d));
         }
         for j in 0..T {
-            let at = (t0 + j) * act.width + b0;
-            // SAFETY: a token's padded row holds `width` (even) blocks of
-            // 32 quants and `width` scales; `b0 + 1 < width`.
-            let (x, xd) = unsafe {
+            let k = (t0 + j) * groups + g;
+            // SAFETY: token `t0 + j` is in range: its group `g` has 128
+            // quants and 16 scales.
+            let (xl, xh, d) = unsafe {
                 (
-                    _mm512_loadu_si512(act.qs.as_ptr().add(at * QK).cast()),
-                    _mm_castsi128_ps(_mm_loadl_epi64(act.d.as_ptr().add(at).cast())),
+                    _mm512_loadu_si512(xq.add(128 * k).cast()),
+                    _mm512_loadu_si512(xq.add(128 * k + 64).cast()),
+                    _mm512_loadu_ps(xd.add(16 * k)),
                 )
             };
-            let xd = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(xd));
             for i in 0..R {
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[i], x);
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], xl);
+                let dot = _mm512_dpbusd_epi32(dot, hi[i], xh);
                 acc[i][j] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd[i], xd), acc[i][j]);
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd[i], d), acc[i][j]);
             }
         }
     }
@@ -406,7 +427,7 @@ pub unsafe fn attend<'a, K, const Q: usize>(
         }
     }
     for (i, &len) in lens.iter().enumerate() {
-        super::ops::softmax(&mut scores[i * longest..i * longest + len]);
+        super::x86::softmax(&mut scores[i * longest..i * longest + len]);
     }
     let mut out = out;
     let mut c0 = 0;
@@ -663,15 +684,19 @@ mod tests {
                 let mut xq = vec![BlockQ8::ZERO; n * nb];
                 quant::quantize_q8(&x, &mut xq);
                 let act = Q8Act::quantize(&x, n, cols);
-                // All tokens, and a later share of them.
+                // All tokens, a later share of them, and a later share of
+                // the rows.
                 let some = n / 3..n;
+                let later = rows / 2..rows;
                 let mut all = vec![0f32; rows * n];
                 let mut part = vec![0f32; rows * some.len()];
-                let consts = constants(format, &w, nb);
+                let mut by_rows = vec![0f32; later.len() * n];
+                let packed = Packed::new(format, &w, nb);
                 // SAFETY: `available()` above.
                 unsafe {
-                    gemm(format, &w, &consts, &act, 0..n, &mut all);
-                    gemm(format, &w, &consts, &act, some.clone(), &mut part);
+                    gemm(&packed, 0..rows, &act, 0..n, &mut all);
+                    gemm(&packed, 0..rows, &act, some.clone(), &mut part);
+                    gemm(&packed, later.clone(), &act, 0..n, &mut by_rows);
                 }
                 let row_bytes = w.len() / rows;
                 for r in 0..rows {
@@ -688,6 +713,10 @@ mod tests {
                         if some.contains(&t) {
                             let got = part[(t - some.start) * rows + r];
                             assert_eq!(got, all[t * rows + r], "a share: row {r} token {t}");
+                        }
+                        if later.contains(&r) {
+                            let got = by_rows[t * later.len() + r - later.start];
+                            assert_eq!(got, all[t * rows + r], "rows: row {r} token {t}");
                         }
                     }
                 }

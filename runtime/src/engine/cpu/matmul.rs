@@ -49,10 +49,10 @@ pub struct QMatrix {
     cols: usize,
     row_bytes: usize,
     bytes: WeightBytes,
-    /// A Q4 matrix's per-block constants for the AVX-512 products,
-    /// computed on its first such product.
+    /// A Q4 matrix repacked for the AVX-512 products, on its first such
+    /// product.
     #[cfg(target_arch = "x86_64")]
-    q4_constants: std::sync::OnceLock<Vec<f32>>,
+    q4_packed: std::sync::OnceLock<super::avx512::Packed>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -117,7 +117,7 @@ impl QMatrix {
             row_bytes,
             bytes,
             #[cfg(target_arch = "x86_64")]
-            q4_constants: std::sync::OnceLock::new(),
+            q4_packed: std::sync::OnceLock::new(),
         })
     }
 
@@ -161,6 +161,36 @@ impl QMatrix {
         self.matmul_with(x, n, out, Activations::Q8);
     }
 
+    /// Builds what the chosen [`kernels`] keep per matrix (the AVX-512
+    /// repacking of a Q4 matrix) now rather than on its first product, so
+    /// a loaded model's first request does not pay for it.
+    pub fn prepare(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if kernels() == Kernels::Avx512
+            && let Some(format) = self.q4_format()
+        {
+            self.q4_packed(format);
+        }
+    }
+
+    /// The AVX-512 kernels' name for this matrix's type, if they take it.
+    #[cfg(target_arch = "x86_64")]
+    fn q4_format(&self) -> Option<super::avx512::Q4> {
+        match self.ty {
+            GgmlType::Q4_0 => Some(super::avx512::Q4::Q4_0),
+            GgmlType::Q4_1 => Some(super::avx512::Q4::Q4_1),
+            _ => None,
+        }
+    }
+
+    /// This Q4 matrix repacked for the AVX-512 kernels (once).
+    #[cfg(target_arch = "x86_64")]
+    fn q4_packed(&self, format: super::avx512::Q4) -> &super::avx512::Packed {
+        self.q4_packed.get_or_init(|| {
+            super::avx512::Packed::new(format, self.bytes.as_slice(), self.cols / QK)
+        })
+    }
+
     /// [`QMatrix::matmul`] with a choice of activation precision, on the
     /// [`kernels`].
     pub fn matmul_with(&self, x: &[f32], n: usize, out: &mut [f32], act: Activations) {
@@ -177,18 +207,14 @@ impl QMatrix {
         let threads = rayon::current_num_threads().max(1);
         let chunk = (self.rows / (threads * 4)).clamp(16, 1024);
         #[cfg(target_arch = "x86_64")]
-        if act == Activations::Q8 && chosen == Kernels::Avx512 {
-            let format = match self.ty {
-                GgmlType::Q4_0 => Some(super::avx512::Q4::Q4_0),
-                GgmlType::Q4_1 => Some(super::avx512::Q4::Q4_1),
-                _ => None,
-            };
-            if let Some(format) = format {
-                // SAFETY: `kernels()` is at most what `detect()` found, and
-                // it finds Avx512 only where `avx512::available()`.
-                unsafe { self.matmul_avx512(format, x, n, out, threads, chunk) };
-                return;
-            }
+        if act == Activations::Q8
+            && chosen == Kernels::Avx512
+            && let Some(format) = self.q4_format()
+        {
+            // SAFETY: `kernels()` is at most what `detect()` found, and it
+            // finds Avx512 only where `avx512::available()`.
+            unsafe { self.matmul_avx512(format, x, n, out, threads, chunk) };
+            return;
         }
         // Results are produced transposed ([rows, n]) so that each task owns
         // one contiguous slice, then transposed back.
@@ -264,44 +290,39 @@ impl QMatrix {
     ) {
         use super::avx512::{self, Q8Act};
         let act = Q8Act::quantize(x, n, self.cols);
-        let all = self.bytes.as_slice();
-        let consts = self
-            .q4_constants
-            .get_or_init(|| avx512::constants(format, all, self.cols / QK));
+        let packed = self.q4_packed(format);
+        let rows = packed.rows();
         if n >= TOKEN_SPLIT {
             let tile = n
                 .div_ceil(threads * 4)
                 .next_multiple_of(4)
                 .clamp(16, TOKEN_TILE);
-            out.par_chunks_mut(tile * self.rows)
+            out.par_chunks_mut(tile * rows)
                 .enumerate()
                 .for_each(|(i, o)| {
                     let t0 = i * tile;
-                    let tokens = t0..t0 + o.len() / self.rows;
+                    let tokens = t0..t0 + o.len() / rows;
                     // SAFETY: the caller's promise.
-                    unsafe { avx512::gemm(format, all, consts, &act, tokens, o) };
+                    unsafe { avx512::gemm(packed, 0..rows, &act, tokens, o) };
                 });
             return;
         }
         // A few tokens (a decode step): split by weight rows; each task
         // writes its rows of every token, then they are copied into place.
-        let mut tmp = split_scratch(n, self.rows);
+        let mut tmp = split_scratch(n, rows);
         let dst: &mut [f32] = if n == 1 { out } else { &mut tmp };
         dst.par_chunks_mut(chunk * n)
             .enumerate()
             .for_each(|(ci, o)| {
-                let (r0, rows) = (ci * chunk, o.len() / n);
-                let w = &all[r0 * self.row_bytes..(r0 + rows) * self.row_bytes];
-                let width = consts.len() / self.rows;
-                let c = &consts[r0 * width..(r0 + rows) * width];
+                let r0 = ci * chunk;
                 // SAFETY: the caller's promise.
-                unsafe { avx512::gemm(format, w, c, &act, 0..n, o) };
+                unsafe { avx512::gemm(packed, r0..r0 + o.len() / n, &act, 0..n, o) };
             });
         if n > 1 {
             for (ci, part) in tmp.chunks(chunk * n).enumerate() {
-                let rows = part.len() / n;
-                for (t, src) in part.chunks_exact(rows).enumerate() {
-                    out[t * self.rows + ci * chunk..][..rows].copy_from_slice(src);
+                let part_rows = part.len() / n;
+                for (t, src) in part.chunks_exact(part_rows).enumerate() {
+                    out[t * rows + ci * chunk..][..part_rows].copy_from_slice(src);
                 }
             }
         }

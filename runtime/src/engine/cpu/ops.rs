@@ -42,18 +42,64 @@ pub fn rope(x: &mut [f32], head_dim: usize, pos: usize, freqs: &[f32], style: Ro
     }
 }
 
-/// In-place softmax.
-pub fn softmax(x: &mut [f32]) {
+/// In-place softmax, with [`exp`]; `simd` (from
+/// [`super::matmul::simd_available`]) runs it on AVX2, 8 lanes at a time
+/// (the same exponentials, summed in another order).
+pub fn softmax(x: &mut [f32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when the CPU has the features.
+        return unsafe { super::x86::softmax(x) };
+    }
+    let _ = simd;
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
+        *v = exp(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
     }
+}
+
+/// Lower and upper clamps of [`exp`]'s argument: 2^n stays a normal
+/// float (e^-87.34 is about the smallest normal, 1.2e-38).
+pub(crate) const EXP_LO: f32 = -87.336_54;
+pub(crate) const EXP_HI: f32 = 88.0;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 in two parts, so that `x - n ln 2` loses nothing (Cephes' `expf`).
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// The polynomial of `(e^r - 1 - r) / r^2` on |r| <= ln 2 / 2, highest
+/// power first.
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// `e^x` within 2 ulp on the clamped range (Cephes' `expf`): `x = n ln 2 +
+/// r`, a polynomial in `r`, times `2^n`. Every step is one IEEE operation
+/// or a fused multiply-add, so the AVX2 version ([`super::x86`]'s `exp8`)
+/// gives each lane the same bits; several times faster than the C
+/// library's `expf`, which a softmax over long contexts calls once per key.
+// Not `clamp`: a NaN becomes `EXP_LO` here, as in the vector version.
+#[allow(clippy::manual_clamp)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.max(EXP_LO).min(EXP_HI);
+    let n = (x * LOG2E).round_ties_even();
+    let r = (-n).mul_add(LN2_HI, x);
+    let r = (-n).mul_add(LN2_LO, r);
+    let p = EXP_POLY[1..]
+        .iter()
+        .fold(EXP_POLY[0], |p, &c| p.mul_add(r, c));
+    let y = p.mul_add(r * r, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// One head's causal attention: `out = sum_j softmax_j(scale * q·k_j) v_j`
@@ -82,11 +128,21 @@ pub fn attend<'a, K>(
             *yy += a * xx;
         }
     };
-    attend_body(q, n, scale, kv, scores, out, super::quant::dot_f32, axpy);
+    attend_body(
+        q,
+        n,
+        scale,
+        kv,
+        scores,
+        out,
+        super::quant::dot_f32,
+        axpy,
+        false,
+    );
 }
 
 /// The body of [`attend`], generic over the dot and axpy kernels so the SIMD
-/// caller gets them inlined.
+/// caller gets them inlined; `simd` picks the softmax.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_body<'a, K, D, A>(
@@ -98,6 +154,7 @@ pub(crate) fn attend_body<'a, K, D, A>(
     out: &mut [f32],
     dot: D,
     axpy: A,
+    simd: bool,
 ) where
     K: Fn(usize) -> (&'a [f32], &'a [f32]),
     D: Fn(&[f32], &[f32]) -> f32,
@@ -105,7 +162,7 @@ pub(crate) fn attend_body<'a, K, D, A>(
 {
     scores.clear();
     scores.extend((0..n).map(|j| dot(q, kv(j).0) * scale));
-    softmax(scores);
+    softmax(scores, simd);
     out.fill(0.0);
     for (j, &a) in scores.iter().enumerate() {
         axpy(out, a, kv(j).1);
