@@ -5,7 +5,7 @@
 //!
 //! The weights are repacked once per matrix ([`Packed`]): each row's
 //! blocks in groups of 4, the 4 blocks' 16 bytes of nibbles side by side
-//! (one 512-bit load), their scales as f32. The low nibbles of a group are
+//! (one aligned 512-bit load), their scales and constants beside. The low nibbles of a group are
 //! its blocks' values 0-15 and the high nibbles values 16-31, so one `and`
 //! and one shift unpack 128 weights, and two `vpdpbusd` multiply them by
 //! the activations laid out to match ([`Q8Act`]) and sum each block's
@@ -19,8 +19,7 @@
 //! Per block: Q4_1 weight `j` is `nibble_j * d + m`, Q4_0's is
 //! `(nibble_j - 8) * d`. So `row · x = sum_b d_b dx_b (nibbles · qx)_b +
 //! sum_b c_b s_b` with `c_b = m_b` (Q4_1) or `-8 d_b` (Q4_0) and
-//! `s_b = dx_b * sum(qx)_b`; the second sum is a short f32 dot product per
-//! (row, token), done after the integer part.
+//! `s_b = dx_b * sum(qx)_b`; both terms are summed in the same registers.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -79,9 +78,9 @@ type TokenRow<'a> = (((&'a mut [i8], &'a mut [f32]), &'a mut [f32]), &'a [f32]);
 
 /// `n` tokens' Q8 activations laid out as [`Packed`] lays out a row: per
 /// token and group of 4 blocks, 128 quants (the 4 blocks' values 0-15,
-/// then their values 16-31) and 16 scales (each block's `dx` once per
-/// 32-bit lane of its products); the blocks' scaled sums `s` in their own
-/// array; the last group padded with zeros.
+/// then their values 16-31), 16 scales (each block's `dx` once per 32-bit
+/// lane of its products) and 16 scaled sums (block `k`'s `s` in lane `4k`,
+/// zeros beside it); the last group padded with zeros.
 pub struct Q8Act {
     n: usize,
     groups: usize,
@@ -100,7 +99,7 @@ impl Q8Act {
         let groups = nb.div_ceil(GROUP);
         let mut qs = vec![0i8; n * groups * GROUP * QK];
         let mut d = vec![0f32; n * groups * 4 * GROUP];
-        let mut s = vec![0f32; n * groups * GROUP];
+        let mut s = vec![0f32; n * groups * 4 * GROUP];
         let one = |scratch: &mut Vec<BlockQ8>, (((qs, d), s), x): TokenRow<'_>| {
             quant::quantize_q8(x, scratch);
             for (b, block) in scratch.iter().enumerate() {
@@ -109,13 +108,13 @@ impl Q8Act {
                 qs[at..at + 16].copy_from_slice(&block.qs[..16]);
                 qs[at + 64..at + 80].copy_from_slice(&block.qs[16..]);
                 d[4 * b..4 * b + 4].fill(block.d);
-                s[b] = block.s;
+                s[4 * b] = block.s;
             }
         };
         let rows = qs
             .par_chunks_mut(groups * GROUP * QK)
             .zip(d.par_chunks_mut(groups * 4 * GROUP))
-            .zip(s.par_chunks_mut(groups * GROUP))
+            .zip(s.par_chunks_mut(groups * 4 * GROUP))
             .zip(x.par_chunks(cols.max(1)));
         // Fanning out costs more than it saves for a few tokens (decode).
         if n >= 8 {
@@ -125,7 +124,7 @@ impl Q8Act {
             for row in qs
                 .chunks_mut(groups * GROUP * QK)
                 .zip(d.chunks_mut(groups * 4 * GROUP))
-                .zip(s.chunks_mut(groups * GROUP))
+                .zip(s.chunks_mut(groups * 4 * GROUP))
                 .zip(x.chunks(cols.max(1)))
             {
                 one(&mut scratch, row);
@@ -141,19 +140,26 @@ impl Q8Act {
     }
 }
 
-/// A Q4_0/Q4_1 matrix repacked for [`gemm`]: per row and group of 4
-/// blocks, the blocks' 64 bytes of nibbles, their 4 scales and their 4
-/// constants (`c_b` of the module doc) as f32, the last group padded with
-/// zero blocks. It takes 24 bytes per 32 weights (Q4_1 takes 20, Q4_0
-/// 18) and is built once per matrix, on its first product.
+/// A Q4_0/Q4_1 matrix repacked for [`gemm`]. Per row, 64-byte aligned:
+/// for each group of 4 blocks, the blocks' 64 bytes of nibbles side by
+/// side; then for each group 16 bytes: the blocks' 4 scales and 4
+/// constants (`c_b` of the module doc) as f16, exactly as the GGUF holds
+/// them (Q4_0's `-8 d` is `d` times a power of two). The last group is
+/// padded with zero blocks. A row takes the GGUF's bytes for Q4_1 (20 per
+/// 32 weights) up to the 64-byte padding. Built once per matrix, at load.
 #[derive(Clone)]
 pub struct Packed {
     rows: usize,
     groups: usize,
-    nibbles: Vec<u8>,
-    scales: Vec<f32>,
-    consts: Vec<f32>,
+    /// 64-byte lines per row.
+    row_lines: usize,
+    lines: Vec<Line>,
 }
+
+/// 64 bytes on a 64-byte boundary: one 512-bit load.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
 
 impl Packed {
     /// Repacks `weights`: whole rows of `nb` blocks of `format`.
@@ -161,23 +167,29 @@ impl Packed {
         let (bytes, at) = (format.block_bytes(), format.quants_at());
         let rows = weights.len() / (nb * bytes).max(1);
         let groups = nb.div_ceil(GROUP);
-        let mut nibbles = vec![0u8; rows * groups * GROUP * 16];
-        let mut scales = vec![0f32; rows * groups * GROUP];
-        let mut consts = vec![0f32; rows * groups * GROUP];
-        for (r, row) in weights.chunks_exact(nb * bytes).enumerate() {
+        let row_lines = groups + (16 * groups).div_ceil(64);
+        let mut lines = vec![Line([0; 64]); rows * row_lines];
+        for (row, line) in weights
+            .chunks_exact(nb * bytes)
+            .zip(lines.chunks_exact_mut(row_lines))
+        {
+            let (nibbles, meta) = line.split_at_mut(groups);
             for (b, block) in row.chunks_exact(bytes).enumerate() {
-                let k = r * groups * GROUP + b;
-                nibbles[16 * k..16 * k + 16].copy_from_slice(&block[at..at + 16]);
-                scales[k] = f16_at(block, 0);
-                consts[k] = format.constant(block);
+                let (g, k) = (b / GROUP, b % GROUP);
+                nibbles[g].0[16 * k..16 * k + 16].copy_from_slice(&block[at..at + 16]);
+                let c = half::f16::from_f32(format.constant(block)).to_bits();
+                // The scale's f16 bits as they are; group g's 16 bytes of
+                // metadata at byte 16 g of the metadata lines.
+                let m = &mut meta[16 * g / 64].0[16 * g % 64..][..16];
+                m[2 * k..2 * k + 2].copy_from_slice(&block[..2]);
+                m[8 + 2 * k..8 + 2 * k + 2].copy_from_slice(&c.to_le_bytes());
             }
         }
         Packed {
             rows,
             groups,
-            nibbles,
-            scales,
-            consts,
+            row_lines,
+            lines,
         }
     }
 
@@ -210,15 +222,10 @@ pub unsafe fn gemm(
         "weights and activations differ in width"
     );
     assert_eq!(out.len(), rows.len() * tokens.len(), "output shape");
-    let width = w.groups * GROUP;
     let mut put = |r0: usize, t0: usize, v: &[&[f32]]| {
         for (i, vr) in v.iter().enumerate() {
-            let r = r0 + i;
-            let c = &w.consts[r * width..(r + 1) * width];
             for (j, &vt) in vr.iter().enumerate() {
-                let t = t0 + j;
-                let s = &act.s[t * width..(t + 1) * width];
-                out[(t - tokens.start) * rows.len() + r - rows.start] = vt + dot(c, s);
+                out[(t0 + j - tokens.start) * rows.len() + r0 + i - rows.start] = vt;
             }
         }
     };
@@ -266,33 +273,8 @@ pub unsafe fn gemm(
 /// 60-120 KiB at this model's widths) stay in L2 while the rows stream.
 const TOKEN_TILE: usize = 64;
 
-/// f32 dot product of two equally long slices.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let len = a.len().min(b.len());
-    let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    while i < len {
-        let left = len - i;
-        let mask: __mmask16 = if left >= 16 {
-            0xFFFF
-        } else {
-            (1u16 << left) - 1
-        };
-        // SAFETY: the mask covers only the `left` elements in bounds.
-        unsafe {
-            let va = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(i));
-            let vb = _mm512_maskz_loadu_ps(mask, b.as_ptr().add(i));
-            acc = _mm512_fmadd_ps(va, vb, acc);
-        }
-        i += 16;
-    }
-    _mm512_reduce_add_ps(acc)
-}
-
-/// The integer part (`sum_b d_b dx_b (nibbles · qx)_b`) of the `R` packed
-/// weight rows from `r0` times the `T` tokens from `t0`.
+/// `R` packed weight rows from `r0` times the `T` tokens from `t0`: per
+/// block, `d dx (nibbles · qx) + c s` (the module doc), summed by lane.
 ///
 /// # Safety
 /// The CPU must have the features [`available`] checks, and the rows and
@@ -310,44 +292,53 @@ unsafe fn tile<const R: usize, const T: usize>(
     let groups = w.groups;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let low = _mm512_set1_epi8(0x0F);
-    // Block k's scale into lanes 4k..4k + 3.
-    let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    let (nib, sc) = (w.nibbles.as_ptr(), w.scales.as_ptr());
-    let (xq, xd) = (act.qs.as_ptr(), act.d.as_ptr());
+    // Block k's scale (element k of the metadata) into lanes 4k..4k + 3,
+    // and its constant (element 4 + k) into lane 4k (the token's scaled
+    // sums are zero in the other three).
+    let spread_d = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    let spread_c = _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4);
+    // SAFETY: rows `r0..r0 + R` are in range (the caller's promise).
+    let row: [*const u8; R] =
+        std::array::from_fn(|i| unsafe { w.lines.as_ptr().add((r0 + i) * w.row_lines).cast() });
+    let (xq, xd, xs) = (act.qs.as_ptr(), act.d.as_ptr(), act.s.as_ptr());
     for g in 0..groups {
         let mut lo = [_mm512_setzero_si512(); R];
         let mut hi = [_mm512_setzero_si512(); R];
         let mut wd = [_mm512_setzero_ps(); R];
+        let mut wc = [_mm512_setzero_ps(); R];
         for i in 0..R {
-            let k = (r0 + i) * groups + g;
-            // SAFETY: row `r0 + i` is in range (the caller's promise): its
-            // group `g` has 64 bytes of nibbles and 4 scales.
-            let (v, d) = unsafe {
+            // SAFETY: a row holds `groups` lines of nibbles, then 16 bytes
+            // of metadata per group; the lines are 64-byte aligned.
+            let (v, meta) = unsafe {
                 (
-                    _mm512_loadu_si512(nib.add(64 * k).cast()),
-                    _mm_loadu_ps(sc.add(GROUP * k)),
+                    _mm512_load_si512(row[i].add(64 * g).cast()),
+                    _mm_loadu_si128(row[i].add(64 * groups + 16 * g).cast()),
                 )
             };
             lo[i] = _mm512_and_si512(v, low);
             hi[i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-            wd[i] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d));
+            let m = _mm512_castps256_ps512(_mm256_cvtph_ps(meta));
+            wd[i] = _mm512_permutexvar_ps(spread_d, m);
+            wc[i] = _mm512_permutexvar_ps(spread_c, m);
         }
         for j in 0..T {
             let k = (t0 + j) * groups + g;
             // SAFETY: token `t0 + j` is in range: its group `g` has 128
-            // quants and 16 scales.
-            let (xl, xh, d) = unsafe {
+            // quants, 16 scales and 16 scaled sums.
+            let (xl, xh, d, s) = unsafe {
                 (
                     _mm512_loadu_si512(xq.add(128 * k).cast()),
                     _mm512_loadu_si512(xq.add(128 * k + 64).cast()),
                     _mm512_loadu_ps(xd.add(16 * k)),
+                    _mm512_loadu_ps(xs.add(16 * k)),
                 )
             };
             for i in 0..R {
                 let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], xl);
                 let dot = _mm512_dpbusd_epi32(dot, hi[i], xh);
-                acc[i][j] =
+                let a =
                     _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd[i], d), acc[i][j]);
+                acc[i][j] = _mm512_fmadd_ps(wc[i], s, a);
             }
         }
     }
