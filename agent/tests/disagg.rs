@@ -1115,10 +1115,16 @@ async fn served(d: &Deployment) -> Vec<f64> {
     counts
 }
 
-/// A system prompt of about 400 tokens: seconds of prefill on these
-/// CPUs, long enough to signal a worker in the middle of it.
+/// A system prompt of about 400 tokens: about half a second of prefill on
+/// these CPUs with AVX-512 (seconds on AVX2), long enough to signal a
+/// worker in the middle of it.
 fn long_prompt(tag: &str) -> String {
-    format!("{tag}.{}", format!(" {LONG_SYSTEM}").repeat(5))
+    long_prompt_of(tag, 5)
+}
+
+/// `repeats` copies of [`LONG_SYSTEM`] (about 70 tokens each) after `tag`.
+fn long_prompt_of(tag: &str, repeats: usize) -> String {
+    format!("{tag}.{}", format!(" {LONG_SYSTEM}").repeat(repeats))
 }
 
 /// Grace period of the draining decode worker in the two drain tests.
@@ -1224,6 +1230,9 @@ async fn a_decode_worker_sigtermed_during_a_remote_prefill_answers_it_within_its
     assert_drained_within_grace(&mut d, &result, answered_after, exit_after).await;
 }
 
+/// Copies of [`LONG_SYSTEM`] in the prompt of the hand-back test.
+const HANDBACK_REPEATS: usize = 14;
+
 /// What [`sigterm_the_prefill_worker_mid_job`] saw.
 struct MidJob {
     result: (u16, Value),
@@ -1236,11 +1245,16 @@ struct MidJob {
 }
 
 /// Run one long-prompt request and SIGTERM the prefill worker computing it.
-async fn sigterm_the_prefill_worker_mid_job(d: &Deployment) -> MidJob {
+async fn sigterm_the_prefill_worker_mid_job(d: &Deployment, system: &str) -> MidJob {
     let started = Instant::now();
-    let system = long_prompt("Drain");
     let request = async {
-        let result = d.chat(&system, FRANCE, 8).await;
+        let result = d.chat(system, FRANCE, 8).await;
+        eprintln!(
+            "the request ended after {:?}: {} {}",
+            started.elapsed(),
+            result.0,
+            result.1
+        );
         (result, started.elapsed())
     };
     let drive = async {
@@ -1298,7 +1312,7 @@ async fn a_prefill_worker_sigtermed_mid_job_finishes_it_within_its_grace() {
     for name in ["prefill-0", "prefill-1"] {
         d.spawn("prefill", name, &["--grace-seconds", "30"]).await;
     }
-    let job = sigterm_the_prefill_worker_mid_job(&d).await;
+    let job = sigterm_the_prefill_worker_mid_job(&d, &long_prompt("Drain")).await;
     let busy = job.busy.as_str();
     eprintln!(
         "request answered in {:?}; {busy} SIGTERMed mid-job",
@@ -1328,16 +1342,20 @@ async fn a_prefill_worker_sigtermed_mid_job_finishes_it_within_its_grace() {
 
 #[tokio::test]
 async fn a_prefill_worker_that_cannot_finish_within_its_grace_hands_the_job_back() {
-    let grace = Duration::from_secs(2);
+    let grace = Duration::from_secs(1);
     let mut d = Deployment::start("drain-prefill-handback", 0, 1, 32, &[]).await;
-    // A grace far shorter than the prompt's prefill, which runs in short
-    // steps: a CPU engine gives up a request only between two steps.
+    // A grace far shorter than the prompt's prefill (about 900 tokens, the
+    // most the tests' 1,024-token context takes, in 16-token steps: seconds
+    // even on AVX-512, where the 400 tokens of `long_prompt` in 64-token
+    // steps take half a second): a CPU engine gives up a request only
+    // between two steps.
     for name in ["prefill-0", "prefill-1"] {
         let grace = grace.as_secs().to_string();
-        let flags = ["--grace-seconds", &grace, "--max-batch-tokens", "64"];
+        let flags = ["--grace-seconds", &grace, "--max-batch-tokens", "16"];
         d.spawn("prefill", name, &flags).await;
     }
-    let job = sigterm_the_prefill_worker_mid_job(&d).await;
+    let job =
+        sigterm_the_prefill_worker_mid_job(&d, &long_prompt_of("Drain", HANDBACK_REPEATS)).await;
     let busy = job.busy.as_str();
     eprintln!(
         "request answered in {:?}; {busy} SIGTERMed mid-job",

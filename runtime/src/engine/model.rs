@@ -364,8 +364,9 @@ impl Model {
         {
             self.embed.dequantize_row(*id as usize, row);
         }
+        let mut scratch = Scratch::new(c, n);
         for (l, layer) in self.layers.iter().enumerate() {
-            self.layer(l, layer, &mut x, &tokens, batch, kv);
+            self.layer(l, layer, &mut x, &tokens, batch, kv, &mut scratch);
         }
 
         // Rows that get logits, then final norm and output projection.
@@ -397,6 +398,7 @@ impl Model {
 
     /// One transformer block over all `n` tokens of the batch, in place on
     /// the residual stream `x` (`[n, hidden]`).
+    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         l: usize,
@@ -405,6 +407,7 @@ impl Model {
         tokens: &[(usize, usize)],
         batch: &[SequenceInput<'_>],
         kv: &mut KvStorage,
+        scratch: &mut Scratch,
     ) {
         let c = &self.config;
         let (h, n) = (c.hidden, tokens.len());
@@ -413,16 +416,22 @@ impl Model {
             |m: &QMatrix, x: &[f32], out: &mut [f32]| m.matmul_with(x, n, out, self.activations);
         let rope =
             |x: &mut [f32], pos| ops::rope(x, c.head_dim, pos, &self.rope_freqs, c.rope_style);
+        let Scratch {
+            xn,
+            q,
+            k,
+            v,
+            attn,
+            o,
+            gate,
+            up,
+        } = scratch;
 
         // Attention: project, rotate, append K/V to the cache, attend.
-        let mut xn = vec![0f32; n * h]; // [n, hidden]
-        rms_norm_rows(x, &w.attn_norm, c.rms_eps, &mut xn, h);
-        let mut q = vec![0f32; n * qd]; // [n, n_heads * head_dim]
-        let mut k = vec![0f32; n * kvd]; // [n, n_kv_heads * head_dim]
-        let mut v = vec![0f32; n * kvd]; // [n, n_kv_heads * head_dim]
-        mm(&w.wq, &xn, &mut q);
-        mm(&w.wk, &xn, &mut k);
-        mm(&w.wv, &xn, &mut v);
+        rms_norm_rows(x, &w.attn_norm, c.rms_eps, xn, h);
+        mm(&w.wq, xn, q);
+        mm(&w.wk, xn, k);
+        mm(&w.wv, xn, v);
         for (t, &(s, pos)) in tokens.iter().enumerate() {
             rope(&mut q[t * qd..(t + 1) * qd], pos);
             rope(&mut k[t * kvd..(t + 1) * kvd], pos);
@@ -432,21 +441,17 @@ impl Model {
             kv.slot_mut(l, KvKind::V, block, pos % bs)
                 .copy_from_slice(&v[t * kvd..(t + 1) * kvd]);
         }
-        let mut attn = vec![0f32; n * qd]; // [n, n_heads * head_dim]
-        self.attention(l, &q, tokens, batch, kv, &mut attn);
-        let mut o = vec![0f32; n * h]; // [n, hidden]
-        mm(&w.wo, &attn, &mut o);
-        add(x, &o);
+        self.attention(l, q, tokens, batch, kv, attn);
+        mm(&w.wo, attn, o);
+        add(x, o);
 
         // Feed-forward (SwiGLU).
-        rms_norm_rows(x, &w.ffn_norm, c.rms_eps, &mut xn, h);
-        let mut gate = vec![0f32; n * c.ffn]; // [n, ffn]
-        let mut up = vec![0f32; n * c.ffn]; // [n, ffn]
-        mm(&w.w_gate, &xn, &mut gate);
-        mm(&w.w_up, &xn, &mut up);
-        ops::swiglu(&mut gate, &up);
-        mm(&w.w_down, &gate, &mut o);
-        add(x, &o);
+        rms_norm_rows(x, &w.ffn_norm, c.rms_eps, xn, h);
+        mm(&w.w_gate, xn, gate);
+        mm(&w.w_up, xn, up);
+        ops::swiglu(gate, up);
+        mm(&w.w_down, gate, o);
+        add(x, o);
     }
 
     /// Causal attention of every new token over its sequence's cached K/V
@@ -612,6 +617,36 @@ impl Model {
                     }
                 }
             });
+    }
+}
+
+/// A step's activations between the layers' operations, allocated once per
+/// step for its `n` tokens and reused by every layer (each operation
+/// overwrites its output whole).
+struct Scratch {
+    xn: Vec<f32>,   // [n, hidden]
+    q: Vec<f32>,    // [n, n_heads * head_dim]
+    k: Vec<f32>,    // [n, n_kv_heads * head_dim]
+    v: Vec<f32>,    // [n, n_kv_heads * head_dim]
+    attn: Vec<f32>, // [n, n_heads * head_dim]
+    o: Vec<f32>,    // [n, hidden]
+    gate: Vec<f32>, // [n, ffn]
+    up: Vec<f32>,   // [n, ffn]
+}
+
+impl Scratch {
+    fn new(c: &ModelConfig, n: usize) -> Scratch {
+        let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        Scratch {
+            xn: vec![0f32; n * h],
+            q: vec![0f32; n * qd],
+            k: vec![0f32; n * kvd],
+            v: vec![0f32; n * kvd],
+            attn: vec![0f32; n * qd],
+            o: vec![0f32; n * h],
+            gate: vec![0f32; n * c.ffn],
+            up: vec![0f32; n * c.ffn],
+        }
     }
 }
 
