@@ -429,9 +429,14 @@ impl Model {
 
         // Attention: project, rotate, append K/V to the cache, attend.
         rms_norm_rows(x, &w.attn_norm, c.rms_eps, xn, h);
-        mm(&w.wq, xn, q);
-        mm(&w.wk, xn, k);
-        mm(&w.wv, xn, v);
+        let each = |mats: &[&QMatrix], x: &[f32], outs: &mut [&mut [f32]]| {
+            QMatrix::matmul_each(mats, x, n, outs, self.activations)
+        };
+        each(
+            &[&w.wq, &w.wk, &w.wv],
+            xn,
+            &mut [&mut q[..], &mut k[..], &mut v[..]],
+        );
         for (t, &(s, pos)) in tokens.iter().enumerate() {
             rope(&mut q[t * qd..(t + 1) * qd], pos);
             rope(&mut k[t * kvd..(t + 1) * kvd], pos);
@@ -447,8 +452,7 @@ impl Model {
 
         // Feed-forward (SwiGLU).
         rms_norm_rows(x, &w.ffn_norm, c.rms_eps, xn, h);
-        mm(&w.w_gate, xn, gate);
-        mm(&w.w_up, xn, up);
+        each(&[&w.w_gate, &w.w_up], xn, &mut [&mut gate[..], &mut up[..]]);
         ops::swiglu(gate, up);
         mm(&w.w_down, gate, o);
         add(x, o);

@@ -307,18 +307,90 @@ impl QMatrix {
                 });
             return;
         }
-        // A few tokens (a decode step): split by weight rows; each task
-        // writes its rows of every token, then they are copied into place.
-        let mut tmp = split_scratch(n, rows);
-        let dst: &mut [f32] = if n == 1 { out } else { &mut tmp };
-        dst.par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(ci, o)| {
-                let r0 = ci * chunk;
-                // SAFETY: the caller's promise.
-                unsafe { avx512::gemm(packed, r0..r0 + o.len() / n, &act, 0..n, o) };
-            });
-        if n > 1 {
+        // SAFETY: the caller's promise.
+        unsafe { split_by_rows(&[(packed, chunk)], &act, n, &mut [out]) };
+    }
+
+    /// `outs[i] = mats[i] · x` for matrices of the same width that take the
+    /// same activations (a layer's query, key and value projections; its
+    /// gate and up projections). A decode step on AVX-512 quantizes the
+    /// activations once and splits the rows of all the products among the
+    /// pool in one pass, where one product at a time would make the pool
+    /// start and join once per matrix. Each (row, token) is computed
+    /// exactly as [`QMatrix::matmul_with`] computes it.
+    pub fn matmul_each(
+        mats: &[&QMatrix],
+        x: &[f32],
+        n: usize,
+        outs: &mut [&mut [f32]],
+        act: Activations,
+    ) {
+        assert_eq!(mats.len(), outs.len(), "an output per matrix");
+        #[cfg(target_arch = "x86_64")]
+        if act == Activations::Q8
+            && kernels() == Kernels::Avx512
+            && (1..TOKEN_SPLIT).contains(&n)
+            && let Some(cols) = mats.first().map(|m| m.cols)
+            && mats
+                .iter()
+                .all(|m| m.cols == cols && m.q4_format().is_some())
+        {
+            for (m, out) in mats.iter().zip(outs.iter()) {
+                assert_eq!(x.len(), n * m.cols, "{m:?}: activation shape");
+                assert_eq!(out.len(), n * m.rows, "{m:?}: output shape");
+            }
+            let threads = rayon::current_num_threads().max(1);
+            let parts: Vec<(&super::avx512::Packed, usize)> = mats
+                .iter()
+                .filter_map(|m| {
+                    let chunk = (m.rows / (threads * 4)).clamp(16, 1024);
+                    Some((m.q4_packed(m.q4_format()?), chunk))
+                })
+                .collect();
+            let act = super::avx512::Q8Act::quantize(x, n, cols);
+            // SAFETY: `kernels()` is at most what `detect()` found, and it
+            // finds Avx512 only where `avx512::available()`.
+            unsafe { split_by_rows(&parts, &act, n, outs) };
+            return;
+        }
+        for (m, out) in mats.iter().zip(outs.iter_mut()) {
+            m.matmul_with(x, n, out, act);
+        }
+    }
+}
+
+/// The AVX-512 products of a few tokens (a decode step) with the packed
+/// matrices `parts` (each with its rows per task), split by weight rows
+/// into one parallel pass: each task writes its rows of every token, then
+/// they are copied into place.
+///
+/// # Safety
+/// The CPU must have what `avx512::available()` checks.
+#[cfg(target_arch = "x86_64")]
+unsafe fn split_by_rows(
+    parts: &[(&super::avx512::Packed, usize)],
+    act: &super::avx512::Q8Act,
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
+    let mut tmps: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|(p, _)| split_scratch(n, p.rows()))
+        .collect();
+    let mut tasks = Vec::new();
+    for ((&(packed, chunk), out), tmp) in parts.iter().zip(outs.iter_mut()).zip(&mut tmps) {
+        let dst: &mut [f32] = if n == 1 { out } else { tmp };
+        for (ci, o) in dst.chunks_mut(chunk * n).enumerate() {
+            tasks.push((packed, ci * chunk, o));
+        }
+    }
+    tasks.into_par_iter().for_each(|(packed, r0, o)| {
+        // SAFETY: the caller's promise.
+        unsafe { super::avx512::gemm(packed, r0..r0 + o.len() / n, act, 0..n, o) };
+    });
+    if n > 1 {
+        for ((&(packed, chunk), out), tmp) in parts.iter().zip(outs.iter_mut()).zip(&tmps) {
+            let rows = packed.rows();
             for (ci, part) in tmp.chunks(chunk * n).enumerate() {
                 let part_rows = part.len() / n;
                 for (t, src) in part.chunks_exact(part_rows).enumerate() {
@@ -566,6 +638,46 @@ mod tests {
             let mut single = vec![0f32; rows];
             m.matmul(&x[cols..2 * cols], 1, &mut single);
             assert_eq!(single, got[rows..2 * rows], "{ty}");
+        }
+    }
+
+    /// Products taken together (one pass of the pool) give each matrix's
+    /// own product bit for bit, at decode and prefill sizes, whatever the
+    /// formats and the kernels.
+    #[test]
+    fn products_taken_together_equal_products_one_at_a_time() {
+        let cols = 160;
+        let mats: Vec<QMatrix> = [
+            (GgmlType::Q4_1, 70),
+            (GgmlType::Q4_0, 37),
+            (GgmlType::Q8_0, 20),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (ty, rows))| {
+            let w = data(rows * cols, 10 + i as u64);
+            let bytes = match ty {
+                GgmlType::Q4_1 => quant::quantize_q4_1(&w),
+                GgmlType::Q4_0 => quant::quantize_q4_0(&w),
+                _ => quant::quantize_q8_0(&w),
+            };
+            QMatrix::new("w", ty, rows, cols, WeightBytes::Owned(Arc::new(bytes))).unwrap()
+        })
+        .collect();
+        for set in [&mats[..2], &mats[..]] {
+            for n in [1, 3, 20] {
+                let x = data(n * cols, n as u64);
+                let mut together: Vec<Vec<f32>> =
+                    set.iter().map(|m| vec![0f32; n * m.rows]).collect();
+                let mut outs: Vec<&mut [f32]> = together.iter_mut().map(|o| &mut o[..]).collect();
+                let refs: Vec<&QMatrix> = set.iter().collect();
+                QMatrix::matmul_each(&refs, &x, n, &mut outs, Activations::Q8);
+                for (m, got) in set.iter().zip(&together) {
+                    let mut alone = vec![0f32; n * m.rows];
+                    m.matmul(&x, n, &mut alone);
+                    assert_eq!(*got, alone, "{} rows of {}, {n} tokens", m.rows, m.ty);
+                }
+            }
         }
     }
 
