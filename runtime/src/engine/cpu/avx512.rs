@@ -163,7 +163,10 @@ struct Line([u8; 64]);
 
 impl Packed {
     /// Repacks `weights`: whole rows of `nb` blocks of `format`.
-    pub fn new(format: Q4, weights: &[u8], nb: usize) -> Packed {
+    /// `None` when a constant does not fit an f16 exactly (a Q4_0 scale
+    /// over 8,188, or one that is not finite), which no real model has:
+    /// the matrix then stays on the AVX2 kernels.
+    pub fn new(format: Q4, weights: &[u8], nb: usize) -> Option<Packed> {
         let (bytes, at) = (format.block_bytes(), format.quants_at());
         let rows = weights.len() / (nb * bytes).max(1);
         let groups = nb.div_ceil(GROUP);
@@ -177,7 +180,12 @@ impl Packed {
             for (b, block) in row.chunks_exact(bytes).enumerate() {
                 let (g, k) = (b / GROUP, b % GROUP);
                 nibbles[g].0[16 * k..16 * k + 16].copy_from_slice(&block[at..at + 16]);
-                let c = half::f16::from_f32(format.constant(block)).to_bits();
+                let constant = format.constant(block);
+                let c = half::f16::from_f32(constant);
+                if c.to_f32() != constant {
+                    return None;
+                }
+                let c = c.to_bits();
                 // The scale's f16 bits as they are; group g's 16 bytes of
                 // metadata at byte 16 g of the metadata lines.
                 let m = &mut meta[16 * g / 64].0[16 * g % 64..][..16];
@@ -185,12 +193,12 @@ impl Packed {
                 m[8 + 2 * k..8 + 2 * k + 2].copy_from_slice(&c.to_le_bytes());
             }
         }
-        Packed {
+        Some(Packed {
             rows,
             groups,
             row_lines,
             lines,
-        }
+        })
     }
 
     /// Rows of the matrix.
@@ -650,6 +658,20 @@ mod tests {
         }
     }
 
+    /// A Q4_0 scale whose constant `-8 d` an f16 cannot hold leaves the
+    /// matrix unpacked (on the AVX2 kernels) rather than computing with an
+    /// infinity.
+    #[test]
+    fn a_constant_beyond_f16_leaves_the_matrix_unpacked() {
+        let block = |d: f32| {
+            let mut b = half::f16::from_f32(d).to_le_bytes().to_vec();
+            b.extend([0x88u8; 16]);
+            b
+        };
+        assert!(Packed::new(Q4::Q4_0, &block(0.01), 1).is_some());
+        assert!(Packed::new(Q4::Q4_0, &block(10_000.0), 1).is_none());
+    }
+
     /// Every (row, token) of odd and even block counts, row counts that
     /// are not a multiple of 4 and token counts that are not a multiple of
     /// 4 (and over one token tile) equals the scalar dot within float
@@ -682,7 +704,7 @@ mod tests {
                 let mut all = vec![0f32; rows * n];
                 let mut part = vec![0f32; rows * some.len()];
                 let mut by_rows = vec![0f32; later.len() * n];
-                let packed = Packed::new(format, &w, nb);
+                let packed = Packed::new(format, &w, nb).unwrap();
                 // SAFETY: `available()` above.
                 unsafe {
                     gemm(&packed, 0..rows, &act, 0..n, &mut all);

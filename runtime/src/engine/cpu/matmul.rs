@@ -52,7 +52,7 @@ pub struct QMatrix {
     /// A Q4 matrix repacked for the AVX-512 products, on its first such
     /// product.
     #[cfg(target_arch = "x86_64")]
-    q4_packed: std::sync::OnceLock<super::avx512::Packed>,
+    q4_packed: std::sync::OnceLock<Option<super::avx512::Packed>>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -166,29 +166,26 @@ impl QMatrix {
     /// a loaded model's first request does not pay for it.
     pub fn prepare(&self) {
         #[cfg(target_arch = "x86_64")]
-        if kernels() == Kernels::Avx512
-            && let Some(format) = self.q4_format()
-        {
-            self.q4_packed(format);
+        if kernels() == Kernels::Avx512 {
+            self.packed();
         }
     }
 
-    /// The AVX-512 kernels' name for this matrix's type, if they take it.
+    /// This matrix repacked for the AVX-512 kernels (once), if they take
+    /// it: a Q4_0 or Q4_1 matrix whose constants fit an f16.
     #[cfg(target_arch = "x86_64")]
-    fn q4_format(&self) -> Option<super::avx512::Q4> {
-        match self.ty {
-            GgmlType::Q4_0 => Some(super::avx512::Q4::Q4_0),
-            GgmlType::Q4_1 => Some(super::avx512::Q4::Q4_1),
-            _ => None,
-        }
-    }
-
-    /// This Q4 matrix repacked for the AVX-512 kernels (once).
-    #[cfg(target_arch = "x86_64")]
-    fn q4_packed(&self, format: super::avx512::Q4) -> &super::avx512::Packed {
-        self.q4_packed.get_or_init(|| {
-            super::avx512::Packed::new(format, self.bytes.as_slice(), self.cols / QK)
-        })
+    fn packed(&self) -> Option<&super::avx512::Packed> {
+        use super::avx512::{Packed, Q4};
+        self.q4_packed
+            .get_or_init(|| {
+                let format = match self.ty {
+                    GgmlType::Q4_0 => Q4::Q4_0,
+                    GgmlType::Q4_1 => Q4::Q4_1,
+                    _ => return None,
+                };
+                Packed::new(format, self.bytes.as_slice(), self.cols / QK)
+            })
+            .as_ref()
     }
 
     /// [`QMatrix::matmul`] with a choice of activation precision, on the
@@ -209,11 +206,11 @@ impl QMatrix {
         #[cfg(target_arch = "x86_64")]
         if act == Activations::Q8
             && chosen == Kernels::Avx512
-            && let Some(format) = self.q4_format()
+            && let Some(packed) = self.packed()
         {
             // SAFETY: `kernels()` is at most what `detect()` found, and it
             // finds Avx512 only where `avx512::available()`.
-            unsafe { self.matmul_avx512(format, x, n, out, threads, chunk) };
+            unsafe { self.matmul_avx512(packed, x, n, out, threads, chunk) };
             return;
         }
         // Results are produced transposed ([rows, n]) so that each task owns
@@ -281,7 +278,7 @@ impl QMatrix {
     #[cfg(target_arch = "x86_64")]
     unsafe fn matmul_avx512(
         &self,
-        format: super::avx512::Q4,
+        packed: &super::avx512::Packed,
         x: &[f32],
         n: usize,
         out: &mut [f32],
@@ -290,7 +287,6 @@ impl QMatrix {
     ) {
         use super::avx512::{self, Q8Act};
         let act = Q8Act::quantize(x, n, self.cols);
-        let packed = self.q4_packed(format);
         let rows = packed.rows();
         if n >= TOKEN_SPLIT {
             let tile = n
@@ -331,9 +327,7 @@ impl QMatrix {
             && kernels() == Kernels::Avx512
             && (1..TOKEN_SPLIT).contains(&n)
             && let Some(cols) = mats.first().map(|m| m.cols)
-            && mats
-                .iter()
-                .all(|m| m.cols == cols && m.q4_format().is_some())
+            && mats.iter().all(|m| m.cols == cols && m.packed().is_some())
         {
             for (m, out) in mats.iter().zip(outs.iter()) {
                 assert_eq!(x.len(), n * m.cols, "{m:?}: activation shape");
@@ -344,7 +338,7 @@ impl QMatrix {
                 .iter()
                 .filter_map(|m| {
                     let chunk = (m.rows / (threads * 4)).clamp(16, 1024);
-                    Some((m.q4_packed(m.q4_format()?), chunk))
+                    Some((m.packed()?, chunk))
                 })
                 .collect();
             let act = super::avx512::Q8Act::quantize(x, n, cols);
