@@ -26,6 +26,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::matmul::TOKEN_TILE;
 use super::quant::{self, BlockQ8, Q4_0_BYTES, Q4_1_BYTES, QK, f16_at};
 
 /// Whether this CPU runs the kernels of this module (AVX-512 F, BW and
@@ -97,9 +98,11 @@ impl Q8Act {
         assert_eq!(x.len(), n * cols, "activation shape");
         let nb = cols / QK;
         let groups = nb.div_ceil(GROUP);
-        let mut qs = vec![0i8; n * groups * GROUP * QK];
-        let mut d = vec![0f32; n * groups * 4 * GROUP];
-        let mut s = vec![0f32; n * groups * 4 * GROUP];
+        // Per token: quants, and 16 lanes of scales or sums per group.
+        let (quants, lanes) = (groups * GROUP * QK, groups * 4 * GROUP);
+        let mut qs = vec![0i8; n * quants];
+        let mut d = vec![0f32; n * lanes];
+        let mut s = vec![0f32; n * lanes];
         let one = |scratch: &mut Vec<BlockQ8>, (((qs, d), s), x): TokenRow<'_>| {
             quant::quantize_q8(x, scratch);
             for (b, block) in scratch.iter().enumerate() {
@@ -112,9 +115,9 @@ impl Q8Act {
             }
         };
         let rows = qs
-            .par_chunks_mut(groups * GROUP * QK)
-            .zip(d.par_chunks_mut(groups * 4 * GROUP))
-            .zip(s.par_chunks_mut(groups * 4 * GROUP))
+            .par_chunks_mut(quants)
+            .zip(d.par_chunks_mut(lanes))
+            .zip(s.par_chunks_mut(lanes))
             .zip(x.par_chunks(cols.max(1)));
         // Fanning out costs more than it saves for a few tokens (decode).
         if n >= 8 {
@@ -122,9 +125,9 @@ impl Q8Act {
         } else {
             let mut scratch = vec![BlockQ8::ZERO; nb];
             for row in qs
-                .chunks_mut(groups * GROUP * QK)
-                .zip(d.chunks_mut(groups * 4 * GROUP))
-                .zip(s.chunks_mut(groups * 4 * GROUP))
+                .chunks_mut(quants)
+                .zip(d.chunks_mut(lanes))
+                .zip(s.chunks_mut(lanes))
                 .zip(x.chunks(cols.max(1)))
             {
                 one(&mut scratch, row);
@@ -276,10 +279,6 @@ pub unsafe fn gemm(
         }
     }
 }
-
-/// Tokens per pass over a task's weight rows: their activations (about
-/// 60-120 KiB at this model's widths) stay in L2 while the rows stream.
-const TOKEN_TILE: usize = 64;
 
 /// `R` packed weight rows from `r0` times the `T` tokens from `t0`: per
 /// block, `d dx (nibbles · qx) + c s` (the module doc), summed by lane.

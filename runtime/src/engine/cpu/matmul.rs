@@ -49,8 +49,8 @@ pub struct QMatrix {
     cols: usize,
     row_bytes: usize,
     bytes: WeightBytes,
-    /// A Q4 matrix repacked for the AVX-512 products, on its first such
-    /// product.
+    /// The matrix repacked for the AVX-512 products (`None`: not a Q4
+    /// matrix, or one they do not take), at load or on its first product.
     #[cfg(target_arch = "x86_64")]
     q4_packed: std::sync::OnceLock<Option<super::avx512::Packed>>,
 }
@@ -199,10 +199,7 @@ impl QMatrix {
         }
         let chosen = kernels();
         let simd = chosen >= Kernels::Avx2;
-        // Rows per task: enough work to amortise scheduling, enough tasks to
-        // balance the pool.
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = (self.rows / (threads * 4)).clamp(16, 1024);
+        let chunk = rows_per_task(self.rows);
         #[cfg(target_arch = "x86_64")]
         if act == Activations::Q8
             && chosen == Kernels::Avx512
@@ -210,7 +207,7 @@ impl QMatrix {
         {
             // SAFETY: `kernels()` is at most what `detect()` found, and it
             // finds Avx512 only where `avx512::available()`.
-            unsafe { self.matmul_avx512(packed, x, n, out, threads, chunk) };
+            unsafe { self.matmul_avx512(packed, x, n, out) };
             return;
         }
         // Results are produced transposed ([rows, n]) so that each task owns
@@ -282,13 +279,12 @@ impl QMatrix {
         x: &[f32],
         n: usize,
         out: &mut [f32],
-        threads: usize,
-        chunk: usize,
     ) {
         use super::avx512::{self, Q8Act};
         let act = Q8Act::quantize(x, n, self.cols);
         let rows = packed.rows();
         if n >= TOKEN_SPLIT {
+            let threads = rayon::current_num_threads().max(1);
             let tile = n
                 .div_ceil(threads * 4)
                 .next_multiple_of(4)
@@ -304,7 +300,7 @@ impl QMatrix {
             return;
         }
         // SAFETY: the caller's promise.
-        unsafe { split_by_rows(&[(packed, chunk)], &act, n, &mut [out]) };
+        unsafe { split_by_rows(&[(packed, rows_per_task(rows))], &act, n, &mut [out]) };
     }
 
     /// `outs[i] = mats[i] · x` for matrices of the same width that take the
@@ -327,20 +323,16 @@ impl QMatrix {
             && kernels() == Kernels::Avx512
             && (1..TOKEN_SPLIT).contains(&n)
             && let Some(cols) = mats.first().map(|m| m.cols)
-            && mats.iter().all(|m| m.cols == cols && m.packed().is_some())
+            && mats.iter().all(|m| m.cols == cols)
+            && let Some(parts) = mats
+                .iter()
+                .map(|m| Some((m.packed()?, rows_per_task(m.rows))))
+                .collect::<Option<Vec<_>>>()
         {
             for (m, out) in mats.iter().zip(outs.iter()) {
                 assert_eq!(x.len(), n * m.cols, "{m:?}: activation shape");
                 assert_eq!(out.len(), n * m.rows, "{m:?}: output shape");
             }
-            let threads = rayon::current_num_threads().max(1);
-            let parts: Vec<(&super::avx512::Packed, usize)> = mats
-                .iter()
-                .filter_map(|m| {
-                    let chunk = (m.rows / (threads * 4)).clamp(16, 1024);
-                    Some((m.packed()?, chunk))
-                })
-                .collect();
             let act = super::avx512::Q8Act::quantize(x, n, cols);
             // SAFETY: `kernels()` is at most what `detect()` found, and it
             // finds Avx512 only where `avx512::available()`.
@@ -395,6 +387,12 @@ unsafe fn split_by_rows(
     }
 }
 
+/// Weight rows per task of a product split by rows: enough work to amortise
+/// scheduling, enough tasks to balance the pool.
+fn rows_per_task(rows: usize) -> usize {
+    (rows / (rayon::current_num_threads().max(1) * 4)).clamp(16, 1024)
+}
+
 /// Scratch for a product split by weight rows: none for one token (the
 /// tasks write the output directly), else `n * rows` floats.
 fn split_scratch(n: usize, rows: usize) -> Vec<f32> {
@@ -421,8 +419,9 @@ pub enum Activations {
 }
 
 /// Activation rows per pass over a task's weight rows (about 60-120 KiB of
-/// Q8 blocks at this model's widths).
-const TOKEN_TILE: usize = 64;
+/// Q8 blocks at this model's widths): they stay in L2 while the rows
+/// stream. The AVX-512 products tile by it too.
+pub(super) const TOKEN_TILE: usize = 64;
 
 /// `out[t] = row · x[t * nb..(t + 1) * nb]` for every `t < out.len()`.
 type Q8Dot = fn(&[u8], &[BlockQ8], usize, &mut [f32]);

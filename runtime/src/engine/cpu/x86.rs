@@ -50,18 +50,19 @@ pub fn softmax(x: &mut [f32]) {
         *v = super::ops::exp(*v - max);
         sum += *v;
     }
-    let inv = _mm256_set1_ps(1.0 / sum);
+    let inv = 1.0 / sum;
+    let vinv = _mm256_set1_ps(inv);
     for c in body.chunks_exact_mut(8) {
         // SAFETY: 8 floats.
         unsafe {
             _mm256_storeu_ps(
                 c.as_mut_ptr(),
-                _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), inv),
+                _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), vinv),
             )
         };
     }
     for v in tail.iter_mut() {
-        *v *= 1.0 / sum;
+        *v *= inv;
     }
 }
 
