@@ -895,7 +895,12 @@ async fn a_decode_worker_killed_before_the_write_ends_the_job_once_and_the_reque
                 victim = Some(name);
             }
         }
-        let victim = victim.expect("a decode worker holds the prompt's blocks");
+        let victim = victim.unwrap_or_else(|| {
+            panic!(
+                "no decode worker holds the prompt's blocks; logs:\n{}",
+                d.log_tails()
+            )
+        });
         d.signal(victim, libc::SIGKILL);
         d.signal("prefill-0", libc::SIGCONT);
         victim

@@ -9,7 +9,10 @@
 //! their rooms and register into the same registry.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Counter, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry,
@@ -90,6 +93,68 @@ pub struct WorkerMetrics {
     pub path_transport: IntGaugeVec,
     pub path_probes: IntCounterVec,
     pub prefill_requeues: IntCounter,
+    /// Sets the gauges that show live state (engine, instances, jobs in
+    /// progress) at every scrape; see [`WorkerMetrics::refresh_at_scrape`].
+    refresh: RefreshSlot,
+}
+
+/// What a worker runs at every scrape to set its live gauges.
+type Refresh = Box<dyn Fn(&WorkerMetrics) + Send + Sync>;
+
+/// The worker's [`Refresh`], once it set one.
+#[derive(Clone, Default)]
+struct RefreshSlot(Arc<Mutex<Option<Refresh>>>);
+
+impl std::fmt::Debug for RefreshSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefreshSlot")
+    }
+}
+
+/// The live gauges of a [`WorkerMetrics`], registered as one collector
+/// that runs the worker's [`Refresh`] before it reports them: a scrape
+/// shows the engine's blocks and requests as they are at that moment, not
+/// as a periodic refresh last saw them (a reservation made a few hundred
+/// milliseconds before the scrape is in it).
+struct LiveGauges(WorkerMetrics);
+
+impl LiveGauges {
+    fn members(&self) -> [&dyn Collector; 8] {
+        let m = &self.0;
+        [
+            &m.kv_blocks,
+            &m.kv_blocks_free,
+            &m.kv_blocks_fenced,
+            &m.running,
+            &m.waiting,
+            &m.instances,
+            &m.prefill_jobs_in_progress,
+            &m.prefill_busy_seconds,
+        ]
+    }
+}
+
+impl Collector for LiveGauges {
+    fn desc(&self) -> Vec<&Desc> {
+        self.members().into_iter().flat_map(|m| m.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Some(refresh) = self
+            .0
+            .refresh
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            refresh(&self.0);
+        }
+        self.members()
+            .into_iter()
+            .flat_map(|m| m.collect())
+            .collect()
+    }
 }
 
 impl WorkerMetrics {
@@ -114,6 +179,8 @@ impl WorkerMetrics {
             registry.register(Box::new(g.clone()))?;
             Ok::<_, prometheus::Error>(g)
         };
+        // Registered below, with the others [`LiveGauges`] refreshes.
+        let live_gauge = |name: &str, help: &str| IntGauge::with_opts(opts(name, help));
         let histogram = |name: &str, help: &str| {
             let h = Histogram::with_opts(
                 HistogramOpts::new(name, help)
@@ -133,7 +200,6 @@ impl WorkerMetrics {
         for role in ["frontend", "prefill", "decode"] {
             instances.with_label_values(&[role]);
         }
-        registry.register(Box::new(instances.clone()))?;
         let by_prefill = |name: &str, help: &str| {
             let g = IntGaugeVec::new(opts(name, help), &["prefill"])?;
             registry.register(Box::new(g.clone()))?;
@@ -157,7 +223,8 @@ impl WorkerMetrics {
             &["prefill"],
         )?;
         registry.register(Box::new(path_failures.clone()))?;
-        Ok(WorkerMetrics {
+        let metrics = WorkerMetrics {
+            refresh: RefreshSlot::default(),
             path_quarantined: by_prefill(
                 "xpyd_decode_path_quarantined",
                 "Per prefill worker: 1 while its path to this decode worker is quarantined \
@@ -258,16 +325,12 @@ impl WorkerMetrics {
                 registry.register(Box::new(c.clone()))?;
                 c
             },
-            prefill_busy_seconds: {
-                let c = Counter::with_opts(opts(
-                    "xpyd_prefill_busy_seconds_total",
-                    "Seconds a prefill worker had at least one job computing (tokens over \
-                     busy seconds is its measured capacity).",
-                ))?;
-                registry.register(Box::new(c.clone()))?;
-                c
-            },
-            prefill_jobs_in_progress: gauge(
+            prefill_busy_seconds: Counter::with_opts(opts(
+                "xpyd_prefill_busy_seconds_total",
+                "Seconds a prefill worker had at least one job computing (tokens over busy \
+                 seconds is its measured capacity).",
+            ))?,
+            prefill_jobs_in_progress: live_gauge(
                 "xpyd_prefill_jobs_in_progress",
                 "Remote-prefill jobs a prefill worker holds now (claimed, computing or writing).",
             )?,
@@ -276,26 +339,37 @@ impl WorkerMetrics {
                 "Time from enqueuing a remote prefill to its first claim by a prefill worker, \
                  on the decode worker's clock.",
             )?,
-            kv_blocks: gauge("xpyd_engine_kv_blocks", "KV cache blocks of the engine.")?,
-            kv_blocks_free: gauge(
+            kv_blocks: live_gauge("xpyd_engine_kv_blocks", "KV cache blocks of the engine.")?,
+            kv_blocks_free: live_gauge(
                 "xpyd_engine_kv_blocks_free",
                 "KV cache blocks free for new work (including reusable cached ones).",
             )?,
-            kv_blocks_fenced: gauge(
+            kv_blocks_fenced: live_gauge(
                 "xpyd_engine_kv_blocks_fenced",
                 "KV blocks held out of use because the writer of a given-up remote prefill \
                  may still write into them (released once it provably stopped).",
             )?,
-            running: gauge(
+            running: live_gauge(
                 "xpyd_engine_running_requests",
                 "Requests the engine is running.",
             )?,
-            waiting: gauge(
+            waiting: live_gauge(
                 "xpyd_engine_waiting_requests",
                 "Requests waiting for admission to the engine.",
             )?,
             instances,
-        })
+        };
+        registry.register(Box::new(LiveGauges(metrics.clone())))?;
+        Ok(metrics)
+    }
+
+    /// Run `refresh` at every scrape, before the live gauges (engine blocks
+    /// and requests, instances by role, prefill jobs in progress and busy
+    /// seconds) are reported; it replaces the one set before. `refresh` is
+    /// handed the metrics rather than holding them, so the registry does
+    /// not keep the worker alive through a cycle.
+    pub fn refresh_at_scrape(&self, refresh: impl Fn(&WorkerMetrics) + Send + Sync + 'static) {
+        *self.refresh.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(refresh));
     }
 
     /// Show one path's health (see `worker::paths`).
@@ -399,5 +473,44 @@ mod tests {
             text.contains("xpyd_decode_prefills_total{location=\"remote\",worker=\"decode-1\"} 2"),
             "{text}"
         );
+        // Both workers' live gauges are there, each under its label.
+        for worker in ["decode-0", "decode-1"] {
+            assert!(
+                text.contains(&format!(
+                    "xpyd_engine_kv_blocks_free{{worker=\"{worker}\"}} 0"
+                )),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_scrape_shows_the_engine_as_it_is_at_that_moment() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let registry = Registry::new();
+        let m = WorkerMetrics::register(&registry, None).unwrap();
+        let free = Arc::new(AtomicUsize::new(160));
+        m.refresh_at_scrape({
+            let free = free.clone();
+            move |metrics| {
+                metrics.observe_engine(&EngineStats {
+                    total_blocks: 160,
+                    free_blocks: free.load(Ordering::SeqCst),
+                    ..EngineStats::default()
+                })
+            }
+        });
+        let scrape = || {
+            prometheus::TextEncoder::new()
+                .encode_to_string(&registry.gather())
+                .unwrap()
+        };
+        assert!(scrape().contains("xpyd_engine_kv_blocks_free 160"));
+        // Blocks reserved since: the very next scrape shows them, with no
+        // refresh in between.
+        free.store(137, Ordering::SeqCst);
+        let text = scrape();
+        assert!(text.contains("xpyd_engine_kv_blocks_free 137"), "{text}");
+        assert!(text.contains("xpyd_engine_kv_blocks 160"), "{text}");
     }
 }

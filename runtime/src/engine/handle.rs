@@ -390,6 +390,14 @@ impl EngineHandle {
         *lock(&self.inner.stats)
     }
 
+    /// A reader of [`EngineHandle::stats`] that does not keep the engine
+    /// (its command channel, its thread) alive, for a metrics registry that
+    /// may outlive it.
+    pub fn stats_reader(&self) -> impl Fn() -> EngineStats + Send + Sync + 'static {
+        let stats = self.inner.stats.clone();
+        move || *lock(&stats)
+    }
+
     /// Stop the engine: live requests get [`EngineError::ShutDown`], and the
     /// thread is joined if it ends within `deadline` (it finishes the step
     /// in progress first).

@@ -213,6 +213,7 @@ impl DecodeWorker {
         let block_bytes = layout.block_region_bytes * 2 * u64::from(layout.n_layers);
         let transfer = parts.agent.metadata().to_metadata();
         let kv_layout = parts.kv_layout();
+        parts.metrics.refresh_at_scrape(parts.live_gauges());
         let paths = Mutex::new(Paths::new(config.paths.clone()));
         Ok(DecodeWorker {
             inner: Arc::new(Inner {
@@ -299,9 +300,10 @@ impl DecodeWorker {
         self.inner.drain.borrow().is_some()
     }
 
+    /// Once a second: show the threshold, judge the paths, look for lost
+    /// jobs. (The engine's gauges are read at each scrape.)
     fn observe(&self) {
         let parts = &self.inner.parts;
-        parts.observe();
         parts
             .metrics
             .max_local_prefill_length

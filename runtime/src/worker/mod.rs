@@ -99,17 +99,21 @@ impl WorkerParts {
         self.discovery.instances().borrow().contains_key(id)
     }
 
-    /// Refresh the gauges a scrape shows (engine load, instances by role).
-    fn observe(&self) {
-        self.metrics.observe_engine(&self.engine.stats());
+    /// What sets the live gauges both roles show (engine load, instances
+    /// by role) at a scrape; it holds neither the engine nor the metrics.
+    fn live_gauges(&self) -> impl Fn(&WorkerMetrics) + Send + Sync + 'static {
+        let stats = self.engine.stats_reader();
         let instances = self.discovery.instances();
-        let instances = instances.borrow();
-        for role in [Role::Frontend, Role::Prefill, Role::Decode] {
-            let n = instances.values().filter(|r| r.role == role).count();
-            self.metrics
-                .instances
-                .with_label_values(&[role.as_str()])
-                .set(n as i64);
+        move |metrics| {
+            metrics.observe_engine(&stats());
+            let instances = instances.borrow();
+            for role in [Role::Frontend, Role::Prefill, Role::Decode] {
+                let n = instances.values().filter(|r| r.role == role).count();
+                metrics
+                    .instances
+                    .with_label_values(&[role.as_str()])
+                    .set(n as i64);
+            }
         }
     }
 }

@@ -241,29 +241,35 @@ impl PrefillWorker {
         if let Some(fault) = &config.fault {
             tracing::warn!(?fault, "a test fault is injected into this prefill worker");
         }
-        PrefillWorker {
+        let worker = PrefillWorker {
             fault_fired: Arc::default(),
             parts,
             config,
             handback: Arc::new(watch::Sender::new(false)),
             jobs: Arc::default(),
-        }
+        };
+        worker.refresh_at_scrape();
+        worker
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, JobBook> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Refresh the gauges a scrape shows, and count busy time so far.
-    fn observe(&self) {
-        self.parts.observe();
-        let (jobs, busy) = {
-            let mut book = self.book();
-            (book.working.len(), book.busy_time())
-        };
-        let metrics = &self.parts.metrics;
-        metrics.prefill_jobs_in_progress.set(jobs as i64);
-        metrics.prefill_busy_seconds.inc_by(busy.as_secs_f64());
+    /// Set the live gauges at every scrape: the engine's and the jobs in
+    /// progress, and count busy time so far.
+    fn refresh_at_scrape(&self) {
+        let parts = self.parts.live_gauges();
+        let jobs = self.jobs.clone();
+        self.parts.metrics.refresh_at_scrape(move |metrics| {
+            parts(metrics);
+            let (working, busy) = {
+                let mut book = jobs.lock().unwrap_or_else(|p| p.into_inner());
+                (book.working.len(), book.busy_time())
+            };
+            metrics.prefill_jobs_in_progress.set(working as i64);
+            metrics.prefill_busy_seconds.inc_by(busy.as_secs_f64());
+        });
     }
 
     /// Answer status queries on this worker's subject until dropped.
@@ -322,7 +328,6 @@ impl PrefillWorker {
         tracing::info!(%kv_layout, "taking prefill jobs of this KV layout");
         let slots = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
         let in_flight = InFlight::default();
-        let mut observe = tokio::time::interval(Duration::from_secs(1));
         let mut registered = self.parts.registered.clone();
         // Answered until this function returns, drain included.
         let status = tokio::spawn(self.clone().answer_status());
@@ -344,7 +349,6 @@ impl PrefillWorker {
                 // A free slot first: a busy worker leaves jobs to the others.
                 let slot = tokio::select! {
                     _ = &mut shutdown => break 'outer,
-                    _ = observe.tick() => { self.observe(); continue; }
                     slot = slots.clone().acquire_owned() => match slot {
                         Ok(slot) => slot,
                         Err(_) => break 'outer,
@@ -357,13 +361,9 @@ impl PrefillWorker {
                         _ = registered.wait_for(|r| *r) => {}
                     }
                 }
-                // (The job stream is cancel safe: a tick loses no job.)
-                let job = loop {
-                    tokio::select! {
-                        _ = &mut shutdown => break 'outer,
-                        _ = observe.tick() => self.observe(),
-                        job = jobs.next() => break job,
-                    }
+                let job = tokio::select! {
+                    _ = &mut shutdown => break 'outer,
+                    job = jobs.next() => job,
                 };
                 let Some(job) = job else {
                     tracing::warn!("prefill queue subscription ended; re-subscribing");
