@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use super::config::{ConfigError, ModelConfig};
 pub use super::cpu::Activations;
 use super::cpu::matmul::simd_available;
+use super::cpu::ops::{KvSource, Run};
 use super::cpu::{KernelError, QMatrix, WeightBytes, ops};
 use super::gguf::{GgmlType, GgufError, GgufFile};
 use super::kv_storage::{KvError, KvKind, KvShape, KvStorage};
@@ -659,31 +660,54 @@ impl Scratch {
 #[cfg(target_arch = "x86_64")]
 const TILED_ATTENTION_MIN: usize = 8;
 
-/// Position `j`'s key and value of one KV head (`dims`) in layer `l`, read
-/// in place from the paged cache through the sequence's block `table`.
-/// The reader is `Copy` and divides by the block size only when it is not
-/// a power of two, so the kernels inline it into their loops.
+/// The keys and values of one KV head (`dims`) in layer `l`, read in place
+/// from the paged cache through the sequence's block `table`.
 fn kv_reader<'a>(
     kv: &'a KvStorage,
     l: usize,
     table: &'a [u32],
     dims: std::ops::Range<usize>,
-) -> impl Fn(usize) -> (&'a [f32], &'a [f32]) + Copy {
-    let (keys, values) = (kv.layer(l, KvKind::K), kv.layer(l, KvKind::V));
+) -> PagedKv<'a> {
     let shape = kv.shape();
-    let (bs, block_elems, token_elems) =
-        (kv.block_size(), shape.block_elems(), shape.token_elems());
-    let (shift, pow2) = (bs.trailing_zeros(), bs.is_power_of_two());
-    let (d0, d1) = (dims.start, dims.end);
-    #[inline(always)]
-    move |j: usize| {
-        let (block, slot) = if pow2 {
-            (j >> shift, j & (bs - 1))
-        } else {
-            (j / bs, j % bs)
-        };
-        let at = table[block] as usize * block_elems + slot * token_elems;
-        (&keys[at + d0..at + d1], &values[at + d0..at + d1])
+    PagedKv {
+        keys: kv.layer(l, KvKind::K),
+        values: kv.layer(l, KvKind::V),
+        table,
+        block_size: kv.block_size(),
+        block_elems: shape.block_elems(),
+        token_elems: shape.token_elems(),
+        dims: (dims.start, dims.end),
+    }
+}
+
+/// A [`KvSource`] over the paged cache: a block's positions lie at one
+/// stride (a token's row), so the kernels look a block up once and walk
+/// its positions.
+#[derive(Clone, Copy)]
+struct PagedKv<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    table: &'a [u32],
+    block_size: usize,
+    block_elems: usize,
+    token_elems: usize,
+    /// The head's elements of a token's row.
+    dims: (usize, usize),
+}
+
+impl<'a> KvSource<'a> for PagedKv<'a> {
+    #[inline]
+    fn run(self, j: usize) -> Run<'a> {
+        let (block, slot) = (j / self.block_size, j % self.block_size);
+        let n = self.block_size - slot;
+        let first = self.table[block] as usize * self.block_elems + slot * self.token_elems;
+        let span = first + self.dims.0..first + (n - 1) * self.token_elems + self.dims.1;
+        Run {
+            keys: &self.keys[span.clone()],
+            values: &self.values[span],
+            stride: self.token_elems,
+            n,
+        }
     }
 }
 
@@ -804,4 +828,87 @@ pub(crate) fn validate_sequences(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::test_data;
+
+    /// The paged reader walks a sequence's positions a block at a time;
+    /// attention through it equals attention that looks every position up
+    /// on its own, bit for bit, on every kernel: blocks of a size that is
+    /// no power of two, scattered, the last one partly used, the second
+    /// KV head of two.
+    #[test]
+    fn attention_over_block_runs_equals_one_position_at_a_time() {
+        let shape = KvShape {
+            n_layers: 2,
+            num_blocks: 6,
+            block_size: 3,
+            n_kv_heads: 2,
+            head_dim: 32,
+        };
+        let mut kv = KvStorage::new(shape).unwrap();
+        for block in 0..shape.num_blocks {
+            for slot in 0..shape.block_size {
+                for kind in [KvKind::K, KvKind::V] {
+                    let seed = (block * 10 + slot) as u32 * 2 + kind as u32;
+                    kv.slot_mut(1, kind, block, slot)
+                        .copy_from_slice(&test_data(shape.token_elems(), seed));
+                }
+            }
+        }
+        let table = [4u32, 1, 5, 0];
+        let (hd, len) = (shape.head_dim, 11);
+        let dims = hd..2 * hd;
+        let one_at_a_time = |j: usize| {
+            let block = table[j / 3] as usize;
+            (
+                &kv.slot(1, KvKind::K, block, j % 3)[dims.clone()],
+                &kv.slot(1, KvKind::V, block, j % 3)[dims.clone()],
+            )
+        };
+        let paged = kv_reader(&kv, 1, &table, dims.clone());
+        let q = test_data(hd, 99);
+        let mut scores = Vec::new();
+        for simd in [false, simd_available()] {
+            let (mut by_run, mut by_position) = (vec![0f32; hd], vec![0f32; hd]);
+            ops::attend(&q, len, 0.17, paged, &mut scores, &mut by_run, simd);
+            ops::attend(
+                &q,
+                len,
+                0.17,
+                one_at_a_time,
+                &mut scores,
+                &mut by_position,
+                simd,
+            );
+            assert_eq!(by_run, by_position, "simd {simd}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if super::super::cpu::avx512::available() {
+            let (mut by_run, mut by_position) = (vec![0f32; hd], vec![0f32; hd]);
+            // SAFETY: `available()` said the CPU has the features.
+            unsafe {
+                super::super::cpu::avx512::attend(
+                    [&q],
+                    [len],
+                    0.17,
+                    paged,
+                    &mut scores,
+                    [&mut by_run],
+                );
+                super::super::cpu::avx512::attend(
+                    [&q],
+                    [len],
+                    0.17,
+                    one_at_a_time,
+                    &mut scores,
+                    [&mut by_position],
+                );
+            }
+            assert_eq!(by_run, by_position);
+        }
+    }
 }

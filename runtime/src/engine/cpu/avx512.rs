@@ -27,6 +27,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::matmul::TOKEN_TILE;
+use super::ops::{Cursor, KvSource};
 use super::quant::{self, BlockQ8, Q4_0_BYTES, Q4_1_BYTES, QK, f16_at};
 
 /// Whether this CPU runs the kernels of this module (AVX-512 F, BW and
@@ -360,8 +361,8 @@ unsafe fn tile<const R: usize, const T: usize>(
 
 /// Causal attention of `Q` queries of one head (of one sequence): query
 /// `i` attends to positions `0..lens[i]`, `out[i] = sum_j softmax_j(scale *
-/// q_i·k_j) v_j`, where `kv(j)` gives position `j`'s key and value in
-/// place in the paged cache. Each key and value is looked up once for all
+/// q_i·k_j) v_j`, where `kv` gives position `j`'s key and value in
+/// place in the paged cache, a block's run at a time. Each key and value is looked up once for all
 /// `Q` queries, and the weighted values are summed in registers (the
 /// per-query path sums them through memory).
 ///
@@ -386,7 +387,7 @@ pub unsafe fn attend<'a, K, const Q: usize>(
     scores: &mut Vec<f32>,
     out: [&mut [f32]; Q],
 ) where
-    K: Fn(usize) -> (&'a [f32], &'a [f32]) + Copy,
+    K: KvSource<'a>,
 {
     let hd = q.first().map_or(0, |q| q.len());
     assert!(
@@ -396,16 +397,35 @@ pub unsafe fn attend<'a, K, const Q: usize>(
     let longest = lens.iter().copied().max().unwrap_or(0);
     scores.clear();
     scores.resize(Q * longest, 0.0);
+    // The queries in registers, 16 lanes at a time, when they fit.
+    let chunks = hd / 16;
+    let mut qz = [[_mm512_setzero_ps(); 4]; Q];
+    if chunks <= 4 {
+        for (qz, q) in qz.iter_mut().zip(q) {
+            for (c, z) in qz.iter_mut().take(chunks).enumerate() {
+                // SAFETY: `16 * c + 16 <= hd`, the query's length.
+                *z = unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) };
+            }
+        }
+    }
+    let mut cursor = Cursor::new(kv);
     let mut j = 0;
     while j + 8 <= longest {
         let mut keys: [&[f32]; 8] = [&[]; 8];
-        for (m, k) in keys.iter_mut().enumerate() {
-            *k = kv(j + m).0;
+        for k in keys.iter_mut() {
+            *k = &cursor.next_kv().0[..hd];
         }
         for i in 0..Q {
             let row = &mut scores[i * longest..(i + 1) * longest];
             if j + 8 <= lens[i] {
-                let s = _mm256_mul_ps(dots8(q[i], &keys), _mm256_set1_ps(scale));
+                let dots = match chunks {
+                    1 => dots8_held::<1>(&qz[i], &keys),
+                    2 => dots8_held::<2>(&qz[i], &keys),
+                    3 => dots8_held::<3>(&qz[i], &keys),
+                    4 => dots8_held::<4>(&qz[i], &keys),
+                    _ => dots8(q[i], &keys),
+                };
+                let s = _mm256_mul_ps(dots, _mm256_set1_ps(scale));
                 // SAFETY: `j + 8 <= longest`, the row's length.
                 unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(j), s) };
             } else {
@@ -417,7 +437,7 @@ pub unsafe fn attend<'a, K, const Q: usize>(
         j += 8;
     }
     for j in j..longest {
-        let k = kv(j).0;
+        let k = &cursor.next_kv().0[..hd];
         for i in 0..Q {
             if j < lens[i] {
                 scores[i * longest + j] = super::x86::dot_f32(q[i], k) * scale;
@@ -461,11 +481,12 @@ unsafe fn weigh_values<'a, K, const Q: usize, const W: usize>(
     longest: usize,
     out: &mut [&mut [f32]; Q],
 ) where
-    K: Fn(usize) -> (&'a [f32], &'a [f32]) + Copy,
+    K: KvSource<'a>,
 {
     let mut acc = [[_mm512_setzero_ps(); W]; Q];
+    let mut cursor = Cursor::new(kv);
     for j in 0..longest {
-        let v = &kv(j).1[c0..c0 + 16 * W];
+        let v = &cursor.next_kv().1[c0..c0 + 16 * W];
         let mut vv = [_mm512_setzero_ps(); W];
         for c in 0..W {
             // SAFETY: `16 * c + 16 <= v.len()`.
@@ -504,6 +525,36 @@ fn dots8(q: &[f32], keys: &[&[f32]; 8]) -> __m256 {
         assert!(k.len() >= n, "key shorter than the query");
         *xk = super::x86::dot_lanes(q, k);
     }
+    hsum8(x)
+}
+
+/// [`dots8`] for a query of `16 * C` elements held in registers (`q`):
+/// one 16-lane multiply-add per 16 elements, whose low 8 lanes are
+/// [`super::x86::dot_lanes`]'s first accumulator and high 8 its second,
+/// the same products added in the same order, so the same bits.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn dots8_held<const C: usize>(q: &[__m512; 4], keys: &[&[f32]; 8]) -> __m256 {
+    let x: [__m256; 8] = std::array::from_fn(|m| {
+        let k = keys[m];
+        assert!(k.len() >= 16 * C, "key shorter than the query");
+        let mut acc = _mm512_setzero_ps();
+        for (c, &qc) in q.iter().take(C).enumerate() {
+            // SAFETY: `16 * c + 16 <= k.len()`.
+            let kc = unsafe { _mm512_loadu_ps(k.as_ptr().add(16 * c)) };
+            acc = _mm512_fmadd_ps(qc, kc, acc);
+        }
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+        _mm256_add_ps(_mm512_castps512_ps256(acc), high)
+    });
+    hsum8(x)
+}
+
+/// The 8 horizontal sums of `x` (one key each) in key order, with
+/// [`super::x86::dot_f32`]'s pairing (see [`dots8`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn hsum8(x: [__m256; 8]) -> __m256 {
     // Lane m + lane m + 4, keys in pairs: [key 2p | key 2p + 1].
     let s: [__m256; 4] = std::array::from_fn(|p| {
         let (a, b) = (x[2 * p], x[2 * p + 1]);
@@ -545,7 +596,7 @@ pub unsafe fn attend_group<'a, K>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) where
-    K: Fn(usize) -> (&'a [f32], &'a [f32]) + Copy,
+    K: KvSource<'a>,
 {
     assert_eq!(q.len(), out.len(), "a query per output");
     for (qg, og) in q.chunks(4 * head_dim).zip(out.chunks_mut(4 * head_dim)) {

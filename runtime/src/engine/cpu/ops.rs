@@ -102,8 +102,87 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Where one sequence's cached keys and values of one KV head are, for the
+/// attention kernels, which read them in place. A closure `j -> (key,
+/// value)` is one, a position at a time; the paged cache gives runs of a
+/// block's positions, which lie at one stride.
+pub trait KvSource<'a>: Copy {
+    /// The positions from `j` on that lie at one stride (at least `j`).
+    fn run(self, j: usize) -> Run<'a>;
+}
+
+/// Positions `j..j + n` of a [`KvSource`]: the key of `j + m` starts at
+/// `keys[m * stride]`, its value at `values[m * stride]`, and each slice
+/// holds the last one's `head_dim` elements.
+#[derive(Clone, Copy)]
+pub struct Run<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub stride: usize,
+    pub n: usize,
+}
+
+impl<'a, F> KvSource<'a> for F
+where
+    F: Fn(usize) -> (&'a [f32], &'a [f32]) + Copy,
+{
+    #[inline(always)]
+    fn run(self, j: usize) -> Run<'a> {
+        let (keys, values) = self(j);
+        Run {
+            keys,
+            values,
+            stride: 0,
+            n: 1,
+        }
+    }
+}
+
+/// The positions of a [`KvSource`] in order, a run at a time: what the
+/// kernels walk instead of looking each position up.
+pub(crate) struct Cursor<'a, K> {
+    kv: K,
+    /// The next position, and where it is in `run` (`taken` of its `n`).
+    pos: usize,
+    run: Run<'a>,
+    taken: usize,
+    offset: usize,
+}
+
+impl<'a, K: KvSource<'a>> Cursor<'a, K> {
+    pub(crate) fn new(kv: K) -> Self {
+        Cursor {
+            kv,
+            pos: 0,
+            run: Run {
+                keys: &[],
+                values: &[],
+                stride: 0,
+                n: 0,
+            },
+            taken: 0,
+            offset: 0,
+        }
+    }
+
+    /// The next position's key and value, each running on to the end of
+    /// its run (take the first `head_dim`).
+    #[inline(always)]
+    pub(crate) fn next_kv(&mut self) -> (&'a [f32], &'a [f32]) {
+        if self.taken == self.run.n {
+            self.run = self.kv.run(self.pos);
+            (self.taken, self.offset) = (0, 0);
+        }
+        let at = self.offset;
+        self.taken += 1;
+        self.offset += self.run.stride;
+        self.pos += 1;
+        (&self.run.keys[at..], &self.run.values[at..])
+    }
+}
+
 /// One head's causal attention: `out = sum_j softmax_j(scale * q·k_j) v_j`
-/// over positions `j < n`, where `kv(j)` gives position `j`'s key and value
+/// over positions `j < n`, where `kv` gives position `j`'s key and value
 /// (`head_dim` each, read in place from the paged cache). `scores` is scratch.
 /// `simd` comes from [`super::matmul::simd_available`].
 pub fn attend<'a, K>(
@@ -115,7 +194,7 @@ pub fn attend<'a, K>(
     out: &mut [f32],
     simd: bool,
 ) where
-    K: Fn(usize) -> (&'a [f32], &'a [f32]),
+    K: KvSource<'a>,
 {
     #[cfg(target_arch = "x86_64")]
     if simd {
@@ -156,16 +235,19 @@ pub(crate) fn attend_body<'a, K, D, A>(
     axpy: A,
     simd: bool,
 ) where
-    K: Fn(usize) -> (&'a [f32], &'a [f32]),
+    K: KvSource<'a>,
     D: Fn(&[f32], &[f32]) -> f32,
     A: Fn(&mut [f32], f32, &[f32]),
 {
+    let hd = q.len();
     scores.clear();
-    scores.extend((0..n).map(|j| dot(q, kv(j).0) * scale));
+    let mut keys = Cursor::new(kv);
+    scores.extend((0..n).map(|_| dot(q, &keys.next_kv().0[..hd]) * scale));
     softmax(scores, simd);
     out.fill(0.0);
-    for (j, &a) in scores.iter().enumerate() {
-        axpy(out, a, kv(j).1);
+    let mut values = Cursor::new(kv);
+    for &a in scores.iter() {
+        axpy(out, a, &values.next_kv().1[..hd]);
     }
 }
 

@@ -395,7 +395,7 @@ pub fn dot_lanes(a: &[f32], b: &[f32]) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub fn attend<'a, K>(q: &[f32], n: usize, scale: f32, kv: K, scores: &mut Vec<f32>, out: &mut [f32])
 where
-    K: Fn(usize) -> (&'a [f32], &'a [f32]),
+    K: super::ops::KvSource<'a>,
 {
     super::ops::attend_body(
         q,
