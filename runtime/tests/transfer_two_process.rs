@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use xpyd_e2e::child::ChildProcess;
+use xpyd_runtime::engine::kv_storage::advise_huge_pages;
 use xpyd_runtime::transfer::{
     KvDtype, KvLayout, KvMemory, PeerInfo, PeerLoad, TransferAgent, TransferError,
     TransferNotification, WEIGHTS_DIGEST_BYTES, weights_digest,
@@ -76,10 +77,10 @@ struct OwnedKv {
 impl OwnedKv {
     fn new(layout: KvLayout) -> OwnedKv {
         let bytes = layout.region_bytes() as usize * layout.region_count();
-        OwnedKv {
-            buf: vec![0u64; bytes.div_ceil(8)],
-            layout,
-        }
+        let buf = vec![0u64; bytes.div_ceil(8)];
+        // Backed as the engine's cache is (`KvStorage::new`).
+        advise_huge_pages(&buf);
+        OwnedKv { buf, layout }
     }
 
     fn region_bytes(&self) -> usize {
@@ -549,9 +550,13 @@ fn throughput_between_two_processes() {
                     best = best.min(took);
                 }
             }
-            // Both buffers touched first, so page faults are not measured.
-            let mut dst = vec![2u8; size];
-            let src = vec![1u8; size];
+            // Backed as the KV memory is, and both touched first, so page
+            // faults are not measured.
+            let (mut dst, mut src) = (vec![0u8; size], vec![0u8; size]);
+            advise_huge_pages(&dst);
+            advise_huge_pages(&src);
+            dst.fill(2);
+            src.fill(1);
             let mut memcpy = Duration::MAX;
             for _ in 0..reps {
                 let t = Instant::now();

@@ -5,7 +5,8 @@
 //! So "layer `l`, K or V, block `b`" is one contiguous region
 //! ([`KvStorage::region`]) and so is "layer `l`, K or V, all blocks"
 //! ([`KvStorage::layer_region`]): what a transfer engine (NIXL) registers and
-//! moves. The memory never moves or grows after [`KvStorage::new`]. This type
+//! moves. The memory never moves or grows after [`KvStorage::new`], and is
+//! backed by huge pages where Linux grants them ([`advise_huge_pages`]). This type
 //! does not decide which sequence owns which block (that is the block pool's
 //! job); it only stores bytes by block id.
 
@@ -83,6 +84,31 @@ impl std::fmt::Debug for KvStorage {
     }
 }
 
+/// Ask Linux to back `data` with 2 MiB transparent huge pages where the
+/// kernel leaves that to the program (`madvise`, Debian's default). The
+/// attention reads a long context's keys and values from blocks all over
+/// the cache, and with 4 KiB pages nearly every block is a TLB miss. A
+/// hint: where the kernel says no, nothing changes. Call it before the
+/// memory is first touched (a fresh zeroed allocation is not yet).
+pub fn advise_huge_pages<T>(data: &[T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = data.as_ptr() as usize;
+        let end = start + std::mem::size_of_val(data);
+        let first = start.next_multiple_of(HUGE);
+        let len = end.saturating_sub(first) / HUGE * HUGE;
+        if len > 0 {
+            // SAFETY: `first..first + len` lies inside `data`'s allocation,
+            // which we own; MADV_HUGEPAGE changes how pages are backed, not
+            // what they hold.
+            let _ = unsafe { libc::madvise(first as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = data;
+}
+
 impl KvStorage {
     /// Allocates a zeroed cache.
     pub fn new(shape: KvShape) -> Result<Self, KvError> {
@@ -102,10 +128,9 @@ impl KvStorage {
                 what: format!("{shape:?}"),
             });
         };
-        Ok(Self {
-            shape,
-            data: vec![0f32; total],
-        })
+        let data = vec![0f32; total];
+        advise_huge_pages(&data);
+        Ok(Self { shape, data })
     }
 
     pub fn shape(&self) -> KvShape {
