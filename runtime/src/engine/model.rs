@@ -460,7 +460,10 @@ impl Model {
     }
 
     /// Causal attention of every new token over its sequence's cached K/V
-    /// (which already holds the new tokens): one task per (token, head).
+    /// (which already holds the new tokens): a prefill chunk in tiles, a
+    /// decode token's heads by KV group (or by parts of a group, when the
+    /// groups are too few for the threads), elsewhere one task per (token,
+    /// head); all give the same bits.
     fn attention(
         &self,
         l: usize,
@@ -498,17 +501,16 @@ impl Model {
         // KV head attend together, each key and value read once for them.
         #[cfg(target_arch = "x86_64")]
         if avx512 {
-            // Heads per task: a KV group, or one head when the groups are
-            // too few to keep every thread busy (a decode step of one or
-            // two sequences); either gives the same bits.
             let untiled = tiled.iter().filter(|t| !**t).count();
-            let per_task = if untiled * c.n_kv_heads >= 2 * rayon::current_num_threads() {
-                group
-            } else {
-                1
-            };
+            let small = self.small_attention(tokens, &tiled);
+            if !small && untiled * c.n_kv_heads < 2 * rayon::current_num_threads() {
+                // Too few groups to keep every thread busy (a step of one
+                // or two sequences): split each group's work instead.
+                self.split_attention(l, q, tokens, batch, kv, &tiled, out);
+                return;
+            }
             let one_task = |scores: &mut Vec<f32>, (i, o): (usize, &mut [f32])| {
-                let first = i * per_task;
+                let first = i * group;
                 let (t, head) = (first / c.n_heads, first % c.n_heads);
                 if tiled[t] {
                     return;
@@ -520,7 +522,7 @@ impl Model {
                 // SAFETY: `kernels()` said Avx512.
                 unsafe {
                     super::cpu::avx512::attend_group(
-                        &q[first * hd..(first + per_task) * hd],
+                        &q[first * hd..(first + group) * hd],
                         hd,
                         pos + 1,
                         scale,
@@ -530,13 +532,13 @@ impl Model {
                     )
                 };
             };
-            if self.small_attention(tokens, &tiled) {
+            if small {
                 let mut scores = Vec::new();
-                out.chunks_mut(per_task * hd)
+                out.chunks_mut(group * hd)
                     .enumerate()
                     .for_each(|item| one_task(&mut scores, item));
             } else {
-                out.par_chunks_mut(per_task * hd)
+                out.par_chunks_mut(group * hd)
                     .enumerate()
                     .for_each_init(Vec::new, one_task);
             }
@@ -559,6 +561,121 @@ impl Model {
             out.par_chunks_mut(hd)
                 .enumerate()
                 .for_each_init(Vec::new, one_head);
+        }
+    }
+
+    /// The decode attention (the `tokens` not `tiled`) when its KV groups
+    /// are too few to keep every thread busy: each group's positions are
+    /// split between tasks for the scores, then its columns for the
+    /// values, so every thread has work and each key and value is read
+    /// once for the group's heads. The same bits as one task per group
+    /// (`avx512::score_keys` and `weigh_columns` say why), at two fork-joins
+    /// instead of one.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn split_attention(
+        &self,
+        l: usize,
+        q: &[f32],
+        tokens: &[(usize, usize)],
+        batch: &[SequenceInput<'_>],
+        kv: &KvStorage,
+        tiled: &[bool],
+        out: &mut [f32],
+    ) {
+        use super::cpu::avx512::{score_keys_group, weigh_columns_group};
+        let c = &self.config;
+        let (hd, nh) = (c.head_dim, c.n_heads);
+        let group = nh / c.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        // (token, KV group) pairs, and how many parts each is split into.
+        let units: Vec<(usize, usize)> = (0..tokens.len())
+            .filter(|&t| !tiled[t])
+            .flat_map(|t| (0..c.n_kv_heads).map(move |g| (t, g)))
+            .collect();
+        let parts = (2 * rayon::current_num_threads()).div_ceil(units.len().max(1));
+        let len = |t: usize| tokens[t].1 + 1;
+        let part = |n: usize, p: usize, of: usize| n * p / of..n * (p + 1) / of;
+        let reader = |t: usize, g: usize| {
+            kv_reader(kv, l, batch[tokens[t].0].block_table, g * hd..(g + 1) * hd)
+        };
+        let heads = |t: usize, g: usize| (t * nh + g * group) * hd..(t * nh + (g + 1) * group) * hd;
+        // The scores: for each unit and part, a row of the part's positions
+        // per head, one after the other.
+        let offsets: Vec<usize> = units
+            .iter()
+            .scan(0, |at, &(t, _)| {
+                let start = *at;
+                *at += group * len(t);
+                Some(start)
+            })
+            .collect();
+        let total = units
+            .last()
+            .map_or(0, |&(t, _)| offsets[units.len() - 1] + group * len(t));
+        let mut scores = vec![0f32; total];
+        let mut tasks = Vec::with_capacity(units.len() * parts);
+        let mut rest = &mut scores[..];
+        for &(t, g) in &units {
+            for p in 0..parts {
+                let keys = part(len(t), p, parts);
+                let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(group * keys.len());
+                rest = tail;
+                tasks.push((t, g, keys, chunk));
+            }
+        }
+        tasks.into_par_iter().for_each(|(t, g, keys, chunk)| {
+            // SAFETY: the caller checked `kernels()` said Avx512.
+            unsafe {
+                score_keys_group(
+                    &q[heads(t, g)],
+                    hd,
+                    len(t),
+                    scale,
+                    reader(t, g),
+                    keys,
+                    chunk,
+                )
+            }
+        });
+        // The values: each unit's rows put together and softmaxed, then a
+        // share of its columns weighed (whole 16-lane chunks).
+        let chunks = hd / 16;
+        let col_parts = parts.min(chunks).max(1);
+        let weighed: Vec<(usize, std::ops::Range<usize>, Vec<f32>)> = (0..units.len())
+            .flat_map(|u| (0..col_parts).map(move |cp| (u, cp)))
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(u, cp)| {
+                let (t, g) = units[u];
+                let n = len(t);
+                let unit = &scores[offsets[u]..offsets[u] + group * n];
+                let mut probs = vec![0f32; group * n];
+                for p in 0..parts {
+                    let keys = part(n, p, parts);
+                    let chunk = &unit[group * keys.start..group * keys.end];
+                    for (i, row) in chunk.chunks_exact(keys.len().max(1)).enumerate() {
+                        probs[i * n + keys.start..i * n + keys.end].copy_from_slice(row);
+                    }
+                }
+                for row in probs.chunks_mut(n) {
+                    ops::softmax(row, true);
+                }
+                let c = part(chunks, cp, col_parts);
+                let cols = 16 * c.start..16 * c.end;
+                let mut o = vec![0f32; group * hd];
+                // SAFETY: as above.
+                unsafe { weigh_columns_group(reader(t, g), hd, n, cols.clone(), &probs, &mut o) };
+                (u, cols, o)
+            })
+            .collect();
+        for (u, cols, o) in weighed {
+            let (t, g) = units[u];
+            let first = heads(t, g).start;
+            for i in 0..group {
+                out[first + i * hd + cols.start..first + i * hd + cols.end]
+                    .copy_from_slice(&o[i * hd + cols.start..i * hd + cols.end]);
+            }
         }
     }
 

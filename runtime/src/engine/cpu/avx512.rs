@@ -390,13 +390,56 @@ pub unsafe fn attend<'a, K, const Q: usize>(
     K: KvSource<'a>,
 {
     let hd = q.first().map_or(0, |q| q.len());
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    scores.clear();
+    scores.resize(Q * longest, 0.0);
+    // SAFETY: the caller's promise.
+    unsafe { score_keys(q, lens, scale, kv, 0..longest, rows_mut(scores, longest)) };
+    for (row, &len) in scores.chunks_mut(longest.max(1)).zip(&lens) {
+        super::x86::softmax(&mut row[..len]);
+    }
+    let probs: [&[f32]; Q] = std::array::from_fn(|i| &scores[i * longest..(i + 1) * longest]);
+    // SAFETY: the caller's promise.
+    unsafe { weigh_columns(kv, 0..hd, lens, probs, out) };
+}
+
+/// `buf`'s first `Q` rows of `width`.
+fn rows_mut<const Q: usize>(buf: &mut [f32], width: usize) -> [&mut [f32]; Q] {
+    let mut rest = buf;
+    std::array::from_fn(|_| {
+        let (row, tail) = std::mem::take(&mut rest).split_at_mut(width);
+        rest = tail;
+        row
+    })
+}
+
+/// The scores of positions `keys` for `Q` queries of one head:
+/// `rows[i][j - keys.start] = scale * q_i·k_j` for each `j` in `keys` below
+/// `lens[i]` (the rest of the row is left alone). Each is what
+/// [`super::x86::dot_f32`] gives, times `scale`, however the positions are
+/// split into ranges: tasks that score parts of a context give the same
+/// bits as one that scores it all. `head_dim` must be a multiple of 16.
+///
+/// # Safety
+/// The CPU must have the features [`available`] checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+// The query registers are indexed by query.
+#[allow(clippy::needless_range_loop)]
+pub unsafe fn score_keys<'a, K, const Q: usize>(
+    q: [&[f32]; Q],
+    lens: [usize; Q],
+    scale: f32,
+    kv: K,
+    keys: Range<usize>,
+    rows: [&mut [f32]; Q],
+) where
+    K: KvSource<'a>,
+{
+    let hd = q.first().map_or(0, |q| q.len());
     assert!(
         hd.is_multiple_of(16),
         "head_dim {hd} is not a multiple of 16"
     );
-    let longest = lens.iter().copied().max().unwrap_or(0);
-    scores.clear();
-    scores.resize(Q * longest, 0.0);
     // The queries in registers, 16 lanes at a time, when they fit.
     let chunks = hd / 16;
     let mut qz = [[_mm512_setzero_ps(); 4]; Q];
@@ -408,65 +451,86 @@ pub unsafe fn attend<'a, K, const Q: usize>(
             }
         }
     }
-    let mut cursor = Cursor::new(kv);
-    let mut j = 0;
-    while j + 8 <= longest {
-        let mut keys: [&[f32]; 8] = [&[]; 8];
-        for k in keys.iter_mut() {
+    let mut cursor = Cursor::starting_at(kv, keys.start);
+    let mut j = keys.start;
+    while j + 8 <= keys.end {
+        let mut k8: [&[f32]; 8] = [&[]; 8];
+        for k in k8.iter_mut() {
             *k = &cursor.next_kv().0[..hd];
         }
+        let at = j - keys.start;
         for i in 0..Q {
-            let row = &mut scores[i * longest..(i + 1) * longest];
             if j + 8 <= lens[i] {
                 let dots = match chunks {
-                    1 => dots8_held::<1>(&qz[i], &keys),
-                    2 => dots8_held::<2>(&qz[i], &keys),
-                    3 => dots8_held::<3>(&qz[i], &keys),
-                    4 => dots8_held::<4>(&qz[i], &keys),
-                    _ => dots8(q[i], &keys),
+                    1 => dots8_held::<1>(&qz[i], &k8),
+                    2 => dots8_held::<2>(&qz[i], &k8),
+                    3 => dots8_held::<3>(&qz[i], &k8),
+                    4 => dots8_held::<4>(&qz[i], &k8),
+                    _ => dots8(q[i], &k8),
                 };
                 let s = _mm256_mul_ps(dots, _mm256_set1_ps(scale));
-                // SAFETY: `j + 8 <= longest`, the row's length.
-                unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(j), s) };
+                let dst = &mut rows[i][at..at + 8];
+                // SAFETY: `dst` holds the 8 stored lanes.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), s) };
             } else {
-                for (m, k) in keys.iter().enumerate().take(lens[i].saturating_sub(j)) {
-                    row[j + m] = super::x86::dot_f32(q[i], k) * scale;
+                for (m, k) in k8.iter().enumerate().take(lens[i].saturating_sub(j)) {
+                    rows[i][at + m] = super::x86::dot_f32(q[i], k) * scale;
                 }
             }
         }
         j += 8;
     }
-    for j in j..longest {
+    for j in j..keys.end {
         let k = &cursor.next_kv().0[..hd];
         for i in 0..Q {
             if j < lens[i] {
-                scores[i * longest + j] = super::x86::dot_f32(q[i], k) * scale;
+                rows[i][j - keys.start] = super::x86::dot_f32(q[i], k) * scale;
             }
         }
-    }
-    for (i, &len) in lens.iter().enumerate() {
-        super::x86::softmax(&mut scores[i * longest..i * longest + len]);
-    }
-    let mut out = out;
-    let mut c0 = 0;
-    while c0 < hd {
-        // SAFETY: the caller's promise; `c0 + 16 * W <= hd` in each arm.
-        unsafe {
-            match (hd - c0) / 16 {
-                1 => weigh_values::<K, Q, 1>(kv, c0, lens, scores, longest, &mut out),
-                2 => weigh_values::<K, Q, 2>(kv, c0, lens, scores, longest, &mut out),
-                3 => weigh_values::<K, Q, 3>(kv, c0, lens, scores, longest, &mut out),
-                _ => weigh_values::<K, Q, 4>(kv, c0, lens, scores, longest, &mut out),
-            }
-        }
-        c0 += 64.min(hd - c0);
     }
 }
 
-/// Columns `c0..c0 + 16 * W` of each query's output in [`attend`]: the
-/// values weighted by its probabilities (`scores`, `longest` per query),
-/// summed in key order. `W` is a constant so that the accumulators and
-/// the loaded values stay in registers.
+/// Columns `cols` of each query's output: the values weighted by its
+/// probabilities (`probs[i][j]` for position `j`), summed in key order
+/// over `j < lens[i]`, into `out[i][cols]`. Columns do not mix, so tasks
+/// that weigh parts of a head's columns give the same bits as one that
+/// weighs them all. `cols` must start and end on multiples of 16.
+///
+/// # Safety
+/// The CPU must have the features [`available`] checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn weigh_columns<'a, K, const Q: usize>(
+    kv: K,
+    cols: Range<usize>,
+    lens: [usize; Q],
+    probs: [&[f32]; Q],
+    out: [&mut [f32]; Q],
+) where
+    K: KvSource<'a>,
+{
+    assert!(
+        cols.start.is_multiple_of(16) && cols.end.is_multiple_of(16),
+        "columns {cols:?} are not whole 16-lane chunks"
+    );
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let mut out = out;
+    let mut c0 = cols.start;
+    while c0 < cols.end {
+        // SAFETY: the caller's promise; `c0 + 16 * W <= cols.end` in each arm.
+        unsafe {
+            match (cols.end - c0) / 16 {
+                1 => weigh_values::<K, Q, 1>(kv, c0, lens, &probs, longest, &mut out),
+                2 => weigh_values::<K, Q, 2>(kv, c0, lens, &probs, longest, &mut out),
+                3 => weigh_values::<K, Q, 3>(kv, c0, lens, &probs, longest, &mut out),
+                _ => weigh_values::<K, Q, 4>(kv, c0, lens, &probs, longest, &mut out),
+            }
+        }
+        c0 += 64.min(cols.end - c0);
+    }
+}
+
+/// Columns `c0..c0 + 16 * W` of [`weigh_columns`]. `W` is a constant so
+/// that the accumulators and the loaded values stay in registers.
 ///
 /// # Safety
 /// The CPU must have the features [`available`] checks.
@@ -477,14 +541,14 @@ unsafe fn weigh_values<'a, K, const Q: usize, const W: usize>(
     kv: K,
     c0: usize,
     lens: [usize; Q],
-    scores: &[f32],
+    probs: &[&[f32]; Q],
     longest: usize,
     out: &mut [&mut [f32]; Q],
 ) where
     K: KvSource<'a>,
 {
     let mut acc = [[_mm512_setzero_ps(); W]; Q];
-    let mut cursor = Cursor::new(kv);
+    let mut cursor = Cursor::starting_at(kv, 0);
     for j in 0..longest {
         let v = &cursor.next_kv().1[c0..c0 + 16 * W];
         let mut vv = [_mm512_setzero_ps(); W];
@@ -494,7 +558,7 @@ unsafe fn weigh_values<'a, K, const Q: usize, const W: usize>(
         }
         for i in 0..Q {
             if j < lens[i] {
-                let p = _mm512_set1_ps(scores[i * longest + j]);
+                let p = _mm512_set1_ps(probs[i][j]);
                 for c in 0..W {
                     acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
                 }
@@ -579,6 +643,36 @@ fn hsum8(x: [__m256; 8]) -> __m256 {
     _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
+/// Runs `$body` with `$q` a constant: the number of heads `$n` (1 to 4), so
+/// the kernels' per-query arrays stay in registers.
+macro_rules! with_heads {
+    ($n:expr, |$q:ident| $body:expr) => {
+        match $n {
+            4 => {
+                const $q: usize = 4;
+                $body
+            }
+            3 => {
+                const $q: usize = 3;
+                $body
+            }
+            2 => {
+                const $q: usize = 2;
+                $body
+            }
+            _ => {
+                const $q: usize = 1;
+                $body
+            }
+        }
+    };
+}
+
+/// `buf`'s first `Q` rows of `width`.
+fn rows<const Q: usize>(buf: &[f32], width: usize) -> [&[f32]; Q] {
+    std::array::from_fn(|i| &buf[i * width..(i + 1) * width])
+}
+
 /// [`attend`] for the query heads `q` (`head_dim` each, contiguous: the
 /// heads that share a KV head, in a decode step) that attend to the same
 /// `len` positions, into `out` (laid out as `q`), up to 4 heads at a time:
@@ -600,40 +694,72 @@ pub unsafe fn attend_group<'a, K>(
 {
     assert_eq!(q.len(), out.len(), "a query per output");
     for (qg, og) in q.chunks(4 * head_dim).zip(out.chunks_mut(4 * head_dim)) {
-        // `chunks_exact` gives exactly `qg.len() / head_dim` of each, the
-        // count matched below, so the defaults are never taken.
-        let mut qs = qg.chunks_exact(head_dim);
-        let mut os = og.chunks_exact_mut(head_dim);
-        let mut next = || (qs.next().unwrap_or_default(), os.next().unwrap_or_default());
-        match qg.len() / head_dim {
-            // SAFETY: the caller's promise (and in each arm below).
-            4 => unsafe {
-                let [(q0, o0), (q1, o1), (q2, o2), (q3, o3)] = std::array::from_fn(|_| next());
-                attend(
-                    [q0, q1, q2, q3],
-                    [len; 4],
-                    scale,
-                    kv,
-                    scores,
-                    [o0, o1, o2, o3],
-                );
-            },
-            // SAFETY: as above.
-            3 => unsafe {
-                let [(q0, o0), (q1, o1), (q2, o2)] = std::array::from_fn(|_| next());
-                attend([q0, q1, q2], [len; 3], scale, kv, scores, [o0, o1, o2]);
-            },
-            // SAFETY: as above.
-            2 => unsafe {
-                let [(q0, o0), (q1, o1)] = std::array::from_fn(|_| next());
-                attend([q0, q1], [len; 2], scale, kv, scores, [o0, o1]);
-            },
-            // SAFETY: as above.
-            _ => unsafe {
-                let (q0, o0) = next();
-                attend([q0], [len], scale, kv, scores, [o0]);
-            },
-        }
+        with_heads!(qg.len() / head_dim, |Q| {
+            let (q, out) = (rows::<Q>(qg, head_dim), rows_mut::<Q>(og, head_dim));
+            // SAFETY: the caller's promise.
+            unsafe { attend(q, [len; Q], scale, kv, scores, out) }
+        });
+    }
+}
+
+/// [`score_keys`] for the query heads `q` of [`attend_group`]: `rows`
+/// holds a row of `keys.len()` scores per head.
+///
+/// # Safety
+/// The CPU must have the features [`available`] checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn score_keys_group<'a, K>(
+    q: &[f32],
+    head_dim: usize,
+    len: usize,
+    scale: f32,
+    kv: K,
+    keys: Range<usize>,
+    rows: &mut [f32],
+) where
+    K: KvSource<'a>,
+{
+    let width = keys.len();
+    assert_eq!(q.len() / head_dim * width, rows.len(), "a row per query");
+    if width == 0 {
+        return;
+    }
+    for (qg, rg) in q.chunks(4 * head_dim).zip(rows.chunks_mut(4 * width)) {
+        with_heads!(qg.len() / head_dim, |Q| {
+            let (q, rows) = (self::rows::<Q>(qg, head_dim), rows_mut::<Q>(rg, width));
+            // SAFETY: the caller's promise.
+            unsafe { score_keys(q, [len; Q], scale, kv, keys.clone(), rows) }
+        });
+    }
+}
+
+/// [`weigh_columns`] for the heads of [`score_keys_group`]: `probs` holds
+/// a row of `len` probabilities per head, `out` a row of `head_dim` per
+/// head, of which columns `cols` are written.
+///
+/// # Safety
+/// The CPU must have the features [`available`] checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn weigh_columns_group<'a, K>(
+    kv: K,
+    head_dim: usize,
+    len: usize,
+    cols: Range<usize>,
+    probs: &[f32],
+    out: &mut [f32],
+) where
+    K: KvSource<'a>,
+{
+    assert_eq!(out.len() / head_dim * len, probs.len(), "a row per output");
+    if len == 0 {
+        return;
+    }
+    for (pg, og) in probs.chunks(4 * len).zip(out.chunks_mut(4 * head_dim)) {
+        with_heads!(og.len() / head_dim, |Q| {
+            let (probs, out) = (rows::<Q>(pg, len), rows_mut::<Q>(og, head_dim));
+            // SAFETY: the caller's promise.
+            unsafe { weigh_columns(kv, cols.clone(), [len; Q], probs, out) }
+        });
     }
 }
 
@@ -642,6 +768,46 @@ mod tests {
     use super::*;
 
     use super::super::test_data as data;
+
+    /// Scores split into ranges of positions (not on multiples of 8) and
+    /// values split into column ranges, put together, equal the attention
+    /// done whole, bit for bit: how a decode step spreads a group's work
+    /// over the threads changes no output.
+    #[test]
+    fn attention_split_by_positions_and_columns_equals_it_whole() {
+        if !available() {
+            return;
+        }
+        let (hd, n, heads) = (64, 37, 3);
+        let keys = data(n * hd, 31);
+        let values = data(n * hd, 32);
+        let kv = |j: usize| (&keys[j * hd..(j + 1) * hd], &values[j * hd..(j + 1) * hd]);
+        let q = data(heads * hd, 33);
+        let scale = 0.125;
+        let mut whole = vec![0f32; heads * hd];
+        let mut scratch = Vec::new();
+        // SAFETY: `available()` said the CPU has the features.
+        unsafe { attend_group(&q, hd, n, scale, kv, &mut scratch, &mut whole) };
+        let mut probs = vec![0f32; heads * n];
+        for range in [0..18, 18..29, 29..n] {
+            let mut part = vec![0f32; heads * range.len()];
+            // SAFETY: as above.
+            unsafe { score_keys_group(&q, hd, n, scale, kv, range.clone(), &mut part) };
+            for (i, row) in part.chunks_exact(range.len()).enumerate() {
+                probs[i * n + range.start..i * n + range.end].copy_from_slice(row);
+            }
+        }
+        for row in probs.chunks_mut(n) {
+            // SAFETY: as above.
+            unsafe { super::super::x86::softmax(row) };
+        }
+        let mut split = vec![f32::NAN; heads * hd];
+        for cols in [0..16, 16..64] {
+            // SAFETY: as above.
+            unsafe { weigh_columns_group(kv, hd, n, cols, &probs, &mut split) };
+        }
+        assert_eq!(split, whole);
+    }
 
     /// The tiled attention equals the AVX2 per-query path bit for bit, for
     /// queries of different lengths, one and four at a time, and the

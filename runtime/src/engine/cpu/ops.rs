@@ -151,9 +151,14 @@ pub(crate) struct Cursor<'a, K> {
 
 impl<'a, K: KvSource<'a>> Cursor<'a, K> {
     pub(crate) fn new(kv: K) -> Self {
+        Self::starting_at(kv, 0)
+    }
+
+    /// A cursor whose first position is `pos`.
+    pub(crate) fn starting_at(kv: K, pos: usize) -> Self {
         Cursor {
             kv,
-            pos: 0,
+            pos,
             run: Run {
                 keys: &[],
                 values: &[],
