@@ -361,10 +361,10 @@ unsafe fn tile<const R: usize, const T: usize>(
 
 /// Causal attention of `Q` queries of one head (of one sequence): query
 /// `i` attends to positions `0..lens[i]`, `out[i] = sum_j softmax_j(scale *
-/// q_i·k_j) v_j`, where `kv` gives position `j`'s key and value in
-/// place in the paged cache, a block's run at a time. Each key and value is looked up once for all
-/// `Q` queries, and the weighted values are summed in registers (the
-/// per-query path sums them through memory).
+/// q_i·k_j) v_j`, where `kv` gives position `j`'s key and value in place
+/// in the paged cache, a block's run at a time. Each key and value is
+/// looked up once for all `Q` queries, and the weighted values are summed
+/// in registers (the per-query path sums them through memory).
 ///
 /// Bit for bit what [`super::ops::attend`] gives each query alone on the
 /// AVX2 path: the same dot product ([`super::x86::dot_f32`]), the same
@@ -377,8 +377,6 @@ unsafe fn tile<const R: usize, const T: usize>(
 /// # Safety
 /// The CPU must have the features [`available`] checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-// The accumulators are a register array indexed by query and lane.
-#[allow(clippy::needless_range_loop)]
 pub unsafe fn attend<'a, K, const Q: usize>(
     q: [&[f32]; Q],
     lens: [usize; Q],
@@ -404,6 +402,11 @@ pub unsafe fn attend<'a, K, const Q: usize>(
 }
 
 /// `buf`'s first `Q` rows of `width`.
+fn rows<const Q: usize>(buf: &[f32], width: usize) -> [&[f32]; Q] {
+    std::array::from_fn(|i| &buf[i * width..(i + 1) * width])
+}
+
+/// [`rows`], to write.
 fn rows_mut<const Q: usize>(buf: &mut [f32], width: usize) -> [&mut [f32]; Q] {
     let mut rest = buf;
     std::array::from_fn(|_| {
@@ -548,7 +551,7 @@ unsafe fn weigh_values<'a, K, const Q: usize, const W: usize>(
     K: KvSource<'a>,
 {
     let mut acc = [[_mm512_setzero_ps(); W]; Q];
-    let mut cursor = Cursor::starting_at(kv, 0);
+    let mut cursor = Cursor::new(kv);
     for j in 0..longest {
         let v = &cursor.next_kv().1[c0..c0 + 16 * W];
         let mut vv = [_mm512_setzero_ps(); W];
@@ -666,11 +669,6 @@ macro_rules! with_heads {
             }
         }
     };
-}
-
-/// `buf`'s first `Q` rows of `width`.
-fn rows<const Q: usize>(buf: &[f32], width: usize) -> [&[f32]; Q] {
-    std::array::from_fn(|i| &buf[i * width..(i + 1) * width])
 }
 
 /// [`attend`] for the query heads `q` (`head_dim` each, contiguous: the
