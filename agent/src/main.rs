@@ -148,6 +148,12 @@ struct DisaggArgs {
     /// prefilling locally.
     #[arg(long, env = "XPYD_REMOTE_PREFILL_TIMEOUT_MS", default_value_t = 30_000)]
     remote_prefill_timeout_ms: u64,
+    /// Prefill jobs a prefill worker computes at once. Raise it only where
+    /// one prompt leaves the device's step underused: a job taken while
+    /// another computes waits behind it, even when another worker is idle.
+    #[arg(long, env = "XPYD_PREFILL_CONCURRENCY", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    prefill_concurrency: u32,
 }
 
 impl DisaggArgs {
@@ -345,6 +351,7 @@ async fn worker(role: Role, args: WorkerArgs) -> anyhow::Result<()> {
         label_metrics: false,
         decode: args.disagg.decode_config(),
         prefill: PrefillConfig {
+            max_concurrent: args.disagg.prefill_concurrency as usize,
             fault: PrefillFault::from_env().map_err(anyhow::Error::msg)?,
             ..PrefillConfig::default()
         },

@@ -1554,6 +1554,50 @@ async fn a_late_writer_resumed_after_the_deadline_writes_only_into_fenced_blocks
     );
 }
 
+/// A prefill worker holds one job at a time; the others wait in the shared
+/// queue for whichever worker is free first, including one started after
+/// they were queued. Here the only worker stalls (stopped just before its
+/// write) with three long prompts queued: its own job falls back to a local
+/// prefill once the decode worker finds it unresponsive, and the other two
+/// wait in the queue, not behind the stalled job, until a second worker
+/// starts and computes both.
+#[tokio::test]
+async fn queued_prefill_jobs_wait_for_any_free_worker_not_behind_a_busy_one() {
+    let mut d = Deployment::start("queue-shared", 0, 1, 32, LONG_WAIT_400_REMOTE).await;
+    d.spawn_faulty_prefill("stop-before-write", &[]).await;
+    let chats: Vec<_> = ["Alpha", "Bravo", "Charlie"]
+        .into_iter()
+        .map(|tag| {
+            let (http, api) = (d.http.clone(), d.api.clone());
+            tokio::spawn(async move {
+                post_chat(&http, &api, None, &long_prompt(tag), FRANCE, 12).await
+            })
+        })
+        .collect();
+    d.await_stopped("prefill-0").await;
+    d.spawn("prefill", "prefill-1", &[]).await;
+    for chat in chats {
+        let (status, body) = chat.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(answer(&body).contains("Paris"), "{body}");
+    }
+    assert_eq!(
+        d.metric("prefill-1", "xpyd_prefill_jobs_total", "result=\"ok\"")
+            .await,
+        2.0,
+        "the two jobs queued behind the stalled one went to the new worker; logs:\n{}",
+        d.log_tails()
+    );
+    assert_eq!(
+        fallbacks(&d, "prefill_unresponsive").await,
+        1.0,
+        "{}",
+        d.log_tails()
+    );
+    assert_eq!(remote_prefills(&d, "decode-0").await, 2.0);
+    d.signal("prefill-0", libc::SIGCONT);
+}
+
 /// Fault 5 of the KV handoff: the data path from the prefill worker to the
 /// decode worker is cut while NATS stays healthy. On one host UCX moves the
 /// bytes through shared memory, which no firewall rule cuts, so the cut is

@@ -13,7 +13,12 @@
 //! 2. **Needed workers** per role: demand over one worker's measured
 //!    capacity at [`TARGET_UTILISATION`]; for decode also the KV blocks in
 //!    use over [`TARGET_KV_USE`]. A latency target missed (TTFT p90 for
-//!    prefill, ITL p90 for decode) asks for at least one more.
+//!    prefill, ITL p90 for decode) asks for at least one more. Prompts
+//!    already waiting in the prefill queue are demand too: their tokens
+//!    must be computed within the TTFT target, on top of what enters. A
+//!    burst's backlog shows in the queue before a window's average rate
+//!    shows the burst, so this is what makes a scale-up one step, at the
+//!    burst's start.
 //! 3. **The threshold first.** When only one side is saturated and the
 //!    other has headroom, the planner moves `maxLocalPrefillLength`
 //!    (cheap, takes effect in seconds through etcd) instead of replicas:
@@ -104,6 +109,9 @@ pub struct Signals {
     pub kv_use: f64,
     /// Jobs waiting in the prefill queue.
     pub prefill_queue_depth: f64,
+    /// Prompt tokens per request entering, on average over the window (0:
+    /// no request entered).
+    pub prompt_tokens_per_request: f64,
     /// Frontend TTFT and ITL p90 over the window, in ms (`None`: no data).
     pub ttft_p90_ms: Option<f64>,
     pub itl_p90_ms: Option<f64>,
@@ -180,6 +188,9 @@ impl Side {
 pub struct Planner {
     spec: PlannerSpec,
     needs: VecDeque<(Duration, u32, u32)>,
+    /// The last window's prompt tokens per request that saw any request:
+    /// what a queued job is taken to hold when a window saw none.
+    prompt_len: f64,
 }
 
 impl Planner {
@@ -187,6 +198,7 @@ impl Planner {
         Planner {
             spec,
             needs: VecDeque::new(),
+            prompt_len: 0.0,
         }
     }
 
@@ -196,8 +208,12 @@ impl Planner {
 
     /// Decide for one window (see the module doc).
     pub fn decide(&mut self, s: &Signals) -> Decision {
+        if s.prompt_tokens_per_request > 0.0 {
+            self.prompt_len = s.prompt_tokens_per_request;
+        }
         let spec = &self.spec;
-        let prefill = prefill_side(spec, s);
+        let backlog_tokens = s.prefill_queue_depth * self.prompt_len;
+        let prefill = prefill_side(spec, s, backlog_tokens);
         let decode = decode_side(spec, s);
         let (cur_p, cur_d) = (s.prefill.desired, s.decode.desired);
 
@@ -210,9 +226,10 @@ impl Planner {
             self.needs.pop_front();
         }
         let figures = format!(
-            "prefill: need {} of {cur_p} (utilisation {:.2}, TTFT p90 {}), decode: need {} of {cur_d} (utilisation {:.2}, KV {:.2}, ITL p90 {})",
+            "prefill: need {} of {cur_p} (utilisation {:.2}, {:.0} jobs queued, TTFT p90 {}), decode: need {} of {cur_d} (utilisation {:.2}, KV {:.2}, ITL p90 {})",
             prefill.needed,
             prefill.utilisation,
+            s.prefill_queue_depth,
             ms(s.ttft_p90_ms),
             decode.needed,
             decode.utilisation,
@@ -285,7 +302,8 @@ fn needed_for(demand: f64, capacity: f64) -> u32 {
     (demand / (capacity * TARGET_UTILISATION)).ceil() as u32
 }
 
-fn prefill_side(spec: &PlannerSpec, s: &Signals) -> Side {
+/// The prefill side, with `backlog_tokens` of prompts waiting in the queue.
+fn prefill_side(spec: &PlannerSpec, s: &Signals, backlog_tokens: f64) -> Side {
     let current = s.prefill.ready.max(1);
     let capacity = s.prefill_capacity_per_worker;
     let utilisation = if capacity > 0.0 {
@@ -294,7 +312,16 @@ fn prefill_side(spec: &PlannerSpec, s: &Signals) -> Side {
         0.0
     };
     let slo_missed = s.ttft_p90_ms.is_some_and(|t| t > spec.ttft_p90_ms);
-    let mut needed = needed_for(s.prefill_tokens_per_s, capacity);
+    // The backlog drained within the TTFT target, at full speed (the
+    // headroom of TARGET_UTILISATION is for what keeps entering).
+    let drain_s = (spec.ttft_p90_ms / 1000.0).max(0.001);
+    let mut needed = if capacity > 0.0 && backlog_tokens > 0.0 {
+        (s.prefill_tokens_per_s / (capacity * TARGET_UTILISATION)
+            + backlog_tokens / drain_s / capacity)
+            .ceil() as u32
+    } else {
+        needed_for(s.prefill_tokens_per_s, capacity)
+    };
     if slo_missed && s.prefill_queue_depth > 0.0 {
         // Queueing is what misses TTFT: one more than today at least.
         needed = needed.max(s.prefill.desired + 1);
@@ -403,6 +430,7 @@ mod tests {
             decode_capacity_per_worker: 1000.0,
             kv_use: 0.3,
             prefill_queue_depth: 0.0,
+            prompt_tokens_per_request: 100.0,
             ttft_p90_ms: Some(300.0),
             itl_p90_ms: Some(20.0),
             prefill: Replicas {
@@ -600,11 +628,49 @@ mod tests {
     fn demand_entering_counts_not_throughput_served() {
         // Under backpressure prefill serves 1 worker's worth while 4
         // workers' worth enters: the planner sizes for what enters.
-        let mut planner = Planner::new(spec());
+        let mut planner = Planner::new(PlannerSpec {
+            prefill: Bounds { min: 1, max: 16 },
+            ..spec()
+        });
         let mut s = signals(0, 4.0, 0.5);
         s.ttft_p90_ms = Some(5000.0);
         s.prefill_queue_depth = 40.0;
         let d = planner.decide(&s);
-        assert_eq!(d.num_prefill, 6, "ceil(4 / 0.7): {d:?}");
+        assert_eq!(
+            d.num_prefill, 10,
+            "ceil(4 / 0.7 + 40 queued jobs of 100 tokens drained in the 1 s TTFT target by 1000 tokens/s each): {d:?}"
+        );
+    }
+
+    #[test]
+    fn a_backlog_is_drained_within_the_ttft_target_before_the_rate_shows_the_burst() {
+        // A burst began just before the window closed: its average rate
+        // is still one worker's 0.4, but 12 prompts of 250 tokens wait.
+        let mut planner = Planner::new(spec());
+        let mut s = signals(0, 0.4, 0.5);
+        s.prompt_tokens_per_request = 250.0;
+        s.prefill_queue_depth = 12.0;
+        let d = planner.decide(&s);
+        assert_eq!(
+            (d.num_prefill, d.reason),
+            (4, Reason::ScaleUp),
+            "ceil(0.4 / 0.7 + 3000 tokens / 1 s / 1000): {d:?}"
+        );
+        // A window in which no request entered keeps the last prompt
+        // length for the jobs still queued: the need does not vanish.
+        let mut s = signals(30, 0.0, 0.0);
+        s.prompt_tokens_per_request = 0.0;
+        s.prefill_queue_depth = 12.0;
+        s.prefill = Replicas {
+            desired: 4,
+            ready: 4,
+        };
+        let d = planner.decide(&s);
+        assert_eq!((d.num_prefill, d.reason), (4, Reason::Steady), "{d:?}");
+        // The queue empty and the window quiet: the backlog asks nothing.
+        let mut planner = Planner::new(spec());
+        let mut s = signals(0, 0.4, 0.5);
+        s.prompt_tokens_per_request = 250.0;
+        assert_eq!(planner.decide(&s).num_prefill, 1);
     }
 }

@@ -274,6 +274,8 @@ pub struct WindowFigures {
     pub kv_use: f64,
     /// The largest `xpyd_decode_prefill_queue_depth` a decode worker saw.
     pub prefill_queue_depth: f64,
+    /// Prompt tokens over requests received (0: none received).
+    pub prompt_tokens_per_request: f64,
     /// p90 of the frontends' TTFT and ITL histograms over the window, ms.
     pub ttft_p90_ms: Option<f64>,
     pub itl_p90_ms: Option<f64>,
@@ -397,6 +399,11 @@ pub fn figures(previous: &[PodScrape], current: &[PodScrape], window: Duration) 
         },
         kv_use,
         prefill_queue_depth,
+        prompt_tokens_per_request: if requests > 0.0 {
+            prompt_tokens / requests
+        } else {
+            0.0
+        },
         ttft_p90_ms: p90_ms(names::TTFT),
         itl_p90_ms: p90_ms(names::ITL),
         frontends: current
@@ -435,6 +442,7 @@ pub fn planner_signals(f: &WindowFigures, c: &Context) -> planner::Signals {
         decode_capacity_per_worker: c.decode_capacity_per_worker,
         kv_use: f.kv_use,
         prefill_queue_depth: f.prefill_queue_depth,
+        prompt_tokens_per_request: f.prompt_tokens_per_request,
         ttft_p90_ms: f.ttft_p90_ms,
         itl_p90_ms: f.itl_p90_ms,
         prefill: c.prefill,
@@ -604,6 +612,8 @@ xpyd_frontend_time_to_first_token_seconds_bucket{model="m",le="+Inf"} 160
             "{f:?}"
         );
         assert!((f.output_tokens_per_request - 100.0).abs() < 1e-9, "{f:?}");
+        // 30,000 prompt tokens in 60 requests.
+        assert!((f.prompt_tokens_per_request - 500.0).abs() < 1e-9, "{f:?}");
         // (1000 - 200) + (1000 - 400) of 2000 blocks in use.
         assert!((f.kv_use - 0.7).abs() < 1e-9, "{f:?}");
         assert_eq!(f.prefill_queue_depth, 7.0);

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::{InFlight, WorkerParts};
 use crate::bus::{IncomingRequest, PrefillJob};
@@ -48,7 +48,14 @@ use xpyd_api::messages::{
 /// Settings of a prefill worker.
 #[derive(Debug, Clone)]
 pub struct PrefillConfig {
-    /// Jobs computed at once (the engine batches them).
+    /// Jobs this worker computes at once (the engine batches them). One
+    /// by default: the queue is shared, so a job taken while another is
+    /// computing waits here behind it even when another worker is idle, or
+    /// one just started by the planner could take it; a CPU engine
+    /// computes two prompts no faster together than one after the other.
+    /// A job's slot is freed once its KV is computed, so its NIXL write
+    /// overlaps the next job's compute. Raise it where one prompt leaves
+    /// the device's step underused (a GPU).
     pub max_concurrent: usize,
     /// Deadline of the claim round trip to the decode worker.
     pub claim_timeout: Duration,
@@ -110,7 +117,7 @@ impl PrefillFault {
 impl Default for PrefillConfig {
     fn default() -> Self {
         PrefillConfig {
-            max_concurrent: 4,
+            max_concurrent: 1,
             claim_timeout: Duration::from_secs(5),
             progress_interval: Duration::from_secs(2),
             fault: None,
@@ -298,7 +305,7 @@ impl PrefillWorker {
                         let direct =
                             PrefillJob::new(protocol::encode(&job).into(), 1, Box::new(DirectJob));
                         let worker = self.clone();
-                        tokio::spawn(async move { worker.process(direct).await });
+                        tokio::spawn(async move { worker.process(direct, None).await });
                         let _ = responder.end().await;
                         continue;
                     }
@@ -372,8 +379,8 @@ impl PrefillWorker {
                 let worker = self.clone();
                 let busy = in_flight.enter();
                 tokio::spawn(async move {
-                    worker.process(job).await;
-                    drop((busy, slot));
+                    worker.process(job, Some(slot)).await;
+                    drop(busy);
                 });
             }
         }
@@ -392,14 +399,16 @@ impl PrefillWorker {
         }
     }
 
-    async fn process(&self, mut job: PrefillJob) {
+    /// One job to its end; `slot` (the worker's compute slot, `None` for a
+    /// probe) is freed once the job's KV is computed.
+    async fn process(&self, mut job: PrefillJob, slot: Option<OwnedSemaphorePermit>) {
         let mut decoded = None;
         let end = match protocol::decode::<RemotePrefillRequest>("prefill job", &job.payload) {
             Err(e) => JobEnd::Failed(e.to_string()),
             Ok(request) => {
                 self.book().start(&request.request_id);
                 decoded = Some(request.clone());
-                let work = self.serve(&request);
+                let work = self.serve(&request, slot);
                 tokio::pin!(work);
                 let mut tick = tokio::time::interval(self.config.progress_interval);
                 tick.tick().await;
@@ -462,8 +471,13 @@ impl PrefillWorker {
         }
     }
 
-    /// Claim, compute and write one job.
-    async fn serve(&self, request: &RemotePrefillRequest) -> JobEnd {
+    /// Claim, compute and write one job; `slot` is dropped when the
+    /// compute ends (the write does not hold it).
+    async fn serve(
+        &self,
+        request: &RemotePrefillRequest,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> JobEnd {
         let parts = &self.parts;
         let id = &request.request_id;
         if request.model != parts.model {
@@ -541,6 +555,8 @@ impl PrefillWorker {
                 return end;
             }
         };
+        // Computed: the next job may start while this one writes.
+        drop(slot);
         let end = self
             .write(&engine_id, request, first, &peer_name, deadline)
             .await;
