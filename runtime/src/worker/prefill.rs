@@ -53,8 +53,8 @@ pub struct PrefillConfig {
     /// computing waits here behind it even when another worker is idle, or
     /// one just started by the planner could take it; a CPU engine
     /// computes two prompts no faster together than one after the other.
-    /// A job's slot is freed once its KV is computed, so its NIXL write
-    /// overlaps the next job's compute. Raise it where one prompt leaves
+    /// A job's slot is freed once its KV is computed and its NIXL write
+    /// posted, so the transfer overlaps the next job's compute. Raise it where one prompt leaves
     /// the device's step underused (a GPU).
     pub max_concurrent: usize,
     /// Deadline of the claim round trip to the decode worker.
@@ -400,7 +400,7 @@ impl PrefillWorker {
     }
 
     /// One job to its end; `slot` (the worker's compute slot, `None` for a
-    /// probe) is freed once the job's KV is computed.
+    /// probe) is freed once the job's KV is computed and its write posted.
     async fn process(&self, mut job: PrefillJob, slot: Option<OwnedSemaphorePermit>) {
         let mut decoded = None;
         let end = match protocol::decode::<RemotePrefillRequest>("prefill job", &job.payload) {
@@ -471,8 +471,8 @@ impl PrefillWorker {
         }
     }
 
-    /// Claim, compute and write one job; `slot` is dropped when the
-    /// compute ends (the write does not hold it).
+    /// Claim, compute and write one job; `slot` is dropped once the write
+    /// is posted (the transfer does not hold it).
     async fn serve(
         &self,
         request: &RemotePrefillRequest,
@@ -555,10 +555,8 @@ impl PrefillWorker {
                 return end;
             }
         };
-        // Computed: the next job may start while this one writes.
-        drop(slot);
         let end = self
-            .write(&engine_id, request, first, &peer_name, deadline)
+            .write(&engine_id, request, first, &peer_name, deadline, slot)
             .await;
         // Release the held KV (its blocks stay in our prefix cache).
         let _ = parts.engine.cancel(&engine_id);
@@ -755,6 +753,7 @@ impl PrefillWorker {
         first: FirstToken,
         peer: &str,
         deadline: Instant,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> JobEnd {
         let metrics = &self.parts.metrics;
         let table = match self.parts.engine.block_table(engine_id).await {
@@ -810,6 +809,8 @@ impl PrefillWorker {
             }
         };
         self.book().writing.insert(request.request_id.clone());
+        // Posted: the next job may compute while these bytes move.
+        drop(slot);
         self.inject(PrefillFault::StopAfterPost, &request.request_id);
         match handle.wait_async().await {
             Ok(report) => {
