@@ -91,15 +91,15 @@ spec:
 }
 
 /// The planner of the load-step test: every 5 s, a 15 s scale-down window,
-/// prefill 1..=`max_prefill`. The capacity says one prefill worker carries 100 prompt
+/// prefill `min_prefill..=max_prefill`. The capacity says one prefill worker carries 100 prompt
 /// tokens/s, so a handful of concurrent long prompts needs more than one,
 /// and a trickle needs one. Decode is sized generously (one is enough) and
 /// the latency targets are loose: the test is about the planner's loop on
 /// real pods, not the sim's latencies.
-fn planner_spec(ttft_ms: u32, itl_ms: u32, max_prefill: i64) -> String {
+fn planner_spec(ttft_ms: u32, itl_ms: u32, min_prefill: i64, max_prefill: i64) -> String {
     format!(
         "{{enabled: true, ttftP90Ms: {ttft_ms}, itlP90Ms: {itl_ms}, \
-         prefill: {{min: 1, max: {max_prefill}}}, decode: {{min: 1, max: 2}}, \
+         prefill: {{min: {min_prefill}, max: {max_prefill}}}, decode: {{min: 1, max: 2}}, \
          scaleDownStabilizationSeconds: 15, moveThreshold: false, intervalSeconds: 5, \
          capacity: {{prefillTokensPerSecond: 100, decodeTokensPerSecond: 100000}}}}"
     )
@@ -278,7 +278,7 @@ async fn the_planner_scales_simulated_pods_up_under_load_and_back_without_failin
         &c.images.agent.reference(),
         DD,
         1,
-        Some(&planner_spec(60_000, 10_000, MAX_PREFILL)),
+        Some(&planner_spec(60_000, 10_000, 1, MAX_PREFILL)),
     );
     let (base, http) = serve(&c, DD, &manifest, true).await;
     eprintln!(
@@ -424,7 +424,7 @@ async fn the_planner_scales_cpu_engine_pods_up_under_a_real_load_step() {
     let c = Release::install("planner-cpu").await;
     c.kubectl(&["create", "namespace", NS]);
     // Two prefill workers at most: the node has 2 CPUs.
-    let planner = planner_spec(60_000, 10_000, 2);
+    let planner = planner_spec(60_000, 10_000, 1, 2);
     let manifest = manifest_on(
         "cpu",
         &c.images.agent.reference(),
@@ -567,6 +567,8 @@ struct TraceOutcome {
     ttft_p90_s: f64,
     worker_seconds: f64,
     peak_prefill: i64,
+    /// Each change of the prefill count: `<s> <ready>/<spec> <reason>`.
+    timeline: Vec<String>,
 }
 
 /// Applies `manifest`, replays `trace` against it while counting its
@@ -626,28 +628,53 @@ async fn replay(c: &Release, name: &str, manifest: &str, trace: &Trace) -> Trace
         request_timeout: Duration::from_secs(120),
         exact_output: true,
     };
-    let mut records = Vec::new();
-    for (i, phase) in trace.phases.iter().enumerate() {
-        let workload = Workload::Random {
-            input_len: phase.input_len,
-            input_stddev: phase.input_stddev,
-            output_len: OUTPUT_LEN,
-        };
-        let shape = LoadShape {
-            request_rate: phase.rate,
-            burstiness: BURSTINESS,
-            max_concurrency: None,
-            num_requests: None,
-            duration: Some(Duration::from_secs_f64(phase.secs)),
-            warmup: 0,
-            seed: i as u64,
-        };
-        let run = load::run(&workload, &shape, &target, tokenizer.clone(), false)
-            .await
-            .expect("the trace's phase runs");
-        records.extend(run.records);
-    }
-    stop.store(true, Ordering::Relaxed);
+    // The trace, and beside it each change of the prefill count (spec
+    // and Ready) with the planner's reason, seconds from the start.
+    let replayed = async {
+        let mut records = Vec::new();
+        for (i, phase) in trace.phases.iter().enumerate() {
+            let workload = Workload::Random {
+                input_len: phase.input_len,
+                input_stddev: phase.input_stddev,
+                output_len: OUTPUT_LEN,
+            };
+            let shape = LoadShape {
+                request_rate: phase.rate,
+                burstiness: BURSTINESS,
+                max_concurrency: None,
+                num_requests: None,
+                duration: Some(Duration::from_secs_f64(phase.secs)),
+                warmup: 0,
+                seed: i as u64,
+            };
+            let run = load::run(&workload, &shape, &target, tokenizer.clone(), false)
+                .await
+                .expect("the trace's phase runs");
+            records.extend(run.records);
+        }
+        stop.store(true, Ordering::Relaxed);
+        records
+    };
+    let timeline = async {
+        let (t0, mut last, mut changes) = (Instant::now(), None, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(s) = seen(c, name).await
+                && last != Some((s.num_prefill, s.prefill_ready))
+            {
+                last = Some((s.num_prefill, s.prefill_ready));
+                changes.push(format!(
+                    "{:.0}s {}/{} {}",
+                    t0.elapsed().as_secs_f64(),
+                    s.prefill_ready,
+                    s.num_prefill,
+                    s.reason
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        changes
+    };
+    let (records, timeline) = tokio::join!(replayed, timeline);
     let (worker_seconds, peak_prefill) = counter.await.unwrap();
     c.kubectl(&[
         "delete",
@@ -693,6 +720,7 @@ async fn replay(c: &Release, name: &str, manifest: &str, trace: &Trace) -> Trace
         ttft_p90_s: p90(&ttfts),
         worker_seconds,
         peak_prefill,
+        timeline,
     }
 }
 
@@ -706,14 +734,14 @@ fn num_prefill_of(manifest: &str) -> i64 {
 }
 
 /// Figures for docs/benchmarks.md, not a test: each bursty trace of
-/// [`TRACES`] replayed, with SIMULATED engines, against (c) the planner,
-/// (a) a fixed 1P1D and (b) a fixed deployment at the planner's peak
-/// prefill count; SLO attainment (TTFT and the request's ITL p90 within the
-/// targets) and the worker pods' seconds. About 25 minutes:
+/// [`TRACES`] replayed, with SIMULATED engines, against (c) the planner
+/// (with a floor of one prefill worker, then of two), (a) a fixed 1P1D
+/// and (b) a fixed deployment at the planners' peak prefill count; SLO attainment (TTFT and the request's ITL p90 within the
+/// targets) and the worker pods' seconds. About 32 minutes:
 /// `cargo test -p xpyd-e2e --test planner -- --ignored --nocapture`
 /// (`XPYD_TRACES=2` replays only the second trace).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "a benchmark (docs/benchmarks.md), about 25 minutes"]
+#[ignore = "a benchmark (docs/benchmarks.md), about 32 minutes"]
 async fn bursty_trace_against_fixed_and_planned_simulated_deployments() {
     let _node = NODE.lock().await;
     let c = Release::install("planner-trace").await;
@@ -724,15 +752,23 @@ async fn bursty_trace_against_fixed_and_planned_simulated_deployments() {
         if !chosen.split(',').any(|t| t.trim() == (k + 1).to_string()) {
             continue;
         }
-        let planner = planner_spec(TTFT_TARGET_MS, ITL_TARGET_MS, trace.max_prefill);
         let name = |what: &str| format!("trace{k}-{what}");
-        let planned = replay(
-            &c,
-            &name("planner"),
-            &manifest(&image, &name("planner"), 1, Some(&planner)),
-            trace,
-        )
-        .await;
+        // The planner as is (a floor of one prefill worker), and with a
+        // floor of two: standing capacity for a burst's first seconds,
+        // before new pods serve.
+        let mut planned = Vec::new();
+        for floor in [1, 2] {
+            let planner = planner_spec(TTFT_TARGET_MS, ITL_TARGET_MS, floor, trace.max_prefill);
+            let what = format!("planner-min{floor}");
+            let outcome = replay(
+                &c,
+                &name(&what),
+                &manifest(&image, &name(&what), floor, Some(&planner)),
+                trace,
+            )
+            .await;
+            planned.push((floor, outcome));
+        }
         let fixed = replay(
             &c,
             &name("1p1d"),
@@ -740,7 +776,12 @@ async fn bursty_trace_against_fixed_and_planned_simulated_deployments() {
             trace,
         )
         .await;
-        let peak = planned.peak_prefill.max(1);
+        let peak = planned
+            .iter()
+            .map(|(_, o)| o.peak_prefill)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let at_peak = replay(
             &c,
             &name("peak"),
@@ -751,7 +792,7 @@ async fn bursty_trace_against_fixed_and_planned_simulated_deployments() {
         eprintln!(
             "bursty trace {} \"{}\" (SIMULATED engines; gamma arrivals, shape {BURSTINESS}; phases {}; \
              output {OUTPUT_LEN}; SLO TTFT <= {TTFT_TARGET_MS} ms and the request's ITL p90 <= {ITL_TARGET_MS} ms; \
-             planner prefill 1..={})",
+             planner prefill min..={})",
             k + 1,
             trace.name,
             trace
@@ -768,11 +809,19 @@ async fn bursty_trace_against_fixed_and_planned_simulated_deployments() {
         eprintln!(
             "| deployment (SIMULATED) | requests | within SLO | failed | TTFT missed | ITL missed | TTFT p50 / p90 | worker-seconds | peak prefill |"
         );
-        for (label, o) in [
-            ("(a) fixed 1P1D", &fixed),
-            ("(b) fixed at the planner's peak", &at_peak),
-            ("(c) the planner", &planned),
-        ] {
+        let mut rows = vec![
+            ("(a) fixed 1P1D".to_string(), &fixed),
+            ("(b) fixed at the planner's peak".to_string(), &at_peak),
+        ];
+        for (floor, o) in &planned {
+            let label = if *floor == 1 {
+                "(c) the planner".to_string()
+            } else {
+                format!("(c) the planner, prefill min {floor}")
+            };
+            rows.push((label, o));
+        }
+        for (label, o) in rows {
             eprintln!(
                 "| {label} | {} | {:.1} % | {} | {} | {} | {:.1} s / {:.1} s | {:.0} | {} |",
                 o.requests,
@@ -784,6 +833,12 @@ async fn bursty_trace_against_fixed_and_planned_simulated_deployments() {
                 o.ttft_p90_s,
                 o.worker_seconds,
                 o.peak_prefill
+            );
+        }
+        for (floor, o) in &planned {
+            eprintln!(
+                "prefill Ready/spec over the trace, planner min {floor}: {}",
+                o.timeline.join(", ")
             );
         }
     }
