@@ -91,9 +91,9 @@ spec:
 }
 
 /// The planner of the load-step test: every 5 s, a 15 s scale-down window,
-/// prefill `min_prefill..=max_prefill`. The capacity says one prefill worker carries 100 prompt
-/// tokens/s, so a handful of concurrent long prompts needs more than one,
-/// and a trickle needs one. Decode is sized generously (one is enough) and
+/// prefill `min_prefill..=max_prefill`. The capacity says one prefill
+/// worker carries 100 prompt tokens/s, so a handful of concurrent long
+/// prompts needs more than one, and a trickle needs one. Decode is sized generously (one is enough) and
 /// the latency targets are loose: the test is about the planner's loop on
 /// real pods, not the sim's latencies.
 fn planner_spec(ttft_ms: u32, itl_ms: u32, min_prefill: i64, max_prefill: i64) -> String {
@@ -736,8 +736,9 @@ fn num_prefill_of(manifest: &str) -> i64 {
 /// Figures for docs/benchmarks.md, not a test: each bursty trace of
 /// [`TRACES`] replayed, with SIMULATED engines, against (c) the planner
 /// (with a floor of one prefill worker, then of two), (a) a fixed 1P1D
-/// and (b) a fixed deployment at the planners' peak prefill count; SLO attainment (TTFT and the request's ITL p90 within the
-/// targets) and the worker pods' seconds. About 32 minutes:
+/// and (b) a fixed deployment at the planners' peak prefill count; SLO
+/// attainment (TTFT and the request's ITL p90 within the targets) and the
+/// worker pods' seconds. About 32 minutes:
 /// `cargo test -p xpyd-e2e --test planner -- --ignored --nocapture`
 /// (`XPYD_TRACES=2` replays only the second trace).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

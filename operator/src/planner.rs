@@ -312,15 +312,16 @@ fn prefill_side(spec: &PlannerSpec, s: &Signals, backlog_tokens: f64) -> Side {
         0.0
     };
     let slo_missed = s.ttft_p90_ms.is_some_and(|t| t > spec.ttft_p90_ms);
-    // The backlog drained within the TTFT target, at full speed (the
-    // headroom of TARGET_UTILISATION is for what keeps entering).
+    // What enters, at TARGET_UTILISATION, plus the backlog drained within
+    // the TTFT target at full speed (the headroom is for what keeps
+    // entering).
     let drain_s = (spec.ttft_p90_ms / 1000.0).max(0.001);
-    let mut needed = if capacity > 0.0 && backlog_tokens > 0.0 {
+    let mut needed = if capacity > 0.0 {
         (s.prefill_tokens_per_s / (capacity * TARGET_UTILISATION)
             + backlog_tokens / drain_s / capacity)
             .ceil() as u32
     } else {
-        needed_for(s.prefill_tokens_per_s, capacity)
+        0
     };
     if slo_missed && s.prefill_queue_depth > 0.0 {
         // Queueing is what misses TTFT: one more than today at least.

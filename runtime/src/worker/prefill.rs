@@ -54,8 +54,8 @@ pub struct PrefillConfig {
     /// one just started by the planner could take it; a CPU engine
     /// computes two prompts no faster together than one after the other.
     /// A job's slot is freed once its KV is computed and its NIXL write
-    /// posted, so the transfer overlaps the next job's compute. Raise it where one prompt leaves
-    /// the device's step underused (a GPU).
+    /// posted, so the transfer overlaps the next job's compute. Raise it
+    /// where one prompt leaves the device's step underused (a GPU).
     pub max_concurrent: usize,
     /// Deadline of the claim round trip to the decode worker.
     pub claim_timeout: Duration,
