@@ -18,7 +18,12 @@
 //!    must be computed within the TTFT target, on top of what enters. A
 //!    burst's backlog shows in the queue before a window's average rate
 //!    shows the burst, so this is what makes a scale-up one step, at the
-//!    burst's start.
+//!    burst's start. And since the TTFT target is a p90, prefill is also
+//!    sized as a queue: at least the workers for which no more than one
+//!    prompt in ten waits longer than the target leaves after its own
+//!    compute (M/M/c, [`workers_for_wait`]). A fixed utilisation target
+//!    is too high when prompts take seconds and arrive in bunches, and
+//!    too low when they take milliseconds.
 //! 3. **The threshold first.** When only one side is saturated and the
 //!    other has headroom, the planner moves `maxLocalPrefillLength`
 //!    (cheap, takes effect in seconds through etcd) instead of replicas:
@@ -43,6 +48,12 @@ pub const TOLERANCE: f64 = 0.1;
 /// Below this utilisation (and with no latency target missed) a side has
 /// headroom to take work from the other through the threshold.
 pub const HEADROOM: f64 = 0.5;
+/// The TTFT target is a p90: the share of prompts that must start within
+/// it.
+pub const TTFT_QUANTILE: f64 = 0.9;
+/// The most workers the queueing estimate ever asks for (the bounds cut
+/// it further).
+const MAX_QUEUEING_WORKERS: u32 = 1024;
 /// Factor the threshold moves by in one step.
 pub const THRESHOLD_STEP: f64 = 1.5;
 
@@ -213,7 +224,7 @@ impl Planner {
         }
         let spec = &self.spec;
         let backlog_tokens = s.prefill_queue_depth * self.prompt_len;
-        let prefill = prefill_side(spec, s, backlog_tokens);
+        let prefill = prefill_side(spec, s, self.prompt_len, backlog_tokens);
         let decode = decode_side(spec, s);
         let (cur_p, cur_d) = (s.prefill.desired, s.decode.desired);
 
@@ -302,8 +313,9 @@ fn needed_for(demand: f64, capacity: f64) -> u32 {
     (demand / (capacity * TARGET_UTILISATION)).ceil() as u32
 }
 
-/// The prefill side, with `backlog_tokens` of prompts waiting in the queue.
-fn prefill_side(spec: &PlannerSpec, s: &Signals, backlog_tokens: f64) -> Side {
+/// The prefill side, with prompts of `prompt_len` tokens on average and
+/// `backlog_tokens` of them waiting in the queue.
+fn prefill_side(spec: &PlannerSpec, s: &Signals, prompt_len: f64, backlog_tokens: f64) -> Side {
     let current = s.prefill.ready.max(1);
     let capacity = s.prefill_capacity_per_worker;
     let utilisation = if capacity > 0.0 {
@@ -323,6 +335,20 @@ fn prefill_side(spec: &PlannerSpec, s: &Signals, backlog_tokens: f64) -> Side {
     } else {
         0
     };
+    // Bursty arrivals queue long before the average load reaches
+    // TARGET_UTILISATION; the TTFT target says how long a prompt may wait.
+    if capacity > 0.0 && prompt_len > 0.0 {
+        let service_s = prompt_len / capacity;
+        let allowed_wait_s = spec.ttft_p90_ms / 1000.0 - service_s;
+        if let Some(n) = workers_for_wait(
+            s.prefill_tokens_per_s / prompt_len,
+            service_s,
+            allowed_wait_s,
+            1.0 - TTFT_QUANTILE,
+        ) {
+            needed = needed.max(n);
+        }
+    }
     if slo_missed && s.prefill_queue_depth > 0.0 {
         // Queueing is what misses TTFT: one more than today at least.
         needed = needed.max(s.prefill.desired + 1);
@@ -332,6 +358,33 @@ fn prefill_side(spec: &PlannerSpec, s: &Signals, backlog_tokens: f64) -> Side {
         utilisation,
         slo_missed,
     }
+}
+
+/// The fewest workers for which jobs arriving at `arrivals` per second,
+/// each served in `service_s`, wait longer than `allowed_wait_s` with a
+/// probability of at most `tail` (M/M/c: Erlang C times the exponential
+/// tail of the wait). `None` when nothing arrives, or when a job alone
+/// takes the whole allowance: then no number of workers meets it, and
+/// sizing stays with utilisation.
+fn workers_for_wait(arrivals: f64, service_s: f64, allowed_wait_s: f64, tail: f64) -> Option<u32> {
+    if arrivals <= 0.0 || service_s <= 0.0 || allowed_wait_s <= 0.0 {
+        return None;
+    }
+    let offered = arrivals * service_s;
+    // Erlang B by its recursion, then C for each c above the load.
+    let mut erlang_b = 1.0;
+    for c in 1..=MAX_QUEUEING_WORKERS {
+        erlang_b = offered * erlang_b / (f64::from(c) + offered * erlang_b);
+        if f64::from(c) <= offered {
+            continue;
+        }
+        let erlang_c = f64::from(c) * erlang_b / (f64::from(c) - offered * (1.0 - erlang_b));
+        let p_late = erlang_c * (-(f64::from(c) / service_s - arrivals) * allowed_wait_s).exp();
+        if p_late <= tail {
+            return Some(c);
+        }
+    }
+    Some(MAX_QUEUEING_WORKERS)
 }
 
 fn decode_side(spec: &PlannerSpec, s: &Signals) -> Side {
@@ -623,6 +676,42 @@ mod tests {
         sig.ttft_p90_ms = Some(2500.0);
         sig.threshold = 2000;
         assert_eq!(planner.decide(&sig).threshold, 2048);
+    }
+
+    #[test]
+    fn the_queueing_estimate_matches_erlang_c() {
+        // One job per second of one second each: Erlang C is 1/3 with two
+        // workers, 1/11 with three (a wait of ~0 s leaves the tail at C).
+        assert_eq!(workers_for_wait(1.0, 1.0, 1e-9, 0.34), Some(2));
+        assert_eq!(workers_for_wait(1.0, 1.0, 1e-9, 0.33), Some(3));
+        assert_eq!(workers_for_wait(1.0, 1.0, 1e-9, 0.0909), Some(4));
+        // A longer allowance needs fewer: e^-(2-1)*3 of 1/3 is 0.017.
+        assert_eq!(workers_for_wait(1.0, 1.0, 3.0, 0.05), Some(2));
+        // Nothing entering, or a job that alone takes the whole target.
+        assert_eq!(workers_for_wait(0.0, 1.0, 1.0, 0.1), None);
+        assert_eq!(workers_for_wait(1.0, 1.0, 0.0, 0.1), None);
+    }
+
+    #[test]
+    fn slow_prompts_arriving_in_bunches_are_sized_for_the_ttft_target() {
+        // 0.3 prompts/s of 150 tokens on workers of 100 tokens/s: one
+        // worker at 0.45 is within TARGET_UTILISATION, but one prompt in
+        // five would wait more than the 2.5 s the 4 s target leaves.
+        let slow = PlannerSpec {
+            ttft_p90_ms: 4000.0,
+            ..spec()
+        };
+        let mut s = signals(0, 0.045, 0.5);
+        s.prefill_capacity_per_worker = 100.0;
+        s.prompt_tokens_per_request = 150.0;
+        let d = Planner::new(slow.clone()).decide(&s);
+        assert_eq!((d.num_prefill, d.reason), (2, Reason::ScaleUp), "{d:?}");
+        // Prompts of 500 tokens take 5 s alone: no worker count meets the
+        // target, so the side is sized by utilisation (ceil(0.45 / 0.7)).
+        s.prompt_tokens_per_request = 500.0;
+        s.prefill_tokens_per_s = 45.0;
+        let d = Planner::new(slow).decide(&s);
+        assert_eq!((d.num_prefill, d.reason), (1, Reason::Steady), "{d:?}");
     }
 
     #[test]
