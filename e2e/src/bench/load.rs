@@ -3,7 +3,8 @@
 //! `burstiness`, mean `1 / request_rate`; burstiness 1 is a Poisson process,
 //! as in vLLM), or all at once when the rate is infinite; at most
 //! `max_concurrency` are in flight. The run stops issuing after a request
-//! count or a duration and then waits for what is in flight. Warm-up
+//! count or a duration (every arrival drawn within it is sent, late or not)
+//! and then waits for what is in flight. Warm-up
 //! requests go first and are reported apart, never mixed into the figures.
 //!
 //! A request's clock starts when it is sent, after it got a concurrency
@@ -36,7 +37,8 @@ pub struct LoadShape {
     /// Stop issuing after this many requests (shared-prefix: sessions are
     /// issued whole, so the count is rounded up to whole sessions).
     pub num_requests: Option<usize>,
-    /// Stop issuing after this long.
+    /// Send the arrivals drawn within this long (all at once: stop issuing
+    /// after it).
     pub duration: Option<Duration>,
     /// Requests sent and awaited before the measured run.
     pub warmup: usize,
@@ -387,7 +389,17 @@ async fn measure(
         if total.is_some_and(|t| issued >= t) {
             break;
         }
-        if shape.duration.is_some_and(|d| shared.start.elapsed() >= d) {
+        // Every arrival drawn within the duration is sent, late if the
+        // loop runs late: a wall-clock cut-off would silently drop a
+        // phase's last arrivals whenever the client is busy. (All at once,
+        // there are no arrival times, and the wall clock ends the run.)
+        if shape.duration.is_some_and(|d| {
+            if shape.request_rate.is_finite() {
+                next_at >= d.as_secs_f64()
+            } else {
+                shared.start.elapsed() >= d
+            }
+        }) {
             break;
         }
         let Some(job) = maker.next()? else { break };
