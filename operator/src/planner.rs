@@ -223,8 +223,7 @@ impl Planner {
             self.prompt_len = s.prompt_tokens_per_request;
         }
         let spec = &self.spec;
-        let backlog_tokens = s.prefill_queue_depth * self.prompt_len;
-        let prefill = prefill_side(spec, s, self.prompt_len, backlog_tokens);
+        let prefill = prefill_side(spec, s, self.prompt_len);
         let decode = decode_side(spec, s);
         let (cur_p, cur_d) = (s.prefill.desired, s.decode.desired);
 
@@ -313,9 +312,10 @@ fn needed_for(demand: f64, capacity: f64) -> u32 {
     (demand / (capacity * TARGET_UTILISATION)).ceil() as u32
 }
 
-/// The prefill side, with prompts of `prompt_len` tokens on average and
-/// `backlog_tokens` of them waiting in the queue.
-fn prefill_side(spec: &PlannerSpec, s: &Signals, prompt_len: f64, backlog_tokens: f64) -> Side {
+/// The prefill side, with prompts of `prompt_len` tokens on average (the
+/// queued ones included).
+fn prefill_side(spec: &PlannerSpec, s: &Signals, prompt_len: f64) -> Side {
+    let backlog_tokens = s.prefill_queue_depth * prompt_len;
     let current = s.prefill.ready.max(1);
     let capacity = s.prefill_capacity_per_worker;
     let utilisation = if capacity > 0.0 {
