@@ -263,7 +263,13 @@ impl Autoscaler {
                     format!(
                         "first scrape taken; the planner decides once a window of {interval}s has passed"
                     ),
-                    status_signals(&WindowFigures::default(), &context, scraped, failed),
+                    status_signals(
+                        &WindowFigures::default(),
+                        &context,
+                        scraped,
+                        failed,
+                        state.planner.prefill_lead(),
+                    ),
                 ),
                 patch: None,
                 event: None,
@@ -279,7 +285,13 @@ impl Autoscaler {
                     format!(
                         "no frontend pod answered on /metrics at both ends of the window ({failed} scrapes failed); nothing changed"
                     ),
-                    status_signals(&figures, &context, scraped, failed),
+                    status_signals(
+                        &figures,
+                        &context,
+                        scraped,
+                        failed,
+                        state.planner.prefill_lead(),
+                    ),
                 ),
                 patch: None,
                 event: None,
@@ -297,7 +309,13 @@ impl Autoscaler {
             current: current.clone(),
             reason: decision.reason.as_str().to_string(),
             message: decision.message.clone(),
-            signals: status_signals(&figures, &context, scraped, failed),
+            signals: status_signals(
+                &figures,
+                &context,
+                scraped,
+                failed,
+                state.planner.prefill_lead(),
+            ),
             last_decision_time: Some(now.clone()),
         };
         let changed = desired != current;
@@ -328,6 +346,7 @@ fn status_signals(
     c: &signals::Context,
     scraped: i32,
     failed: i32,
+    prefill_lead: Option<Duration>,
 ) -> PlannerSignals {
     // Rounded so a status write is not made of float noise.
     let r = |v: f64| (v * 1000.0).round() / 1000.0;
@@ -342,6 +361,7 @@ fn status_signals(
         prefill_capacity_measured: f.prefill_capacity_measured.map(r),
         prefill_pending: u32_of(c.prefill.pending()),
         decode_pending: u32_of(c.decode.pending()),
+        prefill_lead_seconds: prefill_lead.map(|l| r(l.as_secs_f64())),
         scraped_pods: scraped,
         failed_scrapes: failed,
     }

@@ -972,6 +972,11 @@ pub struct PlannerSignals {
     pub prefill_pending: i32,
     /// Decode pods asked for and not Ready.
     pub decode_pending: i32,
+    /// How long the planner's prefill scale-ups took to become Ready, on
+    /// average, in seconds: the backlog is sized for what enters until
+    /// then (absent until one has been seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_lead_seconds: Option<f64>,
     /// One prefill worker's capacity in prompt tokens per second, measured
     /// over the window from the workers' own counters (absent when they
     /// were not busy enough to tell).

@@ -29,6 +29,7 @@ pub const PLANNER_SIGNALS: &[&str] = &[
     "itl_p90_ms",
     "prefill_pending",
     "decode_pending",
+    "prefill_lead_seconds",
 ];
 
 /// Reconcile counters and durations, and the SLO planner's inputs and
@@ -184,6 +185,7 @@ impl Metrics {
             ("itl_p90_ms", s.itl_p90_ms),
             ("prefill_pending", Some(f64::from(s.prefill_pending))),
             ("decode_pending", Some(f64::from(s.decode_pending))),
+            ("prefill_lead_seconds", s.prefill_lead_seconds),
         ];
         debug_assert!(
             values

@@ -23,7 +23,13 @@
 //!    prompt in ten waits longer than the target leaves after its own
 //!    compute (M/M/c, [`workers_for_wait`]). A fixed utilisation target
 //!    is too high when prompts take seconds and arrive in bunches, and
-//!    too low when they take milliseconds.
+//!    too low when they take milliseconds. New pods serve only once they
+//!    are Ready: while they start, a backlog keeps growing by what enters
+//!    beyond what the Ready workers compute. The planner measures how
+//!    long its own scale-ups took to become Ready (the lead time) and
+//!    sizes for the backlog as it will be then, so the first scale-up of
+//!    a burst asks for enough, not for the need of the moment plus a
+//!    second request once those pods are Ready.
 //! 3. **The threshold first.** When only one side is saturated and the
 //!    other has headroom, the planner moves `maxLocalPrefillLength`
 //!    (cheap, takes effect in seconds through etcd) instead of replicas:
@@ -56,6 +62,8 @@ pub const TTFT_QUANTILE: f64 = 0.9;
 const MAX_QUEUEING_WORKERS: u32 = 1024;
 /// Factor the threshold moves by in one step.
 pub const THRESHOLD_STEP: f64 = 1.5;
+/// Weight of the newest measured lead time in its running average.
+const LEAD_WEIGHT: f64 = 0.5;
 
 /// Lower and upper bound of one role's replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,7 +202,8 @@ impl Side {
 }
 
 /// The planner with its memory: the needs of the recent windows, for the
-/// scale-down window.
+/// scale-down window, and how long its prefill scale-ups took to become
+/// Ready.
 #[derive(Debug, Clone)]
 pub struct Planner {
     spec: PlannerSpec,
@@ -202,6 +211,12 @@ pub struct Planner {
     /// The last window's prompt tokens per request that saw any request:
     /// what a queued job is taken to hold when a window saw none.
     prompt_len: f64,
+    /// When the last prefill scale-up was asked for and to how many pods,
+    /// until they are Ready.
+    prefill_asked: Option<(Duration, u32)>,
+    /// The running average of the prefill scale-ups' time to Ready, in
+    /// seconds (`None` until one has been seen).
+    prefill_lead_s: Option<f64>,
 }
 
 impl Planner {
@@ -210,6 +225,8 @@ impl Planner {
             spec,
             needs: VecDeque::new(),
             prompt_len: 0.0,
+            prefill_asked: None,
+            prefill_lead_s: None,
         }
     }
 
@@ -217,13 +234,42 @@ impl Planner {
         &self.spec
     }
 
+    /// How long the prefill scale-ups seen so far took to become Ready, on
+    /// average (`None` before the first).
+    pub fn prefill_lead(&self) -> Option<Duration> {
+        self.prefill_lead_s.map(Duration::from_secs_f64)
+    }
+
     /// Decide for one window (see the module doc).
     pub fn decide(&mut self, s: &Signals) -> Decision {
         if s.prompt_tokens_per_request > 0.0 {
             self.prompt_len = s.prompt_tokens_per_request;
         }
+        if let Some((asked, to)) = self.prefill_asked {
+            if s.prefill.desired < to {
+                // Not applied, or scaled down before all were Ready: no
+                // start time to learn from.
+                self.prefill_asked = None;
+            } else if s.prefill.ready >= to {
+                let took = s.at.saturating_sub(asked).as_secs_f64();
+                self.prefill_lead_s = Some(match self.prefill_lead_s {
+                    Some(lead) => lead + LEAD_WEIGHT * (took - lead),
+                    None => took,
+                });
+                self.prefill_asked = None;
+            }
+        }
+        let decision = self.decide_window(s);
+        if decision.num_prefill > s.prefill.desired {
+            self.prefill_asked = Some((s.at, decision.num_prefill));
+        }
+        decision
+    }
+
+    fn decide_window(&mut self, s: &Signals) -> Decision {
         let spec = &self.spec;
-        let prefill = prefill_side(spec, s, self.prompt_len);
+        let lead_s = self.prefill_lead_s.unwrap_or(0.0);
+        let prefill = prefill_side(spec, s, self.prompt_len, lead_s);
         let decode = decode_side(spec, s);
         let (cur_p, cur_d) = (s.prefill.desired, s.decode.desired);
 
@@ -235,8 +281,11 @@ impl Planner {
         {
             self.needs.pop_front();
         }
+        let lead = self
+            .prefill_lead_s
+            .map_or_else(|| "not seen yet".to_string(), |l| format!("{l:.0} s"));
         let figures = format!(
-            "prefill: need {} of {cur_p} (utilisation {:.2}, {:.0} jobs queued, TTFT p90 {}), decode: need {} of {cur_d} (utilisation {:.2}, KV {:.2}, ITL p90 {})",
+            "prefill: need {} of {cur_p} (utilisation {:.2}, {:.0} jobs queued, TTFT p90 {}, pods Ready after {lead}), decode: need {} of {cur_d} (utilisation {:.2}, KV {:.2}, ITL p90 {})",
             prefill.needed,
             prefill.utilisation,
             s.prefill_queue_depth,
@@ -313,11 +362,16 @@ fn needed_for(demand: f64, capacity: f64) -> u32 {
 }
 
 /// The prefill side, with prompts of `prompt_len` tokens on average (the
-/// queued ones included).
-fn prefill_side(spec: &PlannerSpec, s: &Signals, prompt_len: f64) -> Side {
-    let backlog_tokens = s.prefill_queue_depth * prompt_len;
+/// queued ones included), when new pods take `lead_s` seconds to become
+/// Ready.
+fn prefill_side(spec: &PlannerSpec, s: &Signals, prompt_len: f64, lead_s: f64) -> Side {
     let current = s.prefill.ready.max(1);
     let capacity = s.prefill_capacity_per_worker;
+    // The backlog when pods asked for now can serve: what waits, plus what
+    // enters beyond the Ready workers' compute until then.
+    let growth_tokens_per_s =
+        (s.prefill_tokens_per_s - capacity * f64::from(s.prefill.ready)).max(0.0);
+    let backlog_tokens = s.prefill_queue_depth * prompt_len + growth_tokens_per_s * lead_s;
     let utilisation = if capacity > 0.0 {
         s.prefill_tokens_per_s / (capacity * f64::from(current))
     } else {
@@ -762,5 +816,86 @@ mod tests {
         let mut s = signals(0, 0.4, 0.5);
         s.prompt_tokens_per_request = 250.0;
         assert_eq!(planner.decide(&s).num_prefill, 1);
+    }
+
+    #[test]
+    fn a_burst_is_sized_for_the_backlog_at_the_time_new_pods_are_ready() {
+        let wide = PlannerSpec {
+            prefill: Bounds { min: 1, max: 16 },
+            ..spec()
+        };
+        // A backlog asks for 4 at 0 s; they are Pending at 10 s and Ready
+        // at 20 s: the planner has seen a lead time of 20 s.
+        let mut planner = Planner::new(wide.clone());
+        let mut s = signals(0, 0.4, 0.5);
+        s.prompt_tokens_per_request = 250.0;
+        s.prefill_queue_depth = 12.0;
+        assert_eq!(planner.decide(&s).num_prefill, 4);
+        assert_eq!(planner.prefill_lead(), None);
+        let mut s = signals(10, 0.4, 0.5);
+        s.prefill = Replicas {
+            desired: 4,
+            ready: 2,
+        };
+        planner.decide(&s);
+        assert_eq!(planner.prefill_lead(), None, "not Ready yet");
+        let mut s = signals(20, 0.4, 0.5);
+        s.prefill = Replicas {
+            desired: 4,
+            ready: 4,
+        };
+        let d = planner.decide(&s);
+        assert_eq!(planner.prefill_lead(), Some(Duration::from_secs(20)));
+        assert!(d.message.contains("pods Ready after 20 s"), "{}", d.message);
+
+        // A burst: 4,400 prompt tokens/s enter, the 4 Ready workers compute
+        // 4,000. Pods asked for now serve in 20 s; by then 8,000 more
+        // tokens wait, to be computed within the 1 s target.
+        let mut burst = signals(30, 4.4, 0.5);
+        burst.prefill = Replicas {
+            desired: 4,
+            ready: 4,
+        };
+        // What the Ready workers keep up with grows no backlog: the lead
+        // time changes nothing.
+        let mut kept_up = burst.clone();
+        kept_up.prefill_tokens_per_s = 3500.0;
+        let with_lead = planner.clone().decide(&kept_up);
+        let without = Planner::new(wide.clone()).decide(&kept_up);
+        assert_eq!(
+            (with_lead.num_prefill, with_lead.reason),
+            (without.num_prefill, without.reason)
+        );
+        assert_eq!(with_lead.num_prefill, 5, "ceil(3.5 / 0.7)");
+        let d = planner.decide(&burst);
+        assert_eq!(
+            (d.num_prefill, d.reason),
+            (15, Reason::ScaleUp),
+            "ceil(4.4 / 0.7 + 400 tokens/s * 20 s / 1 s / 1000): {d:?}"
+        );
+        // A planner that has not seen its pods start asks for the need of
+        // the moment only.
+        let d = Planner::new(wide).decide(&burst);
+        assert_eq!((d.num_prefill, d.reason), (7, Reason::ScaleUp), "{d:?}");
+
+        // An ask the operator did not apply (the spec still says 4) is no
+        // start time.
+        let mut s = signals(35, 4.4, 0.5);
+        s.prefill = Replicas {
+            desired: 4,
+            ready: 4,
+        };
+        let mut not_applied = planner.clone();
+        not_applied.decide(&s);
+        assert_eq!(not_applied.prefill_lead(), Some(Duration::from_secs(20)));
+
+        // The 15 take 10 s: the lead is a running average, 15 s.
+        let mut s = signals(40, 4.4, 0.5);
+        s.prefill = Replicas {
+            desired: 15,
+            ready: 15,
+        };
+        planner.decide(&s);
+        assert_eq!(planner.prefill_lead(), Some(Duration::from_secs(15)));
     }
 }

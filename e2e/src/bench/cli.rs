@@ -199,6 +199,12 @@ pub async fn main_with(args: BenchArgs) -> anyhow::Result<Outcome> {
     };
     let table = report::table(&metrics, &context, &args.percentile_metrics);
     print!("{table}");
+    if run.max_late_s > LATE_NOTE_S {
+        println!(
+            "note: requests were sent up to {:.0} ms after their drawn arrival times (this client ran late), so arrivals were later and more bunched than drawn",
+            run.max_late_s * 1000.0
+        );
+    }
     if let Some(path) = &args.result_file {
         let export = report::Export {
             config: &args,
@@ -222,6 +228,9 @@ pub async fn main_with(args: BenchArgs) -> anyhow::Result<Outcome> {
         table,
     })
 }
+
+/// Lateness of a send, in seconds, that the run's output points out.
+const LATE_NOTE_S: f64 = 0.1;
 
 fn check(args: &BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(

@@ -3,8 +3,9 @@
 //! `burstiness`, mean `1 / request_rate`; burstiness 1 is a Poisson process,
 //! as in vLLM), or all at once when the rate is infinite; at most
 //! `max_concurrency` are in flight. The run stops issuing after a request
-//! count or a duration (every arrival drawn within it is sent, late or not)
-//! and then waits for what is in flight. Warm-up
+//! count or a duration (every arrival drawn within it is sent, late or not;
+//! the run reports how late at most, [`RunResult::max_late_s`]) and then
+//! waits for what is in flight. Warm-up
 //! requests go first and are reported apart, never mixed into the figures.
 //!
 //! A request's clock starts when it is sent, after it got a concurrency
@@ -62,6 +63,9 @@ pub struct RunResult {
     pub records: Vec<RequestRecord>,
     pub duration_s: f64,
     pub warmup: Vec<RequestRecord>,
+    /// The latest any request was sent after its drawn arrival time, in
+    /// seconds (0 when every one left on time, or with no arrival times).
+    pub max_late_s: f64,
 }
 
 /// Gaps between arrivals: gamma(shape = burstiness, scale = 1 / (rate *
@@ -385,6 +389,7 @@ async fn measure(
     let mut tasks = JoinSet::new();
     let mut issued = 0usize;
     let mut next_at = 0.0f64;
+    let mut max_late_s = 0.0f64;
     loop {
         if total.is_some_and(|t| issued >= t) {
             break;
@@ -406,6 +411,8 @@ async fn measure(
         let wait = next_at - shared.start.elapsed().as_secs_f64();
         if wait > 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        } else if shape.request_rate.is_finite() {
+            max_late_s = max_late_s.max(-wait);
         }
         next_at += arrivals.next_gap();
         let first_index = issued;
@@ -428,6 +435,7 @@ async fn measure(
         records,
         duration_s,
         warmup: Vec::new(),
+        max_late_s,
     })
 }
 
