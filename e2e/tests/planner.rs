@@ -653,16 +653,22 @@ async fn replay(c: &Release, name: &str, manifest: &str, trace: &Trace) -> Trace
                 warmup: 0,
                 seed: i as u64,
             };
-            let (start, target, tokenizer) = (offset, &target, tokenizer.clone());
+            let (start, target, tokenizer) = (offset, target.clone(), tokenizer.clone());
             offset += Duration::from_secs_f64(phase.secs);
-            phases.push(async move {
+            // Each phase on its own task: one phase's start (it draws its
+            // prompt words from the tokenizer, synchronously) never holds
+            // up another's arrivals.
+            phases.push(tokio::spawn(async move {
                 tokio::time::sleep(start).await;
-                load::run(&workload, &shape, target, tokenizer, false)
+                load::run(&workload, &shape, &target, tokenizer, false)
                     .await
                     .expect("the trace's phase runs")
-            });
+            }));
         }
-        let runs = futures::future::join_all(phases).await;
+        let mut runs = Vec::new();
+        for phase in phases {
+            runs.push(phase.await.expect("a phase's task"));
+        }
         stop.store(true, Ordering::Relaxed);
         let late_s = runs.iter().map(|r| r.max_late_s).fold(0.0, f64::max);
         (
