@@ -1,11 +1,17 @@
 //! The engine's logits against golden values from an independent numpy
 //! float64 forward pass (`scripts/reference/llama_ref.py`, which dequantizes
 //! the same GGUF itself; the command is in the script doc and the JSON).
+//! The reference rounds keys and values to float16 once, as the engine's KV
+//! cache holds them.
 //!
 //! Tolerances, on the reference's top-20 logits at every position and on
 //! every 8th logit of the last position:
-//! - with f32 activations ([`Activations::F32`]: only f32-vs-f64 rounding
-//!   separates the two), max abs diff < 0.002 (7e-5 measured);
+//! - with f32 activations ([`Activations::F32`]), max abs diff < 0.02
+//!   (0.005 measured, mean 0.002). Only f32-vs-f64 rounding separates the
+//!   two passes, but a key or value element that lies within that rounding
+//!   of an f16 rounding boundary is rounded up in one and down in the
+//!   other: one f16 step (1/2048 of the value) in a few percent of the
+//!   elements. With an f32 cache the same comparison gave 7e-5;
 //! - with Q8 activations (the default, as llama.cpp), max abs diff < 1.5
 //!   and mean abs diff on the strided last-position logits < 0.3 (about 0.95
 //!   and 0.09 measured). Q8 rounding is discontinuous: a last-bit difference
@@ -27,7 +33,7 @@ use xpyd_runtime::assets::bundled_model;
 use xpyd_runtime::engine::kv_storage::KvStorage;
 use xpyd_runtime::engine::model::{Activations, LogitsFor, Model, SequenceInput, argmax};
 
-const F32_TOL: f32 = 0.002;
+const F32_TOL: f32 = 0.02;
 const Q8_TOL: f32 = 1.5;
 const Q8_MEAN_TOL: f32 = 0.3;
 const ARGMAX_GAP: f32 = 1.0;

@@ -3,9 +3,10 @@
 //! and remote-prefill admission, as a caller of [`EngineHandle`] sees them.
 //!
 //! Greedy outputs are compared with a single-sequence reference run of the
-//! model only up to the first step whose top-1/top-2 probability ratio is
-//! below 1.25: this small quantized model is sensitive to arithmetic order,
-//! and batching or chunking legitimately changes that order.
+//! model token for token; they may part only at a step whose top-1/top-2
+//! probability ratio is below 1.25 (and nothing after it is compared): this
+//! small quantized model is sensitive to arithmetic order, and batching or
+//! chunking may legitimately change that order.
 
 mod common;
 
@@ -74,18 +75,18 @@ fn pool_is_whole(engine: &EngineHandle) -> bool {
     s.free_blocks + s.cached_free_blocks == s.total_blocks && s.running == 0 && s.waiting == 0
 }
 
-/// Greedy tokens of `prompt` run alone, straight through the model, and how
-/// many of them are clear choices (before the first step whose top-1/top-2
-/// probability ratio is below [`CLOSE_CALL`]).
-fn reference(prompt: &[u32], max_new: usize) -> (Vec<u32>, usize) {
+/// Greedy tokens of `prompt` run alone, straight through the model, and
+/// for each step whether it was a close call (its top-1/top-2 probability
+/// ratio below [`CLOSE_CALL`]).
+fn reference(prompt: &[u32], max_new: usize) -> (Vec<u32>, Vec<bool>) {
     let model = reference_model();
     let blocks = (prompt.len() + max_new).div_ceil(BLOCK_SIZE);
     let mut kv = KvStorage::new(model.kv_shape(blocks, BLOCK_SIZE)).unwrap();
     let table: Vec<u32> = (0..blocks as u32).collect();
-    let (mut tokens, mut stable) = (Vec::new(), None);
+    let (mut tokens, mut close) = (Vec::new(), Vec::new());
     let mut pending = prompt.to_vec();
     let mut pos = 0;
-    for step in 0..max_new {
+    for _ in 0..max_new {
         let input = SequenceInput {
             tokens: &pending,
             start_pos: pos,
@@ -102,28 +103,33 @@ fn reference(prompt: &[u32], max_new: usize) -> (Vec<u32>, usize) {
                 top[1] = v;
             }
         }
-        if stable.is_none() && (top[0] - top[1]).exp() < CLOSE_CALL {
-            stable = Some(step);
-        }
+        close.push((top[0] - top[1]).exp() < CLOSE_CALL);
         let token = argmax(&logits[0]).unwrap() as u32;
         tokens.push(token);
         pos += pending.len();
         pending = vec![token];
     }
-    (tokens, stable.unwrap_or(max_new))
+    (tokens, close)
 }
 
-/// `got` follows the reference through its clear choices; returns how many
-/// tokens were compared.
-fn assert_follows(what: &str, got: &[u32], reference: &(Vec<u32>, usize)) -> usize {
-    let (want, stable) = reference;
-    let n = (*stable).min(got.len());
-    eprintln!("{what}: {n} clear steps of {}", got.len());
-    assert_eq!(
-        &got[..n],
-        &want[..n],
-        "{what}: differs within the first {n} clear greedy steps"
+/// `got` follows the reference token for token until the two part, which
+/// they may only at one of the reference's close calls (after it the
+/// contexts differ, so nothing more is compared); returns how many tokens
+/// were compared.
+fn assert_follows(what: &str, got: &[u32], reference: &(Vec<u32>, Vec<bool>)) -> usize {
+    let (want, close) = reference;
+    let n = got.iter().zip(want).take_while(|(g, w)| g == w).count();
+    eprintln!(
+        "{what}: the first {n} of {} tokens as the reference",
+        got.len()
     );
+    if n < got.len().min(want.len()) {
+        assert!(
+            close[n],
+            "{what}: token {n} is {} where the reference clearly chose {} (tokens {got:?}, reference {want:?})",
+            got[n], want[n]
+        );
+    }
     n
 }
 
@@ -185,7 +191,7 @@ fn batched_requests_match_each_run_alone() {
     }
     assert!(
         compared >= 60,
-        "only {compared} tokens were clear enough to compare"
+        "only {compared} tokens followed the reference"
     );
     assert!(
         engine.stats().steps < 8 * max_new as u64,
@@ -237,7 +243,7 @@ fn a_shared_prefix_is_reused_and_changes_nothing() {
     let want = reference(&second, max_new as usize);
     let n = assert_follows("with cache", &out2.tokens, &want);
     assert_follows("without cache", &cold.tokens, &want);
-    assert!(n >= 8, "only {n} tokens were clear enough to compare");
+    assert!(n >= 8, "only {n} tokens followed the reference");
     assert_eq!(out2.tokens[..n], cold.tokens[..n]);
 
     // Every block is back, the shared ones still cached for the next hit.
@@ -348,7 +354,7 @@ fn few_blocks_force_preemption_and_every_request_still_completes() {
     }
     assert!(
         compared >= 100,
-        "only {compared} tokens were clear enough to compare"
+        "only {compared} tokens followed the reference"
     );
     wait_for(&engine, "all blocks back", pool_is_whole);
 }
@@ -465,7 +471,7 @@ fn a_remotely_prefilled_prompt_decodes_like_a_local_one() {
 
     let want = reference(&prompt, max_new as usize);
     let n = assert_follows("remote prefill", &remote.tokens, &want);
-    assert!(n >= 10, "only {n} tokens were clear enough to compare");
+    assert!(n >= 10, "only {n} tokens followed the reference");
     assert_follows("local fallback", &local.tokens, &want);
     wait_for(&decode, "all blocks back", pool_is_whole);
 }

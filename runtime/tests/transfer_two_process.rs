@@ -605,7 +605,7 @@ fn waiting_for_a_notification_that_never_comes_is_an_error_at_the_deadline() {
 #[test]
 fn engine_kv_caches_exchange_blocks_through_their_own_memory() {
     let _serial = serial();
-    use xpyd_runtime::engine::kv_storage::{KvKind, KvShape, KvStorage};
+    use xpyd_runtime::engine::kv_storage::{KvElem, KvKind, KvShape, KvStorage};
     let shape = KvShape {
         n_layers: 3,
         num_blocks: 8,
@@ -618,7 +618,8 @@ fn engine_kv_caches_exchange_blocks_through_their_own_memory() {
     for layer in 0..3 {
         for kind in [KvKind::K, KvKind::V] {
             for block in 0..8u32 {
-                let tag = (layer * 1000 + kind as usize * 100 + block as usize) as f32;
+                let tag =
+                    KvElem::from_bits((layer * 1000 + kind as usize * 100 + block as usize) as u16);
                 src.block_mut(layer, kind, block).unwrap().fill(tag);
             }
         }

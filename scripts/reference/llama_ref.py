@@ -6,6 +6,10 @@ Q4_0/Q4_1/Q8_0/F16/F32 itself, runs the model on fixed token ids and writes
 `runtime/tests/data/golden_logits.json`. It shares no code with the Rust
 engine; the engine's test compares against what this writes.
 
+Everything is float64 except the keys (after RoPE) and values, which are
+rounded to float16 once, as the engine's KV cache (and llama.cpp's, by
+default) holds them; the rest of the attention reads them back exactly.
+
 Produced with (any venv with numpy and gguf):
 
     python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install numpy gguf
@@ -85,6 +89,11 @@ def rope_adjacent(x, pos, base):
     return out
 
 
+def as_kv_cache(x):
+    """x rounded to float16 (nearest, ties to even), as the KV cache keeps it."""
+    return x.astype(np.float16).astype(np.float64)
+
+
 def main(path, out_path):
     r = GGUFReader(path)
     tensors = {t.name: t for t in r.tensors}
@@ -111,6 +120,7 @@ def main(path, out_path):
         k = (h @ W(p + "attn_k.weight").T).reshape(T, n_kv, hd)
         v = (h @ W(p + "attn_v.weight").T).reshape(T, n_kv, hd)
         q, k = rope_adjacent(q, pos, base), rope_adjacent(k, pos, base)
+        k, v = as_kv_cache(k), as_kv_cache(v)
         rep = n_heads // n_kv
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
         att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
@@ -134,7 +144,8 @@ def main(path, out_path):
     last = logits[-1]
     doc = {
         "command": "python3 scripts/reference/llama_ref.py <SmolLM2-135M-Instruct.Q4_1.gguf> "
-                   "runtime/tests/data/golden_logits.json (numpy float64, own dequantization)",
+                   "runtime/tests/data/golden_logits.json (numpy float64, own dequantization, "
+                   "K and V rounded to float16 as the KV cache holds them)",
         "model_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "tokens": TOKENS,
         "positions": positions,

@@ -1,6 +1,12 @@
 //! KV cache memory: `num_blocks` blocks of `block_size` tokens for every
-//! layer, K and V, as f32 in one allocation laid out
+//! layer, K and V, as IEEE f16 ([`KvElem`]) in one allocation laid out
 //! `[layer][K|V][block][block_size][n_kv_heads][head_dim]`.
+//!
+//! f16, as llama.cpp keeps its cache by default: half the bytes of f32, so a
+//! long context's attention moves half as much from memory per decode step
+//! and a worker holds twice the tokens. Keys and values are rounded to
+//! nearest f16 when written ([`KvStorage::write_slot`]); reading one back
+//! into f32 is exact, so every kernel sees the same numbers.
 //!
 //! So "layer `l`, K or V, block `b`" is one contiguous region
 //! ([`KvStorage::region`]) and so is "layer `l`, K or V, all blocks"
@@ -32,6 +38,9 @@ pub enum KvError {
 
 use super::config::ModelConfig;
 
+/// One element of the cache: an IEEE binary16 value.
+pub type KvElem = half::f16;
+
 /// The shape of a KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvShape {
@@ -54,26 +63,26 @@ impl KvShape {
         }
     }
 
-    /// f32 values per token per layer per K or V.
+    /// Elements per token per layer per K or V.
     pub fn token_elems(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
 
-    /// f32 values in one (layer, K|V, block) region.
+    /// Elements in one (layer, K|V, block) region.
     pub fn block_elems(&self) -> usize {
         self.block_size * self.token_elems()
     }
 
     /// Bytes in one (layer, K|V, block) region.
     pub fn block_region_bytes(&self) -> usize {
-        self.block_elems() * size_of::<f32>()
+        self.block_elems() * size_of::<KvElem>()
     }
 }
 
 /// The KV cache memory.
 pub struct KvStorage {
     shape: KvShape,
-    data: Vec<f32>,
+    data: Vec<KvElem>,
 }
 
 impl std::fmt::Debug for KvStorage {
@@ -122,13 +131,13 @@ impl KvStorage {
         ]
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .filter(|&n| n > 0 && n <= isize::MAX as usize / size_of::<f32>());
+        .filter(|&n| n > 0 && n <= isize::MAX as usize / size_of::<KvElem>());
         let Some(total) = total else {
             return Err(KvError::BadSize {
                 what: format!("{shape:?}"),
             });
         };
-        let data = vec![0f32; total];
+        let data = vec![KvElem::ZERO; total];
         advise_huge_pages(&data);
         Ok(Self { shape, data })
     }
@@ -172,7 +181,7 @@ impl KvStorage {
     pub fn base_region(&mut self) -> (*mut u8, usize) {
         (
             self.data.as_mut_ptr().cast(),
-            self.data.len() * size_of::<f32>(),
+            self.data.len() * size_of::<KvElem>(),
         )
     }
 
@@ -202,8 +211,8 @@ impl KvStorage {
         Ok((ptr, self.shape.block_region_bytes() * self.shape.num_blocks))
     }
 
-    /// The f32 values of one (layer, K|V, block): `[block_size][n_kv_heads][head_dim]`.
-    pub fn block(&self, layer: usize, kind: KvKind, block: u32) -> Result<&[f32], KvError> {
+    /// The values of one (layer, K|V, block): `[block_size][n_kv_heads][head_dim]`.
+    pub fn block(&self, layer: usize, kind: KvKind, block: u32) -> Result<&[KvElem], KvError> {
         let b = self.check(layer, block)?;
         let at = self.offset(layer, kind, b);
         Ok(&self.data[at..at + self.shape.block_elems()])
@@ -215,7 +224,7 @@ impl KvStorage {
         layer: usize,
         kind: KvKind,
         block: u32,
-    ) -> Result<&mut [f32], KvError> {
+    ) -> Result<&mut [KvElem], KvError> {
         let b = self.check(layer, block)?;
         let at = self.offset(layer, kind, b);
         let n = self.shape.block_elems();
@@ -245,7 +254,7 @@ impl KvStorage {
                 want,
             });
         }
-        let mut chunks = bytes.chunks_exact(4);
+        let mut chunks = bytes.chunks_exact(size_of::<KvElem>());
         for layer in 0..self.shape.n_layers {
             for kind in [KvKind::K, KvKind::V] {
                 for (v, c) in self
@@ -253,7 +262,7 @@ impl KvStorage {
                     .iter_mut()
                     .zip(&mut chunks)
                 {
-                    *v = f32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                    *v = KvElem::from_ne_bytes([c[0], c[1]]);
                 }
             }
         }
@@ -262,14 +271,14 @@ impl KvStorage {
 
     /// Every block's K or V of one layer, block after block (a slot's
     /// vector at `block * block_elems + slot * token_elems`).
-    pub(crate) fn layer(&self, layer: usize, kind: KvKind) -> &[f32] {
+    pub(crate) fn layer(&self, layer: usize, kind: KvKind) -> &[KvElem] {
         let at = self.offset(layer, kind, 0);
         &self.data[at..at + self.shape.num_blocks * self.shape.block_elems()]
     }
 
     /// The K or V vector of one token slot: `[n_kv_heads * head_dim]`.
     /// Unchecked beyond slice bounds; the forward pass validates block tables.
-    pub(crate) fn slot(&self, layer: usize, kind: KvKind, block: usize, slot: usize) -> &[f32] {
+    pub(crate) fn slot(&self, layer: usize, kind: KvKind, block: usize, slot: usize) -> &[KvElem] {
         let n = self.shape.token_elems();
         let at = self.offset(layer, kind, block) + slot * n;
         &self.data[at..at + n]
@@ -281,11 +290,40 @@ impl KvStorage {
         kind: KvKind,
         block: usize,
         slot: usize,
-    ) -> &mut [f32] {
+    ) -> &mut [KvElem] {
         let n = self.shape.token_elems();
         let at = self.offset(layer, kind, block) + slot * n;
         &mut self.data[at..at + n]
     }
+
+    /// Stores a token's K or V vector (`[n_kv_heads * head_dim]` f32) in
+    /// its slot, each value rounded to the nearest f16 (ties to even;
+    /// beyond f16's range, infinity).
+    pub(crate) fn write_slot(
+        &mut self,
+        layer: usize,
+        kind: KvKind,
+        block: usize,
+        slot: usize,
+        values: &[f32],
+    ) {
+        to_kv(values, self.slot_mut(layer, kind, block, slot));
+    }
+}
+
+/// `values` rounded to f16 into `out` (the same length): what the cache
+/// holds for them. On F16C hardware a vector instruction rounds each, as
+/// the scalar conversion does.
+pub fn to_kv(values: &[f32], out: &mut [KvElem]) {
+    use half::slice::HalfFloatSliceExt;
+    out.convert_from_f32_slice(values);
+}
+
+/// f16 copies of `values` (test and reference data for the kernels).
+pub fn to_kv_vec(values: &[f32]) -> Vec<KvElem> {
+    let mut out = vec![KvElem::ZERO; values.len()];
+    to_kv(values, &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -306,23 +344,23 @@ mod tests {
     fn regions_are_contiguous_and_disjoint() {
         let mut kv = KvStorage::new(shape()).unwrap();
         let (base, total) = kv.base_region();
-        assert_eq!(total, 2 * 2 * 3 * 4 * 2 * 8 * 4);
+        assert_eq!(total, 2 * 2 * 3 * 4 * 2 * 8 * 2);
         let mut seen = Vec::new();
         for layer in 0..2 {
             for kind in [KvKind::K, KvKind::V] {
                 let (lp, ll) = kv.layer_region(layer, kind).unwrap();
-                assert_eq!(ll, 3 * 256);
+                assert_eq!(ll, 3 * 128);
                 for b in 0..3 {
                     let (p, len) = kv.region(layer, kind, b).unwrap();
-                    assert_eq!(len, 256);
+                    assert_eq!(len, 128);
                     let off = p as usize - base as usize;
-                    assert_eq!(p as usize, lp as usize + b as usize * 256);
+                    assert_eq!(p as usize, lp as usize + b as usize * 128);
                     seen.push(off);
                 }
             }
         }
         seen.sort();
-        assert_eq!(seen, (0..12).map(|i| i * 256).collect::<Vec<_>>());
+        assert_eq!(seen, (0..12).map(|i| i * 128).collect::<Vec<_>>());
         assert!(kv.region(0, KvKind::K, 3).is_err());
         assert!(kv.region(2, KvKind::K, 0).is_err());
     }
@@ -331,9 +369,9 @@ mod tests {
     fn a_block_copies_out_and_in() {
         let mut a = KvStorage::new(shape()).unwrap();
         for (i, v) in a.block_mut(1, KvKind::V, 2).unwrap().iter_mut().enumerate() {
-            *v = i as f32;
+            *v = KvElem::from_f32(i as f32);
         }
-        a.block_mut(0, KvKind::K, 2).unwrap()[5] = -1.5;
+        a.block_mut(0, KvKind::K, 2).unwrap()[5] = KvElem::from_f32(-1.5);
         let bytes = a.read_block(2).unwrap();
         let mut b = KvStorage::new(shape()).unwrap();
         b.write_block(0, &bytes).unwrap();
@@ -341,7 +379,7 @@ mod tests {
             b.block(1, KvKind::V, 0).unwrap(),
             a.block(1, KvKind::V, 2).unwrap()
         );
-        assert_eq!(b.block(0, KvKind::K, 0).unwrap()[5], -1.5);
+        assert_eq!(b.block(0, KvKind::K, 0).unwrap()[5].to_f32(), -1.5);
         assert!(b.write_block(0, &bytes[1..]).is_err());
     }
 }

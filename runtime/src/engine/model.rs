@@ -20,7 +20,7 @@ use super::cpu::matmul::simd_available;
 use super::cpu::ops::{KvSource, Run};
 use super::cpu::{KernelError, QMatrix, WeightBytes, ops};
 use super::gguf::{GgmlType, GgufError, GgufFile};
-use super::kv_storage::{KvError, KvKind, KvShape, KvStorage};
+use super::kv_storage::{KvElem, KvError, KvKind, KvShape, KvStorage};
 
 /// The model cannot be loaded or a batch cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -442,10 +442,8 @@ impl Model {
             rope(&mut q[t * qd..(t + 1) * qd], pos);
             rope(&mut k[t * kvd..(t + 1) * kvd], pos);
             let block = batch[s].block_table[pos / bs] as usize;
-            kv.slot_mut(l, KvKind::K, block, pos % bs)
-                .copy_from_slice(&k[t * kvd..(t + 1) * kvd]);
-            kv.slot_mut(l, KvKind::V, block, pos % bs)
-                .copy_from_slice(&v[t * kvd..(t + 1) * kvd]);
+            kv.write_slot(l, KvKind::K, block, pos % bs, &k[t * kvd..(t + 1) * kvd]);
+            kv.write_slot(l, KvKind::V, block, pos % bs, &v[t * kvd..(t + 1) * kvd]);
         }
         self.attention(l, q, tokens, batch, kv, attn);
         mm(&w.wo, attn, o);
@@ -802,8 +800,8 @@ fn kv_reader<'a>(
 /// its positions.
 #[derive(Clone, Copy)]
 struct PagedKv<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
+    keys: &'a [KvElem],
+    values: &'a [KvElem],
     table: &'a [u32],
     block_size: usize,
     block_elems: usize,
@@ -971,8 +969,7 @@ mod tests {
             for slot in 0..shape.block_size {
                 for kind in [KvKind::K, KvKind::V] {
                     let seed = (block * 10 + slot) as u32 * 2 + kind as u32;
-                    kv.slot_mut(1, kind, block, slot)
-                        .copy_from_slice(&test_data(shape.token_elems(), seed));
+                    kv.write_slot(1, kind, block, slot, &test_data(shape.token_elems(), seed));
                 }
             }
         }

@@ -52,13 +52,15 @@ pub struct LayoutMismatch {
 }
 
 impl KvLayout {
-    /// The layout of an engine's f32 cache.
+    /// The layout of an engine's host cache ([`KvStorage`]: f16).
+    ///
+    /// [`KvStorage`]: crate::engine::kv_storage::KvStorage
     pub fn of_shape(shape: &KvShape) -> KvLayout {
         KvLayout {
             n_layers: shape.n_layers as u32,
             block_size: shape.block_size as u32,
             block_region_bytes: shape.block_region_bytes() as u64,
-            dtype: KvDtype::F32,
+            dtype: KvDtype::F16,
             num_blocks: shape.num_blocks as u32,
         }
     }
@@ -108,8 +110,8 @@ mod tests {
         KvLayout {
             n_layers: 30,
             block_size: 16,
-            block_region_bytes: 16 * 3 * 64 * 4,
-            dtype: KvDtype::F32,
+            block_region_bytes: 16 * 3 * 64 * 2,
+            dtype: KvDtype::F16,
             num_blocks: 100,
         }
     }
@@ -136,18 +138,18 @@ mod tests {
             "KV layouts differ in block_size: ours is 16, the peer's is 32"
         );
         let peer = KvLayout {
-            dtype: KvDtype::F16,
+            dtype: KvDtype::Bf16,
             ..layout()
         };
         let err = layout().check_compatible(&peer).unwrap_err();
         assert_eq!(err.field, "dtype");
-        assert!(err.to_string().contains("F16"), "{err}");
+        assert!(err.to_string().contains("Bf16"), "{err}");
     }
 
     #[test]
     fn the_layout_round_trips_through_json() {
         let json = serde_json::to_string(&layout()).unwrap();
-        assert!(json.contains("\"dtype\":\"f32\""), "{json}");
+        assert!(json.contains("\"dtype\":\"f16\""), "{json}");
         let back: KvLayout = serde_json::from_str(&json).unwrap();
         assert_eq!(back, layout());
     }

@@ -29,6 +29,7 @@ use rayon::prelude::*;
 use super::matmul::TOKEN_TILE;
 use super::ops::{Cursor, KvSource};
 use super::quant::{self, BlockQ8, Q4_0_BYTES, Q4_1_BYTES, QK, f16_at};
+use crate::engine::kv_storage::KvElem;
 
 /// Whether this CPU runs the kernels of this module (AVX-512 F, BW and
 /// VNNI, and the AVX2/F16C set the rest of the engine uses).
@@ -367,7 +368,7 @@ unsafe fn tile<const R: usize, const T: usize>(
 /// in registers (the per-query path sums them through memory).
 ///
 /// Bit for bit what [`super::ops::attend`] gives each query alone on the
-/// AVX2 path: the same dot product ([`super::x86::dot_f32`]), the same
+/// AVX2 path: the same dot product ([`super::x86::dot_kv`]), the same
 /// softmax, and the same fused multiply-adds in the same key order, so a
 /// token's attention does not depend on how many tokens share its step
 /// (a prefill at once equals one in chunks, a prefix-cache hit a cold
@@ -419,7 +420,7 @@ fn rows_mut<const Q: usize>(buf: &mut [f32], width: usize) -> [&mut [f32]; Q] {
 /// The scores of positions `keys` for `Q` queries of one head:
 /// `rows[i][j - keys.start] = scale * q_i·k_j` for each `j` in `keys` below
 /// `lens[i]` (the rest of the row is left alone). Each is what
-/// [`super::x86::dot_f32`] gives, times `scale`, however the positions are
+/// [`super::x86::dot_kv`] gives, times `scale`, however the positions are
 /// split into ranges: tasks that score parts of a context give the same
 /// bits as one that scores it all. `head_dim` must be a multiple of 16.
 ///
@@ -457,7 +458,7 @@ pub unsafe fn score_keys<'a, K, const Q: usize>(
     let mut cursor = Cursor::starting_at(kv, keys.start);
     let mut j = keys.start;
     while j + 8 <= keys.end {
-        let mut k8: [&[f32]; 8] = [&[]; 8];
+        let mut k8: [&[KvElem]; 8] = [&[]; 8];
         for k in k8.iter_mut() {
             *k = &cursor.next_kv().0[..hd];
         }
@@ -477,7 +478,7 @@ pub unsafe fn score_keys<'a, K, const Q: usize>(
                 unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), s) };
             } else {
                 for (m, k) in k8.iter().enumerate().take(lens[i].saturating_sub(j)) {
-                    rows[i][at + m] = super::x86::dot_f32(q[i], k) * scale;
+                    rows[i][at + m] = super::x86::dot_kv(q[i], k) * scale;
                 }
             }
         }
@@ -487,7 +488,7 @@ pub unsafe fn score_keys<'a, K, const Q: usize>(
         let k = &cursor.next_kv().0[..hd];
         for i in 0..Q {
             if j < lens[i] {
-                rows[i][j - keys.start] = super::x86::dot_f32(q[i], k) * scale;
+                rows[i][j - keys.start] = super::x86::dot_kv(q[i], k) * scale;
             }
         }
     }
@@ -557,7 +558,7 @@ unsafe fn weigh_values<'a, K, const Q: usize, const W: usize>(
         let mut vv = [_mm512_setzero_ps(); W];
         for c in 0..W {
             // SAFETY: `16 * c + 16 <= v.len()`.
-            vv[c] = unsafe { _mm512_loadu_ps(v.as_ptr().add(16 * c)) };
+            vv[c] = unsafe { load16_kv(v.as_ptr().add(16 * c)) };
         }
         for i in 0..Q {
             if j < lens[i] {
@@ -577,38 +578,38 @@ unsafe fn weigh_values<'a, K, const Q: usize, const W: usize>(
     }
 }
 
-/// `[dot_f32(q, keys[m]) for m in 0..8]`, bit for bit what
-/// [`super::x86::dot_f32`] gives each key (`q.len()` a multiple of 16):
-/// the same lanes per key ([`super::x86::dot_lanes`]), and the 8 horizontal sums done
+/// `[dot_kv(q, keys[m]) for m in 0..8]`, bit for bit what
+/// [`super::x86::dot_kv`] gives each key (`q.len()` a multiple of 16):
+/// the same lanes per key ([`super::x86::dot_lanes_kv`]), and the 8 horizontal sums done
 /// together with the same pairing as its `hsum` (lane `m` with `m + 4`,
 /// then `m` with `m + 2`, then the two left), which is what the
 /// per-key dot spends most of its time on.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn dots8(q: &[f32], keys: &[&[f32]; 8]) -> __m256 {
+fn dots8(q: &[f32], keys: &[&[KvElem]; 8]) -> __m256 {
     let n = q.len();
     let mut x = [_mm256_setzero_ps(); 8];
     for (xk, k) in x.iter_mut().zip(keys) {
         assert!(k.len() >= n, "key shorter than the query");
-        *xk = super::x86::dot_lanes(q, k);
+        *xk = super::x86::dot_lanes_kv(q, k);
     }
     hsum8(x)
 }
 
 /// [`dots8`] for a query of `16 * C` elements held in registers (`q`):
 /// one 16-lane multiply-add per 16 elements, whose low 8 lanes are
-/// [`super::x86::dot_lanes`]'s first accumulator and high 8 its second,
+/// [`super::x86::dot_lanes_kv`]'s first accumulator and high 8 its second,
 /// the same products added in the same order, so the same bits.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn dots8_held<const C: usize>(q: &[__m512; 4], keys: &[&[f32]; 8]) -> __m256 {
+fn dots8_held<const C: usize>(q: &[__m512; 4], keys: &[&[KvElem]; 8]) -> __m256 {
     let x: [__m256; 8] = std::array::from_fn(|m| {
         let k = keys[m];
         assert!(k.len() >= 16 * C, "key shorter than the query");
         let mut acc = _mm512_setzero_ps();
         for (c, &qc) in q.iter().take(C).enumerate() {
             // SAFETY: `16 * c + 16 <= k.len()`.
-            let kc = unsafe { _mm512_loadu_ps(k.as_ptr().add(16 * c)) };
+            let kc = unsafe { load16_kv(k.as_ptr().add(16 * c)) };
             acc = _mm512_fmadd_ps(qc, kc, acc);
         }
         let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
@@ -617,8 +618,20 @@ fn dots8_held<const C: usize>(q: &[__m512; 4], keys: &[&[f32]; 8]) -> __m256 {
     hsum8(x)
 }
 
+/// 16 f16 values from `p` as f32 (exact).
+///
+/// # Safety
+/// `p..p + 16` must be readable, and the CPU must have the features
+/// [`available`] checks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn load16_kv(p: *const KvElem) -> __m512 {
+    // SAFETY: the caller's promise; an unaligned 32-byte load.
+    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p.cast()) })
+}
+
 /// The 8 horizontal sums of `x` (one key each) in key order, with
-/// [`super::x86::dot_f32`]'s pairing (see [`dots8`]).
+/// [`super::x86::dot_kv`]'s pairing (see [`dots8`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn hsum8(x: [__m256; 8]) -> __m256 {
@@ -766,6 +779,7 @@ mod tests {
     use super::*;
 
     use super::super::test_data as data;
+    use crate::engine::kv_storage::to_kv_vec;
 
     /// Scores split into ranges of positions (not on multiples of 8) and
     /// values split into column ranges, put together, equal the attention
@@ -777,8 +791,8 @@ mod tests {
             return;
         }
         let (hd, n, heads) = (64, 37, 3);
-        let keys = data(n * hd, 31);
-        let values = data(n * hd, 32);
+        let keys = to_kv_vec(&data(n * hd, 31));
+        let values = to_kv_vec(&data(n * hd, 32));
         let kv = |j: usize| (&keys[j * hd..(j + 1) * hd], &values[j * hd..(j + 1) * hd]);
         let q = data(heads * hd, 33);
         let scale = 0.125;
@@ -816,8 +830,8 @@ mod tests {
             return;
         }
         let (hd, n) = (64, 37);
-        let keys = data(n * hd, 21);
-        let values = data(n * hd, 22);
+        let keys = to_kv_vec(&data(n * hd, 21));
+        let values = to_kv_vec(&data(n * hd, 22));
         let kv = |j: usize| (&keys[j * hd..(j + 1) * hd], &values[j * hd..(j + 1) * hd]);
         let qs = data(4 * hd, 23);
         let q = |i: usize| &qs[i * hd..(i + 1) * hd];

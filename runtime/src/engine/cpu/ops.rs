@@ -1,6 +1,8 @@
-//! The element-wise and per-row f32 operations of a Llama layer.
+//! The element-wise and per-row f32 operations of a Llama layer, and one
+//! head's attention over keys and values kept as f16 ([`KvElem`]).
 
 use crate::engine::config::RopeStyle;
+use crate::engine::kv_storage::KvElem;
 
 /// `out = x / sqrt(mean(x^2) + eps) * weight`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -116,15 +118,15 @@ pub trait KvSource<'a>: Copy {
 /// holds the last one's `head_dim` elements.
 #[derive(Clone, Copy)]
 pub struct Run<'a> {
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+    pub keys: &'a [KvElem],
+    pub values: &'a [KvElem],
     pub stride: usize,
     pub n: usize,
 }
 
 impl<'a, F> KvSource<'a> for F
 where
-    F: Fn(usize) -> (&'a [f32], &'a [f32]) + Copy,
+    F: Fn(usize) -> (&'a [KvElem], &'a [KvElem]) + Copy,
 {
     #[inline(always)]
     fn run(self, j: usize) -> Run<'a> {
@@ -173,7 +175,7 @@ impl<'a, K: KvSource<'a>> Cursor<'a, K> {
     /// The next position's key and value, each running on to the end of
     /// its run (take the first `head_dim`).
     #[inline(always)]
-    pub(crate) fn next_kv(&mut self) -> (&'a [f32], &'a [f32]) {
+    pub(crate) fn next_kv(&mut self) -> (&'a [KvElem], &'a [KvElem]) {
         if self.taken == self.run.n {
             self.run = self.kv.run(self.pos);
             (self.taken, self.offset) = (0, 0);
@@ -207,22 +209,18 @@ pub fn attend<'a, K>(
         return unsafe { super::x86::attend(q, n, scale, kv, scores, out) };
     }
     let _ = simd;
-    let axpy = |y: &mut [f32], a: f32, x: &[f32]| {
+    let axpy = |y: &mut [f32], a: f32, x: &[KvElem]| {
         for (yy, xx) in y.iter_mut().zip(x) {
-            *yy += a * xx;
+            *yy += a * xx.to_f32();
         }
     };
-    attend_body(
-        q,
-        n,
-        scale,
-        kv,
-        scores,
-        out,
-        super::quant::dot_f32,
-        axpy,
-        false,
-    );
+    attend_body(q, n, scale, kv, scores, out, dot_kv, axpy, false);
+}
+
+/// `q · k` for an f32 query and an f16 key, with [`super::quant::dot_f32`]'s
+/// eight accumulators (the scalar path's dot; the keys convert exactly).
+pub fn dot_kv(q: &[f32], k: &[KvElem]) -> f32 {
+    super::quant::dot_as_f32(q, k, KvElem::to_f32)
 }
 
 /// The body of [`attend`], generic over the dot and axpy kernels so the SIMD
@@ -241,8 +239,8 @@ pub(crate) fn attend_body<'a, K, D, A>(
     simd: bool,
 ) where
     K: KvSource<'a>,
-    D: Fn(&[f32], &[f32]) -> f32,
-    A: Fn(&mut [f32], f32, &[f32]),
+    D: Fn(&[f32], &[KvElem]) -> f32,
+    A: Fn(&mut [f32], f32, &[KvElem]),
 {
     let hd = q.len();
     scores.clear();
@@ -267,24 +265,37 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 mod tests {
     use super::*;
 
+    /// Against a float64 softmax average of the keys and values as the
+    /// cache holds them (rounded to f16 once, when written).
     #[test]
     fn attention_matches_a_naive_softmax_average() {
+        use crate::engine::kv_storage::to_kv_vec;
         let (hd, n) = (16, 37);
         let val = |i: usize| ((i * 7919) % 97) as f32 / 97.0 - 0.5;
         let q: Vec<f32> = (0..hd).map(val).collect();
-        let keys: Vec<Vec<f32>> = (0..n)
-            .map(|j| (0..hd).map(|d| val(j * 31 + d + 5)).collect())
+        let keys: Vec<Vec<KvElem>> = (0..n)
+            .map(|j| to_kv_vec(&(0..hd).map(|d| val(j * 31 + d + 5)).collect::<Vec<_>>()))
             .collect();
-        let values: Vec<Vec<f32>> = (0..n)
-            .map(|j| (0..hd).map(|d| val(j * 17 + d * 3)).collect())
+        let values: Vec<Vec<KvElem>> = (0..n)
+            .map(|j| to_kv_vec(&(0..hd).map(|d| val(j * 17 + d * 3)).collect::<Vec<_>>()))
             .collect();
-        let logits: Vec<f32> = keys
+        let logits: Vec<f64> = keys
             .iter()
-            .map(|k| k.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>() * 0.25)
+            .map(|k| {
+                k.iter()
+                    .zip(&q)
+                    .map(|(a, &b)| a.to_f64() * b as f64)
+                    .sum::<f64>()
+                    * 0.25
+            })
             .collect();
-        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        let z: f64 = logits.iter().map(|l| l.exp()).sum();
         let want: Vec<f32> = (0..hd)
-            .map(|d| (0..n).map(|j| logits[j].exp() / z * values[j][d]).sum())
+            .map(|d| {
+                (0..n)
+                    .map(|j| logits[j].exp() / z * values[j][d].to_f64())
+                    .sum::<f64>() as f32
+            })
             .collect();
         for simd in [false, super::super::matmul::simd_available()] {
             let mut out = vec![0f32; hd];

@@ -120,15 +120,21 @@ pub fn dot_q8_0_q8(row: &[u8], x: &[BlockQ8]) -> f32 {
 
 /// f32 dot with eight independent accumulators (so the compiler vectorizes).
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    dot_as_f32(a, b, |y| y)
+}
+
+/// [`dot_f32`] of `a` and `b`'s elements read as f32 by `to_f32`.
+#[inline(always)]
+pub(crate) fn dot_as_f32<T: Copy>(a: &[f32], b: &[T], to_f32: impl Fn(T) -> f32) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, ar) = a.split_at(a.len() / 8 * 8);
     let (bc, br) = b.split_at(ac.len().min(b.len()));
     for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * to_f32(y[i]);
         }
     }
-    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    let tail: f32 = ar.iter().zip(br).map(|(x, &y)| x * to_f32(y)).sum();
     acc.iter().sum::<f32>() + tail
 }
 

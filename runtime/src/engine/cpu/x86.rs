@@ -7,6 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::quant::{BlockQ8, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
+use crate::engine::kv_storage::KvElem;
 
 /// Whether this CPU runs the kernels of this module.
 pub fn available() -> bool {
@@ -369,26 +370,72 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 /// The 8 lanes [`dot_f32`] sums horizontally: its products over the first
 /// `16 * (n / 16)` elements in two accumulators (elements `16i..16i + 8`
-/// and `16i + 8..16i + 16`), added. Shared with the AVX-512 attention,
-/// which sums 8 of these at once and must get the same bits.
+/// and `16i + 8..16i + 16`), added ([`dot_lanes_kv`] is the same over
+/// f16 keys).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-pub fn dot_lanes(a: &[f32], b: &[f32]) -> __m256 {
+fn dot_lanes(a: &[f32], b: &[f32]) -> __m256 {
+    // SAFETY: `lanes` reads 8 floats at each pointer it is given.
+    unsafe { lanes(a, b, |p| _mm256_loadu_ps(p)) }
+}
+
+/// The body of [`dot_lanes`] and [`dot_lanes_kv`]: `load` reads 8 of `b`'s
+/// elements as f32. Inlined into its callers, which enable the features.
+///
+/// # Safety
+/// `load(p)` must be sound for 8 readable elements at `p`, and the CPU
+/// must have AVX2 and FMA.
+#[inline(always)]
+unsafe fn lanes<T>(a: &[f32], b: &[T], load: impl Fn(*const T) -> __m256) -> __m256 {
     let n = a.len().min(b.len());
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
+    // SAFETY: the caller's promise of AVX2.
+    let (mut acc0, mut acc1) = unsafe { (_mm256_setzero_ps(), _mm256_setzero_ps()) };
     let mut i = 0;
     while i + 16 <= n {
         // SAFETY: i + 16 <= n, both slices have n elements.
         unsafe {
             let pa = a.as_ptr().add(i);
             let pb = b.as_ptr().add(i);
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)), acc1);
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa), load(pb), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(8)), load(pb.add(8)), acc1);
         }
         i += 16;
     }
-    _mm256_add_ps(acc0, acc1)
+    // SAFETY: as above.
+    unsafe { _mm256_add_ps(acc0, acc1) }
+}
+
+/// 8 f16 values from `p` as f32 (exact).
+///
+/// # Safety
+/// `p..p + 8` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn load8_kv(p: *const KvElem) -> __m256 {
+    // SAFETY: the caller's promise; an unaligned 16-byte load.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
+}
+
+/// [`dot_f32`] for an f32 query and an f16 key: the same products (each
+/// key element converted exactly) in the same order, summed the same way.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn dot_kv(q: &[f32], k: &[KvElem]) -> f32 {
+    let n = q.len().min(k.len());
+    let mut sum = hsum(dot_lanes_kv(q, k));
+    for i in n / 16 * 16..n {
+        sum += q[i] * k[i].to_f32();
+    }
+    sum
+}
+
+/// [`dot_lanes`] for [`dot_kv`]: the 8 lanes it sums horizontally. Shared
+/// with the AVX-512 attention, which must get the same bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn dot_lanes_kv(q: &[f32], k: &[KvElem]) -> __m256 {
+    // SAFETY: `lanes` reads 8 elements at each pointer it is given.
+    unsafe { lanes(q, k, |p| load8_kv(p)) }
 }
 
 /// [`super::ops::attend`] with the AVX2 dot and axpy inlined.
@@ -404,16 +451,16 @@ where
         kv,
         scores,
         out,
-        |a, b| dot_f32(a, b),
-        |y, a, x| axpy(y, a, x),
+        |a, b| dot_kv(a, b),
+        |y, a, x| axpy_kv(y, a, x),
         true,
     );
 }
 
-/// `y += a * x` over f32 slices.
+/// `y += a * x` for f32 `y` and an f16 value row `x`.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn axpy_kv(y: &mut [f32], a: f32, x: &[KvElem]) {
     let n = y.len().min(x.len());
     let va = _mm256_set1_ps(a);
     let mut i = 0;
@@ -421,13 +468,13 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         // SAFETY: i + 8 <= n, both slices have n elements.
         unsafe {
             let py = y.as_mut_ptr().add(i);
-            let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(py));
+            let r = _mm256_fmadd_ps(va, load8_kv(x.as_ptr().add(i)), _mm256_loadu_ps(py));
             _mm256_storeu_ps(py, r);
         }
         i += 8;
     }
     while i < n {
-        y[i] += a * x[i];
+        y[i] += a * x[i].to_f32();
         i += 1;
     }
 }
@@ -438,6 +485,7 @@ mod tests {
     use super::*;
 
     use super::super::test_data as data;
+    use crate::engine::kv_storage::to_kv_vec;
 
     type RowsKernel = unsafe fn(&[u8], &[BlockQ8], usize, &mut [f32]);
     type ScalarKernel = fn(&[u8], &[BlockQ8]) -> f32;
@@ -562,6 +610,7 @@ mod tests {
             let q40 = quant::quantize_q4_0(&w);
             let q41 = quant::quantize_q4_1(&w);
             let q80 = quant::quantize_q8_0(&w);
+            let wk = to_kv_vec(&w);
             let one = |f: unsafe fn(&[u8], &[BlockQ8], usize, &mut [f32]), row: &[u8]| {
                 let mut out = [0f32];
                 // SAFETY: the test returns early unless `available()`.
@@ -574,6 +623,10 @@ mod tests {
                 (quant::dot_q8_0_q8(&q80, &xq), one(dot_q8_0_q8_rows, &q80)),
                 // SAFETY: the test returns early unless `available()`.
                 (quant::dot_f32(&w, &a), unsafe { dot_f32(&w, &a) }),
+                // SAFETY: as above.
+                (super::super::ops::dot_kv(&a, &wk), unsafe {
+                    dot_kv(&a, &wk)
+                }),
             ];
             for (i, (s, v)) in pairs.into_iter().enumerate() {
                 assert!(close(s, v), "kernel {i}, n {n}: scalar {s} simd {v}");
@@ -583,9 +636,9 @@ mod tests {
             assert!((pairs[2].0 - exact).abs() < 0.05 * (1.0 + exact.abs()));
             let mut y = a.clone();
             // SAFETY: the test returns early unless `available()`.
-            unsafe { axpy(&mut y, 0.5, &w) };
-            for ((yy, aa), ww) in y.iter().zip(&a).zip(&w) {
-                assert!(close(*yy, aa + 0.5 * ww));
+            unsafe { axpy_kv(&mut y, 0.5, &wk) };
+            for ((yy, aa), ww) in y.iter().zip(&a).zip(&wk) {
+                assert!(close(*yy, aa + 0.5 * ww.to_f32()));
             }
         }
     }

@@ -6,9 +6,10 @@
 //!
 //! - **Time**: each step sleeps for what the [`SimProfile`] says a real
 //!   step of that batch takes (see [`profile`]); no CPU is spent.
-//! - **KV**: the cache has one layer of one head of dimension one, so a
+//! - **KV**: the cache has one layer of one head of dimension two, so a
 //!   block is `block_size` × 8 bytes whatever the model; a prefill writes
-//!   each position's token id (K) and position (V) into it. A NIXL transfer
+//!   each position's token id (K) and position (V) into it, as the raw bits
+//!   of two f16 elements (low and high 16 bits). A NIXL transfer
 //!   therefore moves real (tiny) block bytes between simulated workers.
 //! - **Tokens**: the next token is a hash of the context as read back from
 //!   the KV cache, mapped onto the tokens of [`SIM_OUTPUT_TEXT`]. Output is
@@ -25,7 +26,7 @@ pub mod profile;
 use super::config::{ConfigError, ModelConfig};
 use super::forward::ForwardModel;
 use super::gguf::GgufFile;
-use super::kv_storage::{KvKind, KvShape, KvStorage};
+use super::kv_storage::{KvElem, KvKind, KvShape, KvStorage};
 use super::model::{LogitsFor, ModelError, SequenceInput, validate_sequences};
 use super::tokenizer::{Tokenizer, TokenizerError};
 
@@ -92,14 +93,15 @@ impl SimModel {
     }
 
     /// The KV cache of a simulated model, whatever the model: one layer,
-    /// one KV head of dimension one (a token's placeholder).
+    /// one KV head of dimension two (a token's placeholder, see
+    /// [`put_u32`]).
     pub fn kv_shape_for(num_blocks: usize, block_size: usize) -> KvShape {
         KvShape {
             n_layers: 1,
             num_blocks,
             block_size,
             n_kv_heads: 1,
-            head_dim: 1,
+            head_dim: 2,
         }
     }
 
@@ -126,6 +128,13 @@ pub fn palette(tokenizer: &Tokenizer) -> Result<Vec<u32>, SimError> {
     Ok(ids)
 }
 
+/// `v` as the bits of a slot's two elements, low 16 bits first (not f16
+/// numbers: an f16 holds integers exactly only up to 2,048).
+fn put_u32(slot: &mut [KvElem], v: u32) {
+    slot[0] = KvElem::from_bits(v as u16);
+    slot[1] = KvElem::from_bits((v >> 16) as u16);
+}
+
 /// FNV-1a over the (K, V) placeholders of positions `0..end` of a sequence.
 fn context_hash(kv: &KvStorage, table: &[u32], end: usize) -> u64 {
     let bs = kv.block_size();
@@ -133,9 +142,11 @@ fn context_hash(kv: &KvStorage, table: &[u32], end: usize) -> u64 {
     for pos in 0..end {
         let block = table[pos / bs] as usize;
         for kind in [KvKind::K, KvKind::V] {
-            for byte in kv.slot(0, kind, block, pos % bs)[0].to_bits().to_le_bytes() {
-                h ^= u64::from(byte);
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            for elem in kv.slot(0, kind, block, pos % bs) {
+                for byte in elem.to_bits().to_le_bytes() {
+                    h ^= u64::from(byte);
+                    h = h.wrapping_mul(0x0000_0100_0000_01b3);
+                }
             }
         }
     }
@@ -165,8 +176,8 @@ impl ForwardModel for SimModel {
             for (i, &token) in seq.tokens.iter().enumerate() {
                 let pos = seq.start_pos + i;
                 let block = seq.block_table[pos / bs] as usize;
-                kv.slot_mut(0, KvKind::K, block, pos % bs)[0] = token as f32;
-                kv.slot_mut(0, KvKind::V, block, pos % bs)[0] = pos as f32;
+                put_u32(kv.slot_mut(0, KvKind::K, block, pos % bs), token);
+                put_u32(kv.slot_mut(0, KvKind::V, block, pos % bs), pos as u32);
             }
             let n = seq.tokens.len();
             let rows = logits_for.rows(s, n);
