@@ -1376,7 +1376,14 @@ async fn a_prefill_worker_that_cannot_finish_within_its_grace_hands_the_job_back
         d.metric(other, "xpyd_prefill_jobs_total", "result=\"ok\"")
             .await,
         1.0,
-        "the job was redelivered to {other}"
+        "the job was redelivered to {other}, and computed once"
+    );
+    // The redelivery is the only copy: the decode worker did not take the
+    // handed-back job for one the queue lost and put a second on it.
+    assert_eq!(
+        d.metric("decode-0", "xpyd_decode_prefill_requeues_total", "")
+            .await,
+        0.0
     );
     // Out within its grace, plus one engine step to stop computing.
     eprintln!("{busy} exited {:?} after SIGTERM", job.exit_after);

@@ -168,6 +168,27 @@ impl Pending {
         };
         (pending, told)
     }
+
+    /// Whether the queue seems to have lost the job: nobody holds a claim
+    /// on it, and it went on the queue (or back to it) [`REQUEUE_AFTER`]
+    /// ago or more; at most [`MAX_REQUEUES`] times.
+    fn looks_lost(&self) -> bool {
+        self.job.is_some()
+            && self.claimed_by.is_none()
+            && self.requeues < MAX_REQUEUES
+            && self.last_enqueued.elapsed() >= REQUEUE_AFTER
+    }
+
+    /// The claimant handed the job back (a `nak`): the queue redelivers it
+    /// at once, so the next worker may claim it, and it is on the queue
+    /// from now. Counting from the first enqueue instead would take a job
+    /// handed back after [`REQUEUE_AFTER`], whose redelivery is in another
+    /// worker's hands and so off the queue, for lost, and put a second
+    /// copy on the queue: the same prompt prefilled twice.
+    fn handed_back(&mut self) {
+        self.claimed_by = None;
+        self.last_enqueued = Instant::now();
+    }
 }
 
 type AbandonedRx = oneshot::Receiver<(&'static str, String)>;
@@ -370,11 +391,7 @@ impl DecodeWorker {
         let parts = &self.inner.parts;
         let stale: Vec<(String, bytes::Bytes)> = lock(&self.inner.pending)
             .iter()
-            .filter(|(_, p)| {
-                p.claimed_by.is_none()
-                    && p.requeues < MAX_REQUEUES
-                    && p.last_enqueued.elapsed() >= REQUEUE_AFTER
-            })
+            .filter(|(_, p)| p.looks_lost())
             .filter_map(|(id, p)| Some((id.clone(), p.job.clone()?)))
             .collect();
         if stale.is_empty() {
@@ -675,8 +692,7 @@ impl DecodeWorker {
         match p.claimed_by.as_deref() {
             Some(owner) if owner != prefill_instance => return,
             Some(_) if handed_back => {
-                // Redelivered: the next worker may claim it.
-                p.claimed_by = None;
+                p.handed_back();
                 return;
             }
             None if handed_back => return,
@@ -1298,6 +1314,25 @@ async fn fail(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job handed back by its claimant is back on the queue, not lost,
+    /// however long ago it was first enqueued; unclaimed and long off the
+    /// queue it is.
+    #[test]
+    fn a_job_handed_back_late_is_not_taken_for_lost() {
+        let (mut p, _told) = Pending::new(Instant::now() + Duration::from_secs(60), None);
+        p.job = Some(bytes::Bytes::from_static(b"job"));
+        p.last_enqueued = Instant::now() - 2 * REQUEUE_AFTER;
+        assert!(p.looks_lost(), "unclaimed since long ago");
+        p.claimed_by = Some("prefill-0".into());
+        assert!(!p.looks_lost(), "claimed");
+        p.handed_back();
+        assert_eq!(p.claimed_by, None, "free to claim again");
+        assert!(!p.looks_lost(), "just handed back to the queue");
+        p.last_enqueued = Instant::now() - 2 * REQUEUE_AFTER;
+        p.requeues = MAX_REQUEUES;
+        assert!(!p.looks_lost(), "put back as often as it may be");
+    }
 
     #[test]
     fn a_claimants_answers_add_up_to_gone_finished_or_silent() {
