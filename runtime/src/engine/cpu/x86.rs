@@ -360,10 +360,23 @@ rows_kernel!(
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: this function enables AVX2.
+    unsafe { finish_dot(a, b, dot_lanes(a, b), |y| y) }
+}
+
+/// A dot product from its `lanes` ([`dot_lanes`] or [`dot_lanes_kv`] of
+/// `a` and `b`): their horizontal sum, then the products past the last
+/// whole 16 elements, `b`'s read as f32 by `to_f32`.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[inline(always)]
+unsafe fn finish_dot<T: Copy>(a: &[f32], b: &[T], lanes: __m256, to_f32: impl Fn(T) -> f32) -> f32 {
     let n = a.len().min(b.len());
-    let mut sum = hsum(dot_lanes(a, b));
+    // SAFETY: the caller's promise.
+    let mut sum = unsafe { hsum(lanes) };
     for i in n / 16 * 16..n {
-        sum += a[i] * b[i];
+        sum += a[i] * to_f32(b[i]);
     }
     sum
 }
@@ -411,7 +424,7 @@ unsafe fn lanes<T>(a: &[f32], b: &[T], load: impl Fn(*const T) -> __m256) -> __m
 /// `p..p + 8` must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn load8_kv(p: *const KvElem) -> __m256 {
+unsafe fn load8_kv(p: *const KvElem) -> __m256 {
     // SAFETY: the caller's promise; an unaligned 16-byte load.
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
 }
@@ -421,12 +434,8 @@ pub(crate) unsafe fn load8_kv(p: *const KvElem) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub fn dot_kv(q: &[f32], k: &[KvElem]) -> f32 {
-    let n = q.len().min(k.len());
-    let mut sum = hsum(dot_lanes_kv(q, k));
-    for i in n / 16 * 16..n {
-        sum += q[i] * k[i].to_f32();
-    }
-    sum
+    // SAFETY: this function enables AVX2.
+    unsafe { finish_dot(q, k, dot_lanes_kv(q, k), KvElem::to_f32) }
 }
 
 /// [`dot_lanes`] for [`dot_kv`]: the 8 lanes it sums horizontally. Shared
