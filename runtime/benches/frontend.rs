@@ -8,6 +8,12 @@
 //! The figure is the difference per request, and the ratio of throughputs.
 //! Both servers run on the agent's global allocator (mimalloc).
 //!
+//! Then both routers are called in process, one request at a time, with
+//! no HTTP and no client (`tower::ServiceExt::oneshot`): the wall time per
+//! request there is the frontend's own work, and the difference to the
+//! bare handler what the frontend adds to HTTP's cost. That loop is what
+//! to profile (`XPYD_BENCH_IN_PROCESS_ONLY=1` runs only it, longer).
+//!
 //! `cargo bench -p xpyd-runtime --bench frontend` (`XPYD_BENCH_REQUESTS`,
 //! default 20000; `XPYD_BENCH_CONCURRENCY`, default 64).
 
@@ -127,6 +133,25 @@ async fn load(url: &str, body: &str, requests: usize, concurrency: usize) -> (f6
     (requests as f64 / elapsed, latencies)
 }
 
+/// Mean wall µs per request of `requests` POSTs of `body` to `app`, called
+/// in process one at a time (no HTTP, no client).
+async fn in_process(app: &axum::Router, body: &str, requests: usize) -> f64 {
+    use tower::ServiceExt;
+    let start = Instant::now();
+    for _ in 0..requests {
+        let request = axum::http::Request::post("/v1/completions")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+    }
+    start.elapsed().as_secs_f64() * 1e6 / requests as f64
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -139,7 +164,12 @@ fn main() {
         let app = router(Arc::new(Trivial), prometheus::Registry::new()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let xpyd = format!("http://{}/v1/completions", listener.local_addr().unwrap());
-        tokio::spawn(serve(listener, app, std::future::pending(), Duration::ZERO));
+        tokio::spawn(serve(
+            listener,
+            app.clone(),
+            std::future::pending(),
+            Duration::ZERO,
+        ));
 
         // The baseline answers what xpyd answers, without any of its work.
         let canned = {
@@ -160,7 +190,8 @@ fn main() {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}/v1/completions", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, bare).await });
+        let served = bare.clone();
+        tokio::spawn(async move { axum::serve(listener, served).await });
 
         let body = serde_json::json!({
             "model": "trivial",
@@ -169,6 +200,14 @@ fn main() {
             "temperature": 0.7,
         })
         .to_string();
+        if std::env::var_os("XPYD_BENCH_IN_PROCESS_ONLY").is_some() {
+            for round in 0..10 {
+                let x = in_process(&app, &body, requests).await;
+                let b = in_process(&bare, &body, requests).await;
+                println!("in process, round {round}: xpyd {x:.2} µs, bare {b:.2} µs per request");
+            }
+            return;
+        }
         // Warm both up, then measure each twice, interleaved.
         load(&base, &body, 500, concurrency).await;
         load(&xpyd, &body, 500, concurrency).await;
@@ -186,6 +225,20 @@ fn main() {
         println!("|---|---|---|---|---|");
         for (round, name, rps, p50, p99) in &rows {
             println!("| {round} | {name} | {rps:.0} | {p50:.0} | {p99:.0} |");
+        }
+        // In process: the frontend's own work per request, without HTTP.
+        let mut own = Vec::new();
+        for _ in 0..2 {
+            own.push((
+                in_process(&app, &body, requests).await,
+                in_process(&bare, &body, requests).await,
+            ));
+        }
+        for (round, (x, b)) in own.iter().enumerate() {
+            println!(
+                "in process (no HTTP), round {round}: xpyd frontend {x:.2} µs, bare handler {b:.2} µs per request; the frontend's own work {:.2} µs",
+                x - b
+            );
         }
         for round in 0..2 {
             let b = rows.iter().find(|r| r.0 == round && r.1.starts_with("bare")).unwrap();

@@ -369,6 +369,10 @@ async fn open_choices(state: &AppState, prepared: &Prepared) -> Result<ChoiceStr
         session: prepared.session.clone(),
     };
     let mut first = state.backend.generate(request(0)).await?;
+    if prepared.n == 1 {
+        // One choice needs no merging (`select_all` showed in the profile).
+        return Ok(first.map(|item| (0, item)).boxed());
+    }
     let mut streams: Vec<ChoiceStream> = Vec::with_capacity(prepared.n as usize);
     if prepared.n > 1 {
         // The backend's stream ends every wait: its last item is an output

@@ -1,15 +1,18 @@
-//! AVX-512 VNNI matrix products of Q4_0/Q4_1 weights with Q8 activations,
-//! register-blocked: a tile of 4 weight rows by 4 tokens keeps 16
-//! accumulators in registers, so each unpacked weight group is used 4 times
-//! and each activation group 4 times from registers.
+//! AVX-512 VNNI matrix products of Q4_0/Q4_1/Q8_0 weights with Q8
+//! activations, register-blocked: a tile of 4 weight rows by 4 tokens keeps
+//! 16 accumulators in registers, so each unpacked weight group is used 4
+//! times and each activation group 4 times from registers.
 //!
 //! The weights are repacked once per matrix ([`Packed`]): each row's
-//! blocks in groups of 4, the 4 blocks' 16 bytes of nibbles side by side
-//! (one aligned 512-bit load), their scales and constants beside. The low nibbles of a group are
-//! its blocks' values 0-15 and the high nibbles values 16-31, so one `and`
-//! and one shift unpack 128 weights, and two `vpdpbusd` multiply them by
-//! the activations laid out to match ([`Q8Act`]) and sum each block's
-//! products into its own four 32-bit lanes.
+//! blocks in groups of 4. A Q4 group is the 4 blocks' 16 bytes of nibbles
+//! side by side (one aligned 512-bit load); the low nibbles are its blocks'
+//! values 0-15 and the high nibbles values 16-31, so one `and` and one
+//! shift unpack 128 weights. A Q8_0 group is two lines, the 4 blocks'
+//! values 0-15, then their values 16-31, each biased by 128 to an unsigned
+//! byte (`vpdpbusd` takes one unsigned operand). Either way two `vpdpbusd`
+//! multiply a group by the activations laid out to match ([`Q8Act`]) and
+//! sum each block's products into its own four 32-bit lanes. The scales
+//! (and Q4 constants) are stored after a row's weights.
 //!
 //! The activations are the same Q8 blocks the AVX2 kernels use
 //! ([`super::quant::quantize_q8`]), relaid, so both paths compute the same
@@ -17,9 +20,11 @@
 //! scalar reference. Callers check [`available`].
 //!
 //! Per block: Q4_1 weight `j` is `nibble_j * d + m`, Q4_0's is
-//! `(nibble_j - 8) * d`. So `row · x = sum_b d_b dx_b (nibbles · qx)_b +
-//! sum_b c_b s_b` with `c_b = m_b` (Q4_1) or `-8 d_b` (Q4_0) and
-//! `s_b = dx_b * sum(qx)_b`; both terms are summed in the same registers.
+//! `(nibble_j - 8) * d`, Q8_0's `(byte_j - 128) * d` with the biased byte.
+//! So `row · x = sum_b d_b dx_b (u · qx)_b + sum_b c_b s_b` with `u` the
+//! unsigned values, `c_b = m_b` (Q4_1), `-8 d_b` (Q4_0) or `-128 d_b`
+//! (Q8_0) and `s_b = dx_b * sum(qx)_b`; both terms are summed in the same
+//! registers.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -28,7 +33,7 @@ use rayon::prelude::*;
 
 use super::matmul::TOKEN_TILE;
 use super::ops::{Cursor, KvSource};
-use super::quant::{self, BlockQ8, Q4_0_BYTES, Q4_1_BYTES, QK, f16_at};
+use super::quant::{self, BlockQ8, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, QK, f16_at};
 use crate::engine::kv_storage::KvElem;
 
 /// Whether this CPU runs the kernels of this module (AVX-512 F, BW and
@@ -40,37 +45,52 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// Which 4-bit format a weight matrix has.
+/// Which quantized format a weight matrix has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Q4 {
+pub enum Format {
     Q4_0,
     Q4_1,
+    Q8_0,
 }
 
-impl Q4 {
+impl Format {
     fn block_bytes(self) -> usize {
         match self {
-            Q4::Q4_0 => Q4_0_BYTES,
-            Q4::Q4_1 => Q4_1_BYTES,
+            Format::Q4_0 => Q4_0_BYTES,
+            Format::Q4_1 => Q4_1_BYTES,
+            Format::Q8_0 => Q8_0_BYTES,
         }
     }
 
-    /// Where a block's 16 bytes of nibbles start.
+    /// Where a block's quants start.
     fn quants_at(self) -> usize {
         match self {
-            Q4::Q4_0 => 2,
-            Q4::Q4_1 => 4,
+            Format::Q4_0 | Format::Q8_0 => 2,
+            Format::Q4_1 => 4,
         }
     }
 
     /// `c_b` of the module doc for the block `b`.
     fn constant(self, b: &[u8]) -> f32 {
         match self {
-            Q4::Q4_0 => -8.0 * f16_at(b, 0),
-            Q4::Q4_1 => f16_at(b, 2),
+            Format::Q4_0 => -8.0 * f16_at(b, 0),
+            Format::Q4_1 => f16_at(b, 2),
+            Format::Q8_0 => Q8_BIAS * f16_at(b, 0),
+        }
+    }
+
+    /// Bytes of scales and constants per group of a packed row: Q8_0's
+    /// constants follow from its scales (`-128 d`), so it keeps only those.
+    fn meta_bytes(self) -> usize {
+        match self {
+            Format::Q4_0 | Format::Q4_1 => 16,
+            Format::Q8_0 => 8,
         }
     }
 }
+
+/// `c_b / d_b` of a Q8_0 block: its weights' bias, taken back.
+const Q8_BIAS: f32 = -128.0;
 
 /// Blocks per group: a group's nibbles fill one 512-bit register.
 const GROUP: usize = 4;
@@ -145,17 +165,26 @@ impl Q8Act {
     }
 }
 
-/// A Q4_0/Q4_1 matrix repacked for [`gemm`]. Per row, 64-byte aligned:
-/// for each group of 4 blocks, the blocks' 64 bytes of nibbles side by
-/// side; then for each group 16 bytes: the blocks' 4 scales and 4
-/// constants (`c_b` of the module doc) as f16, exactly as the GGUF holds
-/// them (Q4_0's `-8 d` is `d` times a power of two). The last group is
-/// padded with zero blocks. A row takes the GGUF's bytes for Q4_1 (20 per
-/// 32 weights) up to the 64-byte padding. Built once per matrix, at load.
+/// A Q4_0/Q4_1/Q8_0 matrix repacked for [`gemm`]. Per row, 64-byte
+/// aligned: the groups' weights (the module doc), a line per Q4 group and
+/// two per Q8_0 group; then per group the metadata: for Q4 16 bytes, the
+/// blocks' 4 scales and 4 constants (`c_b` of the module doc) as f16,
+/// exactly as the GGUF holds them (Q4_0's `-8 d` is `d` times a power of
+/// two); for Q8_0 8 bytes, the 4 scales. The last group is padded with
+/// zero blocks, except that a last Q8_0 group of one or two blocks takes
+/// one line (values 0-15 of its blocks, then values 16-31), not two. A
+/// Q4_1 row takes the GGUF's bytes (20 per 32 weights), a Q8_0 row of 18
+/// blocks 640 bytes for the GGUF's 612, up to the padding. Built once per
+/// matrix, at load.
 #[derive(Clone)]
 pub struct Packed {
+    format: Format,
     rows: usize,
     groups: usize,
+    /// Whether the last group is a single Q8_0 line (one or two blocks).
+    half_tail: bool,
+    /// 64-byte lines of weights per row; the metadata follows them.
+    quant_lines: usize,
     /// 64-byte lines per row.
     row_lines: usize,
     lines: Vec<Line>,
@@ -171,36 +200,59 @@ impl Packed {
     /// `None` when a constant does not fit an f16 exactly (a Q4_0 scale
     /// over 8,188, or one that is not finite), which no real model has:
     /// the matrix then stays on the AVX2 kernels.
-    pub fn new(format: Q4, weights: &[u8], nb: usize) -> Option<Packed> {
+    pub fn new(format: Format, weights: &[u8], nb: usize) -> Option<Packed> {
         let (bytes, at) = (format.block_bytes(), format.quants_at());
         let rows = weights.len() / (nb * bytes).max(1);
         let groups = nb.div_ceil(GROUP);
-        let row_lines = groups + (16 * groups).div_ceil(64);
+        let half_tail = format == Format::Q8_0 && matches!(nb % GROUP, 1 | 2);
+        let quant_lines = match format {
+            Format::Q8_0 => 2 * groups - usize::from(half_tail),
+            Format::Q4_0 | Format::Q4_1 => groups,
+        };
+        let meta_bytes = format.meta_bytes();
+        let row_lines = quant_lines + (meta_bytes * groups).div_ceil(64);
         let mut lines = vec![Line([0; 64]); rows * row_lines];
         for (row, line) in weights
             .chunks_exact(nb * bytes)
             .zip(lines.chunks_exact_mut(row_lines))
         {
-            let (nibbles, meta) = line.split_at_mut(groups);
+            let (quants, meta) = line.split_at_mut(quant_lines);
             for (b, block) in row.chunks_exact(bytes).enumerate() {
                 let (g, k) = (b / GROUP, b % GROUP);
-                nibbles[g].0[16 * k..16 * k + 16].copy_from_slice(&block[at..at + 16]);
-                let constant = format.constant(block);
-                let c = half::f16::from_f32(constant);
-                if c.to_f32() != constant {
-                    return None;
-                }
-                let c = c.to_bits();
-                // The scale's f16 bits as they are; group g's 16 bytes of
-                // metadata at byte 16 g of the metadata lines.
-                let m = &mut meta[16 * g / 64].0[16 * g % 64..][..16];
+                // Group g's metadata at byte `meta_bytes * g` of the
+                // metadata lines: the scale's f16 bits as they are, then
+                // (Q4) the constant's.
+                let m = &mut meta[meta_bytes * g / 64].0[meta_bytes * g % 64..][..meta_bytes];
                 m[2 * k..2 * k + 2].copy_from_slice(&block[..2]);
-                m[8 + 2 * k..8 + 2 * k + 2].copy_from_slice(&c.to_le_bytes());
+                if format == Format::Q8_0 {
+                    // Values 0-15, then 16-31, each `q + 128` as a byte.
+                    let biased: [u8; QK] = std::array::from_fn(|j| block[at + j] ^ 0x80);
+                    let (first, second) = biased.split_at(16);
+                    if half_tail && g + 1 == groups {
+                        let one = &mut quants[2 * g].0;
+                        one[16 * k..][..16].copy_from_slice(first);
+                        one[32 + 16 * k..][..16].copy_from_slice(second);
+                    } else {
+                        quants[2 * g].0[16 * k..][..16].copy_from_slice(first);
+                        quants[2 * g + 1].0[16 * k..][..16].copy_from_slice(second);
+                    }
+                } else {
+                    let constant = format.constant(block);
+                    let c = half::f16::from_f32(constant);
+                    if c.to_f32() != constant {
+                        return None;
+                    }
+                    quants[g].0[16 * k..16 * k + 16].copy_from_slice(&block[at..at + 16]);
+                    m[8 + 2 * k..8 + 2 * k + 2].copy_from_slice(&c.to_bits().to_le_bytes());
+                }
             }
         }
         Some(Packed {
+            format,
             rows,
             groups,
+            half_tail,
+            quant_lines,
             row_lines,
             lines,
         })
@@ -227,6 +279,28 @@ pub unsafe fn gemm(
     tokens: Range<usize>,
     out: &mut [f32],
 ) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        match weights.format {
+            Format::Q8_0 => gemm_as::<true>(weights, rows, act, tokens, out),
+            Format::Q4_0 | Format::Q4_1 => gemm_as::<false>(weights, rows, act, tokens, out),
+        }
+    }
+}
+
+/// [`gemm`] for Q8_0 weights (`Q8`) or Q4 ones.
+///
+/// # Safety
+/// As [`gemm`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemm_as<const Q8: bool>(
+    weights: &Packed,
+    rows: Range<usize>,
+    act: &Q8Act,
+    tokens: Range<usize>,
+    out: &mut [f32],
+) {
     let w = weights;
     assert!(tokens.end <= act.n, "tokens out of range");
     assert!(rows.end <= w.rows, "rows out of range");
@@ -246,18 +320,21 @@ pub unsafe fn gemm(
         let t1 = tokens.end.min(t0 + TOKEN_TILE);
         let mut r = rows.start;
         while r < rows.end {
-            if r + 4 <= rows.end {
+            // Fewer than 4 tokens of Q8_0 weights (a small decode step)
+            // are bound by reading the weights, and a row at a time reads
+            // them faster than 4 side by side (measured: docs/benchmarks.md).
+            if r + 4 <= rows.end && !(Q8 && t1 - t0 < 4) {
                 let mut t = t0;
                 while t + 4 <= t1 {
                     // SAFETY: the features are the caller's promise; the
                     // rows and tokens are in range (asserted above).
-                    let v = unsafe { tile::<4, 4>(w, r, act, t) };
+                    let v = unsafe { tile::<4, 4, Q8>(w, r, act, t) };
                     put(r, t, &[&v[0], &v[1], &v[2], &v[3]]);
                     t += 4;
                 }
                 while t < t1 {
                     // SAFETY: as above.
-                    let v = unsafe { tile::<4, 1>(w, r, act, t) };
+                    let v = unsafe { tile::<4, 1, Q8>(w, r, act, t) };
                     put(r, t, &[&v[0], &v[1], &v[2], &v[3]]);
                     t += 1;
                 }
@@ -266,13 +343,13 @@ pub unsafe fn gemm(
                 let mut t = t0;
                 while t + 4 <= t1 {
                     // SAFETY: as above.
-                    let v = unsafe { tile::<1, 4>(w, r, act, t) };
+                    let v = unsafe { tile::<1, 4, Q8>(w, r, act, t) };
                     put(r, t, &[&v[0]]);
                     t += 4;
                 }
                 while t < t1 {
                     // SAFETY: as above.
-                    let v = unsafe { tile::<1, 1>(w, r, act, t) };
+                    let v = unsafe { tile::<1, 1, Q8>(w, r, act, t) };
                     put(r, t, &[&v[0]]);
                     t += 1;
                 }
@@ -282,8 +359,14 @@ pub unsafe fn gemm(
     }
 }
 
+/// How many rows ahead [`tile`] asks for the lines of the rows it reads.
+/// A tile reads 4 rows side by side, which the hardware's prefetchers do
+/// not follow as they follow one row after another.
+const PREFETCH_ROWS: usize = 8;
+
 /// `R` packed weight rows from `r0` times the `T` tokens from `t0`: per
-/// block, `d dx (nibbles · qx) + c s` (the module doc), summed by lane.
+/// block, `d dx (u · qx) + c s` (the module doc), summed by lane; `Q8`
+/// says the weights are Q8_0's biased bytes, else Q4 nibbles.
 ///
 /// # Safety
 /// The CPU must have the features [`available`] checks, and the rows and
@@ -292,15 +375,17 @@ pub unsafe fn gemm(
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 // The accumulators are a register array indexed by row, token and lane.
 #[allow(clippy::needless_range_loop)]
-unsafe fn tile<const R: usize, const T: usize>(
+unsafe fn tile<const R: usize, const T: usize, const Q8: bool>(
     w: &Packed,
     r0: usize,
     act: &Q8Act,
     t0: usize,
 ) -> [[f32; T]; R] {
     let groups = w.groups;
+    let meta_at = 64 * w.quant_lines;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let low = _mm512_set1_epi8(0x0F);
+    let bias = _mm512_set1_ps(Q8_BIAS);
     // Block k's scale (element k of the metadata) into lanes 4k..4k + 3,
     // and its constant (element 4 + k) into lane 4k (the token's scaled
     // sums are zero in the other three).
@@ -316,19 +401,49 @@ unsafe fn tile<const R: usize, const T: usize>(
         let mut wd = [_mm512_setzero_ps(); R];
         let mut wc = [_mm512_setzero_ps(); R];
         for i in 0..R {
-            // SAFETY: a row holds `groups` lines of nibbles, then 16 bytes
-            // of metadata per group; the lines are 64-byte aligned.
-            let (v, meta) = unsafe {
-                (
-                    _mm512_load_si512(row[i].add(64 * g).cast()),
-                    _mm_loadu_si128(row[i].add(64 * groups + 16 * g).cast()),
-                )
-            };
-            lo[i] = _mm512_and_si512(v, low);
-            hi[i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-            let m = _mm512_castps256_ps512(_mm256_cvtph_ps(meta));
-            wd[i] = _mm512_permutexvar_ps(spread_d, m);
-            wc[i] = _mm512_permutexvar_ps(spread_c, m);
+            // The same lines `PREFETCH_ROWS` rows on (a hint: an address
+            // past the matrix is not read).
+            let ahead =
+                row[i].wrapping_add(64 * (PREFETCH_ROWS * w.row_lines + g * (1 + usize::from(Q8))));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            if Q8 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+            }
+            if g == 0 {
+                let meta = row[i].wrapping_add(64 * (PREFETCH_ROWS * w.row_lines + w.quant_lines));
+                _mm_prefetch::<_MM_HINT_T0>(meta.cast());
+            }
+            // SAFETY: a row holds `quant_lines` 64-byte aligned lines of
+            // weights (one per Q4 group; two per Q8_0 group, one for a
+            // half tail), then `meta_bytes` of metadata per group.
+            unsafe {
+                if Q8 {
+                    let line = row[i].add(128 * g);
+                    if w.half_tail && g + 1 == groups {
+                        // Values 0-15 of its blocks, then 16-31: the
+                        // activations' lanes of the missing blocks are
+                        // zero, so what lies beside them multiplies zero.
+                        let v = _mm512_load_si512(line.cast());
+                        lo[i] = v;
+                        hi[i] = _mm512_zextsi256_si512(_mm512_extracti64x4_epi64::<1>(v));
+                    } else {
+                        lo[i] = _mm512_load_si512(line.cast());
+                        hi[i] = _mm512_load_si512(line.add(64).cast());
+                    }
+                    let meta = _mm_loadl_epi64(row[i].add(meta_at + 8 * g).cast());
+                    let m = _mm512_zextps128_ps512(_mm_cvtph_ps(meta));
+                    wd[i] = _mm512_permutexvar_ps(spread_d, m);
+                    wc[i] = _mm512_mul_ps(wd[i], bias);
+                } else {
+                    let v = _mm512_load_si512(row[i].add(64 * g).cast());
+                    let meta = _mm_loadu_si128(row[i].add(meta_at + 16 * g).cast());
+                    lo[i] = _mm512_and_si512(v, low);
+                    hi[i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                    let m = _mm512_castps256_ps512(_mm256_cvtph_ps(meta));
+                    wd[i] = _mm512_permutexvar_ps(spread_d, m);
+                    wc[i] = _mm512_permutexvar_ps(spread_c, m);
+                }
+            }
         }
         for j in 0..T {
             let k = (t0 + j) * groups + g;
@@ -896,14 +1011,15 @@ mod tests {
             b.extend([0x88u8; 16]);
             b
         };
-        assert!(Packed::new(Q4::Q4_0, &block(0.01), 1).is_some());
-        assert!(Packed::new(Q4::Q4_0, &block(10_000.0), 1).is_none());
+        assert!(Packed::new(Format::Q4_0, &block(0.01), 1).is_some());
+        assert!(Packed::new(Format::Q4_0, &block(10_000.0), 1).is_none());
     }
 
-    /// Every (row, token) of odd and even block counts, row counts that
-    /// are not a multiple of 4 and token counts that are not a multiple of
-    /// 4 (and over one token tile) equals the scalar dot within float
-    /// rounding.
+    /// Every (row, token) of each format, of block counts that fill their
+    /// last group or leave it with 1, 2 or 3 blocks (Q8_0's one-line tail
+    /// and its two-line one), row counts that are not a multiple of 4 and
+    /// token counts that are not a multiple of 4 (and over one token tile)
+    /// equals the scalar dot within float rounding.
     #[test]
     fn blocked_products_equal_scalar_dots() {
         if !available() {
@@ -912,13 +1028,14 @@ mod tests {
         }
         for (format, quantize, scalar) in [
             (
-                Q4::Q4_1,
+                Format::Q4_1,
                 quant::quantize_q4_1 as fn(&[f32]) -> Vec<u8>,
                 quant::dot_q4_1_q8 as fn(&[u8], &[BlockQ8]) -> f32,
             ),
-            (Q4::Q4_0, quant::quantize_q4_0, quant::dot_q4_0_q8),
+            (Format::Q4_0, quant::quantize_q4_0, quant::dot_q4_0_q8),
+            (Format::Q8_0, quant::quantize_q8_0, quant::dot_q8_0_q8),
         ] {
-            for (rows, nb, n) in [(9, 3, 70), (8, 18, 5), (5, 1, 1), (4, 48, 4)] {
+            for (rows, nb, n) in [(9, 3, 70), (8, 18, 5), (5, 1, 1), (4, 48, 4), (7, 6, 9)] {
                 let cols = nb * QK;
                 let w = quantize(&data(rows * cols, 7 + nb as u32));
                 let x = data(n * cols, 3 + n as u32);

@@ -49,10 +49,11 @@ pub struct QMatrix {
     cols: usize,
     row_bytes: usize,
     bytes: WeightBytes,
-    /// The matrix repacked for the AVX-512 products (`None`: not a Q4
-    /// matrix, or one they do not take), at load or on its first product.
+    /// The matrix repacked for the AVX-512 products (`None`: not a Q4_0,
+    /// Q4_1 or Q8_0 matrix, or one they do not take), at load or on its
+    /// first product.
     #[cfg(target_arch = "x86_64")]
-    q4_packed: std::sync::OnceLock<Option<super::avx512::Packed>>,
+    packed: std::sync::OnceLock<Option<super::avx512::Packed>>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -117,7 +118,7 @@ impl QMatrix {
             row_bytes,
             bytes,
             #[cfg(target_arch = "x86_64")]
-            q4_packed: std::sync::OnceLock::new(),
+            packed: std::sync::OnceLock::new(),
         })
     }
 
@@ -162,7 +163,7 @@ impl QMatrix {
     }
 
     /// Builds what the chosen [`kernels`] keep per matrix (the AVX-512
-    /// repacking of a Q4 matrix) now rather than on its first product, so
+    /// repacking of a Q4 or Q8_0 matrix) now rather than on its first product, so
     /// a loaded model's first request does not pay for it.
     pub fn prepare(&self) {
         #[cfg(target_arch = "x86_64")]
@@ -172,15 +173,16 @@ impl QMatrix {
     }
 
     /// This matrix repacked for the AVX-512 kernels (once), if they take
-    /// it: a Q4_0 or Q4_1 matrix whose constants fit an f16.
+    /// it: a Q8_0 matrix, or a Q4_0 or Q4_1 one whose constants fit an f16.
     #[cfg(target_arch = "x86_64")]
     fn packed(&self) -> Option<&super::avx512::Packed> {
-        use super::avx512::{Packed, Q4};
-        self.q4_packed
+        use super::avx512::{Format, Packed};
+        self.packed
             .get_or_init(|| {
                 let format = match self.ty {
-                    GgmlType::Q4_0 => Q4::Q4_0,
-                    GgmlType::Q4_1 => Q4::Q4_1,
+                    GgmlType::Q4_0 => Format::Q4_0,
+                    GgmlType::Q4_1 => Format::Q4_1,
+                    GgmlType::Q8_0 => Format::Q8_0,
                     _ => return None,
                 };
                 Packed::new(format, self.bytes.as_slice(), self.cols / QK)
@@ -263,7 +265,7 @@ impl QMatrix {
         }
     }
 
-    /// The AVX-512 product of a Q4 matrix. A prefill (at least
+    /// The AVX-512 product of a packed (Q4 or Q8_0) matrix. A prefill (at least
     /// [`TOKEN_SPLIT`] tokens) is split by tokens: each task computes whole
     /// output rows of its tokens in place, so nothing is transposed or
     /// gathered on one thread after. Every (row, token) is computed the
@@ -428,7 +430,8 @@ type Q8Dot = fn(&[u8], &[BlockQ8], usize, &mut [f32]);
 
 /// Which kernels the quantized matrix products use: the scalar reference,
 /// AVX2/FMA/F16C (one weight row by a few tokens), or AVX-512 VNNI
-/// (register-blocked tiles, for Q4_0 and Q4_1; the other types use AVX2).
+/// (register-blocked tiles, for Q4_0, Q4_1 and Q8_0; the other types use
+/// AVX2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernels {
     Scalar,
