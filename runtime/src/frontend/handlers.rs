@@ -373,14 +373,16 @@ async fn open_choices(state: &AppState, prepared: &Prepared) -> Result<ChoiceStr
         // One choice needs no merging (`select_all` showed in the profile).
         return Ok(first.map(|item| (0, item)).boxed());
     }
+    // The backend's stream ends every wait: its last item is an output
+    // with `finish`, or an error.
+    let head = first.next().await;
     let mut streams: Vec<ChoiceStream> = Vec::with_capacity(prepared.n as usize);
-    if prepared.n > 1 {
-        // The backend's stream ends every wait: its last item is an output
-        // with `finish`, or an error.
-        let head = first.next().await;
-        first = stream::iter(head).chain(first).boxed();
-    }
-    streams.push(first.map(|item| (0, item)).boxed());
+    streams.push(
+        stream::iter(head)
+            .chain(first)
+            .map(|item| (0, item))
+            .boxed(),
+    );
     for index in 1..prepared.n {
         let more = state.backend.generate(request(index)).await?;
         streams.push(more.map(move |item| (index, item)).boxed());
